@@ -1,0 +1,241 @@
+"""The consent gate: decides, per event, whether the subject consented to the purpose it serves.
+
+Consent is recorded per identifier and purpose, latest timestamp wins (out-of-order
+consent events resolve by their own time). An event is decided by, in order: the
+preferences it carries itself (`context.consent.categoryPreferences`), the stored
+consent of any of its identifiers, then the policy's default for its jurisdiction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from consent.policy import PurposePolicy
+from identity.normalise import Identifier
+
+ALLOWED = "allowed"
+WITHHELD = "withheld"
+CONSENT_RECORDED = "consent_recorded"
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS consent_state (
+    id_type VARCHAR, id_value VARCHAR, purpose VARCHAR,
+    status VARCHAR, ts TIMESTAMPTZ, source VARCHAR, policy_version VARCHAR,
+    jurisdiction VARCHAR, event_key VARCHAR,
+    PRIMARY KEY (id_type, id_value, purpose)
+);
+"""
+
+_STATE_SCHEMA = pa.schema(
+    [
+        ("id_type", pa.string()),
+        ("id_value", pa.string()),
+        ("purpose", pa.string()),
+        ("status", pa.string()),
+        ("ts", pa.timestamp("us", tz="UTC")),
+        ("source", pa.string()),
+        ("policy_version", pa.string()),
+        ("jurisdiction", pa.string()),
+        ("event_key", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    """One statement of consent by a subject for a purpose at a time."""
+
+    purpose: str
+    status: str
+    ts: datetime
+    source: str
+    policy_version: str | None
+    jurisdiction: str | None
+    event_key: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the gate decided for one event and why (the lineage entry is built from this)."""
+
+    decision: str  # allowed | withheld | consent_recorded
+    purpose: str | None
+    basis: str  # no-consent-needed | event-preferences | stored-consent | jurisdiction-default
+    consent_ref: str | None  # the event key of the consent statement relied on
+    jurisdiction: str | None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def event_country(event: dict[str, Any]) -> str | None:
+    country = _dict(_dict(event.get("context")).get("location")).get("country")
+    return country if isinstance(country, str) else None
+
+
+def carried_preferences(event: dict[str, Any]) -> dict[str, bool]:
+    """The consent preferences an event carries in `context.consent.categoryPreferences`."""
+    prefs = _dict(_dict(_dict(event.get("context")).get("consent")).get("categoryPreferences"))
+    return {k: v for k, v in prefs.items() if isinstance(v, bool)}
+
+
+class ConsentGate:
+    """Consent state in DuckDB plus the decision rule; decides a whole batch at once."""
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection, policy: PurposePolicy) -> None:
+        self.conn = conn
+        self.policy = policy
+        conn.execute(SCHEMA_SQL)
+
+    def _load(self, identifiers: set[Identifier]) -> dict[tuple[Identifier, str], ConsentRecord]:
+        if not identifiers:
+            return {}
+        wanted = pa.table(
+            {
+                "id_type": [i.type for i in identifiers],
+                "id_value": [i.value for i in identifiers],
+            }
+        )
+        self.conn.register("_gate_ids", wanted)
+        try:
+            rows = self.conn.execute(
+                """SELECT s.* FROM consent_state s
+                   JOIN _gate_ids w USING (id_type, id_value)"""
+            ).fetchall()
+        finally:
+            self.conn.unregister("_gate_ids")
+        return {
+            (Identifier(r[0], r[1]), r[2]): ConsentRecord(r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+            for r in rows
+        }
+
+    def decide(
+        self,
+        items: list[tuple[str, str, dict[str, Any], datetime, list[Identifier]]],
+    ) -> list[GateDecision]:
+        """Decide a batch and record the consent it carries.
+
+        In: (event_key, kind, event, timestamp, identifiers) per event, in stream order.
+        Out: one GateDecision per item. Consent statements (consent events and carried
+        preferences) update the stored state in the caller's transaction.
+        """
+        state = self._load({i for *_, ids in items for i in ids})
+        changed: dict[tuple[Identifier, str], ConsentRecord] = {}
+
+        def remember(ids: list[Identifier], record: ConsentRecord) -> None:
+            for identifier in ids:
+                current = state.get((identifier, record.purpose))
+                # Restating the same status changes nothing; an older statement loses.
+                if current is not None and (
+                    current.status == record.status or record.ts < current.ts
+                ):
+                    continue
+                if True:
+                    state[(identifier, record.purpose)] = record
+                    changed[(identifier, record.purpose)] = record
+
+        decisions: list[GateDecision] = []
+        for event_key, kind, event, ts, ids in items:
+            country = event_country(event)
+            if kind == "consent_change":
+                consent = event["consent"]
+                record = ConsentRecord(
+                    purpose=consent["purpose"],
+                    status=consent["status"],
+                    ts=ts,
+                    source=consent["source"],
+                    policy_version=consent.get("policyVersion"),
+                    jurisdiction=consent.get("jurisdiction"),
+                    event_key=event_key,
+                )
+                remember(ids, record)
+                decisions.append(
+                    GateDecision(
+                        CONSENT_RECORDED,
+                        record.purpose,
+                        "consent-event",
+                        event_key,
+                        record.jurisdiction,
+                    )
+                )
+                continue
+            prefs = carried_preferences(event)
+            for purpose, granted in prefs.items():
+                status = "granted" if granted else "denied"
+                remember(
+                    ids, ConsentRecord(purpose, status, ts, "event-context", None, None, event_key)
+                )
+            purpose = self.policy.purpose_for(kind)
+            if purpose is None:
+                decisions.append(GateDecision(ALLOWED, None, "no-consent-needed", None, None))
+                continue
+            if purpose in prefs:
+                allowed = prefs[purpose]
+                decisions.append(
+                    GateDecision(
+                        ALLOWED if allowed else WITHHELD,
+                        purpose,
+                        "event-preferences",
+                        event_key,
+                        None,
+                    )
+                )
+                continue
+            stored = [state[(i, purpose)] for i in ids if (i, purpose) in state]
+            if stored:
+                latest = max(stored, key=lambda r: r.ts)
+                decisions.append(
+                    GateDecision(
+                        ALLOWED if latest.status == "granted" else WITHHELD,
+                        purpose,
+                        "stored-consent",
+                        latest.event_key,
+                        latest.jurisdiction,
+                    )
+                )
+                continue
+            jurisdiction = self.policy.jurisdiction_of(country)
+            status = self.policy.default_status(jurisdiction, purpose)
+            decisions.append(
+                GateDecision(
+                    ALLOWED if status == "granted" else WITHHELD,
+                    purpose,
+                    "jurisdiction-default",
+                    None,
+                    jurisdiction,
+                )
+            )
+        self._store(changed)
+        return decisions
+
+    def _store(self, changed: dict[tuple[Identifier, str], ConsentRecord]) -> None:
+        if not changed:
+            return
+        rows = [
+            (
+                i.type,
+                i.value,
+                r.purpose,
+                r.status,
+                r.ts,
+                r.source,
+                r.policy_version,
+                r.jurisdiction,
+                r.event_key,
+            )
+            for (i, _), r in changed.items()
+        ]
+        table = pa.Table.from_pylist(
+            [dict(zip(_STATE_SCHEMA.names, row, strict=True)) for row in rows], schema=_STATE_SCHEMA
+        )
+        self.conn.register("_gate_changed", table)
+        try:
+            self.conn.execute("INSERT OR REPLACE INTO consent_state SELECT * FROM _gate_changed")
+        finally:
+            self.conn.unregister("_gate_changed")

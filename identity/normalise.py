@@ -1,0 +1,131 @@
+"""Identifier normalisation: the same person's identifiers written different ways become one value.
+
+Emails are trimmed and lower-cased; phones become E.164 through libphonenumber (national
+formats need a region hint from the event); ids are trimmed. Placeholder values that many
+unrelated people type ("n/a", "test@test.com") are never identifiers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+import phonenumbers
+
+ID_TYPES = ("user_id", "anonymous_id", "email", "phone")
+
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+BLOCKED_EMAILS = frozenset(
+    {
+        "test@test.com",
+        "test@example.com",
+        "a@a.com",
+        "noreply@example.com",
+        "no-reply@example.com",
+        "none@none.com",
+        "email@email.com",
+        "null@null.com",
+    }
+)
+BLOCKED_IDS = frozenset({"", "null", "none", "undefined", "nan", "0", "n/a", "anonymous", "guest"})
+
+
+class Identifier(NamedTuple):
+    """A normalised identifier: its type (one of ID_TYPES) and value."""
+
+    type: str
+    value: str
+
+
+def normalise_email(value: Any) -> str | None:
+    """A lower-cased, trimmed email, or None when it is not an email or is a placeholder."""
+    if not isinstance(value, str):
+        return None
+    email = value.strip().lower()
+    if not _EMAIL.match(email) or email in BLOCKED_EMAILS:
+        return None
+    return email
+
+
+def normalise_phone(value: Any, region: str | None = None) -> str | None:
+    """A phone number in E.164 form, or None when it is not a valid number.
+
+    `region` (ISO 3166 alpha-2) lets national formats such as "030 1234567" parse.
+    """
+    if not isinstance(value, str) or not value.strip() or len(value) > 64:
+        return None
+    try:
+        number = phonenumbers.parse(value, region.upper() if region else None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def normalise_id(value: Any) -> str | None:
+    """A trimmed opaque id, or None when empty or a placeholder."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    return None if text.lower() in BLOCKED_IDS else text
+
+
+def parse_identifier(id_type: str, value: str, region: str | None = None) -> Identifier | None:
+    """Normalise one identifier given as type and raw value (as an API caller gives it)."""
+    normaliser = {
+        "email": normalise_email,
+        "phone": lambda v: normalise_phone(v, region),
+        "user_id": normalise_id,
+        "anonymous_id": normalise_id,
+    }.get(id_type)
+    if normaliser is None:
+        return None
+    normalised = normaliser(value)
+    return Identifier(id_type, normalised) if normalised else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def region_hint(event: dict[str, Any]) -> str | None:
+    """The country an event's national phone numbers belong to, if the event says."""
+    context = _dict(event.get("context"))
+    candidates = [
+        _dict(context.get("location")).get("country"),
+        _dict(_dict(event.get("traits")).get("address")).get("country"),
+        _dict(_dict(context.get("traits")).get("address")).get("country"),
+    ]
+    for country in candidates:
+        if isinstance(country, str) and len(country.strip()) == 2:
+            return country.strip().upper()
+    return None
+
+
+def extract_identifiers(event: dict[str, Any]) -> list[Identifier]:
+    """Every normalised identifier an event carries, without duplicates, in a stable order.
+
+    In: a parsed Segment-spec event. Out: identifiers from userId, anonymousId (and an
+    alias's previousId), and email/phone in traits, context.traits and properties.
+    """
+    found: dict[Identifier, None] = {}
+
+    def add(id_type: str, value: str | None) -> None:
+        if value:
+            found[Identifier(id_type, value)] = None
+
+    add("user_id", normalise_id(event.get("userId")))
+    add("anonymous_id", normalise_id(event.get("anonymousId")))
+    if event.get("type") == "alias":
+        add("anonymous_id", normalise_id(event.get("previousId")))
+    region = region_hint(event)
+    sources = (
+        _dict(event.get("traits")),
+        _dict(_dict(event.get("context")).get("traits")),
+        _dict(event.get("properties")),
+    )
+    for source in sources:
+        add("email", normalise_email(source.get("email")))
+        add("phone", normalise_phone(source.get("phone"), region))
+    return list(found)

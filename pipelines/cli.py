@@ -1,0 +1,200 @@
+"""The `tessera` command line."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pipelines.broker import BrokerError
+
+app = typer.Typer(
+    name="tessera",
+    help="Tessera: real-time customer-data unification over Kafka.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+Bootstrap = Annotated[
+    str, typer.Option("--bootstrap", envvar="TESSERA_BOOTSTRAP", help="Kafka bootstrap HOST:PORT")
+]
+DataDir = Annotated[
+    Path, typer.Option("--data-dir", envvar="TESSERA_DATA_DIR", help="where state files live")
+]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def worker(
+    bootstrap: Bootstrap,
+    data_dir: DataDir = Path(".tessera/worker"),
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000)] = 2000,
+    batch_ms: Annotated[int, typer.Option(min=1, max=60_000)] = 200,
+    loglevel: Annotated[str, typer.Option(help="crit|error|warn|info|debug")] = "warn",
+) -> None:
+    """Run the stream worker: contract, consent, identity and profiles over the input topics."""
+    from pipelines.broker import ensure_reachable
+    from pipelines.faust_engine import run_worker
+
+    try:
+        ensure_reachable(bootstrap)
+    except BrokerError as exc:
+        _fail(str(exc))
+    run_worker(bootstrap, data_dir, loglevel=loglevel, batch_size=batch_size, batch_ms=batch_ms)
+
+
+@app.command()
+def serve(
+    bootstrap: Bootstrap,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    data_dir: DataDir = Path(".tessera/api"),
+) -> None:
+    """Serve the profile API from this process's own replica of the output topics."""
+    import uvicorn
+
+    from pipelines.broker import ensure_reachable
+    from pipelines.replica import ReplicaFollower
+    from profiles.api import create_app
+    from profiles.store import ProfileStore
+
+    try:
+        ensure_reachable(bootstrap)
+    except BrokerError as exc:
+        _fail(str(exc))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = ProfileStore(data_dir / "profiles.duckdb")
+    follower = ReplicaFollower(store, bootstrap).start()
+    try:
+        uvicorn.run(create_app(store, follower), host=host, port=port, log_level="warning")
+    finally:
+        follower.stop()
+        store.close()
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option("--out", help="JSONL file to write")],
+    persons: Annotated[int, typer.Option(min=1)] = 1000,
+    events: Annotated[int, typer.Option(min=1)] = 50_000,
+    seed: int = 7,
+    truth: Annotated[Path | None, typer.Option(help="ground-truth CSV to write")] = None,
+    end: Annotated[
+        datetime | None, typer.Option(help="last event time (UTC); default today 00:00")
+    ] = None,
+) -> None:
+    """Write a realistic, seeded synthetic event stream (and its ground truth)."""
+    from rich.progress import Progress
+    from synthetic.generator import write_dataset
+
+    end = end or datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if end.tzinfo is None:
+        end = end.replace(tzinfo=UTC)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("generating", total=events)
+        summary = write_dataset(
+            out,
+            truth,
+            persons=persons,
+            events=events,
+            seed=seed,
+            end=end,
+            progress=lambda n: progress.update(task, completed=n),
+        )
+    console.print(f"wrote {events:,} events for {persons:,} persons to {out}")
+    console.print(summary)
+
+
+@app.command()
+def produce(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL events")],
+    bootstrap: Bootstrap,
+) -> None:
+    """Send a JSONL file's events to their input topics (routed by kind, bytes untouched)."""
+    from rich.progress import Progress
+
+    from pipelines.broker import ensure_reachable
+    from pipelines.produce import produce_events, read_lines
+
+    try:
+        ensure_reachable(bootstrap)
+    except BrokerError as exc:
+        _fail(str(exc))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("producing", total=None)
+        per_topic = produce_events(
+            read_lines(file), bootstrap, progress=lambda n: progress.advance(task, n)
+        )
+    for topic, count in sorted(per_topic.items()):
+        console.print(f"{count:>9,}  {topic}")
+
+
+@app.command()
+def up(
+    data_dir: DataDir = Path(".tessera/stack"),
+    port: Annotated[int, typer.Option(help="API port")] = 8080,
+) -> None:
+    """Run the embedded stack (broker, worker, API) until Ctrl-C."""
+    from pipelines.stack import LocalStack
+
+    with LocalStack(data_dir, api_port=port) as stack:
+        console.print(f"broker    [bold]{stack.bootstrap}[/]")
+        console.print(f"API       [bold]{stack.api_url}[/]  (try {stack.api_url}/v1/stats)")
+        console.print(f"logs      {data_dir / 'logs'}")
+        console.print("Ctrl-C to stop.")
+        _wait_for_interrupt()
+
+
+def _wait_for_interrupt() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):
+        signal.pause()
+
+
+@app.command()
+def demo(
+    persons: Annotated[int, typer.Option(min=10)] = 500,
+    events: Annotated[int, typer.Option(min=100)] = 20_000,
+    seed: int = 7,
+    keep_running: Annotated[bool, typer.Option(help="leave the stack up afterwards")] = False,
+    data_dir: DataDir = Path(".tessera/demo"),
+) -> None:
+    """Start the embedded stack, stream synthetic events through every stage, print what happened."""
+    from pipelines.demo import run_demo
+
+    try:
+        run_demo(
+            console,
+            data_dir,
+            persons=persons,
+            events=events,
+            seed=seed,
+            keep_running=keep_running,
+            wait=_wait_for_interrupt,
+        )
+    except BrokerError as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Kafka client settings and the batch producer every engine uses for its outputs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import KafkaError, Producer
+
+from pipelines.pipeline import OutRecord
+
+# Security settings pass through from the environment, so production (SASL/TLS) needs no code.
+_SECURITY_ENV = {
+    "TESSERA_KAFKA_SECURITY_PROTOCOL": "security.protocol",
+    "TESSERA_KAFKA_SASL_MECHANISM": "sasl.mechanism",
+    "TESSERA_KAFKA_SASL_USERNAME": "sasl.username",
+    "TESSERA_KAFKA_SASL_PASSWORD": "sasl.password",
+    "TESSERA_KAFKA_SSL_CAFILE": "ssl.ca.location",
+}
+
+
+def client_config(bootstrap: str, **extra: Any) -> dict[str, Any]:
+    """librdkafka settings for `bootstrap` plus any TESSERA_KAFKA_* security settings."""
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    for env, key in _SECURITY_ENV.items():
+        if os.environ.get(env):
+            config[key] = os.environ[env]
+    config.update(extra)
+    return config
+
+
+class DeliveryError(RuntimeError):
+    """Some outputs were not acknowledged by the broker; the batch must not commit."""
+
+
+class BatchProducer:
+    """Produces a batch of records and returns only once the broker has acknowledged all."""
+
+    def __init__(self, bootstrap: str, **extra: Any) -> None:
+        self._producer = Producer(
+            client_config(
+                bootstrap,
+                **{
+                    "enable.idempotence": True,
+                    "linger.ms": 5,
+                    "message.max.bytes": 4 * 1024 * 1024,
+                    **extra,
+                },
+            )
+        )
+
+    def send(self, records: Iterable[OutRecord], timeout: float = 60) -> int:
+        """Produce and flush. Out: how many were sent. Raises DeliveryError on any failure."""
+        errors: list[KafkaError] = []
+
+        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                errors.append(err)
+
+        count = 0
+        for record in records:
+            while True:
+                try:
+                    self._producer.produce(
+                        record.topic,
+                        value=record.value,
+                        key=record.key,
+                        headers=list(record.headers) or None,
+                        on_delivery=on_delivery,
+                    )
+                    break
+                except BufferError:
+                    self._producer.poll(0.1)  # local queue full: wait for deliveries
+            count += 1
+        remaining = self._producer.flush(timeout)
+        if remaining:
+            raise DeliveryError(f"{remaining} records not delivered within {timeout} s")
+        if errors:
+            raise DeliveryError(f"{len(errors)} records failed: {errors[0]}")
+        return count
+
+    def close(self) -> None:
+        self._producer.flush(10)

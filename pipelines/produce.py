@@ -1,0 +1,52 @@
+"""Sending event files to the input topics, each event routed by its kind."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from pipelines.kafka import BatchProducer
+from pipelines.pipeline import OutRecord
+from pipelines.topics import route
+
+
+def read_lines(path: Path) -> Iterator[bytes]:
+    """The events of a JSONL file as raw bytes, blank lines skipped, bytes untouched."""
+    with path.open("rb") as handle:
+        for line in handle:
+            line = line.rstrip(b"\r\n")
+            if line:
+                yield line
+
+
+def produce_events(
+    events: Iterable[bytes],
+    bootstrap: str,
+    chunk: int = 20_000,
+    progress: Callable[[int], None] | None = None,
+) -> Counter:
+    """Route and produce raw events; returns how many went to each topic.
+
+    Bytes are sent exactly as given (garbage included): rejecting is the pipeline's job.
+    """
+    producer = BatchProducer(bootstrap)
+    per_topic: Counter = Counter()
+    pending: list[OutRecord] = []
+
+    def flush() -> None:
+        producer.send(pending)
+        if progress:
+            progress(len(pending))
+        pending.clear()
+
+    for raw in events:
+        topic, key = route(raw)
+        per_topic[topic] += 1
+        pending.append(OutRecord(topic, key, raw))
+        if len(pending) >= chunk:
+            flush()
+    if pending:
+        flush()
+    producer.close()
+    return per_topic

@@ -1,0 +1,105 @@
+"""The replica follower: consumes the output topics into a ProfileStore, in a background thread.
+
+It uses no consumer group: every replica reads every partition from its own stored
+offsets, so replicas are independent and a wiped one rebuilds from offset zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from pipelines.kafka import client_config
+from profiles.store import FOLLOWED_TOPICS, ConsumedRecord, ProfileStore
+
+log = logging.getLogger("tessera.replica")
+
+
+class ReplicaFollower:
+    """Follows Tessera's output topics and materialises them into a store."""
+
+    def __init__(self, store: ProfileStore, bootstrap: str, batch_size: int = 5000) -> None:
+        self.store = store
+        self.bootstrap = bootstrap
+        self.batch_size = batch_size
+        self.applied = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> ReplicaFollower:
+        self._thread = threading.Thread(target=self._run, name="replica-follower", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _assign(self, consumer: Consumer) -> None:
+        stored = self.store.offsets()
+        while not self._stop.is_set():
+            metadata = consumer.list_topics(timeout=10)
+            missing = [t for t in FOLLOWED_TOPICS if t not in metadata.topics]
+            if not missing:
+                break
+            log.info("waiting for topics %s", missing)
+            time.sleep(0.5)
+        assignment = [
+            TopicPartition(topic, partition, stored.get((topic, partition), OFFSET_BEGINNING))
+            for topic in FOLLOWED_TOPICS
+            for partition in sorted(metadata.topics[topic].partitions)
+        ]
+        consumer.assign(assignment)
+
+    def _run(self) -> None:
+        consumer = Consumer(
+            client_config(
+                self.bootstrap,
+                **{
+                    "group.id": "tessera-replica-unused",  # required by librdkafka; never committed
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "fetch.wait.max.ms": 50,
+                },
+            )
+        )
+        try:
+            self._assign(consumer)
+            while not self._stop.is_set():
+                messages = consumer.consume(num_messages=self.batch_size, timeout=0.2)
+                records = []
+                for message in messages:
+                    error = message.error()
+                    if error is not None:
+                        if error.code() != KafkaError._PARTITION_EOF:
+                            self.last_error = str(error)
+                            log.warning("replica consume error: %s", error)
+                        continue
+                    records.append(
+                        ConsumedRecord(
+                            message.topic(),
+                            message.partition(),
+                            message.offset(),
+                            message.key(),
+                            message.value(),
+                            tuple(message.headers() or ()),
+                        )
+                    )
+                if records:
+                    self.store.apply(records)
+                    self.applied += len(records)
+        except Exception as exc:  # surfaced on /healthz; the thread must not die silently
+            self.last_error = repr(exc)
+            log.exception("replica follower stopped")
+            raise
+        finally:
+            consumer.close()

@@ -1,0 +1,64 @@
+"""Topic names and input routing. The only place topic names are spelled."""
+
+from dataclasses import dataclass
+
+import orjson
+
+BEHAVIORAL = "tessera.events.behavioral"
+TRANSACTIONAL = "tessera.events.transactional"
+SUPPORT = "tessera.events.support"
+CONSENT = "tessera.consent.changes"
+PRIVACY = "tessera.privacy.requests"
+
+REJECTED = "tessera.events.rejected"
+LINEAGE = "tessera.lineage"
+IDENTITY_LINKS = "tessera.identity.links"
+PROFILES_CHANGELOG = "tessera.profiles.changelog"
+
+INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
+OUTPUT_TOPICS: tuple[str, ...] = (REJECTED, LINEAGE, IDENTITY_LINKS, PROFILES_CHANGELOG)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """How a topic is created: partitions and whether it is compacted (latest value per key)."""
+
+    name: str
+    partitions: int = 1
+    compacted: bool = False
+
+
+def topic_specs(partitions: int = 1) -> list[TopicSpec]:
+    """Every topic Tessera uses; input topics get `partitions` partitions."""
+    specs = [TopicSpec(name, partitions) for name in (*INPUT_TOPICS, PRIVACY)]
+    specs += [TopicSpec(REJECTED), TopicSpec(LINEAGE), TopicSpec(IDENTITY_LINKS)]
+    specs.append(TopicSpec(PROFILES_CHANGELOG, compacted=True))
+    return specs
+
+
+TRANSACTIONAL_EVENTS = frozenset({"Order Completed", "Order Refunded"})
+SUPPORT_EVENTS = frozenset({"Ticket Opened", "Ticket Closed", "CSAT Submitted"})
+
+
+def route(raw: bytes) -> tuple[str, bytes | None]:
+    """Pick the input topic and partition key for one raw event.
+
+    Events that do not parse go to the behavioral topic unchanged: the contract stage
+    there rejects them with a reason, so nothing is dropped at the producer.
+    """
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return BEHAVIORAL, None
+    if not isinstance(doc, dict):
+        return BEHAVIORAL, None
+    key = doc.get("userId") or doc.get("anonymousId")
+    key_bytes = key.encode() if isinstance(key, str) else None
+    if doc.get("type") == "consent":
+        return CONSENT, key_bytes
+    event = doc.get("event")
+    if doc.get("type") == "track" and event in TRANSACTIONAL_EVENTS:
+        return TRANSACTIONAL, key_bytes
+    if doc.get("type") == "track" and event in SUPPORT_EVENTS:
+        return SUPPORT, key_bytes
+    return BEHAVIORAL, key_bytes

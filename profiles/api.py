@@ -1,0 +1,73 @@
+"""The profile API: unified profiles by person id or any identifier, and pipeline statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Query
+from fastapi.responses import Response
+
+from identity.normalise import ID_TYPES, parse_identifier
+from profiles.store import ProfileStore
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def _error(status: int, code: str, detail: str) -> Response:
+    return _json({"error": code, "detail": detail}, status)
+
+
+def create_app(store: ProfileStore, follower: Any | None = None) -> FastAPI:
+    """The HTTP app over one replica's store. `follower` (if any) is reported on /healthz."""
+    app = FastAPI(
+        title="Tessera profile API",
+        version="0.1.0",
+        description="Unified, consent-scoped customer profiles, resolved across identifiers.",
+    )
+
+    @app.get("/healthz", summary="Liveness and replica status")
+    def healthz() -> Response:
+        status: dict[str, Any] = {"status": "ok"}
+        if follower is not None:
+            status["replica"] = {
+                "following": follower.alive,
+                "records_applied": follower.applied,
+                "last_error": follower.last_error,
+            }
+            if not follower.alive:
+                return _json({**status, "status": "degraded"}, 503)
+        return _json(status)
+
+    @app.get("/v1/stats", summary="Counts of every outcome, persons and merges")
+    def stats() -> Response:
+        return _json(store.stats())
+
+    @app.get("/v1/profiles/lookup", summary="The profile holding an identifier")
+    def lookup(
+        type: str = Query(..., description=f"identifier type: one of {', '.join(ID_TYPES)}"),
+        value: str = Query(
+            ..., max_length=512, description="identifier value, as the source wrote it"
+        ),
+    ) -> Response:
+        if type not in ID_TYPES:
+            return _error(400, "unknown_identifier_type", f"type must be one of {list(ID_TYPES)}")
+        if parse_identifier(type, value) is None:
+            return _error(400, "invalid_identifier", f"{value!r} is not a valid {type}")
+        profile = store.lookup(type, value)
+        if profile is None:
+            return _error(404, "not_found", f"no profile holds {type} {value!r}")
+        return _json(profile)
+
+    @app.get("/v1/profiles/{person_id}", summary="The unified profile of a person")
+    def get_profile(person_id: str) -> Response:
+        if len(person_id) > 128:
+            return _error(400, "invalid_person_id", "person ids are at most 128 characters")
+        profile = store.get(person_id)
+        if profile is None:
+            return _error(404, "not_found", f"no profile {person_id!r}")
+        return _json(profile)
+
+    return app

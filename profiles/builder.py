@@ -1,0 +1,233 @@
+"""The profile builder: applied events become facts, and facts become one profile per person.
+
+Facts are kept per event (the state every profile is rebuilt from), so a merge is a
+re-pointing of facts and a profile is always the aggregate of exactly its person's
+events: no double counting across merges, and any profile can be rebuilt from scratch.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS facts (
+    event_key VARCHAR PRIMARY KEY, person_id VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+    ts TIMESTAMPTZ NOT NULL, order_id VARCHAR, amount DECIMAL(18, 2), currency VARCHAR,
+    ticket_id VARCHAR, score INTEGER
+);
+CREATE TABLE IF NOT EXISTS trait_facts (
+    event_key VARCHAR, person_id VARCHAR NOT NULL, name VARCHAR, value JSON, ts TIMESTAMPTZ,
+    PRIMARY KEY (event_key, name)
+);
+CREATE TABLE IF NOT EXISTS profile_versions (person_id VARCHAR PRIMARY KEY, version BIGINT);
+"""
+
+_FACTS = pa.schema(
+    [
+        ("event_key", pa.string()),
+        ("person_id", pa.string()),
+        ("kind", pa.string()),
+        ("ts", pa.timestamp("us", tz="UTC")),
+        ("order_id", pa.string()),
+        ("amount", pa.decimal128(18, 2)),
+        ("currency", pa.string()),
+        ("ticket_id", pa.string()),
+        ("score", pa.int32()),
+    ]
+)
+_TRAITS = pa.schema(
+    [
+        ("event_key", pa.string()),
+        ("person_id", pa.string()),
+        ("name", pa.string()),
+        ("value", pa.string()),
+        ("ts", pa.timestamp("us", tz="UTC")),
+    ]
+)
+CENT = Decimal("0.01")
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def fact_of(event_key: str, person_id: str, kind: str, event: dict[str, Any], ts: datetime) -> dict:
+    """The fact row one applied event contributes (amounts exact, to the cent)."""
+    props = _dict(event.get("properties"))
+    amount = props.get("total") if kind in ("order_completed", "order_refunded") else None
+    return {
+        "event_key": event_key,
+        "person_id": person_id,
+        "kind": kind,
+        "ts": ts,
+        "order_id": props.get("order_id"),
+        "amount": Decimal(str(amount)).quantize(CENT) if amount is not None else None,
+        "currency": props.get("currency"),
+        "ticket_id": props.get("ticket_id"),
+        "score": props.get("score") if kind == "csat_submitted" else None,
+    }
+
+
+def traits_of(event: dict[str, Any]) -> dict[str, Any]:
+    """Traits an event states about its person: identify traits, then context.traits."""
+    traits = dict(_dict(_dict(event.get("context")).get("traits")))
+    if event.get("type") == "identify":
+        traits.update(_dict(event.get("traits")))
+    return {k: v for k, v in traits.items() if v is not None and v != ""}
+
+
+class ProfileBuilder:
+    """Facts in DuckDB and the SQL that aggregates them into profiles, a batch at a time."""
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
+        self.conn = conn
+        conn.execute(SCHEMA_SQL)
+
+    def _insert(self, table: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+        if not rows:
+            return
+        self.conn.register("_builder_rows", pa.Table.from_pylist(rows, schema=schema))
+        try:
+            self.conn.execute(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _builder_rows")
+        finally:
+            self.conn.unregister("_builder_rows")
+
+    def add(self, applied: list[tuple[str, str, str, dict[str, Any], datetime]]) -> set[str]:
+        """Record applied events as facts. In: (event_key, person_id, kind, event, ts).
+
+        Out: the persons whose profiles changed.
+        """
+        facts, traits = [], []
+        for event_key, person_id, kind, event, ts in applied:
+            facts.append(fact_of(event_key, person_id, kind, event, ts))
+            for name, value in traits_of(event).items():
+                traits.append(
+                    {
+                        "event_key": event_key,
+                        "person_id": person_id,
+                        "name": str(name)[:128],
+                        "value": orjson.dumps(value).decode(),
+                        "ts": ts,
+                    }
+                )
+        self._insert("facts", facts, _FACTS)
+        self._insert("trait_facts", traits, _TRAITS)
+        return {person for _, person, *_ in applied}
+
+    def repoint(self, merged: dict[str, str]) -> None:
+        """Move the facts of merged-away persons to the persons they merged into."""
+        if not merged:
+            return
+        remap = pa.table({"loser": list(merged), "survivor": list(merged.values())})
+        self.conn.register("_remap", remap)
+        try:
+            for table in ("facts", "trait_facts"):
+                self.conn.execute(
+                    f"UPDATE {table} SET person_id = r.survivor FROM _remap r "
+                    f"WHERE {table}.person_id = r.loser"
+                )
+            self.conn.execute(
+                "DELETE FROM profile_versions WHERE person_id IN (SELECT loser FROM _remap)"
+            )
+        finally:
+            self.conn.unregister("_remap")
+
+    def build(self, persons: set[str]) -> dict[str, dict[str, Any]]:
+        """Aggregate the current profile of each person from their facts and identifiers."""
+        if not persons:
+            return {}
+        self.conn.register("_affected", pa.table({"person_id": sorted(persons)}))
+        try:
+            return self._build()
+        finally:
+            self.conn.unregister("_affected")
+
+    def _build(self) -> dict[str, dict[str, Any]]:
+        q = self.conn.execute
+        profiles: dict[str, dict[str, Any]] = {}
+        rows = q(
+            """SELECT person_id, count(*), min(ts), max(ts),
+                      count(DISTINCT order_id) FILTER (WHERE kind = 'order_completed'),
+                      count(*) FILTER (WHERE kind = 'order_refunded'),
+                      list(DISTINCT ticket_id) FILTER (WHERE kind = 'ticket_opened'),
+                      list(DISTINCT ticket_id) FILTER (WHERE kind = 'ticket_closed'),
+                      arg_max(score, ts) FILTER (WHERE kind = 'csat_submitted')
+               FROM facts WHERE person_id IN (SELECT person_id FROM _affected)
+               GROUP BY person_id"""
+        ).fetchall()
+        for person, events, first, last, orders, refunds, opened, closed, csat in rows:
+            profiles[person] = {
+                "person_id": person,
+                "identifiers": {},
+                "traits": {},
+                "computed": {
+                    "event_count": events,
+                    "first_seen": first.isoformat(),
+                    "last_seen": last.isoformat(),
+                    "order_count": orders,
+                    "refund_count": refunds,
+                    "lifetime_value": {},
+                    "open_tickets": len(set(opened or ()) - set(closed or ())),
+                    "last_csat": csat,
+                },
+                "merged_from": [],
+            }
+        # Each order counts once (by order_id) however often it was sent; every refund counts.
+        for person, currency, value in q(
+            """WITH orders AS (
+                   SELECT person_id, order_id, any_value(currency) AS currency,
+                          any_value(amount) AS amount
+                   FROM facts WHERE kind = 'order_completed'
+                     AND person_id IN (SELECT person_id FROM _affected)
+                   GROUP BY person_id, order_id
+               ), refunds AS (
+                   SELECT person_id, currency, -amount AS amount FROM facts
+                   WHERE kind = 'order_refunded' AND person_id IN (SELECT person_id FROM _affected)
+               )
+               SELECT person_id, currency, sum(amount) FROM (
+                   SELECT person_id, currency, amount FROM orders UNION ALL SELECT * FROM refunds
+               ) GROUP BY person_id, currency ORDER BY person_id, currency"""
+        ).fetchall():
+            if person in profiles:
+                profiles[person]["computed"]["lifetime_value"][currency] = float(value)
+        for person, name, value, ts, event_key in q(
+            """SELECT person_id, name, max_by(value, (ts, event_key)), max(ts),
+                      max_by(event_key, (ts, event_key))
+               FROM trait_facts WHERE person_id IN (SELECT person_id FROM _affected)
+               GROUP BY person_id, name ORDER BY person_id, name"""
+        ).fetchall():
+            if person in profiles:
+                profiles[person]["traits"][name] = {
+                    "value": orjson.loads(value),
+                    "ts": ts.isoformat(),
+                    "event_key": event_key,
+                }
+        for person, id_type, values in q(
+            """SELECT person_id, id_type, list(id_value ORDER BY id_value) FROM id_links
+               WHERE person_id IN (SELECT person_id FROM _affected)
+               GROUP BY person_id, id_type ORDER BY person_id, id_type"""
+        ).fetchall():
+            if person in profiles:
+                profiles[person]["identifiers"][id_type] = values
+        for person, merged in q(
+            """SELECT merged_into, list(person_id ORDER BY person_id) FROM persons
+               WHERE merged_into IN (SELECT person_id FROM _affected) GROUP BY merged_into"""
+        ).fetchall():
+            if person in profiles:
+                profiles[person]["merged_from"] = merged
+        q(
+            """INSERT INTO profile_versions SELECT person_id, 1 FROM _affected
+               ON CONFLICT (person_id) DO UPDATE SET version = profile_versions.version + 1"""
+        )
+        for person, version in q(
+            "SELECT person_id, version FROM profile_versions WHERE person_id IN (SELECT person_id FROM _affected)"
+        ).fetchall():
+            if person in profiles:
+                profiles[person]["version"] = version
+        return profiles

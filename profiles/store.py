@@ -1,0 +1,316 @@
+"""The profile store: a DuckDB materialisation of Tessera's output topics that the API reads.
+
+Every replica builds itself from the topics (profile changelog, lineage, dead letters,
+identity links), so a new or wiped replica rebuilds by replaying them. Consumed offsets
+are stored in the same transaction as the rows they produced.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+from identity.normalise import parse_identifier
+from pipelines import topics
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS profiles (person_id VARCHAR PRIMARY KEY, doc JSON, version BIGINT);
+CREATE TABLE IF NOT EXISTS profile_identifiers (
+    id_type VARCHAR, id_value VARCHAR, person_id VARCHAR, PRIMARY KEY (id_type, id_value)
+);
+CREATE TABLE IF NOT EXISTS person_aliases (old_id VARCHAR PRIMARY KEY, person_id VARCHAR);
+CREATE TABLE IF NOT EXISTS event_outcomes (
+    event_key VARCHAR PRIMARY KEY, outcome VARCHAR, reason VARCHAR, topic VARCHAR, kind VARCHAR
+);
+CREATE TABLE IF NOT EXISTS identity_events (
+    link_id VARCHAR PRIMARY KEY, kind VARCHAR, person_id VARCHAR, other_person_id VARCHAR,
+    rule VARCHAR, event_key VARCHAR, ts VARCHAR
+);
+CREATE TABLE IF NOT EXISTS replica_offsets (
+    topic VARCHAR, "partition" INTEGER, next_offset BIGINT, PRIMARY KEY (topic, "partition")
+);
+"""
+
+FOLLOWED_TOPICS = (
+    topics.PROFILES_CHANGELOG,
+    topics.LINEAGE,
+    topics.REJECTED,
+    topics.IDENTITY_LINKS,
+)
+_DECISION_OUTCOME = {"allowed": "applied", "consent_recorded": "applied", "withheld": "withheld"}
+
+
+@dataclass(frozen=True)
+class ConsumedRecord:
+    """A message the replica consumed from one of the followed topics."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def _header(record: ConsumedRecord, name: str) -> str | None:
+    for key, value in record.headers:
+        if key == name:
+            return value.decode("utf-8", "replace")
+    return None
+
+
+class ProfileStore:
+    """One replica's DuckDB file: written by its follower, read by the API, in one process."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.conn = duckdb.connect(str(path))
+        self.conn.execute("SET TimeZone = 'UTC'")
+        self.conn.execute(SCHEMA_SQL)
+        self._write_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def reader(self) -> duckdb.DuckDBPyConnection:
+        """A cursor for one reading thread (DuckDB connections are not shared across threads)."""
+        return self.conn.cursor()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        rows = self.conn.cursor().execute(
+            'SELECT topic, "partition", next_offset FROM replica_offsets'
+        )
+        return {(t, p): o for t, p, o in rows.fetchall()}
+
+    def apply(self, records: Sequence[ConsumedRecord]) -> None:
+        """Materialise consumed records and their offsets in one transaction (idempotent)."""
+        if not records:
+            return
+        profiles: dict[str, bytes | None] = {}
+        outcomes: dict[str, tuple[str, str | None, str | None, str | None]] = {}
+        links: list[dict[str, Any]] = []
+        positions: dict[tuple[str, int], int] = {}
+        for record in records:
+            position = (record.topic, record.partition)
+            positions[position] = max(positions.get(position, 0), record.offset + 1)
+            key = (record.key or b"").decode("utf-8", "replace")
+            if record.topic == topics.PROFILES_CHANGELOG:
+                profiles[key] = record.value  # latest per key wins, as in a compacted topic
+            elif record.topic == topics.LINEAGE and record.value:
+                entry = orjson.loads(record.value)
+                outcome = _DECISION_OUTCOME.get(entry.get("decision"), "applied")
+                reason = entry.get("purpose") if outcome == "withheld" else None
+                source = (entry.get("source") or {}).get("topic")
+                outcomes[entry["event_key"]] = (outcome, reason, source, entry.get("kind"))
+            elif record.topic == topics.REJECTED:
+                outcomes[key] = (
+                    "rejected",
+                    _header(record, "tessera.reason"),
+                    _header(record, "tessera.source.topic"),
+                    None,
+                )
+            elif record.topic == topics.IDENTITY_LINKS and record.value:
+                links.append(orjson.loads(record.value))
+        with self._write_lock:
+            cur = self.conn.cursor()
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                self._apply_profiles(cur, profiles)
+                if outcomes:
+                    self._upsert(
+                        cur,
+                        "event_outcomes",
+                        {
+                            "event_key": list(outcomes),
+                            "outcome": [o[0] for o in outcomes.values()],
+                            "reason": [o[1] for o in outcomes.values()],
+                            "topic": [o[2] for o in outcomes.values()],
+                            "kind": [o[3] for o in outcomes.values()],
+                        },
+                    )
+                if links:
+                    self._upsert(
+                        cur,
+                        "identity_events",
+                        {
+                            name: [
+                                str(link[name]) if link.get(name) is not None else None
+                                for link in links
+                            ]
+                            for name in (
+                                "link_id",
+                                "kind",
+                                "person_id",
+                                "other_person_id",
+                                "rule",
+                                "event_key",
+                                "ts",
+                            )
+                        },
+                    )
+                    merges = [link for link in links if link["kind"] == "merge"]
+                    if merges:
+                        self._upsert(
+                            cur,
+                            "person_aliases",
+                            {
+                                "old_id": [m["other_person_id"] for m in merges],
+                                "person_id": [m["person_id"] for m in merges],
+                            },
+                        )
+                self._upsert(
+                    cur,
+                    "replica_offsets",
+                    {
+                        "topic": [t for t, _ in positions],
+                        "partition": [p for _, p in positions],
+                        "next_offset": list(positions.values()),
+                    },
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _upsert(cur: duckdb.DuckDBPyConnection, table: str, columns: dict[str, list[Any]]) -> None:
+        cur.register("_replica_rows", pa.table(columns))
+        try:
+            cur.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM _replica_rows")
+        finally:
+            cur.unregister("_replica_rows")
+
+    def _apply_profiles(
+        self, cur: duckdb.DuckDBPyConnection, profiles: dict[str, bytes | None]
+    ) -> None:
+        if not profiles:
+            return
+        ids = pa.table({"person_id": list(profiles)})
+        cur.register("_replica_changed", ids)
+        try:
+            cur.execute(
+                "DELETE FROM profiles WHERE person_id IN (SELECT person_id FROM _replica_changed)"
+            )
+            cur.execute(
+                "DELETE FROM profile_identifiers WHERE person_id IN (SELECT person_id FROM _replica_changed)"
+            )
+        finally:
+            cur.unregister("_replica_changed")
+        docs = {k: orjson.loads(v) for k, v in profiles.items() if v is not None}
+        if not docs:
+            return
+        self._upsert(
+            cur,
+            "profiles",
+            {
+                "person_id": list(docs),
+                "doc": [orjson.dumps(d).decode() for d in docs.values()],
+                "version": [d.get("version", 0) for d in docs.values()],
+            },
+        )
+        rows = [
+            (id_type, value, person)
+            for person, doc in docs.items()
+            for id_type, values in (doc.get("identifiers") or {}).items()
+            for value in values
+        ]
+        if rows:
+            self._upsert(
+                cur,
+                "profile_identifiers",
+                {
+                    "id_type": [r[0] for r in rows],
+                    "id_value": [r[1] for r in rows],
+                    "person_id": [r[2] for r in rows],
+                },
+            )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, person_id: str) -> dict[str, Any] | None:
+        """The profile of `person_id`, following merges to the surviving person."""
+        cur = self.reader()
+        for _ in range(16):  # a merge chain is short; the bound guards against a bad cycle
+            rows = cur.execute(
+                "SELECT doc FROM profiles WHERE person_id = ?", [person_id]
+            ).fetchall()
+            if rows:
+                return orjson.loads(rows[0][0])
+            alias = cur.execute(
+                "SELECT person_id FROM person_aliases WHERE old_id = ?", [person_id]
+            ).fetchall()
+            if not alias:
+                return None
+            person_id = alias[0][0]
+        return None
+
+    def lookup(self, id_type: str, value: str) -> dict[str, Any] | None:
+        """The profile holding identifier `id_type`:`value` (normalised as ingestion does)."""
+        identifier = parse_identifier(id_type, value)
+        if identifier is None:
+            return None
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT person_id FROM profile_identifiers WHERE id_type = ? AND id_value = ?",
+                [identifier.type, identifier.value],
+            )
+            .fetchall()
+        )
+        return self.get(rows[0][0]) if rows else None
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of every outcome, persons and merges, as this replica has seen them."""
+        cur = self.reader()
+        by_outcome = dict(
+            cur.execute("SELECT outcome, count(*) FROM event_outcomes GROUP BY 1").fetchall()
+        )
+        reasons = dict(
+            cur.execute(
+                "SELECT reason, count(*) FROM event_outcomes WHERE outcome = 'rejected' "
+                "GROUP BY 1 ORDER BY 2 DESC, 1"
+            ).fetchall()
+        )
+        withheld = dict(
+            cur.execute(
+                "SELECT reason, count(*) FROM event_outcomes WHERE outcome = 'withheld' GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        )
+        by_topic = {
+            topic: {"applied": a, "rejected": r, "withheld": w}
+            for topic, a, r, w in cur.execute(
+                """SELECT coalesce(topic, 'unknown'),
+                          count(*) FILTER (WHERE outcome = 'applied'),
+                          count(*) FILTER (WHERE outcome = 'rejected'),
+                          count(*) FILTER (WHERE outcome = 'withheld')
+                   FROM event_outcomes GROUP BY 1 ORDER BY 1"""
+            ).fetchall()
+        }
+        persons, merges, conflicts = cur.execute(
+            """SELECT (SELECT count(*) FROM profiles),
+                      (SELECT count(*) FROM identity_events WHERE kind = 'merge'),
+                      (SELECT count(*) FROM identity_events WHERE kind = 'conflict')"""
+        ).fetchall()[0]
+        applied = by_outcome.get("applied", 0)
+        rejected = by_outcome.get("rejected", 0)
+        withheld_total = by_outcome.get("withheld", 0)
+        return {
+            "received": applied + rejected + withheld_total,
+            "applied": applied,
+            "rejected": rejected,
+            "withheld": withheld_total,
+            "rejected_by_reason": reasons,
+            "withheld_by_purpose": withheld,
+            "by_source_topic": by_topic,
+            "persons": persons,
+            "merges": merges,
+            "identity_conflicts": conflicts,
+        }

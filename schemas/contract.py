@@ -1,0 +1,143 @@
+"""Contract stage: raw bytes in, a parsed event of a known kind or a rejection with reasons out.
+
+Checks run cheapest first and stop at the first failure class, so every rejection has
+one primary reason code (schema violations may add more).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from identity.normalise import extract_identifiers
+from quality.reasons import ReasonCode
+from schemas.registry import SUPPORTED_VERSIONS, SchemaRegistry, default_registry, kind_of
+
+MAX_PAYLOAD_BYTES = 32 * 1024  # Segment's own per-call limit
+MAX_DEPTH = 32
+
+_SCHEMA_REASONS = {
+    "required": ReasonCode.MISSING_REQUIRED_FIELD,
+    "type": ReasonCode.WRONG_TYPE,
+    "const": ReasonCode.INVALID_VALUE,
+}
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One reason an event failed its contract: a stable code and a human detail."""
+
+    code: ReasonCode
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code.value, "detail": self.detail}
+
+
+@dataclass
+class ContractResult:
+    """The outcome of the contract stage for one message."""
+
+    kind: str | None = None
+    version: int | None = None
+    event: dict[str, Any] | None = None
+    timestamp: datetime | None = None
+    reasons: list[Reason] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.reasons
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return False
+
+
+def parse_timestamp(text: str) -> datetime | None:
+    """An ISO-8601 timestamp as an aware UTC datetime, or None when it is not a real time."""
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _schema_reason(error: Any) -> Reason:
+    path = "/".join(str(p) for p in error.absolute_path) or "(root)"
+    code = _SCHEMA_REASONS.get(error.validator, ReasonCode.INVALID_VALUE)
+    message = error.message if len(error.message) <= 200 else error.message[:197] + "..."
+    return Reason(code, f"{path}: {message}")
+
+
+def check_contract(raw: bytes, registry: SchemaRegistry | None = None) -> ContractResult:
+    """Check one raw message against its contract.
+
+    In: the message's bytes exactly as consumed. Out: a ContractResult with the parsed
+    event, its kind, version and timestamp, or the reasons it was rejected.
+    """
+    registry = registry or default_registry()
+    result = ContractResult()
+
+    def reject(code: ReasonCode, detail: str) -> ContractResult:
+        result.reasons.append(Reason(code, detail))
+        return result
+
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        return reject(
+            ReasonCode.PAYLOAD_TOO_LARGE, f"{len(raw)} bytes > limit of {MAX_PAYLOAD_BYTES}"
+        )
+    if not raw or not raw.strip():
+        return reject(ReasonCode.EMPTY_PAYLOAD, "message has no content")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return reject(ReasonCode.INVALID_UTF8, f"byte {exc.start}: {exc.reason}")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "recursion" in str(exc) or "depth limit" in str(exc):
+            return reject(ReasonCode.TOO_DEEPLY_NESTED, f"nesting deeper than {MAX_DEPTH}")
+        return reject(ReasonCode.MALFORMED_JSON, str(exc)[:200])
+    if not isinstance(doc, dict):
+        return reject(ReasonCode.NOT_AN_OBJECT, f"top-level JSON {type(doc).__name__}")
+    if _depth_exceeds(doc, MAX_DEPTH):
+        return reject(ReasonCode.TOO_DEEPLY_NESTED, f"nesting deeper than {MAX_DEPTH}")
+    kind = kind_of(doc)
+    if kind is None:
+        shown = str(doc.get("type"))[:64]
+        return reject(ReasonCode.UNKNOWN_EVENT_TYPE, f"type {shown!r} has no contract")
+    version = doc.get("schemaVersion", 1)
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
+        return reject(ReasonCode.UNKNOWN_SCHEMA_VERSION, f"schemaVersion {str(version)[:32]!r}")
+    result.kind, result.version = kind, version
+    contract = registry.get(kind, version)
+    assert contract is not None, f"registry has no {kind} v{version}"
+    errors = sorted(contract.validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if errors:
+        # `required` and `type` errors say more than the allOf wrapper around them.
+        errors.sort(key=lambda e: (e.validator not in _SCHEMA_REASONS, list(e.absolute_path)))
+        result.reasons.extend(_schema_reason(e) for e in errors[:5])
+        return result
+    timestamp = parse_timestamp(doc["timestamp"])
+    if timestamp is None:
+        return reject(ReasonCode.INVALID_TIMESTAMP, f"timestamp {doc['timestamp']!r}")
+    if not extract_identifiers(doc):
+        return reject(
+            ReasonCode.MISSING_IDENTIFIER, "no userId, anonymousId, email or phone in the event"
+        )
+    result.event, result.timestamp = doc, timestamp
+    return result

@@ -1,0 +1,77 @@
+"""Shared fixtures: event factories and a running local stack for broker-backed tests."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipelines.pipeline import OutRecord, Pipeline, SourceRecord
+from pipelines.stack import LocalStack
+
+_ids = itertools.count(1)
+
+
+@pytest.fixture
+def make_event() -> Callable[..., dict[str, Any]]:
+    """Build a valid Segment-spec event; keyword arguments override fields."""
+
+    def make(type: str = "page", **fields: Any) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "type": type,
+            "messageId": f"msg-{next(_ids)}",
+            "timestamp": "2026-10-01T10:00:00Z",
+        }
+        if type in ("page", "screen", "identify", "track") and not (
+            {"userId", "anonymousId"} & fields.keys()
+        ):
+            event["anonymousId"] = f"anon-{next(_ids)}"
+        event.update(fields)
+        return event
+
+    return make
+
+
+class PipelineRun:
+    """A Pipeline in a temp DuckDB file, fed like an engine feeds it, keeping every output."""
+
+    def __init__(self, path: Path) -> None:
+        self.pipeline = Pipeline(path)
+        self.outputs: list[OutRecord] = []
+        self.offset = itertools.count()
+
+    def feed(self, *events: dict[str, Any] | bytes, topic: str = "tessera.events.behavioral"):
+        batch = [
+            SourceRecord(
+                topic, 0, next(self.offset), e if isinstance(e, bytes) else orjson.dumps(e)
+            )
+            for e in events
+        ]
+        return self.pipeline.process(batch, self.outputs.extend)
+
+    def on(self, topic: str) -> list[OutRecord]:
+        return [o for o in self.outputs if o.topic == topic]
+
+    def latest_profiles(self) -> dict[str, dict[str, Any] | None]:
+        latest: dict[str, dict[str, Any] | None] = {}
+        for record in self.on("tessera.profiles.changelog"):
+            latest[record.key.decode()] = orjson.loads(record.value) if record.value else None
+        return {k: v for k, v in latest.items() if v is not None}
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Iterator[PipelineRun]:
+    runner = PipelineRun(tmp_path / "state.duckdb")
+    yield runner
+    runner.pipeline.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A real embedded broker, worker process and API process on loopback ports."""
+    with LocalStack(tmp_path_factory.mktemp("stack")) as running:
+        yield running

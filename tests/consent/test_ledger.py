@@ -1,0 +1,38 @@
+import itertools
+
+import orjson
+
+from consent.ledger import GENESIS_HASH, LineageLedger
+from pipelines.pipeline import open_state
+
+
+def test_chain_verifies_and_tampering_names_the_first_broken_entry():
+    conn = open_state(":memory:")
+    ledger = LineageLedger(conn)
+    entries = ledger.append([{"event_key": f"e{i}", "decision": "allowed"} for i in range(1, 6)])
+    assert entries[0].prev_hash == GENESIS_HASH
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(entries))
+    assert ledger.verify().ok and ledger.verify().entries == 5
+
+    tampered = orjson.dumps({"event_key": "e3", "decision": "withheld"}).decode()
+    conn.execute("UPDATE lineage SET entry = ? WHERE seq = 3", [tampered])
+    result = ledger.verify()
+    assert not result.ok and result.first_broken_seq == 3
+    assert "content" in result.problem
+
+
+def test_deleting_an_entry_is_detected():
+    conn = open_state(":memory:")
+    ledger = LineageLedger(conn)
+    ledger.append([{"event_key": f"e{i}"} for i in range(4)])
+    conn.execute("DELETE FROM lineage WHERE seq = 2")
+    result = ledger.verify()
+    assert not result.ok and result.first_broken_seq == 3
+
+
+def test_appends_continue_the_chain_across_batches():
+    ledger = LineageLedger(open_state(":memory:"))
+    first = ledger.append([{"event_key": "a"}])
+    second = ledger.append([{"event_key": "b"}])
+    assert second[0].prev_hash == first[0].hash and second[0].seq == 2
+    assert ledger.verify().ok

@@ -1,0 +1,130 @@
+"""The profile API over a real socket, on a store materialised from pipeline outputs."""
+
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from pipelines.broker import free_port
+from profiles.api import create_app
+from profiles.store import ConsumedRecord, ProfileStore
+
+
+@pytest.fixture
+def served(tmp_path, run, make_event):
+    run.feed(
+        make_event(
+            "page",
+            anonymousId="dev-1",
+            context={"location": {"country": "US"}},
+            timestamp="2026-09-01T08:00:00Z",
+        )
+    )
+    run.feed(
+        make_event(
+            "identify",
+            userId="u-7",
+            anonymousId="dev-2",
+            traits={"email": "Ada@Example.org", "phone": "+1 415 555 2671", "first_name": "Ada"},
+        ),
+        make_event(
+            "track",
+            event="Order Completed",
+            userId="u-7",
+            properties={"order_id": "o1", "total": 42.5, "currency": "USD"},
+        ),
+        make_event("identify", userId="u-7", anonymousId="dev-1"),  # merges the two persons
+        b"not even json",
+    )
+    store = ProfileStore(tmp_path / "replica.duckdb")
+    store.apply(
+        [
+            ConsumedRecord(o.topic, 0, offset, o.key, o.value, o.headers)
+            for offset, o in enumerate(run.outputs)
+        ]
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", run
+    server.should_exit = True
+    thread.join(5)
+    store.close()
+
+
+def test_lookup_by_any_identifier_returns_the_same_unified_profile(served):
+    url, _ = served
+    by_email = httpx.get(
+        f"{url}/v1/profiles/lookup", params={"type": "email", "value": " ADA@example.org"}
+    )
+    by_phone = httpx.get(
+        f"{url}/v1/profiles/lookup", params={"type": "phone", "value": "+14155552671"}
+    )
+    by_device = httpx.get(
+        f"{url}/v1/profiles/lookup", params={"type": "anonymous_id", "value": "dev-1"}
+    )
+    assert by_email.status_code == by_phone.status_code == by_device.status_code == 200
+    profile = by_email.json()
+    assert by_phone.json() == profile == by_device.json()
+    assert profile["identifiers"]["anonymous_id"] == ["dev-1", "dev-2"]
+    assert profile["computed"]["order_count"] == 1
+    assert httpx.get(f"{url}/v1/profiles/{profile['person_id']}").json() == profile
+
+
+def test_a_merged_away_person_id_still_resolves_to_the_survivor(served):
+    url, _ = served
+    profile = httpx.get(
+        f"{url}/v1/profiles/lookup", params={"type": "user_id", "value": "u-7"}
+    ).json()
+    (old,) = profile["merged_from"]
+    assert httpx.get(f"{url}/v1/profiles/{old}").json()["person_id"] == profile["person_id"]
+
+
+def test_stats_account_for_every_event(served):
+    url, _ = served
+    stats = httpx.get(f"{url}/v1/stats").json()
+    assert stats["received"] == 5
+    assert (stats["applied"], stats["rejected"], stats["withheld"]) == (4, 1, 0)
+    assert stats["rejected_by_reason"] == {"malformed_json": 1}
+    assert stats["persons"] == 1 and stats["merges"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "error"),
+    [
+        ("/v1/profiles/lookup", {"type": "email", "value": "nobody@x.org"}, 404, "not_found"),
+        (
+            "/v1/profiles/lookup",
+            {"type": "shoe_size", "value": "9"},
+            400,
+            "unknown_identifier_type",
+        ),
+        (
+            "/v1/profiles/lookup",
+            {"type": "email", "value": "not-an-email"},
+            400,
+            "invalid_identifier",
+        ),
+        ("/v1/profiles/p_does_not_exist", {}, 404, "not_found"),
+        ("/v1/profiles/" + "x" * 200, {}, 400, "invalid_person_id"),
+    ],
+)
+def test_clear_errors(served, path, params, status, error):
+    url, _ = served
+    response = httpx.get(f"{url}{path}", params=params)
+    assert response.status_code == status
+    assert response.json()["error"] == error
+
+
+def test_health_and_openapi(served):
+    url, _ = served
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert "/v1/profiles/lookup" in httpx.get(f"{url}/openapi.json").json()["paths"]
