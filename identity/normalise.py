@@ -8,6 +8,7 @@ unrelated people type ("n/a", "test@test.com") are never identifiers.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import phonenumbers
@@ -54,6 +55,11 @@ def normalise_phone(value: Any, region: str | None = None) -> str | None:
     """
     if not isinstance(value, str) or not value.strip() or len(value) > 64:
         return None
+    return _parse_phone(value, region)
+
+
+@lru_cache(maxsize=65536)  # the same few numbers recur in every batch; parsing costs ~50 µs
+def _parse_phone(value: str, region: str | None) -> str | None:
     try:
         number = phonenumbers.parse(value, region.upper() if region else None)
     except phonenumbers.NumberParseException:

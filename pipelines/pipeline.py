@@ -25,7 +25,7 @@ from consent.gate import ALLOWED, CONSENT_RECORDED, ConsentGate, GateDecision
 from consent.ledger import LineageLedger
 from consent.policy import PurposePolicy, load_policy
 from identity.graph import IdentityGraph, identifier_hash
-from identity.normalise import Identifier, extract_identifiers
+from identity.normalise import Identifier
 from pipelines import topics
 from profiles.builder import ProfileBuilder
 from quality.reasons import ReasonCode
@@ -200,7 +200,7 @@ class Pipeline:
         items = self._classify(batch, report)
         valid = [i for i in items if i.contract.ok]
         for item in valid:
-            item.identifiers = extract_identifiers(item.contract.event)  # type: ignore[arg-type]
+            item.identifiers = item.contract.identifiers
         decisions = self.gate.decide(
             [
                 (i.key, i.contract.kind, i.contract.event, i.contract.timestamp, i.identifiers)

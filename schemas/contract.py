@@ -12,17 +12,17 @@ from typing import Any
 
 import orjson
 
-from identity.normalise import extract_identifiers
+from identity.normalise import Identifier, extract_identifiers
 from quality.reasons import ReasonCode
 from schemas.registry import SUPPORTED_VERSIONS, SchemaRegistry, default_registry, kind_of
 
 MAX_PAYLOAD_BYTES = 32 * 1024  # Segment's own per-call limit
 MAX_DEPTH = 32
 
+# jsonschema-rs error kinds that have their own reason; every other kind is an invalid value.
 _SCHEMA_REASONS = {
-    "required": ReasonCode.MISSING_REQUIRED_FIELD,
-    "type": ReasonCode.WRONG_TYPE,
-    "const": ReasonCode.INVALID_VALUE,
+    "Required": ReasonCode.MISSING_REQUIRED_FIELD,
+    "Type": ReasonCode.WRONG_TYPE,
 }
 
 
@@ -45,6 +45,7 @@ class ContractResult:
     version: int | None = None
     event: dict[str, Any] | None = None
     timestamp: datetime | None = None
+    identifiers: list[Identifier] = field(default_factory=list)
     reasons: list[Reason] = field(default_factory=list)
 
     @property
@@ -76,9 +77,13 @@ def parse_timestamp(text: str) -> datetime | None:
     return parsed.astimezone(UTC)
 
 
+def _error_kind(error: Any) -> str:
+    return type(error.kind).__name__.rsplit("_", 1)[-1]
+
+
 def _schema_reason(error: Any) -> Reason:
-    path = "/".join(str(p) for p in error.absolute_path) or "(root)"
-    code = _SCHEMA_REASONS.get(error.validator, ReasonCode.INVALID_VALUE)
+    path = "/".join(str(p) for p in error.instance_path) or "(root)"
+    code = _SCHEMA_REASONS.get(_error_kind(error), ReasonCode.INVALID_VALUE)
     message = error.message if len(error.message) <= 200 else error.message[:197] + "..."
     return Reason(code, f"{path}: {message}")
 
@@ -126,18 +131,21 @@ def check_contract(raw: bytes, registry: SchemaRegistry | None = None) -> Contra
     result.kind, result.version = kind, version
     contract = registry.get(kind, version)
     assert contract is not None, f"registry has no {kind} v{version}"
-    errors = sorted(contract.validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
-    if errors:
-        # `required` and `type` errors say more than the allOf wrapper around them.
-        errors.sort(key=lambda e: (e.validator not in _SCHEMA_REASONS, list(e.absolute_path)))
+    if not contract.validator.is_valid(doc):
+        # Slow path, bad events only: every error, missing and mistyped fields first.
+        errors = sorted(
+            contract.validator.iter_errors(doc),
+            key=lambda e: (_error_kind(e) not in _SCHEMA_REASONS, [str(p) for p in e.instance_path]),
+        )
         result.reasons.extend(_schema_reason(e) for e in errors[:5])
         return result
     timestamp = parse_timestamp(doc["timestamp"])
     if timestamp is None:
         return reject(ReasonCode.INVALID_TIMESTAMP, f"timestamp {doc['timestamp']!r}")
-    if not extract_identifiers(doc):
+    identifiers = extract_identifiers(doc)
+    if not identifiers:
         return reject(
             ReasonCode.MISSING_IDENTIFIER, "no userId, anonymousId, email or phone in the event"
         )
-    result.event, result.timestamp = doc, timestamp
+    result.event, result.timestamp, result.identifiers = doc, timestamp, identifiers
     return result
