@@ -28,5 +28,8 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+bench: setup
+	$(BIN)/tessera bench --sizes $(or $(SIZES),100000)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .tessera

@@ -98,7 +98,8 @@ def generate(
 ) -> None:
     """Write a realistic, seeded synthetic event stream (and its ground truth)."""
     from rich.progress import Progress
-    from synthetic.generator import write_dataset
+
+    from synthetic.events import write_dataset
 
     end = end or datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     if end.tzinfo is None:
@@ -115,7 +116,7 @@ def generate(
             progress=lambda n: progress.update(task, completed=n),
         )
     console.print(f"wrote {events:,} events for {persons:,} persons to {out}")
-    console.print(summary)
+    console.print(str(summary))
 
 
 @app.command()
@@ -187,6 +188,24 @@ def demo(
         )
     except BrokerError as exc:
         _fail(str(exc))
+
+
+@app.command()
+def bench(
+    sizes: Annotated[str, typer.Option(help="comma-separated event counts")] = "100000",
+    batch_size: Annotated[int, typer.Option(min=1)] = 2000,
+    out: Annotated[Path, typer.Option(help="report to write")] = Path("BENCHMARKS.md"),
+    workdir: Annotated[Path, typer.Option(help="scratch space")] = Path(".tessera/bench"),
+) -> None:
+    """Measure throughput against baselines from the same run and write BENCHMARKS.md."""
+    from pipelines.bench import run_bench, summary, write_report
+
+    counts = [int(s.replace("_", "")) for s in sizes.split(",") if s.strip()]
+    command = " ".join(["tessera", *sys.argv[1:]])
+    results = run_bench(counts, persons_per_event=0.02, workdir=workdir, batch_size=batch_size)
+    write_report(out, results, command)
+    console.print_json(data=summary(results))
+    console.print(f"written to {out}")
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ import httpx
 import orjson
 from rich.console import Console
 from rich.table import Table
-from synthetic.generator import write_dataset
 
 from pipelines.produce import produce_events, read_lines
 from pipelines.stack import LocalStack
+from synthetic.events import write_dataset
 
 
 def wait_until_processed(
@@ -65,7 +65,8 @@ def _profile_table(profile: dict[str, Any]) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for id_type, values in profile["identifiers"].items():
-        table.add_row(id_type, ", ".join(values))
+        shown = ", ".join(values[:3]) + (f" (+{len(values) - 3} more)" if len(values) > 3 else "")
+        table.add_row(id_type, shown)
     ltv = ", ".join(f"{v:,.2f} {c}" for c, v in computed["lifetime_value"].items()) or "-"
     table.add_row("orders", f"{computed['order_count']} ({computed['refund_count']} refunds)")
     table.add_row("lifetime value", ltv)
@@ -115,7 +116,10 @@ def run_demo(
         with console.status("waiting for every event to reach an outcome"):
             stats = wait_until_processed(stack.api_url, len(truth) - expected["duplicate"])
         elapsed = time.monotonic() - started
-        _print_summary(console, stats, expected, per_topic, len(truth), produced_s, elapsed)
+        true_persons = len({row["person"] for row in truth if row["person"]})
+        _print_summary(
+            console, stats, expected, per_topic, len(truth), produced_s, elapsed, true_persons
+        )
         _print_profiles(console, stack.api_url, _example_user_ids(events_file, 3))
         console.print(f"\nfiles: {events_file}  {truth_file}  logs: {data_dir / 'stack' / 'logs'}")
         if keep_running:
@@ -138,6 +142,7 @@ def _print_summary(
     lines: int,
     produced_s: float,
     elapsed: float,
+    true_persons: int,
 ) -> None:
     table = Table(title="Every event, accounted for", title_justify="left")
     table.add_column("outcome")
@@ -161,7 +166,7 @@ def _print_summary(
     for topic, count in sorted(per_topic.items()):
         topics.add_row(topic, f"{count:,}")
     console.print(topics)
-    reasons = Table(title="Rejected to tessera.events.rejected, by reason", title_justify="left")
+    reasons = Table(title="Rejected (dead-letter topic), by reason", title_justify="left")
     reasons.add_column("reason code")
     reasons.add_column("events", justify="right")
     for reason, count in stats["rejected_by_reason"].items():
@@ -171,7 +176,8 @@ def _print_summary(
     console.print(f"[bold]Withheld by consent[/] (no consent for the purpose): {withheld}")
     console.print(
         f"[bold]Identity[/]: {stats['persons']:,} unified profiles, {stats['merges']:,} merges, "
-        f"{stats['identity_conflicts']:,} conflicts kept apart"
+        f"{stats['identity_conflicts']:,} conflicts kept apart; the ground truth has "
+        f"{true_persons:,} real persons"
     )
     rate = stats["received"] / elapsed if elapsed else 0
     console.print(

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import faust
+from faust.types import EventT
 
 from pipelines import topics
 from pipelines.kafka import BatchProducer
@@ -21,14 +22,10 @@ from pipelines.pipeline import Pipeline, SourceRecord
 log = logging.getLogger("tessera.worker")
 
 
-def build_app(
-    bootstrap: str,
-    data_dir: Path,
-    batch_size: int = 2000,
-    batch_ms: int = 200,
-    app_id: str = "tessera-worker",
-) -> faust.App:
-    """A Faust app whose one agent runs the Pipeline over every input topic."""
+def faust_app(
+    bootstrap: str, data_dir: Path, app_id: str, batch_size: int
+) -> tuple[faust.App, faust.TopicT]:
+    """A Faust app configured for Tessera, and the channel over every input topic (raw bytes)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
@@ -46,6 +43,28 @@ def build_app(
         stream_buffer_maxsize=max(4 * batch_size, 4096),
     )
     inputs = app.topic(*topics.INPUT_TOPICS, value_serializer="raw", key_serializer="raw")
+    return app, inputs
+
+
+def source_records(events: list[EventT]) -> list[SourceRecord]:
+    """Faust events as the Pipeline's engine-neutral records."""
+    return [
+        SourceRecord(
+            e.message.topic, e.message.partition, e.message.offset, e.message.value, e.message.key
+        )
+        for e in events
+    ]
+
+
+def build_app(
+    bootstrap: str,
+    data_dir: Path,
+    batch_size: int = 2000,
+    batch_ms: int = 200,
+    app_id: str = "tessera-worker",
+) -> faust.App:
+    """A Faust app whose one agent runs the Pipeline over every input topic."""
+    app, inputs = faust_app(bootstrap, data_dir, app_id, batch_size)
     pipeline = Pipeline(data_dir / "state.duckdb")
     producer = BatchProducer(bootstrap)
     app.tessera_pipeline = pipeline  # type: ignore[attr-defined]
@@ -54,16 +73,7 @@ def build_app(
     async def run_stages(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
         async for events in stream.take_events(batch_size, within=batch_ms / 1000):
-            batch = [
-                SourceRecord(
-                    e.message.topic,
-                    e.message.partition,
-                    e.message.offset,
-                    e.message.value,
-                    e.message.key,
-                )
-                for e in events
-            ]
+            batch = source_records(events)
             # DuckDB and the producer block: keep the event loop free for heartbeats.
             report = await loop.run_in_executor(None, pipeline.process, batch, producer.send)
             log.info(

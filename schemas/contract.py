@@ -135,7 +135,10 @@ def check_contract(raw: bytes, registry: SchemaRegistry | None = None) -> Contra
         # Slow path, bad events only: every error, missing and mistyped fields first.
         errors = sorted(
             contract.validator.iter_errors(doc),
-            key=lambda e: (_error_kind(e) not in _SCHEMA_REASONS, [str(p) for p in e.instance_path]),
+            key=lambda e: (
+                _error_kind(e) not in _SCHEMA_REASONS,
+                [str(p) for p in e.instance_path],
+            ),
         )
         result.reasons.extend(_schema_reason(e) for e in errors[:5])
         return result

