@@ -50,7 +50,9 @@ def main(bootstrap: str, mode: str, expected: int, data_dir: Path, batch_size: i
                 print(orjson.dumps(result).decode(), flush=True)
                 os._exit(0)
 
-    faust.Worker(app, loglevel="error", quiet=True).execute_from_commandline()
+    faust.Worker(
+        app, loglevel="error", quiet=True, redirect_stdouts=False
+    ).execute_from_commandline()
 
 
 if __name__ == "__main__":

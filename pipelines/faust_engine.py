@@ -16,7 +16,7 @@ import faust
 from faust.types import EventT
 
 from pipelines import topics
-from pipelines.kafka import BatchProducer
+from pipelines.kafka import BatchProducer, faust_credentials
 from pipelines.pipeline import Pipeline, SourceRecord
 
 log = logging.getLogger("tessera.worker")
@@ -30,6 +30,7 @@ def faust_app(
     app = faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",
+        broker_credentials=faust_credentials(),
         datadir=str(data_dir / "faust"),
         store="memory://",
         web_enabled=False,

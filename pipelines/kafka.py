@@ -30,6 +30,34 @@ def client_config(bootstrap: str, **extra: Any) -> dict[str, Any]:
     return config
 
 
+def faust_credentials() -> Any:
+    """The same TESSERA_KAFKA_* security settings as Faust (aiokafka) credentials, or None."""
+    import ssl
+
+    import faust
+
+    env = os.environ
+    protocol = env.get("TESSERA_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+    if protocol == "PLAINTEXT":
+        return None
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=env.get("TESSERA_KAFKA_SSL_CAFILE") or None)
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=env.get("TESSERA_KAFKA_SASL_USERNAME"),
+            password=env.get("TESSERA_KAFKA_SASL_PASSWORD"),
+            mechanism=env.get("TESSERA_KAFKA_SASL_MECHANISM", "PLAIN"),
+            ssl_context=context,
+        )
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    raise ValueError(
+        f"TESSERA_KAFKA_SECURITY_PROTOCOL={protocol!r} is not one of "
+        "PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"
+    )
+
+
 class DeliveryError(RuntimeError):
     """Some outputs were not acknowledged by the broker; the batch must not commit."""
 
