@@ -25,7 +25,7 @@ def main(bootstrap: str, mode: str, expected: int, data_dir: Path, batch_size: i
     app, inputs = faust_app(bootstrap, data_dir, f"tessera-bench-{mode}-{os.getpid()}", batch_size)
     pipeline = Pipeline(data_dir / "state.duckdb") if mode == "pipeline" else None
     producer = BatchProducer(bootstrap) if mode == "pipeline" else None
-    state = {"n": 0, "t0": 0.0}
+    state = {"n": 0, "t0": 0.0, "stage_s": 0.0, "batches": 0}
 
     @app.agent(inputs)
     async def consume(stream: faust.StreamT) -> None:
@@ -35,7 +35,10 @@ def main(bootstrap: str, mode: str, expected: int, data_dir: Path, batch_size: i
                 state["t0"] = time.perf_counter()
             if pipeline is not None and producer is not None:
                 batch = source_records(events)
+                began = time.perf_counter()
                 await loop.run_in_executor(None, pipeline.process, batch, producer.send)
+                state["stage_s"] += time.perf_counter() - began
+                state["batches"] += 1
             state["n"] += len(events)
             if state["n"] >= expected:
                 elapsed = time.perf_counter() - state["t0"]
@@ -45,6 +48,8 @@ def main(bootstrap: str, mode: str, expected: int, data_dir: Path, batch_size: i
                     "events": state["n"],
                     "seconds": elapsed,
                     "rate": state["n"] / elapsed,
+                    "stage_seconds": state["stage_s"],
+                    "batches": state["batches"],
                     "max_rss_mb": rss,
                 }
                 print(orjson.dumps(result).decode(), flush=True)
