@@ -27,6 +27,10 @@ class ReplicaFollower:
         self.batch_size = batch_size
         self.applied = 0
         self.last_error: str | None = None
+        # Partitions read to their end at least once since start. End of partition comes from
+        # fetch responses' high-water mark, which Tansu reports correctly (ListOffsets it does not).
+        self._at_end: set[tuple[str, int]] = set()
+        self._assigned: set[tuple[str, int]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -39,6 +43,11 @@ class ReplicaFollower:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
+
+    @property
+    def caught_up(self) -> bool:
+        """True once every followed partition has been read to its end since start."""
+        return bool(self._assigned) and self._assigned <= self._at_end
 
     @property
     def alive(self) -> bool:
@@ -58,6 +67,7 @@ class ReplicaFollower:
             for topic in FOLLOWED_TOPICS
             for partition in sorted(metadata.topics[topic].partitions)
         ]
+        self._assigned = {(tp.topic, tp.partition) for tp in assignment}
         consumer.assign(assignment)
 
     def _run(self) -> None:
@@ -69,6 +79,7 @@ class ReplicaFollower:
                     "enable.auto.commit": False,
                     "enable.auto.offset.store": False,
                     "fetch.wait.max.ms": 50,
+                    "enable.partition.eof": True,
                 },
             )
         )
@@ -80,7 +91,9 @@ class ReplicaFollower:
                 for message in messages:
                     error = message.error()
                     if error is not None:
-                        if error.code() != KafkaError._PARTITION_EOF:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            self._at_end.add((message.topic(), message.partition()))
+                        else:
                             self.last_error = str(error)
                             log.warning("replica consume error: %s", error)
                         continue

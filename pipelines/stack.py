@@ -87,7 +87,7 @@ class LocalStack:
             "--data-dir",
             str(self.data_dir / name),
         )
-        self._wait_http(name, f"http://127.0.0.1:{port}/healthz")
+        self._wait_http(name, f"http://127.0.0.1:{port}/readyz")
         return process
 
     def _wait_http(self, name: str, url: str, timeout: float = 60) -> None:

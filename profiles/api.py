@@ -34,12 +34,19 @@ def create_app(store: ProfileStore, follower: Any | None = None) -> FastAPI:
         if follower is not None:
             status["replica"] = {
                 "following": follower.alive,
+                "caught_up": follower.caught_up,
                 "records_applied": follower.applied,
                 "last_error": follower.last_error,
             }
             if not follower.alive:
                 return _json({**status, "status": "degraded"}, 503)
         return _json(status)
+
+    @app.get("/readyz", summary="Ready to serve: the replica has read every topic to its end")
+    def readyz() -> Response:
+        if follower is None or (follower.alive and follower.caught_up):
+            return _json({"status": "ready"})
+        return _json({"status": "catching_up", "records_applied": follower.applied}, 503)
 
     @app.get("/v1/stats", summary="Counts of every outcome, persons and merges")
     def stats() -> Response:

@@ -703,7 +703,9 @@ def test_probes_target_declared_ports_and_the_health_endpoint():
                 if probe is None:
                     continue
                 get = probe["httpGet"]
-                assert get["path"] == "/healthz", (owner, kind)
+                # Readiness waits for the replica to catch up; the others ask if it is alive.
+                wanted = "/readyz" if kind == "readinessProbe" else "/healthz"
+                assert get["path"] == wanted, (owner, kind)
                 assert get["port"] in ports or get["port"] in ports.values(), (owner, kind)
     (api,) = k8s_one("Deployment", "tessera-api")["spec"]["template"]["spec"]["containers"]
     assert {"readinessProbe", "livenessProbe"} <= set(api)

@@ -89,6 +89,13 @@ def streamed(stack, tmp_path_factory):
     return stack, lines, truth, stats, events_file
 
 
+def test_the_api_is_ready_only_with_a_caught_up_replica(streamed):
+    stack, *_ = streamed
+    assert httpx.get(f"{stack.api_url}/readyz").json() == {"status": "ready"}
+    replica = httpx.get(f"{stack.api_url}/healthz").json()["replica"]
+    assert replica["following"] and replica["caught_up"] and replica["records_applied"] > 0
+
+
 def test_every_event_has_exactly_its_expected_outcome(streamed):
     _, _, truth, stats, _ = streamed
     expected = Counter(row["expected_outcome"] for row in truth)
