@@ -25,7 +25,6 @@ from consent.gate import ALLOWED, CONSENT_RECORDED, ConsentGate, GateDecision
 from consent.ledger import LineageLedger
 from consent.policy import PurposePolicy, load_policy
 from identity.graph import IdentityGraph, identifier_hash
-from identity.normalise import Identifier
 from pipelines import topics
 from profiles.builder import ProfileBuilder
 from quality.reasons import ReasonCode
@@ -86,7 +85,6 @@ class _Item:
     contract: ContractResult
     payload_hash: str
     key: str
-    identifiers: list[Identifier] = field(default_factory=list)
     decision: GateDecision | None = None
     person_id: str | None = None
 
@@ -199,11 +197,15 @@ class Pipeline:
         report = BatchReport()
         items = self._classify(batch, report)
         valid = [i for i in items if i.contract.ok]
-        for item in valid:
-            item.identifiers = item.contract.identifiers
         decisions = self.gate.decide(
             [
-                (i.key, i.contract.kind, i.contract.event, i.contract.timestamp, i.identifiers)
+                (
+                    i.key,
+                    i.contract.kind,
+                    i.contract.event,
+                    i.contract.timestamp,
+                    i.contract.identifiers,
+                )
                 for i in valid
             ]  # type: ignore[misc]
         )
@@ -211,7 +213,7 @@ class Pipeline:
             item.decision = decision
         linked = [i for i in valid if i.decision.decision == ALLOWED]  # type: ignore[union-attr]
         resolution = self.graph.resolve(
-            [(i.key, i.contract.timestamp, i.identifiers) for i in linked]
+            [(i.key, i.contract.timestamp, i.contract.identifiers) for i in linked]
         )  # type: ignore[misc]
         for item, person_id in zip(linked, resolution.person_of, strict=True):
             item.person_id = person_id
@@ -249,7 +251,7 @@ class Pipeline:
             "jurisdiction": decision.jurisdiction,
             "policy_version": self.policy.version,
             "person_id": item.person_id,
-            "subjects": [identifier_hash(i) for i in item.identifiers],
+            "subjects": [identifier_hash(i) for i in item.contract.identifiers],
             "fields_masked": [],
         }
 
