@@ -7,6 +7,7 @@ unrelated people type ("n/a", "test@test.com") are never identifiers.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -36,6 +37,12 @@ class Identifier(NamedTuple):
 
     type: str
     value: str
+
+
+def identifier_hash(identifier: Identifier) -> str:
+    """A non-reversible handle for an identifier, safe to publish in lineage and link events."""
+    digest = hashlib.sha256(f"{identifier.type}:{identifier.value}".encode()).hexdigest()
+    return f"{identifier.type}:{digest[:16]}"
 
 
 def normalise_email(value: Any) -> str | None:

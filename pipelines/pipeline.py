@@ -24,7 +24,10 @@ import pyarrow as pa
 from consent.gate import ALLOWED, CONSENT_RECORDED, ConsentGate, GateDecision
 from consent.ledger import LineageLedger
 from consent.policy import PurposePolicy, load_policy
-from identity.graph import IdentityGraph, identifier_hash
+from identity.model import ScoringModel
+from identity.normalise import identifier_hash
+from identity.records import record_from_event
+from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
 from profiles.builder import ProfileBuilder
 from quality.reasons import ReasonCode
@@ -112,13 +115,14 @@ class Pipeline:
         state_path: Path | str = ":memory:",
         policy: PurposePolicy | None = None,
         registry: SchemaRegistry | None = None,
+        identity_model: ScoringModel | None = None,
     ) -> None:
         self.registry = registry or default_registry()
         self.policy = policy or load_policy(known_kinds=set(self.registry.kinds()))
         self.conn = open_state(state_path)
         self.conn.execute(SCHEMA_SQL)
         self.gate = ConsentGate(self.conn, self.policy)
-        self.graph = IdentityGraph(self.conn)
+        self.identity = IdentityResolver(self.conn, identity_model)
         self.builder = ProfileBuilder(self.conn)
         self.ledger = LineageLedger(self.conn)
 
@@ -212,25 +216,35 @@ class Pipeline:
         for item, decision in zip(valid, decisions, strict=True):
             item.decision = decision
         linked = [i for i in valid if i.decision.decision == ALLOWED]  # type: ignore[union-attr]
-        resolution = self.graph.resolve(
-            [(i.key, i.contract.timestamp, i.contract.identifiers) for i in linked]
+        records = [record_from_event(i.contract.event) for i in linked]  # type: ignore[arg-type]
+        resolution = self.identity.resolve(
+            [(i.key, i.contract.timestamp, r) for i, r in zip(linked, records, strict=True)]
         )  # type: ignore[misc]
         for item, person_id in zip(linked, resolution.person_of, strict=True):
             item.person_id = person_id
         self.builder.repoint(resolution.merged)
         changed = self.builder.add(
             [
-                (i.key, i.person_id, i.contract.kind, i.contract.event, i.contract.timestamp)
-                for i in linked
+                (i.key, i.person_id, i.contract.kind, i.contract.event, i.contract.timestamp, r)
+                for i, r in zip(linked, records, strict=True)
             ]  # type: ignore[misc]
         )
-        profiles = self.builder.build((changed | resolution.touched) - set(resolution.merged))
+        profiles, gone = self._rebuild(changed | resolution.touched, resolution)
         entries = self.ledger.append([self._lineage_entry(i) for i in valid])
         self._record_outcomes(items, report)
         self._record_offsets(batch)
         report.profiles_changed = len(profiles)
         report.merges = len(resolution.merged)
-        return report, self._outputs(items, entries, resolution, profiles)
+        return report, self._outputs(items, entries, resolution, profiles, gone)
+
+    def _rebuild(
+        self, persons: set[str], resolution: Resolution
+    ) -> tuple[dict[str, dict[str, Any]], set[str]]:
+        """Profiles of the persons a batch changed, and the persons left with no events."""
+        self.builder.reassign(resolution.moved)
+        profiles = self.builder.build(persons - set(resolution.merged))
+        gone = set(resolution.merged) | (persons - set(resolution.merged) - set(profiles))
+        return profiles, gone
 
     def _lineage_entry(self, item: _Item) -> dict[str, Any]:
         decision = item.decision
@@ -320,7 +334,7 @@ class Pipeline:
             [(t, p, o) for (t, p), o in next_offsets.items()],
         )
 
-    def _outputs(self, items, entries, resolution, profiles) -> list[OutRecord]:
+    def _outputs(self, items, entries, resolution, profiles, gone) -> list[OutRecord]:
         out: list[OutRecord] = []
         for item in items:
             if item.contract.ok:
@@ -352,9 +366,10 @@ class Pipeline:
                 )
             )
         for link in resolution.log:
-            out.append(OutRecord(topics.IDENTITY_LINKS, link["person_id"].encode(), _json(link)))
-        for loser in sorted(resolution.merged):
-            out.append(OutRecord(topics.PROFILES_CHANGELOG, loser.encode(), None))
+            owner = link["person_id"] or link["other_person_id"] or link["event_key"]
+            out.append(OutRecord(topics.IDENTITY_LINKS, owner.encode(), _json(link)))
+        for person_id in sorted(gone):  # merged away or left with nothing: a tombstone
+            out.append(OutRecord(topics.PROFILES_CHANGELOG, person_id.encode(), None))
         for person_id in sorted(profiles):
             out.append(
                 OutRecord(topics.PROFILES_CHANGELOG, person_id.encode(), _json(profiles[person_id]))

@@ -15,14 +15,17 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from identity.records import STRONG_FIELDS, record_id_of
+
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS facts (
-    event_key VARCHAR PRIMARY KEY, person_id VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+    event_key VARCHAR PRIMARY KEY, person_id VARCHAR NOT NULL, record_id VARCHAR, kind VARCHAR NOT NULL,
     ts TIMESTAMPTZ NOT NULL, order_id VARCHAR, amount DECIMAL(18, 2), currency VARCHAR,
     ticket_id VARCHAR, score INTEGER
 );
 CREATE TABLE IF NOT EXISTS trait_facts (
-    event_key VARCHAR, person_id VARCHAR NOT NULL, name VARCHAR, value JSON, ts TIMESTAMPTZ,
+    event_key VARCHAR, person_id VARCHAR NOT NULL, record_id VARCHAR, name VARCHAR, value JSON,
+    ts TIMESTAMPTZ,
     PRIMARY KEY (event_key, name)
 );
 CREATE TABLE IF NOT EXISTS profile_versions (person_id VARCHAR PRIMARY KEY, version BIGINT);
@@ -32,6 +35,7 @@ _FACTS = pa.schema(
     [
         ("event_key", pa.string()),
         ("person_id", pa.string()),
+        ("record_id", pa.string()),
         ("kind", pa.string()),
         ("ts", pa.timestamp("us", tz="UTC")),
         ("order_id", pa.string()),
@@ -45,6 +49,7 @@ _TRAITS = pa.schema(
     [
         ("event_key", pa.string()),
         ("person_id", pa.string()),
+        ("record_id", pa.string()),
         ("name", pa.string()),
         ("value", pa.string()),
         ("ts", pa.timestamp("us", tz="UTC")),
@@ -57,13 +62,16 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def fact_of(event_key: str, person_id: str, kind: str, event: dict[str, Any], ts: datetime) -> dict:
+def fact_of(
+    event_key: str, person_id: str, kind: str, event: dict[str, Any], ts: datetime, record_id: str
+) -> dict:
     """The fact row one applied event contributes (amounts exact, to the cent)."""
     props = _dict(event.get("properties"))
     amount = props.get("total") if kind in ("order_completed", "order_refunded") else None
     return {
         "event_key": event_key,
         "person_id": person_id,
+        "record_id": record_id,
         "kind": kind,
         "ts": ts,
         "order_id": props.get("order_id"),
@@ -98,19 +106,24 @@ class ProfileBuilder:
         finally:
             self.conn.unregister("_builder_rows")
 
-    def add(self, applied: list[tuple[str, str, str, dict[str, Any], datetime]]) -> set[str]:
-        """Record applied events as facts. In: (event_key, person_id, kind, event, ts).
+    def add(
+        self, applied: list[tuple[str, str, str, dict[str, Any], datetime, dict[str, Any]]]
+    ) -> set[str]:
+        """Record applied events as facts.
 
-        Out: the persons whose profiles changed.
+        In: (event_key, person_id, kind, event, ts, identity record) per event. Out: the
+        persons whose profiles changed.
         """
         facts, traits = [], []
-        for event_key, person_id, kind, event, ts in applied:
-            facts.append(fact_of(event_key, person_id, kind, event, ts))
+        for event_key, person_id, kind, event, ts, record in applied:
+            record_id = record_id_of(record)
+            facts.append(fact_of(event_key, person_id, kind, event, ts, record_id))
             for name, value in traits_of(event).items():
                 traits.append(
                     {
                         "event_key": event_key,
                         "person_id": person_id,
+                        "record_id": record_id,
                         "name": str(name)[:128],
                         "value": orjson.dumps(value).decode(),
                         "ts": ts,
@@ -137,6 +150,23 @@ class ProfileBuilder:
             )
         finally:
             self.conn.unregister("_remap")
+
+    def reassign(self, moved: dict[str, str]) -> None:
+        """Move the facts of records a split moved to their new persons."""
+        if not moved:
+            return
+        self.conn.register(
+            "_moved_records",
+            pa.table({"record_id": list(moved), "person_id": list(moved.values())}),
+        )
+        try:
+            for table in ("facts", "trait_facts"):
+                self.conn.execute(
+                    f"UPDATE {table} SET person_id = m.person_id FROM _moved_records m "
+                    f"WHERE {table}.record_id = m.record_id"
+                )
+        finally:
+            self.conn.unregister("_moved_records")
 
     def build(self, persons: set[str]) -> dict[str, dict[str, Any]]:
         """Aggregate the current profile of each person from their facts and identifiers."""
@@ -209,15 +239,20 @@ class ProfileBuilder:
                     "event_key": event_key,
                 }
         for person, id_type, values in q(
-            """SELECT person_id, id_type, list(id_value ORDER BY id_value) FROM id_links
-               WHERE person_id IN (SELECT person_id FROM _affected)
-               GROUP BY person_id, id_type ORDER BY person_id, id_type"""
+            f"""SELECT person_id, id_type, list(DISTINCT id_value ORDER BY id_value) FROM (
+                   UNPIVOT (SELECT person_id, {", ".join(STRONG_FIELDS)} FROM id_records
+                            WHERE person_id IN (SELECT person_id FROM _affected))
+                   ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value
+               ) GROUP BY person_id, id_type ORDER BY person_id, id_type"""
         ).fetchall():
             if person in profiles:
                 profiles[person]["identifiers"][id_type] = values
         for person, merged in q(
-            """SELECT merged_into, list(person_id ORDER BY person_id) FROM persons
-               WHERE merged_into IN (SELECT person_id FROM _affected) GROUP BY merged_into"""
+            # Persons that founded a record now in this profile: everyone merged into it.
+            """SELECT r.person_id, list(DISTINCT p.person_id ORDER BY p.person_id)
+               FROM id_persons p JOIN id_records r ON r.record_id = p.founder
+               WHERE p.person_id <> r.person_id AND r.person_id IN (SELECT person_id FROM _affected)
+               GROUP BY r.person_id"""
         ).fetchall():
             if person in profiles:
                 profiles[person]["merged_from"] = merged

@@ -35,7 +35,11 @@ def served(tmp_path, run, make_event):
             userId="u-7",
             properties={"order_id": "o1", "total": 42.5, "currency": "USD"},
         ),
-        make_event("identify", userId="u-7", anonymousId="dev-1"),  # merges the two persons
+    )
+    # A later batch: both persons exist by now, so this merges them (within one batch the
+    # new records would simply have joined the older person).
+    run.feed(
+        make_event("identify", userId="u-7", anonymousId="dev-1"),
         b"not even json",
     )
     store = ProfileStore(tmp_path / "replica.duckdb")

@@ -1,0 +1,309 @@
+"""The probabilistic identity model: Splink settings, unsupervised training, and scoring SQL.
+
+Training is Splink's own (u by random sampling, m by expectation maximisation, term
+frequencies); the model is Splink's settings JSON. At stream time the model's SQL is
+generated once (comparison vectors, match weights, term-frequency adjustments) and run
+in the identity store's own DuckDB over each micro-batch's candidate pairs: Splink's
+per-call set-up costs more than scoring a whole batch, so it is paid once per model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+from identity.records import RECORD_FIELDS
+
+# Splink imports duckdb-backed internals at import time (~1 s): only when a model is used.
+
+DEFAULT_THRESHOLD = 0.99
+UNIQUE_ID = "record_id"
+# Comparison columns that carry a term-frequency adjustment (rare names weigh more).
+TF_COLUMNS = ("first_name", "last_name", "city", "postcode", "email")
+
+
+@dataclass(frozen=True)
+class TrainingReport:
+    """What training saw and produced."""
+
+    records: int
+    columns: list[str]
+    probability_two_random_records_match: float
+    levels: list[dict[str, Any]]  # comparison, level, m, u, match weight
+
+
+def _comparisons(columns: set[str]) -> list[Any]:
+    import splink.comparison_library as cl
+
+    wanted: list[Any] = []
+    if "first_name" in columns:
+        wanted.append(cl.NameComparison("first_name").configure(term_frequency_adjustments=True))
+    if "last_name" in columns:
+        wanted.append(cl.NameComparison("last_name").configure(term_frequency_adjustments=True))
+    if "dob" in columns:
+        wanted.append(cl.DateOfBirthComparison("dob", input_is_string=True))
+    if "email" in columns:
+        wanted.append(cl.EmailComparison("email"))
+    if "phone" in columns:
+        wanted.append(cl.LevenshteinAtThresholds("phone", [1]))
+    if "address_line1" in columns:
+        wanted.append(cl.JaroWinklerAtThresholds("address_line1", [0.95, 0.85]))
+    if "postcode" in columns:
+        wanted.append(cl.ExactMatch("postcode").configure(term_frequency_adjustments=True))
+    if "city" in columns:
+        wanted.append(cl.ExactMatch("city").configure(term_frequency_adjustments=True))
+    for strong in ("user_id", "customer_id", "anonymous_id"):
+        if strong in columns:
+            wanted.append(cl.ExactMatch(strong))
+    return wanted
+
+
+def _blocking_rules(columns: set[str]) -> list[Any]:
+    from splink import block_on
+
+    candidates = [
+        ("email",),
+        ("phone",),
+        ("user_id",),
+        ("customer_id",),
+        ("anonymous_id",),
+        ("first_name", "last_name"),
+        ("last_name", "dob"),
+        ("first_name", "dob"),
+        ("postcode", "first_name"),
+        ("dob", "city"),
+    ]
+    return [block_on(*cols) for cols in candidates if set(cols) <= columns]
+
+
+PROBABILITY_FLOOR = 1e-6
+
+
+@contextmanager
+def _zero_probabilities_floored() -> Iterator[None]:
+    """Splink 5.0's M-step can yield m near 0 for a level seen only among non-matches and then
+    rejects its own value; such a level gets a floor instead: strong evidence against."""
+    import splink.internals.expectation_maximisation as em
+
+    original = em.populate_m_u_from_lookup
+
+    def floored(fixed: Any, level: Any, name: str, lookup: dict[str, dict[int, Any]]) -> None:
+        for values in lookup.get(name, {}).values():
+            for key in ("m_probability", "u_probability"):
+                if values.get(key) is not None and values[key] < PROBABILITY_FLOOR:
+                    values[key] = PROBABILITY_FLOOR
+        original(fixed, level, name, lookup)
+
+    em.populate_m_u_from_lookup = floored
+    try:
+        yield
+    finally:
+        em.populate_m_u_from_lookup = original
+
+
+def _populated_columns(conn: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    counts = conn.execute(
+        "SELECT " + ", ".join(f"count({c})" for c in RECORD_FIELDS) + f" FROM {table}"
+    ).fetchall()[0]
+    return {c for c, n in zip(RECORD_FIELDS, counts, strict=True) if n}
+
+
+def train_model(
+    records: pa.Table, max_pairs: float = 2e6, seed: int = 7
+) -> tuple[dict[str, Any], TrainingReport]:
+    """Train a Splink model without labels on normalised identity records.
+
+    In: an Arrow table with `record_id` and RECORD_FIELDS columns (None where unknown).
+    Out: the Splink settings dict (the model) and a TrainingReport. The prior comes from
+    deterministic rules, u from random sampling, m from EM sessions blocked on fields
+    that leave the others free to be estimated.
+    """
+    from splink import DuckDBAPI, Linker, SettingsCreator, block_on
+
+    conn = duckdb.connect()
+    conn.register("_records", records)
+    conn.execute("CREATE TABLE records AS SELECT * FROM _records")
+    columns = _populated_columns(conn, "records")
+    comparisons = _comparisons(columns)
+    if len(comparisons) < 2:
+        raise ValueError(
+            f"training needs at least two populated comparison columns, found {sorted(columns)}"
+        )
+    settings = SettingsCreator(
+        link_type="dedupe_only",
+        unique_id_column_name=UNIQUE_ID,
+        comparisons=comparisons,
+        blocking_rules_to_generate_predictions=_blocking_rules(columns),
+        retain_intermediate_calculation_columns=True,
+    )
+    db_api = DuckDBAPI(conn)
+    linker = Linker(db_api.register("records"), settings)
+    logging.getLogger("splink").setLevel(logging.WARNING)
+    deterministic = [
+        rule
+        for cols, rule in (
+            (("email",), "l.email = r.email"),
+            (("phone",), "l.phone = r.phone"),
+            (("user_id",), "l.user_id = r.user_id"),
+            (
+                ("first_name", "last_name", "dob"),
+                "l.first_name = r.first_name AND l.last_name = r.last_name AND l.dob = r.dob",
+            ),
+        )
+        if set(cols) <= columns
+    ]
+    if deterministic:
+        linker.training.estimate_probability_two_random_records_match(deterministic, recall=0.7)
+    linker.training.estimate_u_using_random_sampling(max_pairs=max_pairs, seed=seed)
+    sessions = [
+        cols
+        # Sessions blocked on strong identifiers see mostly true matches, so the m values
+        # of names and addresses are learnt from people, not from households.
+        for cols in (("email",), ("phone",), ("dob",), ("first_name", "last_name"))
+        if set(cols) <= columns
+    ]
+    with _zero_probabilities_floored():
+        for cols in sessions[:3]:
+            linker.training.estimate_parameters_using_expectation_maximisation(
+                block_on(*cols), estimate_without_term_frequencies=True
+            )
+    model = linker.misc.save_model_to_json(out_path=None)
+    conn.close()
+    return model, training_report(model, records.num_rows)
+
+
+def training_report(model: dict[str, Any], records: int) -> TrainingReport:
+    """The match-weight summary of a model: every comparison level with m, u and weight."""
+    import math
+
+    levels = []
+    for comparison in model["comparisons"]:
+        for level in comparison["comparison_levels"]:
+            if level.get("is_null_level"):
+                continue
+            m, u = level.get("m_probability"), level.get("u_probability")
+            weight = math.log2(m / u) if m and u else None
+            levels.append(
+                {
+                    "comparison": comparison["output_column_name"],
+                    "level": level.get("label_for_charts", level["sql_condition"]),
+                    "m": m,
+                    "u": u,
+                    "match_weight": weight,
+                }
+            )
+    return TrainingReport(
+        records=records,
+        columns=[c["output_column_name"] for c in model["comparisons"]],
+        probability_two_random_records_match=model["probability_two_random_records_match"],
+        levels=levels,
+    )
+
+
+def save_model(model: dict[str, Any], path: Path) -> None:
+    """Write the Splink settings JSON (loadable by Splink itself)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(model, option=orjson.OPT_INDENT_2))
+
+
+def load_model(path: Path | str) -> dict[str, Any]:
+    """Read a model written by `save_model` (or any Splink settings JSON with m and u)."""
+    model = orjson.loads(Path(path).read_bytes())
+    if not isinstance(model, dict) or "comparisons" not in model:
+        raise ValueError(f"{path} is not a Splink settings JSON (no 'comparisons')")
+    return model
+
+
+class ScoringModel:
+    """A trained model compiled once into DuckDB SQL that scores candidate pairs.
+
+    `score_sql(pairs, records)` reads a relation of (`record_id_l`, `record_id_r`) pairs
+    and a relation of records that carries RECORD_FIELDS plus `tf_<col>` columns, and
+    yields Splink's match_weight, match_probability and per-comparison weights.
+    """
+
+    def __init__(self, model: dict[str, Any], threshold: float = DEFAULT_THRESHOLD) -> None:
+        from splink import SettingsCreator
+
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+        self.model = model
+        self.threshold = threshold
+        settings = SettingsCreator.from_path_or_dict(dict(model)).get_settings("duckdb")
+        settings._retain_intermediate_calculation_columns = True
+        self.comparisons = [c.output_column_name for c in settings.comparisons]
+        self.tf_columns = sorted(
+            {
+                level._tf_adjustment_input_column.unquote().name
+                for c in settings.comparisons
+                for level in c.comparison_levels
+                if level._has_tf_adjustments
+            }
+        )
+        self.tf_comparisons = [
+            c.output_column_name
+            for c in settings.comparisons
+            if any(level._has_tf_adjustments for level in c.comparison_levels)
+        ]
+        self.blocking_conditions = [
+            rule.blocking_rule_sql for rule in settings._blocking_rules_to_generate_predictions
+        ]
+        self.columns = sorted(
+            {
+                col.unquote().name
+                for c in settings.comparisons
+                for col in c._input_columns_used_by_case_statement
+            }
+            | set(self.tf_columns)
+        )
+        self._labels = {
+            c.output_column_name: {
+                level.comparison_vector_value: level.label_for_charts
+                for level in c.comparison_levels
+            }
+            for c in settings.comparisons
+        }
+        self._settings = settings
+
+    def level_label(self, comparison: str, gamma: int) -> str:
+        """The chart label of comparison level `gamma` (e.g. 'Exact match on email')."""
+        return self._labels.get(comparison, {}).get(gamma, str(gamma))
+
+    def score_sql(self, pairs: str, records: str) -> str:
+        """SQL scoring every pair in relation `pairs` using record relation `records`."""
+        from splink.internals.predict import predict_from_comparison_vectors_sqls_using_settings
+
+        settings = self._settings
+        blocking = ", ".join(settings._columns_to_select_for_blocking)
+        vectors = ", ".join(settings._columns_to_select_for_comparison_vector_values)
+        parts, predict = predict_from_comparison_vectors_sqls_using_settings(settings)
+        return f"""
+            WITH __splink__blocked AS (
+                SELECT {blocking}, 0 AS match_key
+                FROM {pairs} p
+                JOIN {records} l ON l.{UNIQUE_ID} = p.{UNIQUE_ID}_l
+                JOIN {records} r ON r.{UNIQUE_ID} = p.{UNIQUE_ID}_r
+            ),
+            __splink__df_comparison_vectors AS (SELECT {vectors} FROM __splink__blocked),
+            __splink__df_match_weight_parts AS ({parts["sql"]})
+            {predict["sql"]}
+        """
+
+
+def records_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Normalised records (dicts with record_id and RECORD_FIELDS) as an Arrow table."""
+    rows = list(rows)
+    return pa.table(
+        {
+            UNIQUE_ID: pa.array([r[UNIQUE_ID] for r in rows], pa.string()),
+            **{f: pa.array([r.get(f) for r in rows], pa.string()) for f in RECORD_FIELDS},
+        }
+    )

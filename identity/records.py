@@ -1,0 +1,209 @@
+"""Identity records: what an event (or a row of a file) says about who its person is.
+
+A record holds normalised identifiers (user_id, anonymous_id, customer_id, email, phone)
+and personal attributes (names, date of birth, address). Records are content-addressed:
+the same normalised content is the same record however many events carry it, so a
+person's thousand page views from one device are one record, not a thousand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from datetime import UTC, date, datetime
+from typing import Any
+
+from identity.normalise import normalise_email, normalise_id, normalise_phone, region_hint
+
+# Identifiers that link records deterministically, strongest first: when two of an event's
+# identifiers point at different persons, the stronger one decides.
+STRONG_FIELDS = ("user_id", "customer_id", "email", "phone", "anonymous_id")
+ATTRIBUTE_FIELDS = (
+    "first_name",
+    "last_name",
+    "dob",
+    "address_line1",
+    "city",
+    "postcode",
+    "region",
+    "country",
+)
+RECORD_FIELDS = STRONG_FIELDS + ATTRIBUTE_FIELDS
+
+_SPACES = re.compile(r"\s+")
+_NOT_NAME = re.compile(r"[^a-z' -]")
+_ADDRESS_WORDS = {
+    "street": "st",
+    "str": "st",
+    "strasse": "st",
+    "road": "rd",
+    "avenue": "ave",
+    "av": "ave",
+    "drive": "dr",
+    "lane": "ln",
+    "place": "pl",
+    "boulevard": "blvd",
+    "court": "ct",
+}
+_DATE_FORMATS = ("%Y-%m-%d", "%Y%m%d", "%d/%m/%Y", "%d.%m.%Y", "%Y/%m/%d", "%d-%m-%Y")
+
+
+def fold(text: str) -> str:
+    """Lower-case ASCII letters: accents dropped (Zoë -> zoe), compatibility forms unified."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
+
+
+def normalise_name(value: Any) -> str | None:
+    """A person or place name folded to lower-case ASCII with single spaces, or None."""
+    if not isinstance(value, str):
+        return None
+    name = _SPACES.sub(" ", _NOT_NAME.sub(" ", fold(value))).strip(" -'")
+    return name[:64] or None
+
+
+def normalise_dob(value: Any, today: date | None = None) -> str | None:
+    """A date of birth as YYYY-MM-DD from ISO, YYYYMMDD, DD/MM/YYYY and similar, or None.
+
+    Dates before 1900 or after `today` are not births: they become None.
+    """
+    if isinstance(value, datetime):
+        parsed = value.date()
+    elif isinstance(value, date):
+        parsed = value
+    elif isinstance(value, str) and 6 <= len(value.strip()) <= 32:
+        text = value.strip()[:10] if "T" in value else value.strip()
+        parsed = None
+        for fmt in _DATE_FORMATS:
+            try:
+                parsed = datetime.strptime(text, fmt).date()
+                break
+            except ValueError:
+                continue
+        if parsed is None:
+            return None
+    else:
+        return None
+    latest = today or datetime.now(UTC).date()
+    if parsed.year < 1900 or parsed > latest:
+        return None
+    return parsed.isoformat()
+
+
+def normalise_address(value: Any) -> str | None:
+    """A street line folded, with common street words abbreviated (Main Street -> main st)."""
+    if not isinstance(value, str):
+        return None
+    words = re.sub(r"[^a-z0-9 ]", " ", fold(value)).split()
+    text = " ".join(_ADDRESS_WORDS.get(w, w) for w in words)
+    return text[:128] or None
+
+
+def normalise_postcode(value: Any) -> str | None:
+    """A postcode upper-cased without spaces or dashes (SW1A 1AA -> SW1A1AA)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    code = re.sub(r"[^0-9A-Za-z]", "", value).upper()
+    return code[:16] or None
+
+
+def normalise_country(value: Any) -> str | None:
+    """An ISO 3166 alpha-2 code upper-cased, or None."""
+    if not isinstance(value, str):
+        return None
+    code = value.strip().upper()
+    return code if len(code) == 2 and code.isalpha() else None
+
+
+def record_id_of(fields: dict[str, str | None]) -> str:
+    """The content address of a normalised record: equal content, equal id."""
+    body = "\x1f".join(fields.get(name) or "" for name in RECORD_FIELDS)
+    return "r_" + hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
+
+
+def normalise_record(raw: dict[str, Any], region: str | None = None) -> dict[str, str | None]:
+    """Every record field normalised from raw values keyed by field name (missing -> None)."""
+    country = normalise_country(raw.get("country"))
+    return {
+        "user_id": normalise_id(_text(raw.get("user_id"))),
+        "customer_id": normalise_id(_text(raw.get("customer_id"))),
+        "email": normalise_email(raw.get("email")),
+        "phone": normalise_phone(_text(raw.get("phone")), region or country),
+        "anonymous_id": normalise_id(_text(raw.get("anonymous_id"))),
+        "first_name": normalise_name(raw.get("first_name")),
+        "last_name": normalise_name(raw.get("last_name")),
+        "dob": normalise_dob(raw.get("dob")),
+        "address_line1": normalise_address(raw.get("address_line1")),
+        "city": normalise_name(raw.get("city")),
+        "postcode": normalise_postcode(raw.get("postcode")),
+        "region": normalise_name(raw.get("region")),
+        "country": country,
+    }
+
+
+def _text(value: Any) -> Any:
+    # Files give ids and phones as numbers at times; identifiers are text.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(int(value)) if float(value).is_integer() else str(value)
+    return value
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _first(*values: Any) -> Any:
+    for value in values:
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
+    """The normalised identity record of a Segment-spec event.
+
+    In: a contract-valid event. Out: every RECORD_FIELDS key, None where the event is
+    silent. Names, birth date and address come from traits (identify), context.traits
+    and properties, first found wins; an alias's previousId is its anonymous id.
+    """
+    context = _dict(event.get("context"))
+    sources = [
+        _dict(event.get("traits")),
+        _dict(context.get("traits")),
+        _dict(event.get("properties")),
+    ]
+
+    def pick(*names: str) -> Any:
+        return _first(*(source.get(name) for source in sources for name in names))
+
+    address = _dict(pick("address"))
+    anonymous = event.get("anonymousId")
+    if event.get("type") == "alias":
+        anonymous = _first(event.get("previousId"), anonymous)
+    raw = {
+        "user_id": event.get("userId"),
+        "customer_id": pick("customer_id", "customerId"),
+        "email": pick("email"),
+        "phone": pick("phone"),
+        "anonymous_id": anonymous,
+        "first_name": pick("first_name", "firstName"),
+        "last_name": pick("last_name", "lastName"),
+        "dob": pick("birthday", "dob", "date_of_birth", "dateOfBirth"),
+        "address_line1": _first(address.get("street"), address.get("line1"), pick("address_line1")),
+        "city": _first(address.get("city"), pick("city")),
+        "postcode": _first(address.get("postal_code"), address.get("postalCode"), pick("postcode")),
+        "region": _first(address.get("state"), address.get("region"), pick("region")),
+        # The address's country only: a request's location says where a device was, not who.
+        "country": address.get("country"),
+    }
+    return normalise_record(raw, region_hint(event))
+
+
+def has_identity(record: dict[str, str | None]) -> bool:
+    """True when a record carries at least one field a person could be found by."""
+    return any(record.get(name) for name in STRONG_FIELDS) or bool(
+        record.get("last_name") and (record.get("first_name") or record.get("dob"))
+    )

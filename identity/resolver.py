@@ -1,0 +1,707 @@
+"""Incremental identity resolution: records in, stable person ids, merges and splits out.
+
+Each micro-batch of identity records is
+1. deduplicated against the store (records are content-addressed),
+2. blocked against the store and against itself: deterministic candidates share a
+   strong identifier (user_id, customer_id, email, phone, anonymous_id); probabilistic
+   candidates satisfy one of the model's blocking rules,
+3. scored with the model's Splink SQL in this DuckDB, and
+4. clustered: deterministic links first (strongest identifier first), then probabilistic
+   links above the threshold, highest match weight first. A link that would give a
+   person more identifiers of a type than the limit allows (two user_ids; a tablet's
+   anonymous id shared by a household), or that an operator rejected, is not made; the
+   conflict is logged.
+
+A person's id is the id its first record created, and survives merges as long as that
+record's person is the older one. Re-clustering a component (a link rejected, a record
+erased, a threshold raised) gives every piece the id of the oldest person that founded a
+record in it, so a split restores the ids the persons had before they merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+from identity.model import ScoringModel
+from identity.records import RECORD_FIELDS, STRONG_FIELDS, record_id_of
+
+DEFAULT_LIMITS = {"user_id": 1, "customer_id": 1, "email": 5, "phone": 5, "anonymous_id": 50}
+STRENGTH = {name: rank for rank, name in enumerate(STRONG_FIELDS)}
+
+_FIELD_COLUMNS = ", ".join(f"{f} VARCHAR" for f in RECORD_FIELDS)
+SCHEMA_SQL = f"""
+CREATE TABLE IF NOT EXISTS id_records (
+    record_id VARCHAR PRIMARY KEY, person_id VARCHAR NOT NULL, first_ts TIMESTAMPTZ,
+    first_event VARCHAR, {_FIELD_COLUMNS}
+);
+CREATE TABLE IF NOT EXISTS id_persons (
+    person_id VARCHAR PRIMARY KEY, first_ts TIMESTAMPTZ, first_event VARCHAR, founder VARCHAR
+);
+CREATE TABLE IF NOT EXISTS id_edges (
+    record_l VARCHAR, record_r VARCHAR, rule VARCHAR, match_weight DOUBLE,
+    match_probability DOUBLE, evidence JSON, status VARCHAR, ts TIMESTAMPTZ,
+    PRIMARY KEY (record_l, record_r)
+);
+CREATE TABLE IF NOT EXISTS id_cannot_link (
+    record_l VARCHAR, record_r VARCHAR, reason VARCHAR, ts TIMESTAMPTZ,
+    PRIMARY KEY (record_l, record_r)
+);
+CREATE TABLE IF NOT EXISTS id_term_counts (
+    col VARCHAR, value VARCHAR, n BIGINT, PRIMARY KEY (col, value)
+);
+"""
+_RECORD_SCHEMA = pa.schema([("record_id", pa.string()), *((f, pa.string()) for f in RECORD_FIELDS)])
+
+
+def person_id_for(event_key: str) -> str:
+    """The stable id of a person first seen in the event `event_key`."""
+    return "p_" + hashlib.blake2b(event_key.encode(), digest_size=8).hexdigest()
+
+
+@dataclass
+class Resolution:
+    """What a batch (or a re-clustering) did to the identity store."""
+
+    person_of: list[str]  # the person of each input item, after the whole batch
+    merged: dict[str, str]  # merged-away person -> surviving person
+    moved: dict[str, str]  # record -> its new person, for records a split moved
+    touched: set[str]  # persons whose records changed
+    log: list[dict[str, Any]]  # person_created / record_linked / merge / split / conflict
+
+
+@dataclass
+class _Cluster:
+    records: set[str]
+    ids: dict[str, set[str]]
+    persons: set[str] = field(default_factory=set)  # existing persons inside
+
+
+@dataclass(frozen=True)
+class _Edge:
+    record_l: str
+    record_r: str
+    rule: str
+    match_weight: float | None = None
+    match_probability: float | None = None
+    evidence: dict[str, Any] | None = None
+
+
+class IdentityResolver:
+    """The identity store in DuckDB and the incremental resolver over it.
+
+    In: the caller's connection (writes happen inside its transaction), an optional
+    ScoringModel (deterministic linking only without one), per-type identifier limits.
+    """
+
+    def __init__(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        model: ScoringModel | None = None,
+        limits: dict[str, int] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.model = model
+        self.limits = dict(DEFAULT_LIMITS if limits is None else limits)
+        conn.execute(SCHEMA_SQL)
+
+    # -- the batch path ----------------------------------------------------------------------
+
+    def resolve(self, items: list[tuple[str, datetime, dict[str, str | None]]]) -> Resolution:
+        """Resolve a batch of records, in order, inside the caller's transaction.
+
+        In: (event_key, timestamp, normalised record fields) per event. Out: a Resolution
+        whose person_of[i] is the person of items[i].
+        """
+        log: list[dict[str, Any]] = []
+        record_of: list[str] = []
+        fresh: dict[str, tuple[str, datetime, dict[str, str | None]]] = {}
+        for key, ts, fields in items:
+            record_id = record_id_of(fields)
+            record_of.append(record_id)
+            if record_id not in fresh:
+                fresh[record_id] = (key, ts, fields)
+        known = self._persons_of(list(fresh))
+        new = {r: v for r, v in fresh.items() if r not in known}
+        if not new:
+            return Resolution([known[r] for r in record_of], {}, {}, set(), log)
+        self._register_new(new)
+        try:
+            self._count_terms()
+            edges = self._deterministic_edges() + self._probabilistic_edges()
+        finally:
+            self.conn.unregister("_new_rows")
+        self.conn.execute("DROP TABLE IF EXISTS _new")
+        involved = {e.record_l for e in edges} | {e.record_r for e in edges}
+        clusters, member_of = self._load_clusters(
+            {known_person for r, known_person in self._persons_of(list(involved)).items()}
+        )
+        for record_id, (_, _, fields) in new.items():
+            cluster = _Cluster({record_id}, _ids_of(fields))
+            clusters[record_id] = cluster
+            member_of[record_id] = record_id
+        cannot = self._cannot_links(set(member_of))
+        first_event = {r: v[0] for r, v in new.items()}
+        when = {v[0]: v[1] for v in new.values()}
+        # edge, its kind (record_linked / merge), the persons it brought together
+        unions: list[tuple[_Edge, str, frozenset[str]]] = []
+        for edge in _ordered(edges):
+            a, b = member_of.get(edge.record_l), member_of.get(edge.record_r)
+            if a is None or b is None or a == b:
+                continue
+            left, right = clusters[a], clusters[b]
+            problem = self._conflict(left, right, cannot)
+            key = first_event.get(edge.record_l) or first_event.get(edge.record_r) or ""
+            if problem:
+                _log(
+                    log,
+                    "conflict",
+                    _person(left),
+                    _person(right),
+                    problem,
+                    key,
+                    when.get(key),
+                    edge,
+                )
+                continue
+            kind = "merge" if left.persons and right.persons else "record_linked"
+            joined = frozenset(left.persons | right.persons)
+            keep, gone = (a, b) if len(left.records) >= len(right.records) else (b, a)
+            clusters[keep].records |= clusters[gone].records
+            clusters[keep].persons |= clusters[gone].persons
+            for id_type, values in clusters[gone].ids.items():
+                clusters[keep].ids.setdefault(id_type, set()).update(values)
+            for record in clusters[gone].records:
+                member_of[record] = keep
+            del clusters[gone]
+            unions.append((edge, kind, joined))
+        return self._commit(new, known, record_of, clusters, member_of, edges, unions, log)
+
+    def _persons_of(self, record_ids: list[str]) -> dict[str, str]:
+        if not record_ids:
+            return {}
+        self.conn.register("_wanted", pa.table({"record_id": record_ids}))
+        try:
+            rows = self.conn.execute(
+                "SELECT record_id, person_id FROM id_records JOIN _wanted USING (record_id)"
+            ).fetchall()
+        finally:
+            self.conn.unregister("_wanted")
+        return dict(rows)
+
+    def _register_new(self, new: dict[str, tuple[str, datetime, dict[str, str | None]]]) -> None:
+        rows = {"record_id": list(new)}
+        for name in RECORD_FIELDS:
+            rows[name] = [fields.get(name) for _, _, fields in new.values()]
+        self.conn.register("_new_rows", pa.table(rows, schema=_RECORD_SCHEMA))
+        self.conn.execute("CREATE OR REPLACE TEMP TABLE _new AS SELECT * FROM _new_rows")
+
+    def _count_terms(self) -> None:
+        if self.model is None or not self.model.tf_columns:
+            return
+        selects = " UNION ALL ".join(
+            f"SELECT '{c}' AS col, {c} AS value FROM _new WHERE {c} IS NOT NULL"
+            for c in self.model.tf_columns
+        )
+        self.conn.execute(
+            f"""INSERT INTO id_term_counts SELECT col, value, count(*) FROM ({selects})
+                GROUP BY ALL ON CONFLICT (col, value) DO UPDATE SET n = n + excluded.n"""
+        )
+
+    def _deterministic_edges(self) -> list[_Edge]:
+        edges: list[_Edge] = []
+        for name in STRONG_FIELDS:
+            # Each new record links to the oldest record holding the identifier: one edge
+            # per identifier is enough to join the clusters, and it is the one to explain.
+            rows = self.conn.execute(
+                f"""WITH holders AS (
+                        SELECT record_id, {name} AS v, first_ts, 0 AS fresh
+                        FROM id_records WHERE {name} IN (SELECT {name} FROM _new)
+                        UNION ALL SELECT record_id, {name}, NULL, 1 FROM _new WHERE {name} IS NOT NULL
+                    ), anchor AS (
+                        SELECT v, arg_min(record_id, (fresh, first_ts, record_id)) AS anchor
+                        FROM holders GROUP BY v
+                    )
+                    SELECT n.record_id, a.anchor FROM _new n JOIN anchor a ON n.{name} = a.v
+                    WHERE n.record_id <> a.anchor"""
+            ).fetchall()
+            edges.extend(_Edge(r, anchor, f"shared:{name}") for r, anchor in rows)
+        return edges
+
+    def _probabilistic_edges(self) -> list[_Edge]:
+        model = self.model
+        if model is None or not model.blocking_conditions:
+            return []
+        cols = ", ".join(["record_id", *model.columns])
+        self.conn.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _cand_recs AS
+                SELECT {cols} FROM id_records UNION ALL SELECT {cols} FROM _new"""
+        )
+        blocked = " UNION ".join(
+            f"""SELECT least(l.record_id, r.record_id) AS record_id_l,
+                       greatest(l.record_id, r.record_id) AS record_id_r
+                FROM _new l JOIN _cand_recs r ON ({condition}) AND l.record_id <> r.record_id"""
+            for condition in model.blocking_conditions
+        )
+        self.conn.execute(f"CREATE OR REPLACE TEMP TABLE _pairs AS {blocked}")
+        tf_joins = "".join(
+            f""" LEFT JOIN (SELECT value, n / sum(n) OVER () AS tf FROM id_term_counts
+                           WHERE col = '{c}') tf_{c} ON tf_{c}.value = c.{c}"""
+            for c in model.tf_columns
+        )
+        tf_cols = "".join(f", tf_{c}.tf AS tf_{c}" for c in model.tf_columns)
+        self.conn.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _pair_recs AS
+                SELECT c.*{tf_cols} FROM _cand_recs c{tf_joins}
+                WHERE c.record_id IN (SELECT record_id_l FROM _pairs UNION SELECT record_id_r FROM _pairs)"""
+        )
+        gamma_cols = [f"gamma_{c}" for c in model.comparisons]
+        rows = self.conn.execute(
+            f"""SELECT record_id_l, record_id_r, match_weight, match_probability,
+                       {", ".join(gamma_cols)}, {", ".join(_weight_exprs(model))}
+                FROM ({model.score_sql("_pairs", "_pair_recs")})
+                WHERE match_probability >= {model.threshold}"""
+        ).fetchall()
+        self.conn.execute("DROP TABLE _cand_recs; DROP TABLE _pairs; DROP TABLE _pair_recs")
+        n = len(model.comparisons)
+        edges = []
+        for row in rows:
+            gammas, weights = row[4 : 4 + n], row[4 + n :]
+            evidence = {
+                comparison: {"level": model.level_label(comparison, g), "match_weight": w}
+                for comparison, g, w in zip(model.comparisons, gammas, weights, strict=True)
+                if g != -1
+            }
+            edges.append(_Edge(row[0], row[1], "splink", row[2], row[3], evidence))
+        return edges
+
+    # -- clusters ----------------------------------------------------------------------------
+
+    def _load_clusters(self, persons: set[str]) -> tuple[dict[str, _Cluster], dict[str, str]]:
+        clusters: dict[str, _Cluster] = {}
+        member_of: dict[str, str] = {}
+        if not persons:
+            return clusters, member_of
+        self.conn.register("_persons", pa.table({"person_id": sorted(persons)}))
+        try:
+            rows = self.conn.execute(
+                f"""SELECT record_id, person_id, {", ".join(STRONG_FIELDS)} FROM id_records
+                    WHERE person_id IN (SELECT person_id FROM _persons)"""
+            ).fetchall()
+        finally:
+            self.conn.unregister("_persons")
+        for record_id, person_id, *values in rows:
+            cluster = clusters.setdefault(person_id, _Cluster(set(), {}, {person_id}))
+            cluster.records.add(record_id)
+            for name, value in zip(STRONG_FIELDS, values, strict=True):
+                if value is not None:
+                    cluster.ids.setdefault(name, set()).add(value)
+            member_of[record_id] = person_id
+        return clusters, member_of
+
+    def _cannot_links(self, records: set[str]) -> set[frozenset[str]]:
+        rows = self.conn.execute("SELECT record_l, record_r FROM id_cannot_link").fetchall()
+        return {frozenset(r) for r in rows if r[0] in records or r[1] in records}
+
+    def _conflict(self, a: _Cluster, b: _Cluster, cannot: set[frozenset[str]]) -> str | None:
+        for id_type, values in b.ids.items():
+            limit = self.limits.get(id_type)
+            if limit is not None and len(a.ids.get(id_type, set()) | values) > limit:
+                return f"limit:{id_type}"
+        if cannot:
+            small, large = sorted((a.records, b.records), key=len)
+            for pair in cannot:
+                x, y = tuple(pair)
+                if (x in small and y in large) or (y in small and x in large):
+                    return "rejected_link"
+        return None
+
+    def _ages(self, persons: set[str]) -> dict[str, tuple[datetime, str]]:
+        if not persons:
+            return {}
+        self.conn.register("_aged", pa.table({"person_id": sorted(persons)}))
+        try:
+            rows = self.conn.execute(
+                "SELECT person_id, first_ts FROM id_persons JOIN _aged USING (person_id)"
+            ).fetchall()
+        finally:
+            self.conn.unregister("_aged")
+        return {p: (ts, p) for p, ts in rows}
+
+    def _commit(self, new, known, record_of, clusters, member_of, edges, unions, log) -> Resolution:
+        ages = self._ages({p for c in clusters.values() for p in c.persons})
+        person_of_root: dict[str, str] = {}
+        merged: dict[str, str] = {}
+        created: list[tuple[str, datetime, str, str]] = []
+        for root, cluster in clusters.items():
+            if cluster.persons:
+                survivor = min(cluster.persons, key=lambda p: ages[p])
+                for loser in cluster.persons - {survivor}:
+                    merged[loser] = survivor
+            else:
+                founder = min(cluster.records, key=lambda r: (new[r][1], new[r][0], r))
+                key, ts, _ = new[founder]
+                survivor = person_id_for(key)
+                created.append((survivor, ts, key, founder))
+                _log(log, "person_created", survivor, None, "new", key, ts, None, founder)
+            person_of_root[root] = survivor
+        person = {r: person_of_root[member_of[r]] for r in member_of}
+
+        def event_of(edge: _Edge) -> tuple[str, datetime | None]:
+            source = new.get(edge.record_l) or new.get(edge.record_r)
+            return (source[0], source[1]) if source else ("", None)
+
+        for edge, kind, _ in unions:
+            if kind == "record_linked":
+                _log(log, kind, person[edge.record_l], None, edge.rule, *event_of(edge), edge)
+        for loser, survivor in sorted(merged.items()):
+            edge = next(e for e, kind, joined in unions if kind == "merge" and loser in joined)
+            _log(log, "merge", survivor, loser, edge.rule, *event_of(edge), edge)
+        self._write(new, person, created, merged, edges, unions)
+        touched = {person[r] for r in new} | set(merged.values())
+        return Resolution(
+            person_of=[person.get(r) or _final(known[r], merged) for r in record_of],
+            merged=merged,
+            moved={},
+            touched=touched,
+            log=log,
+        )
+
+    def _write(self, new, person, created, merged, edges, unions) -> None:
+        rows: dict[str, list[Any]] = {
+            "record_id": list(new),
+            "person_id": [person[r] for r in new],
+            "first_ts": [v[1] for v in new.values()],
+            "first_event": [v[0] for v in new.values()],
+        }
+        for name in RECORD_FIELDS:
+            rows[name] = [v[2].get(name) for v in new.values()]
+        self._insert("id_records", rows)
+        if created:
+            self._insert(
+                "id_persons",
+                {
+                    "person_id": [c[0] for c in created],
+                    "first_ts": [c[1] for c in created],
+                    "first_event": [c[2] for c in created],
+                    "founder": [c[3] for c in created],
+                },
+                verb="INSERT OR IGNORE",
+            )
+        if merged:
+            self.conn.register(
+                "_merged", pa.table({"loser": list(merged), "survivor": list(merged.values())})
+            )
+            try:
+                self.conn.execute(
+                    """UPDATE id_records SET person_id = m.survivor FROM _merged m
+                       WHERE id_records.person_id = m.loser"""
+                )
+            finally:
+                self.conn.unregister("_merged")
+        used = {(e.record_l, e.record_r) for e, _, _ in unions}
+        stored = [e for e in edges if e.rule == "splink" or (e.record_l, e.record_r) in used]
+        if stored:
+            first_ts = {r: v[1] for r, v in new.items()}
+            self._insert(
+                "id_edges",
+                {
+                    "record_l": [e.record_l for e in stored],
+                    "record_r": [e.record_r for e in stored],
+                    "rule": [e.rule for e in stored],
+                    "match_weight": pa.array([e.match_weight for e in stored], pa.float64()),
+                    "match_probability": pa.array(
+                        [e.match_probability for e in stored], pa.float64()
+                    ),
+                    "evidence": [
+                        orjson.dumps(e.evidence).decode() if e.evidence else None for e in stored
+                    ],
+                    "status": ["active"] * len(stored),
+                    "ts": [first_ts.get(e.record_l, first_ts.get(e.record_r)) for e in stored],
+                },
+                verb="INSERT OR IGNORE",
+            )
+
+    def _insert(self, table: str, columns: dict[str, Any], verb: str = "INSERT") -> None:
+        self.conn.register("_identity_rows", pa.table(columns))
+        try:
+            self.conn.execute(f"{verb} INTO {table} BY NAME SELECT * FROM _identity_rows")
+        finally:
+            self.conn.unregister("_identity_rows")
+
+    # -- unmerge -----------------------------------------------------------------------------
+
+    def reject_link(
+        self, record_a: str, record_b: str, reason: str, key: str, ts: datetime
+    ) -> Resolution:
+        """An operator says two records are not one person: never link them, re-cluster.
+
+        In: the two record ids, the operator's reason, the command's key and time. Out: the
+        Resolution of re-clustering their persons (splits and the records they moved).
+        """
+        persons = self._persons_of([record_a, record_b])
+        missing = {record_a, record_b} - set(persons)
+        if missing:
+            raise KeyError(f"unknown record(s): {', '.join(sorted(missing))}")
+        left, right = sorted((record_a, record_b))
+        self.conn.execute(
+            "INSERT OR REPLACE INTO id_cannot_link VALUES (?, ?, ?, ?)", [left, right, reason, ts]
+        )
+        self.conn.execute(
+            "UPDATE id_edges SET status = 'rejected' WHERE record_l = ? AND record_r = ?",
+            [left, right],
+        )
+        log: list[dict[str, Any]] = []
+        _log(
+            log,
+            "link_rejected",
+            persons[left],
+            persons[right],
+            reason,
+            key,
+            ts,
+            _Edge(left, right, "operator"),
+        )
+        return self.recluster(set(persons.values()), key, ts, log)
+
+    def erase_records(self, record_ids: list[str], key: str, ts: datetime) -> Resolution:
+        """Remove records (an erasure) and re-cluster what remains of their persons.
+
+        Links that only those records made disappear with them: the rest splits back into
+        the persons it was before, with their old ids.
+        """
+        persons = self._persons_of(record_ids)
+        if not persons:
+            return Resolution([], {}, {}, set(), [])
+        self.conn.register("_erased", pa.table({"record_id": list(persons)}))
+        try:
+            if self.model is not None and self.model.tf_columns:
+                selects = " UNION ALL ".join(
+                    f"SELECT '{c}' AS col, {c} AS value FROM id_records WHERE {c} IS NOT NULL "
+                    f"AND record_id IN (SELECT record_id FROM _erased)"
+                    for c in self.model.tf_columns
+                )
+                self.conn.execute(
+                    f"""UPDATE id_term_counts SET n = n - g.k FROM (
+                            SELECT col, value, count(*) AS k FROM ({selects}) GROUP BY ALL
+                        ) g WHERE id_term_counts.col = g.col AND id_term_counts.value = g.value"""
+                )
+            for table, columns in (
+                ("id_records", ("record_id",)),
+                ("id_edges", ("record_l", "record_r")),
+                ("id_cannot_link", ("record_l", "record_r")),
+            ):
+                where = " OR ".join(f"{c} IN (SELECT record_id FROM _erased)" for c in columns)
+                self.conn.execute(f"DELETE FROM {table} WHERE {where}")
+        finally:
+            self.conn.unregister("_erased")
+        log: list[dict[str, Any]] = []
+        for person in sorted(set(persons.values())):
+            _log(log, "records_erased", person, None, "erasure", key, ts, None)
+        return self.recluster(set(persons.values()), key, ts, log)
+
+    def recluster(
+        self,
+        persons: set[str],
+        key: str,
+        ts: datetime,
+        log: list[dict[str, Any]] | None = None,
+    ) -> Resolution:
+        """Cluster the records of `persons` again from their evidence; split what no longer holds.
+
+        Every piece keeps the id of the oldest person that founded one of its records, so
+        a split gives persons back the ids they had before they merged.
+        """
+        log = [] if log is None else log
+        self.conn.register("_persons", pa.table({"person_id": sorted(persons)}))
+        try:
+            rows = self.conn.execute(
+                f"""SELECT record_id, person_id, first_ts, first_event, {", ".join(STRONG_FIELDS)}
+                    FROM id_records WHERE person_id IN (SELECT person_id FROM _persons)
+                    ORDER BY first_ts, first_event, record_id"""
+            ).fetchall()
+        finally:
+            self.conn.unregister("_persons")
+        old = {r[0]: r[1] for r in rows}
+        clusters = {
+            r[0]: _Cluster({r[0]}, _ids_of(dict(zip(STRONG_FIELDS, r[4:], strict=True))))
+            for r in rows
+        }
+        member_of = {r: r for r in clusters}
+        edges: list[_Edge] = []
+        for position, name in enumerate(STRONG_FIELDS):
+            anchors: dict[str, str] = {}
+            for row in rows:
+                value = row[4 + position]
+                if value is None:
+                    continue
+                if value in anchors:
+                    edges.append(_Edge(row[0], anchors[value], f"shared:{name}"))
+                else:
+                    anchors[value] = row[0]
+        threshold = self.model.threshold if self.model else 1.0
+        for record_l, record_r, weight, probability in self.conn.execute(
+            """SELECT record_l, record_r, match_weight, match_probability FROM id_edges
+               WHERE status = 'active' AND rule = 'splink' AND match_probability >= ?""",
+            [threshold],
+        ).fetchall():
+            if record_l in old and record_r in old:
+                edges.append(_Edge(record_l, record_r, "splink", weight, probability))
+        cannot = self._cannot_links(set(old))
+        for edge in _ordered(edges):
+            a, b = member_of[edge.record_l], member_of[edge.record_r]
+            if a == b or self._conflict(clusters[a], clusters[b], cannot):
+                continue
+            keep, gone = (a, b) if len(clusters[a].records) >= len(clusters[b].records) else (b, a)
+            clusters[keep].records |= clusters[gone].records
+            for id_type, values in clusters[gone].ids.items():
+                clusters[keep].ids.setdefault(id_type, set()).update(values)
+            for record in clusters.pop(gone).records:
+                member_of[record] = keep
+        founders = dict(
+            self.conn.execute(
+                "SELECT founder, person_id FROM id_persons WHERE founder IN (SELECT unnest(?))",
+                [list(old)],
+            ).fetchall()
+        )
+        ages = self._ages(set(founders.values()))
+        first = {r[0]: (r[2], r[3]) for r in rows}
+        moved: dict[str, str] = {}
+        created = []
+        for cluster in clusters.values():
+            owners = [founders[r] for r in cluster.records if r in founders]
+            if owners:
+                person = min(owners, key=lambda p: ages[p])
+            else:
+                oldest = min(cluster.records, key=lambda r: (*first[r], r))
+                person = person_id_for(first[oldest][1])
+                created.append((person, first[oldest][0], first[oldest][1], oldest))
+            for record in cluster.records:
+                if old[record] != person:
+                    moved[record] = person
+        if created:
+            self._insert(
+                "id_persons",
+                {
+                    "person_id": [c[0] for c in created],
+                    "first_ts": [c[1] for c in created],
+                    "first_event": [c[2] for c in created],
+                    "founder": [c[3] for c in created],
+                },
+                verb="INSERT OR IGNORE",
+            )
+        if moved:
+            self.conn.register(
+                "_moved", pa.table({"record_id": list(moved), "person_id": list(moved.values())})
+            )
+            try:
+                self.conn.execute(
+                    """UPDATE id_records SET person_id = m.person_id FROM _moved m
+                       WHERE id_records.record_id = m.record_id"""
+                )
+            finally:
+                self.conn.unregister("_moved")
+        pieces: dict[tuple[str, str], list[str]] = {}
+        for record, person in sorted(moved.items()):
+            pieces.setdefault((old[record], person), []).append(record)
+        for (source, target), records in sorted(pieces.items()):
+            _log(log, "split", source, target, "recluster", key, ts, None)
+            log[-1]["detail"]["records"] = records
+        return Resolution(
+            person_of=[],
+            merged={},
+            moved=moved,
+            touched=set(old.values()) | set(moved.values()),
+            log=log,
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def person_of_record(self, record_id: str) -> str | None:
+        """The person a record belongs to now, or None."""
+        return self._persons_of([record_id]).get(record_id)
+
+    def person_of(self, id_type: str, value: str) -> str | None:
+        """The person of the oldest record holding identifier `id_type`:`value`, or None."""
+        if id_type not in STRONG_FIELDS:
+            raise ValueError(f"{id_type!r} is not an identifier type")
+        rows = self.conn.execute(
+            f"SELECT person_id FROM id_records WHERE {id_type} = ? ORDER BY first_ts, record_id LIMIT 1",
+            [value],
+        ).fetchall()
+        return rows[0][0] if rows else None
+
+    def clusters(self) -> dict[str, str]:
+        """Every record's person (record_id -> person_id)."""
+        return dict(self.conn.execute("SELECT record_id, person_id FROM id_records").fetchall())
+
+
+def _ids_of(fields: dict[str, str | None]) -> dict[str, set[str]]:
+    return {name: {fields[name]} for name in STRONG_FIELDS if fields.get(name)}  # type: ignore[misc]
+
+
+def _ordered(edges: list[_Edge]) -> list[_Edge]:
+    deterministic = [e for e in edges if e.rule != "splink"]
+    probabilistic = [e for e in edges if e.rule == "splink"]
+    deterministic.sort(key=lambda e: STRENGTH[e.rule.split(":", 1)[1]])  # stable: arrival order
+    probabilistic.sort(key=lambda e: (-(e.match_weight or 0.0), e.record_l, e.record_r))
+    return deterministic + probabilistic
+
+
+def _weight_exprs(model: ScoringModel) -> list[str]:
+    # Per-comparison match weight, with its term-frequency adjustment where it has one.
+    return [
+        f"mw_{c} + coalesce(mw_tf_adj_{c}, 0)" if c in model.tf_comparisons else f"mw_{c}"
+        for c in model.comparisons
+    ]
+
+
+def _person(cluster: _Cluster) -> str | None:
+    return min(cluster.persons) if cluster.persons else None
+
+
+def _final(person: str, merged: dict[str, str]) -> str:
+    return merged.get(person, person)
+
+
+def _log(
+    log: list[dict[str, Any]],
+    kind: str,
+    person: str | None,
+    other: str | None,
+    rule: str,
+    key: str,
+    ts: datetime | None,
+    edge: _Edge | None,
+    record: str | None = None,
+) -> None:
+    detail: dict[str, Any] = {}
+    if record:
+        detail["record_id"] = record
+    if edge is not None:
+        detail.update(record_l=edge.record_l, record_r=edge.record_r)
+        if edge.match_weight is not None:
+            detail.update(
+                match_weight=edge.match_weight,
+                match_probability=edge.match_probability,
+                comparisons=edge.evidence,
+            )
+    log.append(
+        {
+            # Numbered within the event, so ids do not depend on how events were batched.
+            "link_id": f"{key}:{kind}:{sum(1 for e in log if e['event_key'] == key)}",
+            "kind": kind,
+            "person_id": person,
+            "other_person_id": other,
+            "rule": rule,
+            "event_key": key,
+            "ts": ts,
+            "detail": detail,
+        }
+    )
