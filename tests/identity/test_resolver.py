@@ -1,0 +1,193 @@
+"""The incremental resolver on small hand-made cases, with a model trained by EM."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from identity.model import ScoringModel, records_table, train_model
+from identity.records import normalise_record, record_id_of
+from identity.resolver import IdentityResolver, person_id_for
+from pipelines.pipeline import open_state
+from synthetic.identities import identity_records
+
+T0 = datetime(2026, 10, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def model() -> ScoringModel:
+    rows = []
+    for raw in identity_records(600, seed=11):
+        record = normalise_record(raw)
+        record["record_id"] = raw["record_id"]
+        rows.append(record)
+    settings, _ = train_model(records_table(rows))
+    return ScoringModel(settings, threshold=0.99)
+
+
+def rec(**fields):
+    return normalise_record(fields)
+
+
+class Resolver:
+    """A resolver over a fresh state, fed one batch at a time like the pipeline feeds it."""
+
+    def __init__(self, model=None):
+        self.conn = open_state(":memory:")
+        self.identity = IdentityResolver(self.conn, model)
+        self.minutes = 0
+
+    def feed(self, *records, key=None):
+        items = []
+        for record in records:
+            self.minutes += 1
+            items.append((key or f"e{self.minutes}", T0 + timedelta(minutes=self.minutes), record))
+        self.conn.execute("BEGIN")
+        result = self.identity.resolve(items)
+        self.conn.execute("COMMIT")
+        return result
+
+    def person(self, record):
+        return self.identity.person_of_record(record_id_of(record))
+
+
+def test_anonymous_device_then_login_is_one_person_with_the_first_id():
+    r = Resolver()
+    first = r.feed(rec(anonymous_id="dev-1"), key="visit")
+    second = r.feed(rec(anonymous_id="dev-1", user_id="u-1", email="Ada@Example.org"))
+    assert first.person_of == [person_id_for("visit")]
+    assert second.person_of == [person_id_for("visit")]
+    assert [e["kind"] for e in second.log] == ["record_linked"]
+    assert second.log[0]["rule"] == "shared:anonymous_id"
+
+
+def test_two_persons_merge_into_the_older_and_ids_stay_stable():
+    r = Resolver()
+    r.feed(rec(email="x@y.com"), key="older")
+    r.feed(rec(user_id="u-1"), key="newer")
+    result = r.feed(rec(user_id="u-1", email="x@y.com"))
+    assert result.merged == {person_id_for("newer"): person_id_for("older")}
+    assert result.person_of == [person_id_for("older")]
+    assert r.person(rec(user_id="u-1")) == person_id_for("older")
+    (merge,) = [e for e in result.log if e["kind"] == "merge"]
+    assert merge["other_person_id"] == person_id_for("newer")
+    # A later event of either identifier keeps landing on the survivor.
+    assert r.feed(rec(user_id="u-1", anonymous_id="d9")).person_of == [person_id_for("older")]
+
+
+def test_shared_household_tablet_does_not_merge_two_registered_people():
+    r = Resolver()
+    r.feed(rec(user_id="alice", anonymous_id="tablet"), key="a")
+    result = r.feed(rec(user_id="bob", anonymous_id="tablet"), key="b")
+    assert result.person_of == [person_id_for("b")]
+    assert not result.merged
+    assert "conflict" in [e["kind"] for e in result.log]
+    assert {e["rule"] for e in result.log if e["kind"] == "conflict"} == {"limit:user_id"}
+
+
+def test_typo_in_name_with_the_same_phone_links(model):
+    r = Resolver(model)
+    r.feed(
+        rec(
+            first_name="Katherine", last_name="Brennan", phone="+353 87 123 4567", dob="1984-05-02"
+        ),
+        key="k",
+    )
+    result = r.feed(
+        rec(first_name="Katharine", last_name="Brenan", phone="087 123 4567", country="IE")
+    )
+    assert result.person_of == [person_id_for("k")]
+
+
+def test_typo_in_name_links_probabilistically_without_any_shared_identifier(model):
+    r = Resolver(model)
+    r.feed(
+        rec(
+            first_name="Jonathan",
+            last_name="Meyer",
+            dob="1985-03-02",
+            address_line1="12 Linden Street",
+            postcode="10115",
+            city="Berlin",
+            email="jon.meyer@web.de",
+        ),
+        key="j",
+    )
+    result = r.feed(
+        rec(
+            first_name="Jonathon",
+            last_name="Meyer",
+            dob="02/03/1985",
+            address_line1="12 Linden St.",
+            postcode="10115",
+            city="Berlin",
+        )
+    )
+    assert result.person_of == [person_id_for("j")]
+    (link,) = [e for e in result.log if e["kind"] == "record_linked"]
+    assert link["rule"] == "splink"
+    evidence = link["detail"]["comparisons"]
+    assert link["detail"]["match_probability"] >= 0.99
+    assert evidence["dob"]["match_weight"] > 0  # the same date written two ways
+    assert evidence["first_name"]["level"].startswith("Jaro-Winkler")
+
+
+def test_twins_at_one_address_do_not_link(model):
+    r = Resolver(model)
+    shared = dict(
+        last_name="Novak",
+        dob="1999-07-14",
+        address_line1="7 Mill Road",
+        postcode="40210",
+        city="Denver",
+        country="US",
+    )
+    first = r.feed(rec(first_name="Anna", email="anna.novak7@gmail.com", **shared), key="anna")
+    second = r.feed(rec(first_name="Maria", email="maria.novak3@icloud.com", **shared), key="maria")
+    assert first.person_of == [person_id_for("anna")]
+    assert second.person_of == [person_id_for("maria")]
+
+
+def test_erasing_the_bridging_record_splits_the_persons_back_with_their_ids(model):
+    r = Resolver(model)
+    r.feed(rec(email="a@x.com", anonymous_id="d1"), key="a")
+    r.feed(rec(phone="+14155552671", anonymous_id="d2"), key="b")
+    bridge = rec(email="a@x.com", phone="+14155552671")
+    merged = r.feed(bridge, key="bridge")
+    assert merged.merged == {person_id_for("b"): person_id_for("a")}
+    result = r.identity.erase_records([record_id_of(bridge)], "erasure-1", T0)
+    assert r.person(rec(email="a@x.com", anonymous_id="d1")) == person_id_for("a")
+    assert r.person(rec(phone="+14155552671", anonymous_id="d2")) == person_id_for("b")
+    assert r.person(bridge) is None
+    (split,) = [e for e in result.log if e["kind"] == "split"]
+    assert (split["person_id"], split["other_person_id"]) == (
+        person_id_for("a"),
+        person_id_for("b"),
+    )
+
+
+def test_an_operator_rejecting_a_link_splits_the_person_and_it_stays_split():
+    r = Resolver()
+    r.feed(rec(user_id="u-1", email="shared@family.com"), key="one")
+    joined = r.feed(rec(email="shared@family.com", anonymous_id="d2"), key="two")
+    assert joined.person_of == [person_id_for("one")]
+    (link,) = [e for e in joined.log if e["kind"] == "record_linked"]
+    a, b = link["detail"]["record_l"], link["detail"]["record_r"]
+    result = r.identity.reject_link(a, b, "family inbox", "cmd-1", T0)
+    kinds = [e["kind"] for e in result.log]
+    assert kinds == ["link_rejected", "split"]
+    assert r.person(rec(email="shared@family.com", anonymous_id="d2")) == person_id_for("two")
+    # The same evidence arriving again does not undo the operator's decision.
+    again = r.feed(rec(email="shared@family.com", anonymous_id="d2", first_name="Al"))
+    assert {e["rule"] for e in again.log if e["kind"] == "conflict"} == {"rejected_link"}
+    assert not again.merged
+    assert r.person(rec(email="shared@family.com", anonymous_id="d2")) == person_id_for("two")
+    assert r.person(rec(user_id="u-1", email="shared@family.com")) == person_id_for("one")
+
+
+def test_replaying_a_batch_changes_nothing(model):
+    r = Resolver(model)
+    batch = [rec(email="z@z.com", first_name="Zoë"), rec(email="z@z.com", user_id="u-z")]
+    first = r.feed(*batch, key="z")
+    again = r.feed(*batch, key="z")
+    assert again.person_of == first.person_of
+    assert not again.log and not again.merged
