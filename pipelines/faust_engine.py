@@ -43,7 +43,7 @@ def faust_app(
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4 * batch_size, 4096),
     )
-    inputs = app.topic(*topics.INPUT_TOPICS, value_serializer="raw", key_serializer="raw")
+    inputs = app.topic(*topics.WORKER_TOPICS, value_serializer="raw", key_serializer="raw")
     return app, inputs
 
 

@@ -29,6 +29,7 @@ from identity.normalise import identifier_hash
 from identity.records import record_from_event
 from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
+from pipelines.identity_commands import RejectLink, parse_command
 from profiles.builder import ProfileBuilder
 from quality.reasons import ReasonCode
 from schemas.contract import ContractResult, Reason, check_contract
@@ -199,7 +200,8 @@ class Pipeline:
 
     def _process(self, batch: Sequence[SourceRecord]) -> tuple[BatchReport, list[OutRecord]]:
         report = BatchReport()
-        items = self._classify(batch, report)
+        commands = [r for r in batch if r.topic == topics.IDENTITY_COMMANDS]
+        items = self._classify([r for r in batch if r.topic != topics.IDENTITY_COMMANDS], report)
         valid = [i for i in items if i.contract.ok]
         decisions = self.gate.decide(
             [
@@ -229,13 +231,56 @@ class Pipeline:
                 for i, r in zip(linked, records, strict=True)
             ]  # type: ignore[misc]
         )
-        profiles, gone = self._rebuild(changed | resolution.touched, resolution)
+        command_items, decided = self._apply_commands(commands, report)
+        resolution.log.extend(e for r in decided for e in r.log)
+        touched = set().union(*(r.touched for r in decided)) if decided else set()
+        for split in decided:
+            self.builder.reassign(split.moved)
+        profiles, gone = self._rebuild(changed | resolution.touched | touched, resolution)
+        items += command_items
         entries = self.ledger.append([self._lineage_entry(i) for i in valid])
         self._record_outcomes(items, report)
         self._record_offsets(batch)
         report.profiles_changed = len(profiles)
         report.merges = len(resolution.merged)
         return report, self._outputs(items, entries, resolution, profiles, gone)
+
+    def _apply_commands(
+        self, commands: list[SourceRecord], report: BatchReport
+    ) -> tuple[list[_Item], list[Resolution]]:
+        """Apply operators' identity commands in order; a bad one is rejected with a reason."""
+        items: list[_Item] = []
+        decided: list[Resolution] = []
+        for record in commands:
+            raw = record.value or b""
+            command = parse_command(raw)
+            digest = _hash(raw)
+            key = (
+                f"cmd:{command.command_id}" if isinstance(command, RejectLink) else f"raw:{digest}"
+            )
+            if self._known(key) or any(i.key == key for i in items):
+                report.duplicates += 1
+                continue
+            contract = ContractResult(kind="identity_command", version=1)
+            if isinstance(command, RejectLink):
+                try:
+                    decided.append(
+                        self.identity.reject_link(
+                            command.record_a,
+                            command.record_b,
+                            f"{command.operator}: {command.reason}",
+                            key,
+                            command.requested_at,
+                        )
+                    )
+                except KeyError as exc:
+                    command = str(exc).strip("'\"")
+            if not isinstance(command, RejectLink):
+                contract.reasons.append(Reason(ReasonCode.INVALID_COMMAND, command))
+            item = _Item(record, contract, digest, key)
+            item.decision = GateDecision(ALLOWED, None, "operator-command", None, None)
+            items.append(item)
+        return items, decided
 
     def _rebuild(
         self, persons: set[str], resolution: Resolution

@@ -9,6 +9,7 @@ TRANSACTIONAL = "tessera.events.transactional"
 SUPPORT = "tessera.events.support"
 CONSENT = "tessera.consent.changes"
 PRIVACY = "tessera.privacy.requests"
+IDENTITY_COMMANDS = "tessera.identity.commands"  # operator decisions: reject a link
 
 REJECTED = "tessera.events.rejected"
 LINEAGE = "tessera.lineage"
@@ -16,6 +17,8 @@ IDENTITY_LINKS = "tessera.identity.links"
 PROFILES_CHANGELOG = "tessera.profiles.changelog"
 
 INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
+# Everything the worker consumes: events, and operators' identity decisions.
+WORKER_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, IDENTITY_COMMANDS)
 OUTPUT_TOPICS: tuple[str, ...] = (REJECTED, LINEAGE, IDENTITY_LINKS, PROFILES_CHANGELOG)
 
 
@@ -31,6 +34,7 @@ class TopicSpec:
 def topic_specs(partitions: int = 1) -> list[TopicSpec]:
     """Every topic Tessera uses; input topics get `partitions` partitions."""
     specs = [TopicSpec(name, partitions) for name in (*INPUT_TOPICS, PRIVACY)]
+    specs.append(TopicSpec(IDENTITY_COMMANDS))  # one partition: decisions apply in order
     specs += [TopicSpec(REJECTED), TopicSpec(LINEAGE), TopicSpec(IDENTITY_LINKS)]
     specs.append(TopicSpec(PROFILES_CHANGELOG, compacted=True))
     return specs

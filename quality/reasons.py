@@ -20,6 +20,7 @@ class ReasonCode(StrEnum):
     INVALID_TIMESTAMP = "invalid_timestamp"
     MISSING_IDENTIFIER = "missing_identifier"
     DUPLICATE_EVENT_ID = "duplicate_event_id"
+    INVALID_COMMAND = "invalid_command"
 
 
 REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
@@ -37,4 +38,5 @@ REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
     ReasonCode.INVALID_TIMESTAMP: "the timestamp is not a real point in time",
     ReasonCode.MISSING_IDENTIFIER: "the event names nobody: no user id, anonymous id, email or phone",
     ReasonCode.DUPLICATE_EVENT_ID: "another event with different content already used this messageId",
+    ReasonCode.INVALID_COMMAND: "an operator command that is malformed or names unknown records",
 }

@@ -143,3 +143,40 @@ def test_a_failed_emit_rolls_back_so_the_batch_can_be_retried(run, make_event):
     report = run.feed(event)
     assert report.outcomes["applied"] == 1 and report.duplicates == 0
     assert run.pipeline.committed_offsets()[(topics.BEHAVIORAL, 0)] == 1
+
+
+def test_an_operator_split_rebuilds_both_profiles_and_bad_commands_are_dead_letters(
+    run, make_event
+):
+    from pipelines.identity_commands import reject_link_command
+
+    us = {"location": {"country": "US"}}
+    run.feed(make_event("identify", anonymousId="dev-9", traits={"email": "fam@x.com"}, context=us))
+    run.feed(order(make_event, "o1", 10, userId="u2", context=us))
+    run.feed(make_event("identify", userId="u2", traits={"email": "fam@x.com"}, context=us))
+    (merged,) = run.latest_profiles().values()  # the shared inbox made them one
+    assert merged["computed"]["order_count"] == 1 and len(merged["merged_from"]) == 1
+    links = [orjson.loads(o.value) for o in run.on(topics.IDENTITY_LINKS)]
+    (merge,) = [e for e in links if e["kind"] == "merge"]
+    assert merge["rule"] == "shared:email"
+    command = reject_link_command(
+        merge["detail"]["record_l"], merge["detail"]["record_r"], "shared inbox", "ops"
+    )
+    report = run.feed(command.value, topic=topics.IDENTITY_COMMANDS)
+    assert dict(report.outcomes) == {"applied": 1}
+    after = [orjson.loads(o.value) for o in run.on(topics.IDENTITY_LINKS)]
+    assert [e["kind"] for e in after[len(links) :]] == ["link_rejected", "split"]
+    profiles = run.latest_profiles()
+    assert len(profiles) == 2
+    assert profiles[merge["person_id"]]["computed"]["order_count"] == 0
+    assert profiles[merge["other_person_id"]]["computed"]["order_count"] == 1
+    assert not profiles[merge["person_id"]]["merged_from"]
+    bad = run.feed(
+        orjson.dumps({"command": "reject_link", "command_id": "c1"}),
+        b"\x00garbage",
+        topic=topics.IDENTITY_COMMANDS,
+    )
+    assert dict(bad.outcomes) == {"rejected": 2}
+    reasons = [dict(o.headers)["tessera.reason"] for o in run.on(topics.REJECTED)]
+    assert reasons == [b"invalid_command", b"invalid_command"]
+    assert run.feed(command.value, topic=topics.IDENTITY_COMMANDS).duplicates == 1

@@ -1,0 +1,229 @@
+"""`tessera identity`: train the model, replay files through the resolver, explain, unmerge."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+identity_app = typer.Typer(
+    help="Identity resolution: train, replay, explain, reject links.", no_args_is_help=True
+)
+console = Console(stderr=True)
+out = Console()
+
+IdColumn = Annotated[
+    str, typer.Option("--id-column", help="the column that identifies each input row")
+]
+Maps = Annotated[
+    list[str] | None,
+    typer.Option("--map", help="SRC=FIELD: read column SRC as record field FIELD (repeatable)"),
+]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _records(path: Path, id_column: str, maps: list[str] | None) -> list[tuple[str, dict]]:
+    from identity.sources import parse_mapping, read_records
+
+    if not path.exists():
+        _fail(f"{path} does not exist")
+    try:
+        return list(read_records(path, id_column, parse_mapping(maps or [])))
+    except (ValueError, KeyError) as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+@identity_app.command()
+def train(
+    input: Annotated[Path, typer.Argument(help="CSV, Parquet, or JSONL events")],
+    model_out: Annotated[Path, typer.Option("--out", help="where to write the model JSON")] = Path(
+        "model.json"
+    ),
+    id_column: IdColumn = "record_id",
+    map: Maps = None,
+    max_pairs: Annotated[float, typer.Option(help="pairs sampled to estimate u")] = 2e6,
+    seed: int = 7,
+) -> None:
+    """Train a Splink model without labels (u by sampling, m by EM) and print its weights."""
+    from identity.model import records_table, save_model, train_model
+
+    rows = _records(input, id_column, map)
+    if len(rows) < 10:
+        _fail(f"{input} has {len(rows)} records; training needs at least 10")
+    started = time.perf_counter()
+    with console.status(f"training on {len(rows):,} records"):
+        table = records_table({"record_id": i, **fields} for i, fields in _unique(rows))
+        try:
+            model, report = train_model(table, max_pairs=max_pairs, seed=seed)
+        except ValueError as exc:
+            _fail(str(exc))
+    save_model(model, model_out)
+    summary = Table(title=f"match weights ({', '.join(report.columns)})")
+    for name in ("comparison", "level", "m", "u", "match weight"):
+        summary.add_column(name, justify="right" if name in ("m", "u", "match weight") else "left")
+    for level in report.levels:
+        weight = level["match_weight"]
+        summary.add_row(
+            level["comparison"],
+            level["level"],
+            f"{level['m']:.4g}" if level["m"] else "-",
+            f"{level['u']:.4g}" if level["u"] else "-",
+            f"{weight:+.2f}" if weight is not None else "untrained",
+        )
+    out.print(summary)
+    console.print(
+        f"trained on {report.records:,} records in {time.perf_counter() - started:.1f} s; "
+        f"prior {report.probability_two_random_records_match:.3g}; model written to {model_out}"
+    )
+
+
+def _unique(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    seen: set[str] = set()
+    unique = []
+    for input_id, fields in rows:
+        if input_id not in seen:
+            seen.add(input_id)
+            unique.append((input_id, fields))
+    return unique
+
+
+@identity_app.command()
+def replay(
+    input: Annotated[Path, typer.Argument(help="CSV, Parquet, or JSONL events")],
+    model: Annotated[Path, typer.Option("--model", help="model JSON from `identity train`")],
+    clusters_out: Annotated[Path, typer.Option("--out", help="CSV of record_id,person_id")],
+    id_column: IdColumn = "record_id",
+    map: Maps = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000)] = 1000,
+    threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.99,
+    truth_column: Annotated[
+        str | None, typer.Option(help="a column with the true person, to print accuracy")
+    ] = None,
+) -> None:
+    """Stream a file's rows, in order, through the worker's incremental resolver."""
+    from identity.evaluate import accuracy
+    from identity.model import ScoringModel, load_model
+    from identity.resolver import replay as run_replay
+
+    try:
+        scoring = ScoringModel(load_model(model), threshold=threshold)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot use model {model}: {exc}")
+    rows = _records(input, id_column, map)
+    started = time.perf_counter()
+    result = run_replay(rows, scoring, batch_size=batch_size)
+    elapsed = time.perf_counter() - started
+    clusters_out.parent.mkdir(parents=True, exist_ok=True)
+    with clusters_out.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["record_id", "person_id"])
+        for input_id, person in result.person_of.items():
+            writer.writerow([input_id, person])
+    persons = len(set(result.person_of.values()))
+    console.print(
+        f"{result.records:,} records -> {persons:,} persons in {elapsed:.1f} s "
+        f"({result.records / elapsed:,.0f} records/s); wrote {clusters_out}"
+    )
+    if truth_column:
+        truth = _truth(input, id_column, truth_column)
+        score = accuracy(result.person_of, truth)
+        out.print_json(orjson.dumps(score.__dict__).decode())
+
+
+def _truth(path: Path, id_column: str, truth_column: str) -> dict[str, str]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = (
+        pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+        if path.suffix.lower() == ".csv"
+        else pq.read_table(path)
+    )
+    if truth_column not in table.column_names:
+        _fail(f"truth column {truth_column!r} is not in {path.name}")
+    ids = table.column(id_column).cast("string").to_pylist()
+    return dict(zip(ids, table.column(truth_column).cast("string").to_pylist(), strict=True))
+
+
+@identity_app.command()
+def explain(
+    person_id: Annotated[str, typer.Argument(help="the person to explain")],
+    api: Annotated[str, typer.Option(envvar="TESSERA_API", help="profile API base URL")] = (
+        "http://127.0.0.1:8080"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+) -> None:
+    """Show every record of a person and the link that holds it: rule or match weight."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{api.rstrip('/')}/v1/identity/{person_id}/explain", timeout=10)
+    except httpx.HTTPError as exc:
+        _fail(
+            f"cannot reach the API at {api}: {exc}. Start one with `tessera up` or `tessera serve`."
+        )
+    if response.status_code != 200:
+        _fail(f"{response.status_code}: {response.text}")
+    body = response.json()
+    if as_json:
+        out.print_json(response.text)
+        return
+    out.print(
+        f"[bold]{body['person_id']}[/]: {len(body['records'])} records, {len(body['links'])} links"
+    )
+    table = Table("link", "records", "rule", "match weight", "evidence")
+    for link in body["links"]:
+        evidence = ", ".join(
+            f"{name} {c['match_weight']:+.1f} ({c['level']})"
+            for name, c in (link.get("comparisons") or {}).items()
+        )
+        weight = link.get("match_weight")
+        table.add_row(
+            link["link_id"],
+            f"{link['record_l']} ~ {link['record_r']}",
+            link["rule"],
+            f"{weight:+.2f}" if weight is not None else "",
+            evidence,
+        )
+    out.print(table)
+
+
+@identity_app.command("reject-link")
+def reject_link(
+    record_a: Annotated[str, typer.Argument(help="one record of the link")],
+    record_b: Annotated[str, typer.Argument(help="the other record")],
+    reason: Annotated[str, typer.Option(help="why these are not one person")],
+    bootstrap: Annotated[
+        str, typer.Option("--bootstrap", envvar="TESSERA_BOOTSTRAP", help="Kafka HOST:PORT")
+    ],
+    operator: Annotated[str, typer.Option(help="who decides")] = "cli",
+) -> None:
+    """Tell the worker two records are not one person: it splits them and never relinks them."""
+    from pipelines.broker import BrokerError, ensure_reachable
+    from pipelines.identity_commands import reject_link_command
+    from pipelines.kafka import BatchProducer
+
+    try:
+        ensure_reachable(bootstrap)
+    except BrokerError as exc:
+        _fail(str(exc))
+    command = reject_link_command(record_a, record_b, reason, operator)
+    producer = BatchProducer(bootstrap)
+    try:
+        producer.send([command])
+    finally:
+        producer.close()
+    console.print(
+        f"sent {orjson.loads(command.value)['command_id']}: the worker applies it next batch"
+    )
