@@ -44,16 +44,40 @@ def worker(
     batch_size: Annotated[int, typer.Option(min=1, max=100_000)] = 2000,
     batch_ms: Annotated[int, typer.Option(min=1, max=60_000)] = 200,
     loglevel: Annotated[str, typer.Option(help="crit|error|warn|info|debug")] = "warn",
+    identity_model: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="TESSERA_IDENTITY_MODEL",
+            help="Splink model JSON from `tessera identity train`; without it, deterministic links only",
+        ),
+    ] = None,
+    identity_threshold: Annotated[
+        float, typer.Option(min=0.5, max=0.999999, help="match probability that links records")
+    ] = 0.99,
 ) -> None:
     """Run the stream worker: contract, consent, identity and profiles over the input topics."""
+    from identity.model import ScoringModel, load_model
     from pipelines.broker import ensure_reachable
     from pipelines.faust_engine import run_worker
 
+    model = None
+    if identity_model is not None:
+        try:
+            model = ScoringModel(load_model(identity_model), threshold=identity_threshold)
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot use identity model {identity_model}: {exc}")
     try:
         ensure_reachable(bootstrap)
     except BrokerError as exc:
         _fail(str(exc))
-    run_worker(bootstrap, data_dir, loglevel=loglevel, batch_size=batch_size, batch_ms=batch_ms)
+    run_worker(
+        bootstrap,
+        data_dir,
+        loglevel=loglevel,
+        identity_model=model,
+        batch_size=batch_size,
+        batch_ms=batch_ms,
+    )
 
 
 @app.command()
@@ -67,6 +91,7 @@ def serve(
     import uvicorn
 
     from pipelines.broker import ensure_reachable
+    from pipelines.kafka import BatchProducer
     from pipelines.replica import ReplicaFollower
     from profiles.api import create_app
     from profiles.store import ProfileStore
@@ -78,10 +103,13 @@ def serve(
     data_dir.mkdir(parents=True, exist_ok=True)
     store = ProfileStore(data_dir / "profiles.duckdb")
     follower = ReplicaFollower(store, bootstrap).start()
+    producer = BatchProducer(bootstrap)
     try:
-        uvicorn.run(create_app(store, follower), host=host, port=port, log_level="warning")
+        app = create_app(store, follower, send_command=lambda record: producer.send([record]))
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         follower.stop()
+        producer.close()
         store.close()
 
 
@@ -206,6 +234,11 @@ def bench(
     write_report(out, results, command)
     console.print_json(data=summary(results))
     console.print(f"written to {out}")
+
+
+from pipelines.identity_cli import identity_app  # noqa: E402  (sub-commands after the app)
+
+app.add_typer(identity_app, name="identity")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import faust
 from faust.types import EventT
 
+from identity.model import ScoringModel
 from pipelines import topics
 from pipelines.kafka import BatchProducer, faust_credentials
 from pipelines.pipeline import Pipeline, SourceRecord
@@ -63,10 +64,11 @@ def build_app(
     batch_size: int = 2000,
     batch_ms: int = 200,
     app_id: str = "tessera-worker",
+    identity_model: ScoringModel | None = None,
 ) -> faust.App:
     """A Faust app whose one agent runs the Pipeline over every input topic."""
     app, inputs = faust_app(bootstrap, data_dir, app_id, batch_size)
-    pipeline = Pipeline(data_dir / "state.duckdb")
+    pipeline = Pipeline(data_dir / "state.duckdb", identity_model=identity_model)
     producer = BatchProducer(bootstrap)
     app.tessera_pipeline = pipeline  # type: ignore[attr-defined]
 
@@ -89,9 +91,15 @@ def build_app(
     return app
 
 
-def run_worker(bootstrap: str, data_dir: Path, loglevel: str = "warn", **options: int) -> None:
+def run_worker(
+    bootstrap: str,
+    data_dir: Path,
+    loglevel: str = "warn",
+    identity_model: ScoringModel | None = None,
+    **options: int,
+) -> None:
     """Run the Faust worker until SIGINT/SIGTERM (Faust handles both gracefully)."""
-    app = build_app(bootstrap, data_dir, **options)
+    app = build_app(bootstrap, data_dir, identity_model=identity_model, **options)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()

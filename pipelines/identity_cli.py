@@ -227,3 +227,18 @@ def reject_link(
     console.print(
         f"sent {orjson.loads(command.value)['command_id']}: the worker applies it next batch"
     )
+
+
+@identity_app.command()
+def generate(
+    records_out: Annotated[Path, typer.Option("--out", help="CSV to write")],
+    persons: Annotated[int, typer.Option(min=1, max=2_000_000)] = 2000,
+    seed: int = 1,
+) -> None:
+    """Write the hard synthetic identity set (households, twins, tablets, typos) with its truth."""
+    from synthetic.identities import write_identity_records
+
+    count = write_identity_records(records_out, persons, seed)
+    console.print(
+        f"wrote {count:,} records of {persons:,} persons to {records_out} (truth: person_id)"
+    )

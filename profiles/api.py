@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Query
 from fastapi.responses import Response
+from pydantic import BaseModel, Field
 
 from identity.normalise import ID_TYPES, parse_identifier
+from pipelines.identity_commands import reject_link_command
 from profiles.store import ProfileStore
 
 
@@ -20,8 +23,25 @@ def _error(status: int, code: str, detail: str) -> Response:
     return _json({"error": code, "detail": detail}, status)
 
 
-def create_app(store: ProfileStore, follower: Any | None = None) -> FastAPI:
-    """The HTTP app over one replica's store. `follower` (if any) is reported on /healthz."""
+class LinkRejection(BaseModel):
+    """An operator's decision that two identity records are not one person."""
+
+    record_a: str = Field(..., min_length=1, max_length=64)
+    record_b: str = Field(..., min_length=1, max_length=64)
+    reason: str = Field(..., min_length=1, max_length=500)
+    operator: str = Field("api", min_length=1, max_length=128)
+
+
+def create_app(
+    store: ProfileStore,
+    follower: Any | None = None,
+    send_command: Callable[[Any], None] | None = None,
+) -> FastAPI:
+    """The HTTP app over one replica's store.
+
+    `follower` (if any) is reported on /healthz; `send_command` (if any) delivers operator
+    commands to the worker's command topic.
+    """
     app = FastAPI(
         title="Tessera profile API",
         version="0.1.0",
@@ -76,5 +96,32 @@ def create_app(store: ProfileStore, follower: Any | None = None) -> FastAPI:
         if profile is None:
             return _error(404, "not_found", f"no profile {person_id!r}")
         return _json(profile)
+
+    @app.get("/v1/identity/{person_id}/explain", summary="Why these records are one person")
+    def explain(person_id: str) -> Response:
+        if len(person_id) > 128:
+            return _error(400, "invalid_person_id", "person ids are at most 128 characters")
+        explanation = store.explain(person_id)
+        if explanation is None:
+            return _error(404, "not_found", f"no person {person_id!r}")
+        return _json(explanation)
+
+    @app.post(
+        "/v1/identity/links/reject",
+        status_code=202,
+        summary="Reject a link: the worker splits the records and never relinks them",
+    )
+    def reject(rejection: LinkRejection) -> Response:
+        if send_command is None:
+            return _error(503, "no_command_channel", "this API process cannot reach the worker")
+        if rejection.record_a == rejection.record_b:
+            return _error(400, "same_record", "record_a and record_b must differ")
+        command = reject_link_command(
+            rejection.record_a, rejection.record_b, rejection.reason, rejection.operator
+        )
+        send_command(command)
+        return _json(
+            {"status": "accepted", "command_id": orjson.loads(command.value)["command_id"]}, 202
+        )
 
     return app

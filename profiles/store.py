@@ -31,8 +31,9 @@ CREATE TABLE IF NOT EXISTS event_outcomes (
 );
 CREATE TABLE IF NOT EXISTS identity_events (
     link_id VARCHAR PRIMARY KEY, kind VARCHAR, person_id VARCHAR, other_person_id VARCHAR,
-    rule VARCHAR, event_key VARCHAR, ts VARCHAR
+    rule VARCHAR, event_key VARCHAR, ts VARCHAR, detail JSON
 );
+CREATE TABLE IF NOT EXISTS identity_membership (record_id VARCHAR PRIMARY KEY, person_id VARCHAR);
 CREATE TABLE IF NOT EXISTS replica_offsets (
     topic VARCHAR, "partition" INTEGER, next_offset BIGINT, PRIMARY KEY (topic, "partition")
 );
@@ -44,6 +45,7 @@ FOLLOWED_TOPICS = (
     topics.REJECTED,
     topics.IDENTITY_LINKS,
 )
+_HISTORY_KINDS = ("person_created", "merge", "split", "conflict", "link_rejected")
 _DECISION_OUTCOME = {"allowed": "applied", "consent_recorded": "applied", "withheld": "withheld"}
 
 
@@ -154,8 +156,14 @@ class ProfileStore:
                                 "event_key",
                                 "ts",
                             )
+                        }
+                        | {
+                            "detail": [
+                                orjson.dumps(link.get("detail") or {}).decode() for link in links
+                            ]
                         },
                     )
+                    self._apply_membership(cur, links)
                     merges = [link for link in links if link["kind"] == "merge"]
                     if merges:
                         self._upsert(
@@ -187,6 +195,105 @@ class ProfileStore:
             cur.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM _replica_rows")
         finally:
             cur.unregister("_replica_rows")
+
+    def _apply_membership(
+        self, cur: duckdb.DuckDBPyConnection, links: list[dict[str, Any]]
+    ) -> None:
+        """Follow which person each identity record belongs to, in link-event order."""
+        assign: dict[str, str] = {}
+
+        def flush() -> None:
+            if assign:
+                self._upsert(
+                    cur,
+                    "identity_membership",
+                    {"record_id": list(assign), "person_id": list(assign.values())},
+                )
+                assign.clear()
+
+        for link in links:
+            detail, person = link.get("detail") or {}, link.get("person_id")
+            if link["kind"] == "person_created" and detail.get("record_id"):
+                assign[detail["record_id"]] = person
+            elif link["kind"] == "record_linked":
+                assign[detail["record_l"]] = assign[detail["record_r"]] = person
+            elif link["kind"] == "merge":
+                flush()
+                cur.execute(
+                    "UPDATE identity_membership SET person_id = ? WHERE person_id = ?",
+                    [person, link["other_person_id"]],
+                )
+            elif link["kind"] == "split":
+                for record in detail.get("records") or []:
+                    assign[record] = link["other_person_id"]
+        flush()
+
+    def explain(self, person_id: str) -> dict[str, Any] | None:
+        """Why a person is one person: its records, the links holding them, its history."""
+        cur = self.reader()
+        records = [
+            r[0]
+            for r in cur.execute(
+                "SELECT record_id FROM identity_membership WHERE person_id = ? ORDER BY record_id",
+                [person_id],
+            ).fetchall()
+        ]
+        if not records:
+            alias = cur.execute(
+                "SELECT person_id FROM person_aliases WHERE old_id = ?", [person_id]
+            ).fetchall()
+            return self.explain(alias[0][0]) if alias and alias[0][0] != person_id else None
+        members = set(records)
+        rejected = {
+            frozenset((d["record_l"], d["record_r"]))
+            for (raw,) in cur.execute(
+                "SELECT detail FROM identity_events WHERE kind = 'link_rejected'"
+            ).fetchall()
+            for d in [orjson.loads(raw)]
+            if d.get("record_l")
+        }
+        links, history = [], []
+        for link_id, kind, person, other, rule, event_key, ts, raw in cur.execute(
+            """SELECT link_id, kind, person_id, other_person_id, rule, event_key, ts, detail
+               FROM identity_events
+               WHERE kind IN ('record_linked', 'merge') OR person_id = ? OR other_person_id = ?
+               ORDER BY ts, link_id""",
+            [person_id, person_id],
+        ).fetchall():
+            detail = orjson.loads(raw) if raw else {}
+            pair = (detail.get("record_l"), detail.get("record_r"))
+            if (
+                kind in ("record_linked", "merge")
+                and pair[0] in members
+                and pair[1] in members
+                and frozenset(pair) not in rejected
+            ):
+                links.append(
+                    {
+                        "link_id": link_id,
+                        "kind": kind,
+                        "record_l": pair[0],
+                        "record_r": pair[1],
+                        "rule": rule,
+                        "match_weight": detail.get("match_weight"),
+                        "match_probability": detail.get("match_probability"),
+                        "comparisons": detail.get("comparisons"),
+                        "event_key": event_key,
+                        "ts": ts,
+                    }
+                )
+            if person_id in (person, other) and kind in _HISTORY_KINDS:
+                history.append(
+                    {
+                        "link_id": link_id,
+                        "kind": kind,
+                        "person_id": person,
+                        "other_person_id": other,
+                        "rule": rule,
+                        "ts": ts,
+                    }
+                )
+        return {"person_id": person_id, "records": records, "links": links, "history": history}
 
     def _apply_profiles(
         self, cur: duckdb.DuckDBPyConnection, profiles: dict[str, bytes | None]

@@ -132,3 +132,27 @@ def test_health_and_openapi(served):
     url, _ = served
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
     assert "/v1/profiles/lookup" in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+def test_explain_shows_the_records_and_the_links_that_hold_a_person(served):
+    url, _ = served
+    profile = httpx.get(
+        f"{url}/v1/profiles/lookup", params={"type": "user_id", "value": "u-7"}
+    ).json()
+    body = httpx.get(f"{url}/v1/identity/{profile['person_id']}/explain").json()
+    assert body["person_id"] == profile["person_id"]
+    assert len(body["records"]) == 4  # page device, identify, order, the merging identify
+    rules = {(link["kind"], link["rule"]) for link in body["links"]}
+    assert ("merge", "shared:anonymous_id") in rules
+    assert ("record_linked", "shared:user_id") in rules
+    assert {h["kind"] for h in body["history"]} >= {"person_created", "merge"}
+    (old,) = profile["merged_from"]
+    assert httpx.get(f"{url}/v1/identity/{old}/explain").json()["person_id"] == profile["person_id"]
+    assert httpx.get(f"{url}/v1/identity/p_nobody/explain").status_code == 404
+
+
+def test_rejecting_a_link_needs_a_command_channel_and_a_valid_body(served):
+    url, _ = served
+    ok = {"record_a": "r_1", "record_b": "r_2", "reason": "twins"}
+    assert httpx.post(f"{url}/v1/identity/links/reject", json=ok).status_code == 503
+    assert httpx.post(f"{url}/v1/identity/links/reject", json={"record_a": "r"}).status_code == 422
