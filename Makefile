@@ -30,6 +30,7 @@ format: setup
 
 bench: setup
 	$(BIN)/tessera bench --sizes $(or $(SIZES),100000)
+	$(BIN)/tessera identity bench --records $(or $(IDENTITY_RECORDS),100000)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .tessera

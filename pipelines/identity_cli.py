@@ -242,3 +242,24 @@ def generate(
     console.print(
         f"wrote {count:,} records of {persons:,} persons to {records_out} (truth: person_id)"
     )
+
+
+@identity_app.command()
+def bench(
+    records: Annotated[str, typer.Option(help="comma-separated sizes, e.g. 100000,1000000")] = (
+        "100000"
+    ),
+    threshold: float = 0.99,
+    batch_size: int = 1000,
+    write: Annotated[Path, typer.Option(help="BENCHMARKS.md to update")] = Path("BENCHMARKS.md"),
+) -> None:
+    """Streaming resolver vs Splink batch: accuracy, throughput, latency, memory."""
+    from pipelines.bench_identity import render, run_identity_bench, write_section
+
+    figures = []
+    for size in (int(s) for s in records.split(",")):
+        with console.status(f"identity bench on ~{size:,} records"):
+            figures.append(run_identity_bench(size, threshold, batch_size))
+    section = render(figures, f"tessera identity bench --records {records}")
+    write_section(write, section)
+    out.print(section)
