@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -121,7 +121,7 @@ class IdentityResolver:
         In: (event_key, timestamp, normalised record fields) per event. Out: a Resolution
         whose person_of[i] is the person of items[i].
         """
-        log: list[dict[str, Any]] = []
+        log: list[dict[str, Any]] = LinkLog()
         record_of: list[str] = []
         fresh: dict[str, tuple[str, datetime, dict[str, str | None]]] = {}
         for key, ts, fields in items:
@@ -241,47 +241,33 @@ class IdentityResolver:
         if model is None or not model.blocking_conditions:
             return []
         cols = ", ".join(["record_id", *model.columns])
-        self.conn.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _cand_recs AS
-                SELECT {cols} FROM id_records UNION ALL SELECT {cols} FROM _new"""
-        )
+        # Blocked against the store and, separately, within the batch: the store is only
+        # probed through the join, never copied.
         blocked = " UNION ".join(
             f"""SELECT least(l.record_id, r.record_id) AS record_id_l,
                        greatest(l.record_id, r.record_id) AS record_id_r
-                FROM _new l JOIN _cand_recs r ON ({condition}) AND l.record_id <> r.record_id"""
+                FROM _new l JOIN {side} r ON ({condition}) AND l.record_id <> r.record_id"""
             for condition in model.blocking_conditions
+            for side in ("id_records", "_new")
         )
         self.conn.execute(f"CREATE OR REPLACE TEMP TABLE _pairs AS {blocked}")
-        tf_joins = "".join(
-            f""" LEFT JOIN (SELECT value, n / sum(n) OVER () AS tf FROM id_term_counts
-                           WHERE col = '{c}') tf_{c} ON tf_{c}.value = c.{c}"""
-            for c in model.tf_columns
-        )
-        tf_cols = "".join(f", tf_{c}.tf AS tf_{c}" for c in model.tf_columns)
+        self._pair_records(with_new=True)
+        # Links above the threshold are kept (re-clustering reads them); only the four
+        # numbers clustering needs travel to Python.
         self.conn.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _pair_recs AS
-                SELECT c.*{tf_cols} FROM _cand_recs c{tf_joins}
-                WHERE c.record_id IN (SELECT record_id_l FROM _pairs UNION SELECT record_id_r FROM _pairs)"""
-        )
-        gamma_cols = [f"gamma_{c}" for c in model.comparisons]
-        rows = self.conn.execute(
-            f"""SELECT record_id_l, record_id_r, match_weight, match_probability,
-                       {", ".join(gamma_cols)}, {", ".join(_weight_exprs(model))}
+            f"""CREATE OR REPLACE TEMP TABLE _scored AS
+                SELECT record_id_l, record_id_r, match_weight, match_probability
                 FROM ({model.score_sql("_pairs", "_pair_recs")})
                 WHERE match_probability >= {model.threshold}"""
-        ).fetchall()
-        self.conn.execute("DROP TABLE _cand_recs; DROP TABLE _pairs; DROP TABLE _pair_recs")
-        n = len(model.comparisons)
-        edges = []
-        for row in rows:
-            gammas, weights = row[4 : 4 + n], row[4 + n :]
-            evidence = {
-                comparison: {"level": model.level_label(comparison, g), "match_weight": w}
-                for comparison, g, w in zip(model.comparisons, gammas, weights, strict=True)
-                if g != -1
-            }
-            edges.append(_Edge(row[0], row[1], "splink", row[2], row[3], evidence))
-        return edges
+        )
+        self.conn.execute(
+            """INSERT OR IGNORE INTO id_edges
+               SELECT record_id_l, record_id_r, 'splink', match_weight, match_probability,
+                      NULL, 'active', NULL FROM _scored"""
+        )
+        rows = self.conn.execute("SELECT * FROM _scored").fetchall()
+        self.conn.execute("DROP TABLE _pairs; DROP TABLE _pair_recs; DROP TABLE _scored")
+        return [_Edge(a, b, "splink", w, p) for a, b, w, p in rows]
 
     # -- clusters ----------------------------------------------------------------------------
 
@@ -354,6 +340,8 @@ class IdentityResolver:
                 _log(log, "person_created", survivor, None, "new", key, ts, None, founder)
             person_of_root[root] = survivor
         person = {r: person_of_root[member_of[r]] for r in member_of}
+        self._write(new, person, created, merged, edges, unions)
+        unions = self._with_evidence(unions)
 
         def event_of(edge: _Edge) -> tuple[str, datetime | None]:
             source = new.get(edge.record_l) or new.get(edge.record_r)
@@ -365,7 +353,6 @@ class IdentityResolver:
         for loser, survivor in sorted(merged.items()):
             edge = next(e for e, kind, joined in unions if kind == "merge" and loser in joined)
             _log(log, "merge", survivor, loser, edge.rule, *event_of(edge), edge)
-        self._write(new, person, created, merged, edges, unions)
         touched = {person[r] for r in new} | set(merged.values())
         return Resolution(
             person_of=[person.get(r) or _final(known[r], merged) for r in record_of],
@@ -374,6 +361,75 @@ class IdentityResolver:
             touched=touched,
             log=log,
         )
+
+    def _pair_records(self, with_new: bool) -> None:
+        """`_pair_recs`: the records of the pairs in `_pairs`, with their term frequencies."""
+        model = self.model
+        assert model is not None
+        cols = ", ".join(["record_id", *model.columns])
+        totals = dict(
+            self.conn.execute("SELECT col, sum(n) FROM id_term_counts GROUP BY col").fetchall()
+        )
+        # A term's frequency: its count over all non-null values of its column, as Splink
+        # computes it in batch; looked up for the values of these pairs only.
+        tf_joins = "".join(
+            f""" LEFT JOIN (SELECT value, n FROM id_term_counts WHERE col = '{c}'
+                           AND value IN (SELECT {c} FROM c)) tf_{c} ON tf_{c}.value = c.{c}"""
+            for c in model.tf_columns
+        )
+        tf_cols = "".join(
+            f", tf_{c}.n / {float(totals.get(c) or 1)} AS tf_{c}" for c in model.tf_columns
+        )
+        batch = f" UNION ALL SELECT {cols} FROM _new" if with_new else ""
+        self.conn.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _pair_recs AS
+                WITH wanted AS (SELECT record_id_l AS record_id FROM _pairs
+                                UNION SELECT record_id_r FROM _pairs),
+                c AS MATERIALIZED (
+                    SELECT {cols} FROM id_records WHERE record_id IN (SELECT record_id FROM wanted)
+                    {batch})
+                SELECT c.*{tf_cols} FROM c{tf_joins}"""
+        )
+
+    def _with_evidence(self, unions: list[tuple[_Edge, str, frozenset[str]]]) -> list:
+        """Score the Splink links that joined clusters again, keeping each comparison's level
+        and weight: the evidence `explain` shows. Runs after the batch's records are stored."""
+        model = self.model
+        pairs = [(e.record_l, e.record_r) for e, _, _ in unions if e.rule == "splink"]
+        if not pairs or model is None:
+            return unions
+        self.conn.register(
+            "_used",
+            pa.table({"record_id_l": [p[0] for p in pairs], "record_id_r": [p[1] for p in pairs]}),
+        )
+        try:
+            self.conn.execute("CREATE OR REPLACE TEMP TABLE _pairs AS SELECT * FROM _used")
+        finally:
+            self.conn.unregister("_used")
+        self._pair_records(with_new=False)
+        weights = [
+            f"mw_{c} + coalesce(mw_tf_adj_{c}, 0)" if c in model.tf_comparisons else f"mw_{c}"
+            for c in model.comparisons
+        ]
+        gammas = [f"gamma_{c}" for c in model.comparisons]
+        rows = self.conn.execute(
+            f"""SELECT record_id_l, record_id_r, {", ".join(gammas)}, {", ".join(weights)}
+                FROM ({model.score_sql("_pairs", "_pair_recs")})"""
+        ).fetchall()
+        self.conn.execute("DROP TABLE _pairs; DROP TABLE _pair_recs")
+        n = len(model.comparisons)
+        found = {
+            (row[0], row[1]): {
+                c: {"level": model.level_label(c, g), "match_weight": w}
+                for c, g, w in zip(model.comparisons, row[2 : 2 + n], row[2 + n :], strict=True)
+                if g != -1
+            }
+            for row in rows
+        }
+        return [
+            (replace(e, evidence=found.get((e.record_l, e.record_r))), kind, joined)
+            for e, kind, joined in unions
+        ]
 
     def _write(self, new, person, created, merged, edges, unions) -> None:
         rows: dict[str, list[Any]] = {
@@ -407,8 +463,9 @@ class IdentityResolver:
                 )
             finally:
                 self.conn.unregister("_merged")
+        # Splink links were stored as they were scored; rule links only where they joined.
         used = {(e.record_l, e.record_r) for e, _, _ in unions}
-        stored = [e for e in edges if e.rule == "splink" or (e.record_l, e.record_r) in used]
+        stored = [e for e in edges if e.rule != "splink" and (e.record_l, e.record_r) in used]
         if stored:
             first_ts = {r: v[1] for r, v in new.items()}
             self._insert(
@@ -459,7 +516,7 @@ class IdentityResolver:
             "UPDATE id_edges SET status = 'rejected' WHERE record_l = ? AND record_r = ?",
             [left, right],
         )
-        log: list[dict[str, Any]] = []
+        log: list[dict[str, Any]] = LinkLog()
         _log(
             log,
             "link_rejected",
@@ -503,7 +560,7 @@ class IdentityResolver:
                 self.conn.execute(f"DELETE FROM {table} WHERE {where}")
         finally:
             self.conn.unregister("_erased")
-        log: list[dict[str, Any]] = []
+        log: list[dict[str, Any]] = LinkLog()
         for person in sorted(set(persons.values())):
             _log(log, "records_erased", person, None, "erasure", key, ts, None)
         return self.recluster(set(persons.values()), key, ts, log)
@@ -520,7 +577,7 @@ class IdentityResolver:
         Every piece keeps the id of the oldest person that founded one of its records, so
         a split gives persons back the ids they had before they merged.
         """
-        log = [] if log is None else log
+        log = LinkLog() if log is None else log
         self.conn.register("_persons", pa.table({"person_id": sorted(persons)}))
         try:
             rows = self.conn.execute(
@@ -656,14 +713,6 @@ def _ordered(edges: list[_Edge]) -> list[_Edge]:
     return deterministic + probabilistic
 
 
-def _weight_exprs(model: ScoringModel) -> list[str]:
-    # Per-comparison match weight, with its term-frequency adjustment where it has one.
-    return [
-        f"mw_{c} + coalesce(mw_tf_adj_{c}, 0)" if c in model.tf_comparisons else f"mw_{c}"
-        for c in model.comparisons
-    ]
-
-
 def _person(cluster: _Cluster) -> str | None:
     return min(cluster.persons) if cluster.persons else None
 
@@ -672,8 +721,21 @@ def _final(person: str, merged: dict[str, str]) -> str:
     return merged.get(person, person)
 
 
+class LinkLog(list):
+    """Identity events in order, numbering each event key's entries as they are added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def number(self, key: str) -> int:
+        n = self.counts.get(key, 0)
+        self.counts[key] = n + 1
+        return n
+
+
 def _log(
-    log: list[dict[str, Any]],
+    log: LinkLog,
     kind: str,
     person: str | None,
     other: str | None,
@@ -697,7 +759,7 @@ def _log(
     log.append(
         {
             # Numbered within the event, so ids do not depend on how events were batched.
-            "link_id": f"{key}:{kind}:{sum(1 for e in log if e['event_key'] == key)}",
+            "link_id": f"{key}:{kind}:{log.number(key)}",
             "kind": kind,
             "person_id": person,
             "other_person_id": other,
