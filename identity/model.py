@@ -10,6 +10,7 @@ per-call set-up costs more than scoring a whole batch, so it is paid once per mo
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -266,6 +267,12 @@ class ScoringModel:
         self.blocking_conditions = [
             rule.blocking_rule_sql for rule in settings._blocking_rules_to_generate_predictions
         ]
+        # Rules that are plain equalities (block_on) run from the in-memory index; any
+        # other SQL condition runs as a join against the store.
+        self.equality_rules = [
+            cols for cols in map(equality_columns, self.blocking_conditions) if cols
+        ]
+        self.other_conditions = [c for c in self.blocking_conditions if not equality_columns(c)]
         self.columns = sorted(
             {
                 col.unquote().name
@@ -282,6 +289,7 @@ class ScoringModel:
             for c in settings.comparisons
         }
         self._settings = settings
+        self._sql: dict[tuple[str, str], str] = {}
 
     def level_label(self, comparison: str, gamma: int) -> str:
         """The chart label of comparison level `gamma` (e.g. 'Exact match on email')."""
@@ -289,6 +297,12 @@ class ScoringModel:
 
     def score_sql(self, pairs: str, records: str) -> str:
         """SQL scoring every pair in relation `pairs` using record relation `records`."""
+        key = (pairs, records)
+        if key not in self._sql:  # Splink's SQL generation costs more than most batches
+            self._sql[key] = self._generate_score_sql(pairs, records)
+        return self._sql[key]
+
+    def _generate_score_sql(self, pairs: str, records: str) -> str:
         from splink.internals.predict import predict_from_comparison_vectors_sqls_using_settings
 
         settings = self._settings
@@ -306,6 +320,20 @@ class ScoringModel:
             __splink__df_match_weight_parts AS ({parts["sql"]})
             {predict["sql"]}
         """
+
+
+_EQUALITY = re.compile(r'^\(?l\."?(\w+)"? = r\."?(\w+)"?\)?$')
+
+
+def equality_columns(condition: str) -> tuple[str, ...] | None:
+    """The columns of a rule that is a conjunction of `l.c = r.c` terms, else None."""
+    columns = []
+    for term in re.split(r"\s+AND\s+", condition.strip(), flags=re.IGNORECASE):
+        match = _EQUALITY.match(term.strip())
+        if not match or match.group(1) != match.group(2):
+            return None
+        columns.append(match.group(1))
+    return tuple(columns)
 
 
 def records_table(rows: Iterable[dict[str, Any]]) -> pa.Table:

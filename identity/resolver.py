@@ -31,6 +31,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from identity.index import CandidateIndex
 from identity.model import ScoringModel
 from identity.records import RECORD_FIELDS, STRONG_FIELDS, record_id_of
 
@@ -54,9 +55,6 @@ CREATE TABLE IF NOT EXISTS id_edges (
 CREATE TABLE IF NOT EXISTS id_cannot_link (
     record_l VARCHAR, record_r VARCHAR, reason VARCHAR, ts TIMESTAMPTZ,
     PRIMARY KEY (record_l, record_r)
-);
-CREATE TABLE IF NOT EXISTS id_term_counts (
-    col VARCHAR, value VARCHAR, n BIGINT, PRIMARY KEY (col, value)
 );
 """
 _RECORD_SCHEMA = pa.schema([("record_id", pa.string()), *((f, pa.string()) for f in RECORD_FIELDS)])
@@ -112,6 +110,26 @@ class IdentityResolver:
         self.model = model
         self.limits = dict(DEFAULT_LIMITS if limits is None else limits)
         conn.execute(SCHEMA_SQL)
+        self._index: CandidateIndex | None = None
+        # Probabilistic candidates from equality rules on one strong identifier are the
+        # deterministic links already: only the other rules need scoring.
+        self._rules = [
+            rule
+            for rule in (model.equality_rules if model else [])
+            if not (len(rule) == 1 and rule[0] in STRONG_FIELDS)
+        ]
+
+    @property
+    def index(self) -> CandidateIndex:
+        """The in-memory candidate index, built from the store on first use."""
+        if self._index is None:
+            tf_columns = self.model.tf_columns if self.model else []
+            self._index = CandidateIndex.load(self.conn, self._rules, tf_columns)
+        return self._index
+
+    def forget(self) -> None:
+        """Drop in-memory state (after a rolled-back batch): the next batch rebuilds it."""
+        self._index = None
 
     # -- the batch path ----------------------------------------------------------------------
 
@@ -133,13 +151,19 @@ class IdentityResolver:
         new = {r: v for r, v in fresh.items() if r not in known}
         if not new:
             return Resolution([known[r] for r in record_of], {}, {}, set(), log)
-        self._register_new(new)
-        try:
-            self._count_terms()
-            edges = self._deterministic_edges() + self._probabilistic_edges()
-        finally:
-            self.conn.unregister("_new_rows")
-        self.conn.execute("DROP TABLE IF EXISTS _new")
+        fields_of = {r: v[2] for r, v in new.items()}
+        index = self.index
+        edges = [
+            _Edge(r, a, f"shared:{name}") for r, a, name in index.deterministic_edges(fields_of)
+        ]
+        pairs = index.candidate_pairs(fields_of)
+        index.add(fields_of.items())
+        if self.model is not None:
+            self._register_new(new)
+            try:
+                edges += self._probabilistic_edges(pairs)
+            finally:
+                self.conn.unregister("_new")
         involved = {e.record_l for e in edges} | {e.record_r for e in edges}
         clusters, member_of = self._load_clusters(
             {known_person for r, known_person in self._persons_of(list(involved)).items()}
@@ -201,62 +225,49 @@ class IdentityResolver:
         rows = {"record_id": list(new)}
         for name in RECORD_FIELDS:
             rows[name] = [fields.get(name) for _, _, fields in new.values()]
-        self.conn.register("_new_rows", pa.table(rows, schema=_RECORD_SCHEMA))
-        self.conn.execute("CREATE OR REPLACE TEMP TABLE _new AS SELECT * FROM _new_rows")
+        self.conn.register("_new", pa.table(rows, schema=_RECORD_SCHEMA))
 
-    def _count_terms(self) -> None:
-        if self.model is None or not self.model.tf_columns:
-            return
-        selects = " UNION ALL ".join(
-            f"SELECT '{c}' AS col, {c} AS value FROM _new WHERE {c} IS NOT NULL"
-            for c in self.model.tf_columns
-        )
-        self.conn.execute(
-            f"""INSERT INTO id_term_counts SELECT col, value, count(*) FROM ({selects})
-                GROUP BY ALL ON CONFLICT (col, value) DO UPDATE SET n = n + excluded.n"""
-        )
-
-    def _deterministic_edges(self) -> list[_Edge]:
-        edges: list[_Edge] = []
-        for name in STRONG_FIELDS:
-            # Each new record links to the oldest record holding the identifier: one edge
-            # per identifier is enough to join the clusters, and it is the one to explain.
-            rows = self.conn.execute(
-                f"""WITH holders AS (
-                        SELECT record_id, {name} AS v, first_ts, 0 AS fresh
-                        FROM id_records WHERE {name} IN (SELECT {name} FROM _new)
-                        UNION ALL SELECT record_id, {name}, NULL, 1 FROM _new WHERE {name} IS NOT NULL
-                    ), anchor AS (
-                        SELECT v, arg_min(record_id, (fresh, first_ts, record_id)) AS anchor
-                        FROM holders GROUP BY v
-                    )
-                    SELECT n.record_id, a.anchor FROM _new n JOIN anchor a ON n.{name} = a.v
-                    WHERE n.record_id <> a.anchor"""
-            ).fetchall()
-            edges.extend(_Edge(r, anchor, f"shared:{name}") for r, anchor in rows)
-        return edges
-
-    def _probabilistic_edges(self) -> list[_Edge]:
+    def _probabilistic_edges(self, pairs: set[tuple[str, str]]) -> list[_Edge]:
         model = self.model
-        if model is None or not model.blocking_conditions:
-            return []
-        cols = ", ".join(["record_id", *model.columns])
-        # Blocked against the store and, separately, within the batch: the store is only
-        # probed through the join, never copied.
-        blocked = " UNION ".join(
+        assert model is not None
+        blocked = [
             f"""SELECT least(l.record_id, r.record_id) AS record_id_l,
                        greatest(l.record_id, r.record_id) AS record_id_r
                 FROM _new l JOIN {side} r ON ({condition}) AND l.record_id <> r.record_id"""
-            for condition in model.blocking_conditions
+            for condition in model.other_conditions
             for side in ("id_records", "_new")
+        ]
+        self.conn.register(
+            "_index_pairs",
+            pa.table(
+                {
+                    "record_id_l": pa.array([p[0] for p in pairs], pa.string()),
+                    "record_id_r": pa.array([p[1] for p in pairs], pa.string()),
+                }
+            ),
         )
-        self.conn.execute(f"CREATE OR REPLACE TEMP TABLE _pairs AS {blocked}")
-        self._pair_records(with_new=True)
+        try:
+            self.conn.execute(
+                "CREATE OR REPLACE TEMP TABLE _pairs AS "
+                + " UNION ".join(["SELECT * FROM _index_pairs", *blocked])
+            )
+        finally:
+            self.conn.unregister("_index_pairs")
+        self._pair_records()
         # Links above the threshold are kept (re-clustering reads them); only the four
-        # numbers clustering needs travel to Python.
+        # numbers clustering needs travel to Python, the per-comparison evidence stays in
+        # `_scored` until the links that joined persons are known.
+        weights = [
+            f"mw_{c} + coalesce(mw_tf_adj_{c}, 0) AS w_{c}"
+            if c in model.tf_comparisons
+            else f"mw_{c} AS w_{c}"
+            for c in model.comparisons
+        ]
+        gammas = [f"gamma_{c}" for c in model.comparisons]
         self.conn.execute(
             f"""CREATE OR REPLACE TEMP TABLE _scored AS
-                SELECT record_id_l, record_id_r, match_weight, match_probability
+                SELECT record_id_l, record_id_r, match_weight, match_probability,
+                       {", ".join(gammas)}, {", ".join(weights)}
                 FROM ({model.score_sql("_pairs", "_pair_recs")})
                 WHERE match_probability >= {model.threshold}"""
         )
@@ -265,8 +276,10 @@ class IdentityResolver:
                SELECT record_id_l, record_id_r, 'splink', match_weight, match_probability,
                       NULL, 'active', NULL FROM _scored"""
         )
-        rows = self.conn.execute("SELECT * FROM _scored").fetchall()
-        self.conn.execute("DROP TABLE _pairs; DROP TABLE _pair_recs; DROP TABLE _scored")
+        rows = self.conn.execute(
+            "SELECT record_id_l, record_id_r, match_weight, match_probability FROM _scored"
+        ).fetchall()
+        self.conn.execute("DROP TABLE _pairs; DROP TABLE _pair_recs")
         return [_Edge(a, b, "splink", w, p) for a, b, w, p in rows]
 
     # -- clusters ----------------------------------------------------------------------------
@@ -342,6 +355,7 @@ class IdentityResolver:
         person = {r: person_of_root[member_of[r]] for r in member_of}
         self._write(new, person, created, merged, edges, unions)
         unions = self._with_evidence(unions)
+        self.conn.execute("DROP TABLE IF EXISTS _scored")
 
         def event_of(edge: _Edge) -> tuple[str, datetime | None]:
             source = new.get(edge.record_l) or new.get(edge.record_r)
@@ -362,38 +376,33 @@ class IdentityResolver:
             log=log,
         )
 
-    def _pair_records(self, with_new: bool) -> None:
+    def _pair_records(self) -> None:
         """`_pair_recs`: the records of the pairs in `_pairs`, with their term frequencies."""
         model = self.model
         assert model is not None
         cols = ", ".join(["record_id", *model.columns])
-        totals = dict(
-            self.conn.execute("SELECT col, sum(n) FROM id_term_counts GROUP BY col").fetchall()
-        )
-        # A term's frequency: its count over all non-null values of its column, as Splink
-        # computes it in batch; looked up for the values of these pairs only.
-        tf_joins = "".join(
-            f""" LEFT JOIN (SELECT value, n FROM id_term_counts WHERE col = '{c}'
-                           AND value IN (SELECT {c} FROM c)) tf_{c} ON tf_{c}.value = c.{c}"""
-            for c in model.tf_columns
-        )
-        tf_cols = "".join(
-            f", tf_{c}.n / {float(totals.get(c) or 1)} AS tf_{c}" for c in model.tf_columns
-        )
-        batch = f" UNION ALL SELECT {cols} FROM _new" if with_new else ""
-        self.conn.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _pair_recs AS
-                WITH wanted AS (SELECT record_id_l AS record_id FROM _pairs
-                                UNION SELECT record_id_r FROM _pairs),
-                c AS MATERIALIZED (
-                    SELECT {cols} FROM id_records WHERE record_id IN (SELECT record_id FROM wanted)
-                    {batch})
-                SELECT c.*{tf_cols} FROM c{tf_joins}"""
-        )
+        records = self.conn.sql(
+            f"""WITH wanted AS (SELECT record_id_l AS record_id FROM _pairs
+                                UNION SELECT record_id_r FROM _pairs)
+                SELECT {cols} FROM id_records WHERE record_id IN (SELECT record_id FROM wanted)
+                UNION ALL SELECT {cols} FROM _new WHERE record_id IN (SELECT record_id FROM wanted)"""
+        ).to_arrow_table()
+        index = self.index
+        for column in model.tf_columns:
+            values = records.column(column).to_pylist()
+            records = records.append_column(
+                f"tf_{column}",
+                pa.array([index.term_frequency(column, v) for v in values], pa.float64()),
+            )
+        self.conn.register("_pair_rows", records)
+        try:
+            self.conn.execute("CREATE OR REPLACE TEMP TABLE _pair_recs AS SELECT * FROM _pair_rows")
+        finally:
+            self.conn.unregister("_pair_rows")
 
     def _with_evidence(self, unions: list[tuple[_Edge, str, frozenset[str]]]) -> list:
-        """Score the Splink links that joined clusters again, keeping each comparison's level
-        and weight: the evidence `explain` shows. Runs after the batch's records are stored."""
+        """Attach each comparison's level and weight (from this batch's scoring) to the
+        Splink links that joined persons: the evidence `explain` shows."""
         model = self.model
         pairs = [(e.record_l, e.record_r) for e, _, _ in unions if e.rule == "splink"]
         if not pairs or model is None:
@@ -403,20 +412,14 @@ class IdentityResolver:
             pa.table({"record_id_l": [p[0] for p in pairs], "record_id_r": [p[1] for p in pairs]}),
         )
         try:
-            self.conn.execute("CREATE OR REPLACE TEMP TABLE _pairs AS SELECT * FROM _used")
+            rows = self.conn.execute(
+                f"""SELECT record_id_l, record_id_r,
+                           {", ".join(f"gamma_{c}" for c in model.comparisons)},
+                           {", ".join(f"w_{c}" for c in model.comparisons)}
+                    FROM _scored JOIN _used USING (record_id_l, record_id_r)"""
+            ).fetchall()
         finally:
             self.conn.unregister("_used")
-        self._pair_records(with_new=False)
-        weights = [
-            f"mw_{c} + coalesce(mw_tf_adj_{c}, 0)" if c in model.tf_comparisons else f"mw_{c}"
-            for c in model.comparisons
-        ]
-        gammas = [f"gamma_{c}" for c in model.comparisons]
-        rows = self.conn.execute(
-            f"""SELECT record_id_l, record_id_r, {", ".join(gammas)}, {", ".join(weights)}
-                FROM ({model.score_sql("_pairs", "_pair_recs")})"""
-        ).fetchall()
-        self.conn.execute("DROP TABLE _pairs; DROP TABLE _pair_recs")
         n = len(model.comparisons)
         found = {
             (row[0], row[1]): {
@@ -540,17 +543,6 @@ class IdentityResolver:
             return Resolution([], {}, {}, set(), [])
         self.conn.register("_erased", pa.table({"record_id": list(persons)}))
         try:
-            if self.model is not None and self.model.tf_columns:
-                selects = " UNION ALL ".join(
-                    f"SELECT '{c}' AS col, {c} AS value FROM id_records WHERE {c} IS NOT NULL "
-                    f"AND record_id IN (SELECT record_id FROM _erased)"
-                    for c in self.model.tf_columns
-                )
-                self.conn.execute(
-                    f"""UPDATE id_term_counts SET n = n - g.k FROM (
-                            SELECT col, value, count(*) AS k FROM ({selects}) GROUP BY ALL
-                        ) g WHERE id_term_counts.col = g.col AND id_term_counts.value = g.value"""
-                )
             for table, columns in (
                 ("id_records", ("record_id",)),
                 ("id_edges", ("record_l", "record_r")),
@@ -560,6 +552,7 @@ class IdentityResolver:
                 self.conn.execute(f"DELETE FROM {table} WHERE {where}")
         finally:
             self.conn.unregister("_erased")
+        self.forget()  # erased records leave the candidate index with the next rebuild
         log: list[dict[str, Any]] = LinkLog()
         for person in sorted(set(persons.values())):
             _log(log, "records_erased", person, None, "erasure", key, ts, None)

@@ -150,6 +150,7 @@ class Pipeline:
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
+            self.identity.forget()  # its in-memory index saw the batch the store did not keep
             raise
         return report
 

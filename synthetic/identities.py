@@ -18,6 +18,7 @@ import csv
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import phonenumbers
@@ -41,6 +42,16 @@ COLUMNS = [
     "anonymous_id",
     "customer_id",
 ]
+MORE_FIRST_NAMES = ["Aaron", "Abigail", "Adam", "Adrian", "Agnes", "Alba", "Alexander", "Alice", "Amir", "Ana", "Andrea", "Andrés", "Anja", "Anton", "Arne", "Astrid", "Axel", "Beatriz", "Bruno", "Camila", "Carla", "Carlos", "Caroline", "Cecilia", "Charlotte", "Chen", "Daniel", "David", "Diego", "Dmitri", "Eduardo", "Elena", "Elif", "Elisa", "Emil", "Emilia", "Enzo", "Erik", "Esther", "Eva", "Felix", "Filip", "Finn", "Florian", "Frida", "Gabriel", "Greta", "Hana", "Hannah", "Helena", "Henrik", "Ida", "Ines", "Irene", "Isaac", "Isabel", "Ivan", "Jakob", "Jana", "Jasper", "Javier", "Johanna", "Jorge", "Julia", "Julian", "Kai", "Karin", "Karl", "Katarina", "Laura", "Lars", "Lena", "Leon", "Lina", "Linnea", "Lorenzo", "Louise", "Lucas", "Magnus", "Malin", "Manuel", "Marie", "Marta", "Martin", "Mateus", "Matilda", "Max", "Mila", "Miguel", "Mohammed", "Nadia", "Niklas", "Nora", "Oliver", "Oscar", "Pedro", "Petra", "Pia", "Rafael", "Rebecca", "Ricardo", "Rosa", "Samuel", "Sara", "Sebastian", "Selma", "Simon", "Sofie", "Stella", "Tariq", "Teresa", "Theo", "Tim", "Tobias", "Valentina", "Vera", "Victor", "Viktor", "Wilma", "Yara", "Yusuf", "Zara"]
+_SURNAME_STEMS = ["Ab", "Al", "Bar", "Ber", "Bol", "Bran", "Brun", "Cas", "Cor", "Dal", "Dor", "Eck", "Fal", "Fer", "Gal", "Gor", "Hal", "Har", "Hof", "Kal", "Kor", "Lan", "Lind", "Mar", "Mor", "Nor", "Ost", "Pal", "Pet", "Rin", "Ros", "Sal", "Sand", "Sch", "Sol", "Stein", "Tor", "Val", "Vel", "Wal", "Wes", "Zan"]
+_SURNAME_ENDINGS = ["a", "ani", "berg", "ek", "er", "ez", "feld", "ford", "ic", "ini", "is", "mann", "ova", "ovic", "quist", "sen", "son", "ton", "ura", "zi"]
+# About 900 surnames in all, drawn with a long tail as real ones are: a first and last name
+# pair is shared by a handful of people, not by a town.
+SURNAMES = LAST_NAMES + [stem + end for stem in _SURNAME_STEMS for end in _SURNAME_ENDINGS]
+GIVEN_NAMES = FIRST_NAMES + MORE_FIRST_NAMES
+# Zipf-like with an offset: the commonest name is a few percent of people, most are rare.
+_SURNAME_WEIGHTS = list(accumulate(1 / (rank + 10) for rank in range(len(SURNAMES))))
+_GIVEN_WEIGHTS = list(accumulate(1 / (rank + 5) for rank in range(len(GIVEN_NAMES))))
 STREETS = ["Main", "Oak", "Linden", "Park", "Mill", "Church", "High", "Station", "Elm", "Lake"]
 WORDS = {"Street": ["Street", "St", "St.", "street"], "Road": ["Road", "Rd", "Rd."]}
 SOURCES = ["web", "app", "guest_order", "support_call", "loyalty", "store"]
@@ -97,14 +108,14 @@ class _IdentityGenerator:
         while len(out) < self.n_persons:
             size = min(self.rng.choice([1, 1, 1, 2, 2, 3, 4]), self.n_persons - len(out))
             country = self.rng.choice(["US"] * 5 + EU_COUNTRIES)
-            last = self.rng.choice(LAST_NAMES)
+            last = self.surname()
             street = f"{self.rng.randint(1, 250)} {self.rng.choice(STREETS)}"
             word = self.rng.choice(["Street", "Road"])
             city = self.rng.choice(COUNTRIES[country][1])
             postcode = f"{self.rng.randint(10000, 99999)}"
             twins = size >= 2 and self.rng.random() < 0.2
             twin_dob = self.dob()
-            names = self.rng.sample(FIRST_NAMES, size)
+            names = self.given_names(size)
             members = []
             for member in range(size):
                 index = len(out) + member
@@ -135,6 +146,17 @@ class _IdentityGenerator:
                     member.tablet = tablet
             out.extend(members)
         return out
+
+    def surname(self) -> str:
+        return self.rng.choices(SURNAMES, cum_weights=_SURNAME_WEIGHTS)[0]
+
+    def given_names(self, count: int) -> list[str]:
+        names: list[str] = []
+        while len(names) < count:
+            name = self.rng.choices(GIVEN_NAMES, cum_weights=_GIVEN_WEIGHTS)[0]
+            if name not in names:  # siblings do not share a first name
+                names.append(name)
+        return names
 
     def dob(self) -> str:
         return f"{self.rng.randint(1940, 2006)}-{self.rng.randint(1, 12):02d}-{self.rng.randint(1, 28):02d}"
