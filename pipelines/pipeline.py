@@ -14,6 +14,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from consent.policy import PurposePolicy, load_policy
 from identity.graph import IdentityGraph, identifier_hash
 from pipelines import topics
 from profiles.builder import ProfileBuilder
+from quality.metrics import batch_quality_record
 from quality.reasons import ReasonCode
+from quality.suites import QualityRow, QualityStage, QualityVerdict
 from schemas.contract import ContractResult, Reason, check_contract
 from schemas.registry import SchemaRegistry, default_registry
 
@@ -112,7 +115,10 @@ class Pipeline:
         state_path: Path | str = ":memory:",
         policy: PurposePolicy | None = None,
         registry: SchemaRegistry | None = None,
+        quality: QualityStage | bool = True,
     ) -> None:
+        # Quality suites on by default; False turns them off (the bench's baseline).
+        self.quality = QualityStage() if quality is True else (quality or None)
         self.registry = registry or default_registry()
         self.policy = policy or load_policy(known_kinds=set(self.registry.kinds()))
         self.conn = open_state(state_path)
@@ -159,13 +165,13 @@ class Pipeline:
         keys = pa.table({"event_key": [i.key for i in items]})
         self.conn.register("_batch_keys", keys)
         try:
-            seen = dict(
-                self.conn.execute(
-                    "SELECT event_key, payload_hash FROM outcomes JOIN _batch_keys USING (event_key)"
-                ).fetchall()
-            )
+            known = self.conn.execute(
+                "SELECT event_key, payload_hash, outcome FROM outcomes JOIN _batch_keys USING (event_key)"
+            ).fetchall()
         finally:
             self.conn.unregister("_batch_keys")
+        seen = {key: payload_hash for key, payload_hash, _ in known}
+        rejected_before = {key for key, _, outcome in known if outcome == REJECTED}
         fresh: list[_Item] = []
         for item in items:
             known_hash = seen.get(item.key)
@@ -179,6 +185,12 @@ class Pipeline:
                 raw_key = f"raw:{item.payload_hash}"
                 if raw_key in seen or self._known(raw_key):
                     report.duplicates += 1
+                    continue
+                if item.key in rejected_before:
+                    # A fixed version of a rejected event (a DLQ replay): it gets its own outcome.
+                    item.key = raw_key
+                    seen[raw_key] = item.payload_hash
+                    fresh.append(item)
                     continue
                 item.contract.reasons.append(
                     Reason(ReasonCode.DUPLICATE_EVENT_ID, f"messageId {item.key[:64]!r} reused")
@@ -196,6 +208,7 @@ class Pipeline:
     def _process(self, batch: Sequence[SourceRecord]) -> tuple[BatchReport, list[OutRecord]]:
         report = BatchReport()
         items = self._classify(batch, report)
+        verdict = self._check_quality(items)
         valid = [i for i in items if i.contract.ok]
         decisions = self.gate.decide(
             [
@@ -230,7 +243,33 @@ class Pipeline:
         self._record_offsets(batch)
         report.profiles_changed = len(profiles)
         report.merges = len(resolution.merged)
-        return report, self._outputs(items, entries, resolution, profiles)
+        outputs = self._outputs(items, entries, resolution, profiles)
+        if verdict is not None and items:
+            outputs.append(OutRecord(topics.QUALITY_REPORTS, *self._quality_record(items, verdict)))
+        return report, outputs
+
+    def _check_quality(self, items: list[_Item]) -> QualityVerdict | None:
+        """Run the quality suites over the contract-valid items; failing ones become rejections."""
+        if self.quality is None:
+            return None
+        checked = [i for i in items if i.contract.ok]
+        verdict = self.quality.check(
+            [
+                QualityRow(i.key, i.contract.kind, i.contract.event, i.contract.timestamp)  # type: ignore[arg-type]
+                for i in checked
+            ],
+            self.conn,
+        )
+        for item, reasons in zip(checked, verdict.reasons, strict=True):
+            item.contract.reasons.extend(reasons)
+        return verdict
+
+    def _quality_record(self, items: list[_Item], verdict: QualityVerdict) -> tuple[bytes, bytes]:
+        rejected = [
+            (i.record.topic, i.contract.reasons[0].code.value) for i in items if not i.contract.ok
+        ]
+        positions = [(i.record.topic, i.record.partition, i.record.offset) for i in items]
+        return batch_quality_record(positions, rejected, verdict)
 
     def _lineage_entry(self, item: _Item) -> dict[str, Any]:
         decision = item.decision
@@ -322,10 +361,14 @@ class Pipeline:
 
     def _outputs(self, items, entries, resolution, profiles) -> list[OutRecord]:
         out: list[OutRecord] = []
+        rejected_at = datetime.now(UTC).isoformat(timespec="milliseconds").encode()
         for item in items:
             if item.contract.ok:
                 continue
             record, reasons = item.record, item.contract.reasons
+            schema = (
+                f"{item.contract.kind}/v{item.contract.version}" if item.contract.kind else "unknown"
+            )
             out.append(
                 OutRecord(
                     topics.REJECTED,
@@ -338,10 +381,9 @@ class Pipeline:
                         ("tessera.source.topic", record.topic.encode()),
                         ("tessera.source.partition", str(record.partition).encode()),
                         ("tessera.source.offset", str(record.offset).encode()),
-                        (
-                            "tessera.schema",
-                            f"{item.contract.kind}/v{item.contract.version}".encode(),
-                        ),
+                        ("tessera.schema", schema.encode()),
+                        ("tessera.rejected_at", rejected_at),
+                        ("tessera.payload_hash", item.payload_hash.encode()),
                     ),
                 )
             )

@@ -14,9 +14,16 @@ REJECTED = "tessera.events.rejected"
 LINEAGE = "tessera.lineage"
 IDENTITY_LINKS = "tessera.identity.links"
 PROFILES_CHANGELOG = "tessera.profiles.changelog"
+QUALITY_REPORTS = "tessera.quality.reports"  # one record per batch: counts, alerts, GX summary
 
 INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
-OUTPUT_TOPICS: tuple[str, ...] = (REJECTED, LINEAGE, IDENTITY_LINKS, PROFILES_CHANGELOG)
+OUTPUT_TOPICS: tuple[str, ...] = (
+    REJECTED,
+    LINEAGE,
+    IDENTITY_LINKS,
+    PROFILES_CHANGELOG,
+    QUALITY_REPORTS,
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ def topic_specs(partitions: int = 1) -> list[TopicSpec]:
     specs = [TopicSpec(name, partitions) for name in (*INPUT_TOPICS, PRIVACY)]
     specs += [TopicSpec(REJECTED), TopicSpec(LINEAGE), TopicSpec(IDENTITY_LINKS)]
     specs.append(TopicSpec(PROFILES_CHANGELOG, compacted=True))
+    specs.append(TopicSpec(QUALITY_REPORTS))
     return specs
 
 
