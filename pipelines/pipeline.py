@@ -367,7 +367,9 @@ class Pipeline:
                 continue
             record, reasons = item.record, item.contract.reasons
             schema = (
-                f"{item.contract.kind}/v{item.contract.version}" if item.contract.kind else "unknown"
+                f"{item.contract.kind}/v{item.contract.version}"
+                if item.contract.kind
+                else "unknown"
             )
             out.append(
                 OutRecord(

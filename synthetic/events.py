@@ -695,7 +695,9 @@ class _Generator:
                 {**order, "properties": {**order["properties"], "currency": "ZZZ"}}
             ), "unknown_currency"
         if defect == 15:
-            return orjson.dumps({**base, "timestamp": "1970-01-01T00:00:00.000Z"}), "timestamp_too_old"
+            return orjson.dumps(
+                {**base, "timestamp": "1970-01-01T00:00:00.000Z"}
+            ), "timestamp_too_old"
         if defect == 16:
             future = f"{self.end.year + 100}-01-01T00:00:00.000Z"
             return orjson.dumps({**base, "timestamp": future}), "timestamp_in_future"
