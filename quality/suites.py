@@ -271,9 +271,17 @@ class QualitySuites:
 
     def __init__(self, config: QualityConfig) -> None:
         gx, _ = _gx()
-        from great_expectations.data_context.types.base import ProgressBarsConfig
+        from great_expectations.data_context.types.base import (
+            DataContextConfig,
+            InMemoryStoreBackendDefaults,
+            ProgressBarsConfig,
+        )
 
-        self.context = gx.get_context(mode="ephemeral")
+        # In-memory stores and no Data Docs site: the stream writes no files.
+        self.context = gx.get_context(
+            mode="ephemeral",
+            project_config=DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults()),
+        )
         # Progress bars would write to the worker's stderr once per batch.
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
         source = self.context.data_sources.add_pandas("tessera_micro_batch")
