@@ -65,6 +65,8 @@ def route(raw: bytes) -> tuple[str, bytes | None]:
     if doc.get("type") == "consent":
         return CONSENT, key_bytes
     event = doc.get("event")
+    if not isinstance(event, str):
+        event = None  # a list or object here is garbage, and unhashable
     if doc.get("type") == "track" and event in TRANSACTIONAL_EVENTS:
         return TRANSACTIONAL, key_bytes
     if doc.get("type") == "track" and event in SUPPORT_EVENTS:
