@@ -108,3 +108,14 @@ def test_routing_any_field_value_never_raises(field, value):
     event = {**VALID, field: value}
     topic, key = route(orjson.dumps(event))
     assert topic in topics.INPUT_TOPICS and (key is None or isinstance(key, bytes))
+
+
+def test_free_form_properties_named_like_typed_fields_do_not_poison_a_batch(run, make_event):
+    odd = make_event(
+        "page",
+        userId="u-odd",
+        context={"location": {"country": "US"}},
+        properties={"order_id": 1e308, "ticket_id": [], "currency": {"a": 1}, "total": "x"},
+    )
+    report = run.feed(odd, make_event("page", userId="u-next", context=odd["context"]))
+    assert dict(report.outcomes) == {"applied": 2}
