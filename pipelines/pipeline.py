@@ -11,6 +11,7 @@ No Kafka or engine import lives here: Faust and Flink adapters call `process`.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from schemas.contract import ContractResult, Reason, check_contract
 from schemas.registry import SchemaRegistry, default_registry
 
 APPLIED, REJECTED, WITHHELD = "applied", "rejected", "withheld"
+log = logging.getLogger("tessera.pipeline")
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -81,6 +83,15 @@ class BatchReport:
     def received(self) -> int:
         return sum(self.outcomes.values())
 
+    def merged(self, other: BatchReport) -> BatchReport:
+        """The report of two consecutive parts of one batch."""
+        return BatchReport(
+            self.outcomes + other.outcomes,
+            self.duplicates + other.duplicates,
+            self.profiles_changed + other.profiles_changed,
+            self.merges + other.merges,
+        )
+
 
 @dataclass
 class _Item:
@@ -98,6 +109,39 @@ def _hash(raw: bytes) -> str:
 
 def _json(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def _dead_letter(
+    record: SourceRecord, key: str, reasons: list[Reason], schema: str, payload_hash: str
+) -> OutRecord:
+    """The dead letter of one rejected event: its original bytes, reasons and provenance."""
+    return OutRecord(
+        topics.REJECTED,
+        key.encode(),
+        record.value or b"",
+        (
+            ("tessera.reason", reasons[0].code.value.encode()),
+            ("tessera.reasons", _json([r.as_dict() for r in reasons])),
+            ("tessera.event_key", key.encode()),
+            ("tessera.source.topic", record.topic.encode()),
+            ("tessera.source.partition", str(record.partition).encode()),
+            ("tessera.source.offset", str(record.offset).encode()),
+            ("tessera.schema", schema.encode()),
+            (
+                "tessera.rejected_at",
+                datetime.now(UTC).isoformat(timespec="milliseconds").encode(),
+            ),
+            ("tessera.payload_hash", payload_hash.encode()),
+        ),
+    )
+
+
+class _StageFailure(Exception):
+    """A stage raised while processing a batch's content (not the engine's emit)."""
+
+
+# Failures of the machine rather than of an event: never a reason to dead-letter one.
+_ENVIRONMENT_ERRORS = (OSError, MemoryError, duckdb.IOException, duckdb.OutOfMemoryException)
 
 
 def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
@@ -143,15 +187,67 @@ class Pipeline:
 
         In: consumed records in partition order, and `emit`, which must durably produce
         the outputs or raise. Out: a BatchReport. State commits only after emit returns.
+
+        A stage that raises on some event's content would fail every retry of the batch
+        and stall its partition: the batch is split until the event that fails alone is
+        found, and that event is dead-lettered with `internal_error`; the rest proceed.
         """
+        try:
+            return self._process_once(batch, emit)
+        except _StageFailure as failure:
+            if len(batch) == 1:
+                return self._quarantine(batch[0], failure.__cause__, emit)
+            log.warning("a stage failed on a batch of %d; isolating the event", len(batch))
+            half = len(batch) // 2
+            return self.process(batch[:half], emit).merged(self.process(batch[half:], emit))
+
+    def _process_once(
+        self, batch: Sequence[SourceRecord], emit: Callable[[list[OutRecord]], None]
+    ) -> BatchReport:
         self.conn.execute("BEGIN TRANSACTION")
         try:
-            report, outputs = self._process(batch)
+            try:
+                report, outputs = self._process(batch)
+            except _ENVIRONMENT_ERRORS:
+                raise  # the machine, not the data: retrying the batch is right
+            except Exception as exc:
+                raise _StageFailure(str(exc)) from exc
             emit(outputs)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        return report
+
+    def _quarantine(
+        self, record: SourceRecord, error: BaseException | None, emit: Callable
+    ) -> BatchReport:
+        """Dead-letter one event a stage cannot process, keeping its offset moving.
+
+        Its outcome is the dead letter alone (not the outcomes table), so once the stage
+        is fixed, re-driving the unchanged bytes processes the event.
+        """
+        raw = record.value or b""
+        digest = _hash(raw)
+        detail = f"{type(error).__name__}: {error}"[:300]
+        log.error(
+            "event at %s/%d@%d dead-lettered: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            detail,
+        )
+        reasons = [Reason(ReasonCode.INTERNAL_ERROR, detail)]
+        self.conn.execute("BEGIN TRANSACTION")
+        try:
+            self._record_offsets([record])
+            emit([_dead_letter(record, f"raw:{digest}", reasons, "unknown", digest)])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        report = BatchReport()
+        report.outcomes[REJECTED] += 1
         return report
 
     def _classify(self, batch: Sequence[SourceRecord], report: BatchReport) -> list[_Item]:
@@ -361,32 +457,17 @@ class Pipeline:
 
     def _outputs(self, items, entries, resolution, profiles) -> list[OutRecord]:
         out: list[OutRecord] = []
-        rejected_at = datetime.now(UTC).isoformat(timespec="milliseconds").encode()
         for item in items:
             if item.contract.ok:
                 continue
-            record, reasons = item.record, item.contract.reasons
             schema = (
                 f"{item.contract.kind}/v{item.contract.version}"
                 if item.contract.kind
                 else "unknown"
             )
             out.append(
-                OutRecord(
-                    topics.REJECTED,
-                    item.key.encode(),
-                    record.value or b"",
-                    (
-                        ("tessera.reason", reasons[0].code.value.encode()),
-                        ("tessera.reasons", _json([r.as_dict() for r in reasons])),
-                        ("tessera.event_key", item.key.encode()),
-                        ("tessera.source.topic", record.topic.encode()),
-                        ("tessera.source.partition", str(record.partition).encode()),
-                        ("tessera.source.offset", str(record.offset).encode()),
-                        ("tessera.schema", schema.encode()),
-                        ("tessera.rejected_at", rejected_at),
-                        ("tessera.payload_hash", item.payload_hash.encode()),
-                    ),
+                _dead_letter(
+                    item.record, item.key, item.contract.reasons, schema, item.payload_hash
                 )
             )
         for entry in entries:

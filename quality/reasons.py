@@ -31,6 +31,8 @@ class ReasonCode(StrEnum):
     REFUND_CURRENCY_MISMATCH = "refund_currency_mismatch"
     REFUND_EXCEEDS_ORDER = "refund_exceeds_order"
     INVALID_SCORE = "invalid_score"
+    # The pipeline itself: a stage raised on this event alone; replay it once fixed.
+    INTERNAL_ERROR = "internal_error"
 
 
 REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
@@ -58,6 +60,7 @@ REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
     ReasonCode.REFUND_CURRENCY_MISMATCH: "a refund's currency differs from its known order's",
     ReasonCode.REFUND_EXCEEDS_ORDER: "a refund's amount is larger than its known order's total",
     ReasonCode.INVALID_SCORE: "a CSAT score is outside 1 to 5",
+    ReasonCode.INTERNAL_ERROR: "a pipeline stage failed on this event alone (a bug: replay once fixed)",
 }
 
 # Reasons the quality suites give; the others come from the contract stage.
