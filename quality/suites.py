@@ -62,7 +62,8 @@ EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$"
 # Sets as one anchored alternation: GX copies an expectation's kwargs several times per
 # run, and a 178-item value_set made that copying cost more than the check itself.
 ISO_4217_PATTERN = "^(?:" + "|".join(sorted(ISO_4217)) + ")$"
-PLACEHOLDER_PATTERN = "^(?:" + "|".join(re.escape(p) for p in sorted(PLACEHOLDER_EMAILS)) + ")$"
+PLACEHOLDER_PATTERN = "(?:" + "|".join(re.escape(p) for p in sorted(PLACEHOLDER_EMAILS)) + ")$"
+USABLE_EMAIL_PATTERN = "^(?!" + PLACEHOLDER_PATTERN + ")" + EMAIL_PATTERN.removeprefix("^")
 E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
 QUALITY_ORDERS_SQL = """
 CREATE TABLE IF NOT EXISTS quality_orders (
@@ -185,13 +186,10 @@ def _suite_checks(config: QualityConfig) -> dict[str, list[_Check]]:
                 ReasonCode.DUPLICATE_EVENT_ID,
                 "message_id",
             ),
+            # A real address that is not a placeholder; which of the two a row missed
+            # picks its reason (one expectation: each costs GX ~15 ms a batch).
             _Check(
-                gxe.ExpectColumnValuesToNotMatchRegex(column="email", regex=PLACEHOLDER_PATTERN),
-                ReasonCode.PLACEHOLDER_EMAIL,
-                "email",
-            ),
-            _Check(
-                gxe.ExpectColumnValuesToMatchRegex(column="email", regex=EMAIL_PATTERN),
+                gxe.ExpectColumnValuesToMatchRegex(column="email", regex=USABLE_EMAIL_PATTERN),
                 ReasonCode.INVALID_EMAIL,
                 "email",
             ),
@@ -302,7 +300,12 @@ class QualitySuites:
         return batch.validate(
             self.suites[name],
             expectation_parameters=parameters,
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]},
+            result_format={
+                "result_format": "COMPLETE",
+                "unexpected_index_column_names": ["row"],
+                "return_unexpected_index_query": False,  # a pandas query string nobody reads
+                "partial_unexpected_count": 5,
+            },
         )
 
 
@@ -429,6 +432,8 @@ class QualityStage:
                     code = check.reason
                     if check.column == "ts" and columns["ts"][index] > newest:
                         code = ReasonCode.TIMESTAMP_IN_FUTURE
+                    elif check.column == "email" and columns["email"][index] in PLACEHOLDER_EMAILS:
+                        code = ReasonCode.PLACEHOLDER_EMAIL
                     verdict.reasons[index].append(
                         Reason(code, _detail(code, columns, index, check.column))
                     )
