@@ -16,10 +16,10 @@ import orjson
 from quality.suites import QualityVerdict
 
 
-def suite_summary(result: Any) -> dict[str, Any]:
-    """A GX suite validation result as plain JSON: success and each expectation's figures."""
+def suite_summary(outcomes: list[Any]) -> dict[str, Any]:
+    """A suite's GX expectation results as plain JSON: success and each one's figures."""
     expectations = []
-    for outcome in result.results:
+    for outcome in outcomes:
         kwargs = outcome.expectation_config.kwargs
         expectations.append(
             {
@@ -34,7 +34,7 @@ def suite_summary(result: Any) -> dict[str, Any]:
                 ],
             }
         )
-    return {"success": bool(result.success), "expectations": expectations}
+    return {"success": all(e["success"] for e in expectations), "expectations": expectations}
 
 
 def batch_key(positions: Sequence[tuple[str, int, int]]) -> str:
@@ -70,6 +70,6 @@ def batch_quality_record(
         ],
         "alerts": [alert.as_dict() for alert in verdict.alerts],
         "gx_seconds": round(verdict.seconds, 4),
-        "suites": {name: suite_summary(result) for name, result in verdict.results.items()},
+        "suites": {name: suite_summary(outcomes) for name, outcomes in verdict.results.items()},
     }
     return key.encode(), orjson.dumps(doc)

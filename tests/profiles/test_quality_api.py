@@ -40,7 +40,7 @@ def test_quality_counts_and_alerts_come_from_dead_letters_and_quality_reports(
     assert all(b["bucket"] and b["bucket"].endswith(":00+00:00") for b in body["rejections"])
     assert body["batches_checked"] == 2
     assert body["rows_checked_by_source"] == {"behavioral": 7, "transactional": 1}
-    assert body["alerts_by_check"] == {"behavioral/anonymous_id": 1}
+    assert body["alerts_by_check"] == {"behavioral/has_anonymous_id": 1}
     (alert,) = body["recent_alerts"]
     # The suite judged 7 rows; only the (rejected) 1970 page carried an anonymousId.
     assert (alert["suite"], alert["observed"], alert["threshold"]) == ("behavioral", 0.1429, 0.8)

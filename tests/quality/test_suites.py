@@ -154,7 +154,7 @@ def test_a_null_rate_spike_raises_an_alert_without_blocking_rows(stage):
     (alert,) = verdict.alerts
     assert (alert.suite, alert.column, alert.observed, alert.rows) == (
         "behavioral",
-        "anonymous_id",
+        "has_anonymous_id",
         0.0,
         10,
     )
