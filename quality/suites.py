@@ -402,7 +402,7 @@ class QualityStage:
         config: QualityConfig | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        self.config = config or QualityConfig()
+        self.config = config or QualityConfig.from_env()
         self.clock = clock or (lambda: datetime.now(UTC))
         _shared_suites(self.config)  # import GX and build the suites now, not in the first batch
 

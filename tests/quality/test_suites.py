@@ -218,3 +218,11 @@ def test_the_generators_truth_matches_every_outcome_line_by_line(tmp_path: Path)
     want = Counter(row.expected_reason for _, row in lines if row.expected_outcome == "rejected")
     assert got == want
     assert {"unknown_currency", "timestamp_in_future", "invalid_email"} <= set(got)
+
+
+def test_thresholds_come_from_the_environment():
+    config = QualityConfig.from_env(
+        {"TESSERA_QUALITY_MAX_SKEW_S": "60", "TESSERA_QUALITY_HORIZON_DAYS": "30"}
+    )
+    assert (config.max_clock_skew, config.horizon) == (timedelta(seconds=60), timedelta(days=30))
+    assert QualityConfig.from_env({}) == QualityConfig()
