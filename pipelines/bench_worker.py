@@ -1,7 +1,8 @@
 """One benchmark worker run: consume until N messages, print one JSON line, exit.
 
 `bare` consumes with the same Faust app, agent and batch size as the worker and does
-nothing; `pipeline` runs every stage exactly as `tessera worker` does.
+nothing; `pipeline` runs every stage exactly as `tessera worker` does;
+`pipeline-quality-off` the same without the quality suites.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pipelines.pipeline import Pipeline
 
 def main(bootstrap: str, mode: str, expected: int, data_dir: Path, batch_size: int) -> None:
     app, inputs = faust_app(bootstrap, data_dir, f"tessera-bench-{mode}-{os.getpid()}", batch_size)
-    pipeline = Pipeline(data_dir / "state.duckdb") if mode == "pipeline" else None
-    producer = BatchProducer(bootstrap) if mode == "pipeline" else None
+    staged = mode in ("pipeline", "pipeline-quality-off")
+    quality = mode == "pipeline"
+    pipeline = Pipeline(data_dir / "state.duckdb", quality=quality) if staged else None
+    producer = BatchProducer(bootstrap) if staged else None
     state = {"n": 0, "t0": 0.0, "stage_s": 0.0, "batches": 0}
 
     @app.agent(inputs)

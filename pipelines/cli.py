@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 
 from pipelines.broker import BrokerError
+from pipelines.dlq import dlq_app
+from pipelines.quality_cli import quality_app, schemas_app
 
 app = typer.Typer(
     name="tessera",
@@ -22,6 +24,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+# Sub-apps live in their own modules: `tessera dlq ...`, `tessera quality ...`, `tessera schemas ...`.
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(quality_app, name="quality")
+app.add_typer(schemas_app, name="schemas")
 console = Console(stderr=True)
 
 Bootstrap = Annotated[

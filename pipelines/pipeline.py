@@ -11,9 +11,11 @@ No Kafka or engine import lives here: Faust and Flink adapters call `process`.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,14 @@ from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
 from pipelines.identity_commands import RejectLink, parse_command
 from profiles.builder import ProfileBuilder
+from quality.metrics import batch_quality_record
 from quality.reasons import ReasonCode
+from quality.suites import QualityRow, QualityStage, QualityVerdict
 from schemas.contract import ContractResult, Reason, check_contract
 from schemas.registry import SchemaRegistry, default_registry
 
 APPLIED, REJECTED, WITHHELD = "applied", "rejected", "withheld"
+log = logging.getLogger("tessera.pipeline")
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -82,6 +87,15 @@ class BatchReport:
     def received(self) -> int:
         return sum(self.outcomes.values())
 
+    def merged(self, other: BatchReport) -> BatchReport:
+        """The report of two consecutive parts of one batch."""
+        return BatchReport(
+            self.outcomes + other.outcomes,
+            self.duplicates + other.duplicates,
+            self.profiles_changed + other.profiles_changed,
+            self.merges + other.merges,
+        )
+
 
 @dataclass
 class _Item:
@@ -101,6 +115,39 @@ def _json(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
+def _dead_letter(
+    record: SourceRecord, key: str, reasons: list[Reason], schema: str, payload_hash: str
+) -> OutRecord:
+    """The dead letter of one rejected event: its original bytes, reasons and provenance."""
+    return OutRecord(
+        topics.REJECTED,
+        key.encode(),
+        record.value or b"",
+        (
+            ("tessera.reason", reasons[0].code.value.encode()),
+            ("tessera.reasons", _json([r.as_dict() for r in reasons])),
+            ("tessera.event_key", key.encode()),
+            ("tessera.source.topic", record.topic.encode()),
+            ("tessera.source.partition", str(record.partition).encode()),
+            ("tessera.source.offset", str(record.offset).encode()),
+            ("tessera.schema", schema.encode()),
+            (
+                "tessera.rejected_at",
+                datetime.now(UTC).isoformat(timespec="milliseconds").encode(),
+            ),
+            ("tessera.payload_hash", payload_hash.encode()),
+        ),
+    )
+
+
+class _StageFailure(Exception):
+    """A stage raised while processing a batch's content (not the engine's emit)."""
+
+
+# Failures of the machine rather than of an event: never a reason to dead-letter one.
+_ENVIRONMENT_ERRORS = (OSError, MemoryError, duckdb.IOException, duckdb.OutOfMemoryException)
+
+
 def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
     """Open (creating if needed) a DuckDB state file with the session settings stages rely on."""
     conn = duckdb.connect(str(path))
@@ -117,7 +164,10 @@ class Pipeline:
         policy: PurposePolicy | None = None,
         registry: SchemaRegistry | None = None,
         identity_model: ScoringModel | None = None,
+        quality: QualityStage | bool = True,
     ) -> None:
+        # Quality suites on by default; False turns them off (the bench's baseline).
+        self.quality = QualityStage() if quality is True else (quality or None)
         self.registry = registry or default_registry()
         self.policy = policy or load_policy(known_kinds=set(self.registry.kinds()))
         self.conn = open_state(state_path)
@@ -142,16 +192,68 @@ class Pipeline:
 
         In: consumed records in partition order, and `emit`, which must durably produce
         the outputs or raise. Out: a BatchReport. State commits only after emit returns.
+
+        A stage that raises on some event's content would fail every retry of the batch
+        and stall its partition: the batch is split until the event that fails alone is
+        found, and that event is dead-lettered with `internal_error`; the rest proceed.
         """
+        try:
+            return self._process_once(batch, emit)
+        except _StageFailure as failure:
+            if len(batch) == 1:
+                return self._quarantine(batch[0], failure.__cause__, emit)
+            log.warning("a stage failed on a batch of %d; isolating the event", len(batch))
+            half = len(batch) // 2
+            return self.process(batch[:half], emit).merged(self.process(batch[half:], emit))
+
+    def _process_once(
+        self, batch: Sequence[SourceRecord], emit: Callable[[list[OutRecord]], None]
+    ) -> BatchReport:
         self.conn.execute("BEGIN TRANSACTION")
         try:
-            report, outputs = self._process(batch)
+            try:
+                report, outputs = self._process(batch)
+            except _ENVIRONMENT_ERRORS:
+                raise  # the machine, not the data: retrying the batch is right
+            except Exception as exc:
+                raise _StageFailure(str(exc)) from exc
             emit(outputs)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
             self.identity.forget()  # its in-memory index saw the batch the store did not keep
             raise
+        return report
+
+    def _quarantine(
+        self, record: SourceRecord, error: BaseException | None, emit: Callable
+    ) -> BatchReport:
+        """Dead-letter one event a stage cannot process, keeping its offset moving.
+
+        Its outcome is the dead letter alone (not the outcomes table), so once the stage
+        is fixed, re-driving the unchanged bytes processes the event.
+        """
+        raw = record.value or b""
+        digest = _hash(raw)
+        detail = f"{type(error).__name__}: {error}"[:300]
+        log.error(
+            "event at %s/%d@%d dead-lettered: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            detail,
+        )
+        reasons = [Reason(ReasonCode.INTERNAL_ERROR, detail)]
+        self.conn.execute("BEGIN TRANSACTION")
+        try:
+            self._record_offsets([record])
+            emit([_dead_letter(record, f"raw:{digest}", reasons, "unknown", digest)])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        report = BatchReport()
+        report.outcomes[REJECTED] += 1
         return report
 
     def _classify(self, batch: Sequence[SourceRecord], report: BatchReport) -> list[_Item]:
@@ -165,13 +267,13 @@ class Pipeline:
         keys = pa.table({"event_key": [i.key for i in items]})
         self.conn.register("_batch_keys", keys)
         try:
-            seen = dict(
-                self.conn.execute(
-                    "SELECT event_key, payload_hash FROM outcomes JOIN _batch_keys USING (event_key)"
-                ).fetchall()
-            )
+            known = self.conn.execute(
+                "SELECT event_key, payload_hash, outcome FROM outcomes JOIN _batch_keys USING (event_key)"
+            ).fetchall()
         finally:
             self.conn.unregister("_batch_keys")
+        seen = {key: payload_hash for key, payload_hash, _ in known}
+        rejected_before = {key for key, _, outcome in known if outcome == REJECTED}
         fresh: list[_Item] = []
         for item in items:
             known_hash = seen.get(item.key)
@@ -185,6 +287,12 @@ class Pipeline:
                 raw_key = f"raw:{item.payload_hash}"
                 if raw_key in seen or self._known(raw_key):
                     report.duplicates += 1
+                    continue
+                if item.key in rejected_before:
+                    # A fixed version of a rejected event (a DLQ replay): it gets its own outcome.
+                    item.key = raw_key
+                    seen[raw_key] = item.payload_hash
+                    fresh.append(item)
                     continue
                 item.contract.reasons.append(
                     Reason(ReasonCode.DUPLICATE_EVENT_ID, f"messageId {item.key[:64]!r} reused")
@@ -203,6 +311,7 @@ class Pipeline:
         report = BatchReport()
         commands = [r for r in batch if r.topic == topics.IDENTITY_COMMANDS]
         items = self._classify([r for r in batch if r.topic != topics.IDENTITY_COMMANDS], report)
+        verdict = self._check_quality(items)
         valid = [i for i in items if i.contract.ok]
         decisions = self.gate.decide(
             [
@@ -244,7 +353,10 @@ class Pipeline:
         self._record_offsets(batch)
         report.profiles_changed = len(profiles)
         report.merges = len(resolution.merged)
-        return report, self._outputs(items, entries, resolution, profiles, gone)
+        outputs = self._outputs(items, entries, resolution, profiles, gone)
+        if verdict is not None and items:
+            outputs.append(OutRecord(topics.QUALITY_REPORTS, *self._quality_record(items, verdict)))
+        return report, outputs
 
     def _apply_commands(
         self, commands: list[SourceRecord], report: BatchReport
@@ -291,6 +403,29 @@ class Pipeline:
         profiles = self.builder.build(persons - set(resolution.merged))
         gone = set(resolution.merged) | (persons - set(resolution.merged) - set(profiles))
         return profiles, gone
+
+    def _check_quality(self, items: list[_Item]) -> QualityVerdict | None:
+        """Run the quality suites over the contract-valid items; failing ones become rejections."""
+        if self.quality is None:
+            return None
+        checked = [i for i in items if i.contract.ok]
+        verdict = self.quality.check(
+            [
+                QualityRow(i.key, i.contract.kind, i.contract.event, i.contract.timestamp)  # type: ignore[arg-type]
+                for i in checked
+            ],
+            self.conn,
+        )
+        for item, reasons in zip(checked, verdict.reasons, strict=True):
+            item.contract.reasons.extend(reasons)
+        return verdict
+
+    def _quality_record(self, items: list[_Item], verdict: QualityVerdict) -> tuple[bytes, bytes]:
+        rejected = [
+            (i.record.topic, i.contract.reasons[0].code.value) for i in items if not i.contract.ok
+        ]
+        positions = [(i.record.topic, i.record.partition, i.record.offset) for i in items]
+        return batch_quality_record(positions, rejected, verdict)
 
     def _lineage_entry(self, item: _Item) -> dict[str, Any]:
         decision = item.decision
@@ -385,24 +520,14 @@ class Pipeline:
         for item in items:
             if item.contract.ok:
                 continue
-            record, reasons = item.record, item.contract.reasons
+            schema = (
+                f"{item.contract.kind}/v{item.contract.version}"
+                if item.contract.kind
+                else "unknown"
+            )
             out.append(
-                OutRecord(
-                    topics.REJECTED,
-                    item.key.encode(),
-                    record.value or b"",
-                    (
-                        ("tessera.reason", reasons[0].code.value.encode()),
-                        ("tessera.reasons", _json([r.as_dict() for r in reasons])),
-                        ("tessera.event_key", item.key.encode()),
-                        ("tessera.source.topic", record.topic.encode()),
-                        ("tessera.source.partition", str(record.partition).encode()),
-                        ("tessera.source.offset", str(record.offset).encode()),
-                        (
-                            "tessera.schema",
-                            f"{item.contract.kind}/v{item.contract.version}".encode(),
-                        ),
-                    ),
+                _dead_letter(
+                    item.record, item.key, item.contract.reasons, schema, item.payload_hash
                 )
             )
         for entry in entries:

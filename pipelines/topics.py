@@ -15,11 +15,18 @@ REJECTED = "tessera.events.rejected"
 LINEAGE = "tessera.lineage"
 IDENTITY_LINKS = "tessera.identity.links"
 PROFILES_CHANGELOG = "tessera.profiles.changelog"
+QUALITY_REPORTS = "tessera.quality.reports"  # one record per batch: counts, alerts, GX summary
 
 INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
 # Everything the worker consumes: events, and operators' identity decisions.
 WORKER_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, IDENTITY_COMMANDS)
-OUTPUT_TOPICS: tuple[str, ...] = (REJECTED, LINEAGE, IDENTITY_LINKS, PROFILES_CHANGELOG)
+OUTPUT_TOPICS: tuple[str, ...] = (
+    REJECTED,
+    LINEAGE,
+    IDENTITY_LINKS,
+    PROFILES_CHANGELOG,
+    QUALITY_REPORTS,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ def topic_specs(partitions: int = 1) -> list[TopicSpec]:
     specs.append(TopicSpec(IDENTITY_COMMANDS))  # one partition: decisions apply in order
     specs += [TopicSpec(REJECTED), TopicSpec(LINEAGE), TopicSpec(IDENTITY_LINKS)]
     specs.append(TopicSpec(PROFILES_CHANGELOG, compacted=True))
+    specs.append(TopicSpec(QUALITY_REPORTS))
     return specs
 
 
@@ -61,6 +69,8 @@ def route(raw: bytes) -> tuple[str, bytes | None]:
     if doc.get("type") == "consent":
         return CONSENT, key_bytes
     event = doc.get("event")
+    if not isinstance(event, str):
+        event = None  # a list or object here is garbage, and unhashable
     if doc.get("type") == "track" and event in TRANSACTIONAL_EVENTS:
         return TRANSACTIONAL, key_bytes
     if doc.get("type") == "track" and event in SUPPORT_EVENTS:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from identity.normalise import ID_TYPES, parse_identifier
 from pipelines.identity_commands import reject_link_command
-from profiles.store import ProfileStore
+from profiles.store import QUALITY_BUCKETS, ProfileStore
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -71,6 +71,14 @@ def create_app(
     @app.get("/v1/stats", summary="Counts of every outcome, persons and merges")
     def stats() -> Response:
         return _json(store.stats())
+
+    @app.get("/v1/quality", summary="Rejections per time bucket, source and reason; alerts")
+    def quality(
+        bucket: str = Query("hour", description="time bucket: minute, hour or day"),
+    ) -> Response:
+        if bucket not in QUALITY_BUCKETS:
+            return _error(400, "invalid_bucket", f"bucket must be one of {sorted(QUALITY_BUCKETS)}")
+        return _json(store.quality(bucket))
 
     @app.get("/v1/profiles/lookup", summary="The profile holding an identifier")
     def lookup(

@@ -67,17 +67,21 @@ def fact_of(
 ) -> dict:
     """The fact row one applied event contributes (amounts exact, to the cent)."""
     props = _dict(event.get("properties"))
-    amount = props.get("total") if kind in ("order_completed", "order_refunded") else None
+    # Only kinds whose contract types these fields read them: a page's free-form
+    # properties may hold an "order_id" that is a number (found by the stream fuzz test).
+    order = kind in ("order_completed", "order_refunded")
+    ticket = kind in ("ticket_opened", "ticket_closed", "csat_submitted")
+    amount = props.get("total") if order else None
     return {
         "event_key": event_key,
         "person_id": person_id,
         "record_id": record_id,
         "kind": kind,
         "ts": ts,
-        "order_id": props.get("order_id"),
+        "order_id": props.get("order_id") if order else None,
         "amount": Decimal(str(amount)).quantize(CENT) if amount is not None else None,
-        "currency": props.get("currency"),
-        "ticket_id": props.get("ticket_id"),
+        "currency": props.get("currency") if order else None,
+        "ticket_id": props.get("ticket_id") if ticket else None,
         "score": props.get("score") if kind == "csat_submitted" else None,
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,10 @@ CREATE TABLE IF NOT EXISTS identity_events (
     rule VARCHAR, event_key VARCHAR, ts VARCHAR, detail JSON
 );
 CREATE TABLE IF NOT EXISTS identity_membership (record_id VARCHAR PRIMARY KEY, person_id VARCHAR);
+CREATE TABLE IF NOT EXISTS quality_rejections (
+    event_key VARCHAR PRIMARY KEY, topic VARCHAR, reason VARCHAR, rejected_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS quality_batches (batch VARCHAR PRIMARY KEY, checked_at TIMESTAMPTZ, doc JSON);
 CREATE TABLE IF NOT EXISTS replica_offsets (
     topic VARCHAR, "partition" INTEGER, next_offset BIGINT, PRIMARY KEY (topic, "partition")
 );
@@ -44,8 +49,10 @@ FOLLOWED_TOPICS = (
     topics.LINEAGE,
     topics.REJECTED,
     topics.IDENTITY_LINKS,
+    topics.QUALITY_REPORTS,
 )
 _HISTORY_KINDS = ("person_created", "merge", "split", "conflict", "link_rejected")
+QUALITY_BUCKETS = {"minute", "hour", "day"}
 _DECISION_OUTCOME = {"allowed": "applied", "consent_recorded": "applied", "withheld": "withheld"}
 
 
@@ -66,6 +73,17 @@ def _header(record: ConsumedRecord, name: str) -> str | None:
         if key == name:
             return value.decode("utf-8", "replace")
     return None
+
+
+def _timestamp(text: str | None) -> datetime | None:
+    """An ISO time from a header or report, or None when absent or unreadable."""
+    if not text:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 class ProfileStore:
@@ -99,6 +117,8 @@ class ProfileStore:
         profiles: dict[str, bytes | None] = {}
         outcomes: dict[str, tuple[str, str | None, str | None, str | None]] = {}
         links: list[dict[str, Any]] = []
+        rejections: dict[str, tuple[str | None, str | None, str | None]] = {}
+        quality_batches: dict[str, tuple[str | None, str]] = {}
         positions: dict[tuple[str, int], int] = {}
         for record in records:
             position = (record.topic, record.partition)
@@ -119,6 +139,14 @@ class ProfileStore:
                     _header(record, "tessera.source.topic"),
                     None,
                 )
+                rejections[key] = (
+                    _header(record, "tessera.source.topic"),
+                    _header(record, "tessera.reason"),
+                    _header(record, "tessera.rejected_at"),
+                )
+            elif record.topic == topics.QUALITY_REPORTS and record.value:
+                report = orjson.loads(record.value)
+                quality_batches[key] = (report.get("checked_at"), record.value.decode())
             elif record.topic == topics.IDENTITY_LINKS and record.value:
                 links.append(orjson.loads(record.value))
         with self._write_lock:
@@ -174,6 +202,27 @@ class ProfileStore:
                                 "person_id": [m["person_id"] for m in merges],
                             },
                         )
+                if rejections:
+                    self._upsert(
+                        cur,
+                        "quality_rejections",
+                        {
+                            "event_key": list(rejections),
+                            "topic": [r[0] for r in rejections.values()],
+                            "reason": [r[1] for r in rejections.values()],
+                            "rejected_at": [_timestamp(r[2]) for r in rejections.values()],
+                        },
+                    )
+                if quality_batches:
+                    self._upsert(
+                        cur,
+                        "quality_batches",
+                        {
+                            "batch": list(quality_batches),
+                            "checked_at": [_timestamp(b[0]) for b in quality_batches.values()],
+                            "doc": [b[1] for b in quality_batches.values()],
+                        },
+                    )
                 self._upsert(
                     cur,
                     "replica_offsets",
@@ -420,4 +469,75 @@ class ProfileStore:
             "persons": persons,
             "merges": merges,
             "identity_conflicts": conflicts,
+        }
+
+    def quality(self, bucket: str = "hour", alerts: int = 100) -> dict[str, Any]:
+        """Rejections per time bucket, source topic and reason; rows checked; quality alerts.
+
+        In: the bucket width (minute, hour or day) and how many recent alerts to list.
+        Rejections without a time (dead letters older than the rejected_at header) fall in a
+        null bucket.
+        """
+        if bucket not in QUALITY_BUCKETS:
+            raise ValueError(f"bucket must be one of {sorted(QUALITY_BUCKETS)}")
+        cur = self.reader()
+        buckets = [
+            {
+                "bucket": at.isoformat() if at else None,
+                "topic": topic,
+                "reason": reason,
+                "count": count,
+            }
+            for at, topic, reason, count in cur.execute(
+                f"""SELECT date_trunc('{bucket}', rejected_at) AS b, coalesce(topic, 'unknown'), reason, count(*)
+                    FROM quality_rejections GROUP BY ALL ORDER BY b NULLS FIRST, 2, 3"""
+            ).fetchall()
+        ]
+        by_reason = dict(
+            cur.execute(
+                "SELECT reason, count(*) FROM quality_rejections GROUP BY 1 ORDER BY 2 DESC, 1"
+            ).fetchall()
+        )
+        by_topic = dict(
+            cur.execute(
+                "SELECT coalesce(topic, 'unknown'), count(*) FROM quality_rejections GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        )
+        rows_checked = dict(
+            cur.execute(
+                """SELECT key, sum(value::BIGINT) FROM (
+                       SELECT unnest(map_keys(m)) AS key, unnest(map_values(m)) AS value
+                       FROM (SELECT json_transform(doc->'rows_checked', '"MAP(VARCHAR, BIGINT)"') AS m
+                             FROM quality_batches))
+                   GROUP BY 1 ORDER BY 1"""
+            ).fetchall()
+        )
+        recent = []
+        for batch, checked_at, doc in cur.execute(
+            """SELECT batch, checked_at, doc FROM quality_batches
+               WHERE json_array_length(doc->'alerts') > 0 ORDER BY checked_at DESC LIMIT ?""",
+            [alerts],
+        ).fetchall():
+            for alert in orjson.loads(doc)["alerts"]:
+                recent.append({"batch": batch, "at": checked_at.isoformat(), **alert})
+        alert_counts = dict(
+            cur.execute(
+                """SELECT a->>'suite' || '/' || (a->>'column'), count(*)
+                   FROM (SELECT unnest(from_json(doc->'alerts', '["JSON"]')) AS a FROM quality_batches)
+                   GROUP BY 1 ORDER BY 1"""
+            ).fetchall()
+        )
+        batches, gx_seconds = cur.execute(
+            "SELECT count(*), coalesce(sum((doc->>'gx_seconds')::DOUBLE), 0) FROM quality_batches"
+        ).fetchall()[0]
+        return {
+            "bucket": bucket,
+            "rejections": buckets,
+            "rejected_by_reason": by_reason,
+            "rejected_by_topic": by_topic,
+            "batches_checked": batches,
+            "rows_checked_by_source": rows_checked,
+            "gx_seconds": round(gx_seconds, 3),
+            "alerts_by_check": alert_counts,
+            "recent_alerts": recent[:alerts],
         }

@@ -4,7 +4,7 @@ from enum import StrEnum
 
 
 class ReasonCode(StrEnum):
-    """Every way an input event can fail its contract. The first failing check is primary."""
+    """Every way an input event can fail its contract or its quality suite. The first is primary."""
 
     PAYLOAD_TOO_LARGE = "payload_too_large"
     EMPTY_PAYLOAD = "empty_payload"
@@ -21,6 +21,19 @@ class ReasonCode(StrEnum):
     MISSING_IDENTIFIER = "missing_identifier"
     DUPLICATE_EVENT_ID = "duplicate_event_id"
     INVALID_COMMAND = "invalid_command"
+    # Quality suites (quality/suites.py): the event is well-formed but its content is wrong.
+    TIMESTAMP_IN_FUTURE = "timestamp_in_future"
+    TIMESTAMP_TOO_OLD = "timestamp_too_old"
+    NEGATIVE_AMOUNT = "negative_amount"
+    UNKNOWN_CURRENCY = "unknown_currency"
+    PLACEHOLDER_EMAIL = "placeholder_email"
+    INVALID_EMAIL = "invalid_email"
+    INVALID_PHONE = "invalid_phone"
+    REFUND_CURRENCY_MISMATCH = "refund_currency_mismatch"
+    REFUND_EXCEEDS_ORDER = "refund_exceeds_order"
+    INVALID_SCORE = "invalid_score"
+    # The pipeline itself: a stage raised on this event alone; replay it once fixed.
+    INTERNAL_ERROR = "internal_error"
 
 
 REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
@@ -39,4 +52,32 @@ REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
     ReasonCode.MISSING_IDENTIFIER: "the event names nobody: no user id, anonymous id, email or phone",
     ReasonCode.DUPLICATE_EVENT_ID: "another event with different content already used this messageId",
     ReasonCode.INVALID_COMMAND: "an operator command that is malformed or names unknown records",
+    ReasonCode.TIMESTAMP_IN_FUTURE: "the event time is later than now plus the allowed clock skew",
+    ReasonCode.TIMESTAMP_TOO_OLD: "the event time is older than the accepted horizon",
+    ReasonCode.NEGATIVE_AMOUNT: "an order or refund amount is below zero",
+    ReasonCode.UNKNOWN_CURRENCY: "the currency is not an ISO 4217 code",
+    ReasonCode.PLACEHOLDER_EMAIL: "an email field holds a placeholder such as 'n/a' or test@test.com",
+    ReasonCode.INVALID_EMAIL: "an email field is present but is not an email address",
+    ReasonCode.INVALID_PHONE: "a phone field is present but is not a valid phone number",
+    ReasonCode.REFUND_CURRENCY_MISMATCH: "a refund's currency differs from its known order's",
+    ReasonCode.REFUND_EXCEEDS_ORDER: "a refund's amount is larger than its known order's total",
+    ReasonCode.INVALID_SCORE: "a CSAT score is outside 1 to 5",
+    ReasonCode.INTERNAL_ERROR: "a pipeline stage failed on this event alone (a bug: replay once fixed)",
 }
+
+# Reasons the quality suites give; the others come from the contract stage.
+QUALITY_REASONS = frozenset(
+    {
+        ReasonCode.DUPLICATE_EVENT_ID,
+        ReasonCode.TIMESTAMP_IN_FUTURE,
+        ReasonCode.TIMESTAMP_TOO_OLD,
+        ReasonCode.NEGATIVE_AMOUNT,
+        ReasonCode.UNKNOWN_CURRENCY,
+        ReasonCode.PLACEHOLDER_EMAIL,
+        ReasonCode.INVALID_EMAIL,
+        ReasonCode.INVALID_PHONE,
+        ReasonCode.REFUND_CURRENCY_MISMATCH,
+        ReasonCode.REFUND_EXCEEDS_ORDER,
+        ReasonCode.INVALID_SCORE,
+    }
+)

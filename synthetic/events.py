@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 import unicodedata
 import uuid
 from collections import Counter
@@ -31,7 +32,9 @@ import orjson
 import phonenumbers
 
 from consent.policy import load_policy
+from identity.normalise import normalise_phone, region_hint
 from pipelines.topics import route
+from quality.suites import EMAIL_PATTERN, PLACEHOLDER_EMAILS
 
 FIRST_NAMES = [
     "Anna",
@@ -599,6 +602,30 @@ class _Generator:
             granted = self.policy.default_status(jurisdiction, purpose) == "granted"
         return ("applied", "") if granted else ("withheld", purpose)
 
+    @staticmethod
+    def quality_outcome(event: dict[str, Any]) -> tuple[str, str] | None:
+        """A realistic line the quality suites reject (a typo'd email domain), or None.
+
+        Mirrors the envelope suite's contact checks: a placeholder email, an email that is
+        not one (a typo can drop a domain's letter: "web.d"), an unparseable phone.
+        """
+        sources = (
+            event.get("traits") or {},
+            (event.get("context") or {}).get("traits") or {},
+            event.get("properties") or {},
+        )
+        email = next((s["email"] for s in sources if isinstance(s.get("email"), str)), None)
+        if email is not None:
+            cleaned = email.strip().lower()
+            if cleaned in PLACEHOLDER_EMAILS:
+                return "rejected", "placeholder_email"
+            if not re.match(EMAIL_PATTERN, cleaned):
+                return "rejected", "invalid_email"
+        phone = next((s["phone"] for s in sources if isinstance(s.get("phone"), str)), None)
+        if phone is not None and normalise_phone(phone, region_hint(event)) is None:
+            return "rejected", "invalid_phone"
+        return None
+
     def malformed(self, n: int) -> tuple[bytes, str]:
         """One garbage line with exactly one defect, and the reason code it must get."""
         mid = self.uid()
@@ -616,7 +643,7 @@ class _Generator:
             "userId": f"u_{self.hex(12)}",
             "properties": {"order_id": f"ord_{self.hex(10)}", "total": 19.99, "currency": "EUR"},
         }
-        defect = n % 14
+        defect = n % 20
         if defect == 0:
             return orjson.dumps({**base, "properties": {"blob": "x" * 33_000}}), "payload_too_large"
         if defect == 1:
@@ -657,10 +684,36 @@ class _Generator:
             return orjson.dumps({**base, "timestamp": "yesterday"}), "invalid_value"
         if defect == 12:
             return orjson.dumps({**base, "timestamp": "2026-13-45T10:00:00Z"}), "invalid_timestamp"
-        no_ids = {k: v for k, v in base.items() if k != "anonymousId"}
-        return orjson.dumps(
-            {**no_ids, "context": {"traits": {"email": "n/a"}}}
-        ), "missing_identifier"
+        if defect == 13:
+            no_ids = {k: v for k, v in base.items() if k != "anonymousId"}
+            return orjson.dumps(
+                {**no_ids, "context": {"traits": {"email": "n/a"}}}
+            ), "missing_identifier"
+        # Well-formed lines the quality suites (quality/suites.py) must reject.
+        if defect == 14:
+            return orjson.dumps(
+                {**order, "properties": {**order["properties"], "currency": "ZZZ"}}
+            ), "unknown_currency"
+        if defect == 15:
+            return orjson.dumps(
+                {**base, "timestamp": "1970-01-01T00:00:00.000Z"}
+            ), "timestamp_too_old"
+        if defect == 16:
+            future = f"{self.end.year + 100}-01-01T00:00:00.000Z"
+            return orjson.dumps({**base, "timestamp": future}), "timestamp_in_future"
+        if defect == 17:
+            return orjson.dumps(
+                {**order, "properties": {**order["properties"], "email": "N/A"}}
+            ), "placeholder_email"
+        if defect == 18:
+            ticket = {
+                **order,
+                "event": "Ticket Opened",
+                "properties": {"ticket_id": f"T-{self.hex(8)}", "phone": "12345"},
+            }
+            return orjson.dumps(ticket), "invalid_phone"
+        identify = {**base, "type": "identify", "userId": f"u_{self.hex(12)}"}
+        return orjson.dumps({**identify, "traits": {"email": "bob@localhost"}}), "invalid_email"
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -683,7 +736,7 @@ class _Generator:
         timeline: list[tuple[datetime, int, bytes, str, str, str, str]] = []
         for person, budget in zip(persons, budgets, strict=True):
             for ts, event, kind in self.journey(person, budget):
-                outcome, reason = self.outcome(kind, event)
+                outcome, reason = self.quality_outcome(event) or self.outcome(kind, event)
                 timeline.append(
                     (
                         ts,

@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines import topics
+from pipelines.topics import route
 from quality.reasons import ReasonCode
 from schemas.contract import check_contract
 
@@ -99,3 +100,22 @@ def test_random_batches_account_for_every_distinct_message(run, batch):
     decided = [o for o in produced if o.topic == topics.LINEAGE]
     assert report.received + report.duplicates == len(batch)
     assert report.received == len(rejected) + len(decided)
+
+
+@given(st.sampled_from(["type", "event", "userId", "anonymousId"]), json_values)
+@settings(max_examples=300)
+def test_routing_any_field_value_never_raises(field, value):
+    event = {**VALID, field: value}
+    topic, key = route(orjson.dumps(event))
+    assert topic in topics.INPUT_TOPICS and (key is None or isinstance(key, bytes))
+
+
+def test_free_form_properties_named_like_typed_fields_do_not_poison_a_batch(run, make_event):
+    odd = make_event(
+        "page",
+        userId="u-odd",
+        context={"location": {"country": "US"}},
+        properties={"order_id": 1e308, "ticket_id": [], "currency": {"a": 1}, "total": "x"},
+    )
+    report = run.feed(odd, make_event("page", userId="u-next", context=odd["context"]))
+    assert dict(report.outcomes) == {"applied": 2}

@@ -1,0 +1,228 @@
+"""The quality suites over micro-batches: row reasons, batch alerts, refunds, truth, replays."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import orjson
+import pytest
+
+from pipelines import topics
+from pipelines.pipeline import Pipeline, SourceRecord
+from quality.reasons import QUALITY_REASONS, ReasonCode
+from quality.suites import QualityConfig, QualityRow, QualityStage
+from schemas.contract import check_contract
+from synthetic.events import generate
+
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def order(message_id: str, order_id: str = "o-1", total: float = 10.0, **props) -> dict:
+    return {
+        "type": "track",
+        "event": "Order Completed",
+        "messageId": message_id,
+        "timestamp": "2026-10-30T10:00:00Z",
+        "userId": "u-1",
+        "properties": {"order_id": order_id, "total": total, "currency": "EUR", **props},
+    }
+
+
+def refund(message_id: str, order_id: str = "o-1", total: float = 5.0, **props) -> dict:
+    return {**order(message_id, order_id, total, **props), "event": "Order Refunded"}
+
+
+def rows_of(*events: dict) -> list[QualityRow]:
+    rows = []
+    for event in events:
+        contract = check_contract(orjson.dumps(event))
+        assert contract.ok, contract.reasons  # the suites only ever see contract-valid events
+        rows.append(
+            QualityRow(event["messageId"], contract.kind, contract.event, contract.timestamp)
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def stage() -> QualityStage:
+    return QualityStage(clock=lambda: NOW)
+
+
+def codes(stage: QualityStage, *events: dict, state=None) -> list[list[str]]:
+    verdict = stage.check(rows_of(*events), state or duckdb.connect())
+    return [[r.code.value for r in reasons] for reasons in verdict.reasons]
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (order("m", currency="ZZZ"), "unknown_currency"),
+        ({**order("m"), "timestamp": "1970-01-01T00:00:00Z"}, "timestamp_too_old"),
+        ({**order("m"), "timestamp": "2026-11-01T13:30:00Z"}, "timestamp_in_future"),
+        (order("m", email="n/a"), "placeholder_email"),
+        (order("m", email=" TEST@test.com "), "placeholder_email"),
+        (order("m", email="bob@localhost"), "invalid_email"),
+        (
+            {
+                "type": "track",
+                "event": "Ticket Opened",
+                "messageId": "m",
+                "userId": "u",
+                "timestamp": "2026-10-30T10:00:00Z",
+                "properties": {"ticket_id": "t", "phone": "12345"},
+            },
+            "invalid_phone",
+        ),
+    ],
+)
+def test_each_rule_rejects_its_row_with_its_reason(stage, event, reason):
+    good = order("good", order_id="o-good", email="  Ann@Example.COM ")
+    assert codes(stage, good, event) == [[], [reason, *codes(stage, event)[0][1:]]]
+    assert reason in QUALITY_REASONS
+
+
+def test_the_window_follows_the_clock_and_the_config():
+    late = {**order("m"), "timestamp": "2026-11-01T12:30:00Z"}
+    strict = QualityStage(QualityConfig(max_clock_skew=timedelta(minutes=10)), clock=lambda: NOW)
+    relaxed = QualityStage(QualityConfig(max_clock_skew=timedelta(hours=1)), clock=lambda: NOW)
+    assert codes(strict, late) == [["timestamp_in_future"]]
+    assert codes(relaxed, late) == [[]]
+    later = QualityStage(clock=lambda: NOW + timedelta(days=4 * 365))
+    assert codes(later, order("m")) == [["timestamp_too_old"]]
+
+
+def test_valid_phones_in_national_format_pass_with_the_events_country(stage):
+    ticket = {
+        "type": "track",
+        "event": "Ticket Opened",
+        "messageId": "m",
+        "userId": "u",
+        "timestamp": "2026-10-30T10:00:00Z",
+        "context": {"location": {"country": "DE"}},
+        "properties": {"ticket_id": "t", "phone": "0151 23456789"},
+    }
+    assert codes(stage, ticket) == [[]]
+
+
+def test_refunds_must_agree_with_a_known_order_and_unknown_orders_only_alert(stage):
+    state = duckdb.connect()
+    assert codes(stage, order("o"), state=state) == [[]]
+    verdict = stage.check(
+        rows_of(
+            refund("r1", total=10.0),  # a full refund: fine
+            refund("r2", total=10.01),  # more than the order
+            refund("r3", currency="USD"),  # another currency
+            refund("r4", order_id="never-seen"),  # may arrive before its order: applied
+            refund("r5", order_id="never-seen-2"),
+            refund("r6", order_id="never-seen-3"),
+            refund("r7", order_id="never-seen-4"),
+        ),
+        state,
+    )
+    assert [[r.code for r in reasons] for reasons in verdict.reasons] == [
+        [],
+        [ReasonCode.REFUND_EXCEEDS_ORDER],
+        [ReasonCode.REFUND_CURRENCY_MISMATCH],
+    ] + [[]] * 4
+    (alert,) = verdict.alerts
+    assert (alert.suite, alert.column) == ("transactional", "refund_order_known")
+    assert (alert.observed, alert.threshold) == (pytest.approx(3 / 7), 0.5)
+
+
+def test_an_order_in_the_same_batch_is_known_to_its_refund(stage):
+    assert codes(stage, order("o", order_id="o-9"), refund("r", order_id="o-9", total=99.0)) == [
+        [],
+        ["refund_exceeds_order"],
+    ]
+
+
+def test_a_null_rate_spike_raises_an_alert_without_blocking_rows(stage):
+    pages = [
+        {
+            "type": "page",
+            "messageId": f"p{i}",
+            "userId": f"u{i}",
+            "timestamp": "2026-10-30T10:00:00Z",
+        }
+        for i in range(10)
+    ]
+    verdict = stage.check(rows_of(*pages), duckdb.connect())
+    assert all(not reasons for reasons in verdict.reasons)
+    (alert,) = verdict.alerts
+    assert (alert.suite, alert.column, alert.observed, alert.rows) == (
+        "behavioral",
+        "has_anonymous_id",
+        0.0,
+        10,
+    )
+
+
+def test_quality_rejections_are_dead_letters_with_original_bytes_and_headers(run):
+    bad = orjson.dumps(order("bad-1", currency="ZZZ"))
+    report = run.feed(bad, orjson.dumps(order("ok-1", order_id="o-2")), topic=topics.TRANSACTIONAL)
+    assert dict(report.outcomes) == {"rejected": 1, "applied": 1}
+    (dead,) = run.on(topics.REJECTED)
+    headers = dict(dead.headers)
+    assert dead.value == bad and dead.key == b"bad-1"
+    assert headers["tessera.reason"] == b"unknown_currency"
+    assert [r["code"] for r in orjson.loads(headers["tessera.reasons"])] == ["unknown_currency"]
+    assert headers["tessera.schema"] == b"order_completed/v1"
+    assert headers["tessera.source.topic"] == topics.TRANSACTIONAL.encode()
+    assert datetime.fromisoformat(headers["tessera.rejected_at"].decode()).tzinfo is not None
+    (quality,) = [orjson.loads(r.value) for r in run.on(topics.QUALITY_REPORTS)]
+    assert quality["rejected"] == [
+        {"topic": topics.TRANSACTIONAL, "reason": "unknown_currency", "count": 1}
+    ]
+    assert quality["suites"]["transactional"]["success"] is False
+
+
+def test_a_fixed_version_of_a_rejected_event_gets_its_own_outcome_once(run):
+    bad = order("fix-1", currency="ZZZ")
+    run.feed(bad, topic=topics.TRANSACTIONAL)
+    fixed = orjson.dumps(order("fix-1", currency="EUR"))
+    assert dict(run.feed(fixed, topic=topics.TRANSACTIONAL).outcomes) == {"applied": 1}
+    again = run.feed(fixed, orjson.dumps(bad), topic=topics.TRANSACTIONAL)
+    assert again.received == 0 and again.duplicates == 2
+
+
+def test_an_applied_event_reused_with_other_content_is_still_a_duplicate_id(run):
+    run.feed(order("same-1"), topic=topics.TRANSACTIONAL)
+    report = run.feed(order("same-1", total=99.0), topic=topics.TRANSACTIONAL)
+    assert dict(report.outcomes) == {"rejected": 1}
+
+
+def test_quality_off_lets_content_errors_through(tmp_path: Path):
+    pipeline = Pipeline(tmp_path / "off.duckdb", quality=False)
+    outputs = []
+    raw = orjson.dumps(order("m", currency="ZZZ"))
+    report = pipeline.process([SourceRecord(topics.TRANSACTIONAL, 0, 0, raw)], outputs.extend)
+    pipeline.close()
+    assert dict(report.outcomes) == {"applied": 1}
+    assert not [o for o in outputs if o.topic == topics.QUALITY_REPORTS]
+
+
+def test_the_generators_truth_matches_every_outcome_line_by_line(tmp_path: Path):
+    lines = list(generate(persons=120, events=3000, seed=5, end=datetime(2026, 11, 1, tzinfo=UTC)))
+    pipeline = Pipeline(tmp_path / "truth.duckdb")
+    outputs = []
+    records = [SourceRecord(row.topic, 0, n, raw) for n, (raw, row) in enumerate(lines)]
+    for start in range(0, len(records), 500):
+        pipeline.process(records[start : start + 500], outputs.extend)
+    pipeline.close()
+    got = Counter(
+        dict(o.headers)["tessera.reason"].decode() for o in outputs if o.topic == topics.REJECTED
+    )
+    want = Counter(row.expected_reason for _, row in lines if row.expected_outcome == "rejected")
+    assert got == want
+    assert {"unknown_currency", "timestamp_in_future", "invalid_email"} <= set(got)
+
+
+def test_thresholds_come_from_the_environment():
+    config = QualityConfig.from_env(
+        {"TESSERA_QUALITY_MAX_SKEW_S": "60", "TESSERA_QUALITY_HORIZON_DAYS": "30"}
+    )
+    assert (config.max_clock_skew, config.horizon) == (timedelta(seconds=60), timedelta(days=30))
+    assert QualityConfig.from_env({}) == QualityConfig()
