@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import signal
 import sys
@@ -37,6 +38,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+class Engine(enum.StrEnum):
+    faust = "faust"
+    flink = "flink"
+
+
 @app.command()
 def worker(
     bootstrap: Bootstrap,
@@ -44,15 +50,31 @@ def worker(
     batch_size: Annotated[int, typer.Option(min=1, max=100_000)] = 2000,
     batch_ms: Annotated[int, typer.Option(min=1, max=60_000)] = 200,
     loglevel: Annotated[str, typer.Option(help="crit|error|warn|info|debug")] = "warn",
+    engine: Annotated[
+        Engine, typer.Option(help="faust (one process) or flink (a PyFlink job, .venv-flink)")
+    ] = Engine.faust,
 ) -> None:
     """Run the stream worker: contract, consent, identity and profiles over the input topics."""
     from pipelines.broker import ensure_reachable
-    from pipelines.faust_engine import run_worker
 
+    if engine is Engine.flink:
+        from pipelines.flink_launch import FlinkUnavailable, run_in_flink_python
+
+        try:
+            run_in_flink_python(sys.argv[1:])  # returns only where PyFlink imports
+        except FlinkUnavailable as exc:
+            _fail(str(exc))
     try:
         ensure_reachable(bootstrap)
     except BrokerError as exc:
         _fail(str(exc))
+    if engine is Engine.flink:
+        from pipelines.flink_engine import run_worker as run_flink
+
+        run_flink(bootstrap, data_dir, batch_size=batch_size, batch_ms=batch_ms)
+        return
+    from pipelines.faust_engine import run_worker
+
     run_worker(bootstrap, data_dir, loglevel=loglevel, batch_size=batch_size, batch_ms=batch_ms)
 
 

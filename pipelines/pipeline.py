@@ -97,6 +97,11 @@ def _json(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
+def source_position(record: SourceRecord) -> tuple[str, int, int]:
+    """Where a record sits in its topic: the order batches are processed in."""
+    return (record.topic, record.partition, record.offset)
+
+
 def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
     """Open (creating if needed) a DuckDB state file with the session settings stages rely on."""
     conn = duckdb.connect(str(path))
@@ -137,7 +142,10 @@ class Pipeline:
 
         In: consumed records in partition order, and `emit`, which must durably produce
         the outputs or raise. Out: a BatchReport. State commits only after emit returns.
+        The batch is processed in (topic, partition, offset) order, so how an engine
+        interleaved the partitions it consumed changes nothing (engine parity).
         """
+        batch = sorted(batch, key=source_position)
         self.conn.execute("BEGIN TRANSACTION")
         try:
             report, outputs = self._process(batch)
