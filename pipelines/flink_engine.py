@@ -24,17 +24,23 @@ between the two replays the batch from the last checkpoint; the event keys recor
 DuckDB make the replay a no-op (nothing doubled), and a checkpoint never covers a record
 that is neither processed nor in the checkpointed buffer (nothing lost).
 
-On start the source resumes from the consumer group's committed offsets (Flink commits
-them when a checkpoint completes) or, without any, from the earliest offset; restored
-from a checkpoint or savepoint, it resumes from the checkpointed offsets and buffer.
-`run_worker` stops the job with a savepoint on SIGINT/SIGTERM, so the buffered records
-are kept in the savepoint and, as the last batch drains before it, no partial batch is
-left behind. Use the savepoint (`--from-savepoint`) to resume without replaying.
+Order within a batch does not depend on the engine: Pipeline.process sorts each batch
+by (topic, partition, offset). Given the same batches, the Faust and Flink engines
+produce byte-identical outputs (tests/pipelines/test_engine_parity.py).
 
-Everything listens on loopback only: the mini-cluster's RPC, blob and REST endpoints are
-bound to 127.0.0.1, and Python functions run in separate worker processes
-(`_python_worker_execution_mode=process`) instead of a loopback gRPC server in this
-process.
+Restarts. Locally (`tessera worker --engine flink`, a mini-cluster in this process's
+JVM) the job resumes from the newest savepoint or retained checkpoint under
+`<data-dir>/checkpoints`, which holds the source offsets *and* the buffered records; a
+SIGINT/SIGTERM stops it with a savepoint. Without any snapshot it starts from the
+consumer group's committed offsets (Flink commits them when a checkpoint completes),
+else from the earliest offset. Under `flink run` / the Kubernetes operator the job is
+only submitted here; the cluster's configuration and its snapshots apply. Since the
+stage operator's DuckDB file lives on the TaskManager that runs it, a cluster needs
+that TaskManager's `--data-dir` on a persistent volume (deploy/ does this).
+
+Loopback only: the mini-cluster's RPC, blob and REST endpoints bind to 127.0.0.1 and
+Python functions run in thread mode (embedded in the TaskManager by pemja), so no Beam
+gRPC server opens (process mode binds those to every interface).
 
 Only this module imports pyflink; it runs in the Flink venv (`make flink-setup`, see
 `tessera worker --engine flink`), because Flink 2.0 caps numpy, pyarrow and protobuf.
@@ -42,7 +48,6 @@ Only this module imports pyflink; it runs in the Flink venv (`make flink-setup`,
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -61,8 +66,6 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 from pyflink.table import StreamTableEnvironment
 
 from pipelines import topics
-
-log = logging.getLogger("tessera.flink")
 
 JOB_NAME = "tessera-stages"
 SOURCE_TABLE = "tessera_input"
@@ -222,6 +225,8 @@ def flink_configuration(data_dir: Path, checkpoint_ms: int) -> Configuration:
         "execution.checkpointing.savepoint-dir": (checkpoints / "savepoints").as_uri(),
         # Keep the last checkpoint when the job is cancelled: it is the resume point.
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        # Resuming after the job graph changed (another batch size) keeps what still fits.
+        "execution.state-recovery.ignore-unclaimed-state": "true",
         # Python functions run embedded in the TaskManager (pemja): no Beam gRPC servers,
         # which in "process" mode listen on every interface.
         "python.execution-mode": "thread",
@@ -294,21 +299,32 @@ def run_worker(
     batch_ms: int = 200,
     checkpoint_ms: int = 5000,
     group_id: str = "tessera-flink",
-    from_savepoint: str | None = None,
 ) -> None:
-    """Submit the job (a local mini-cluster unless run by `flink run`) and wait.
+    """Run the job until SIGINT/SIGTERM, or submit it when started by a Flink client.
 
-    Stops with a savepoint under data_dir/checkpoints/savepoints on SIGINT/SIGTERM.
+    In: the broker, where the DuckDB state (and, locally, checkpoints) live, the batch
+    trigger. Locally it runs on a mini-cluster, resumes from the newest savepoint or
+    retained checkpoint under data_dir/checkpoints, and stops with a savepoint. Under
+    `flink run` or the operator's PythonDriver it submits the job and returns: the
+    cluster's configuration (checkpoint storage, restarts) applies, and the cluster
+    owns the job from then on (`flink stop` takes the savepoint).
     """
     check_connector()
+    if "PYFLINK_GATEWAY_PORT" in os.environ:  # set by the Flink client that started us
+        env = StreamExecutionEnvironment.get_execution_environment()
+        build_job(env, bootstrap, data_dir, batch_size, batch_ms, group_id)
+        client = env.execute_async(JOB_NAME)
+        print(f"submitted {JOB_NAME} as job {client.get_job_id()}", flush=True)
+        return
     _export_python_path()  # before anything starts the JVM
     data_dir.mkdir(parents=True, exist_ok=True)
-    # Python functions run in worker processes the TaskManager starts, talking to it over
-    # loopback, rather than in a gRPC server this process would open.
+    # No loopback gRPC server in this process for Python functions (thread mode needs none).
     os.environ.setdefault("_python_worker_execution_mode", "process")
     config = flink_configuration(data_dir, checkpoint_ms)
-    if from_savepoint:
-        config.set_string("execution.state-recovery.path", from_savepoint)
+    resume = latest_snapshot(data_dir / "checkpoints")
+    if resume is not None:
+        config.set_string("execution.state-recovery.path", resume.as_uri())
+        print(f"resuming from {resume}", flush=True)
     env = StreamExecutionEnvironment.get_execution_environment(config)
     build_job(env, bootstrap, data_dir, batch_size, batch_ms, group_id)
     client = env.execute_async(JOB_NAME)
@@ -320,18 +336,40 @@ def run_worker(
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stopping:
-            status = str(client.get_job_status().result())
+            try:
+                status = str(client.get_job_status().result())
+            except Exception as exc:  # the mini-cluster shuts down with a failed job
+                raise RuntimeError(f"the Flink job stopped; its log is in {_log_dir()}") from exc
             if status in ("FAILED", "CANCELED", "FINISHED"):
-                # Surfaces the job's exception, if any.
-                client.get_job_execution_result().result()
+                client.get_job_execution_result().result()  # raises the job's failure
                 return
             time.sleep(0.5)
         savepoint = _stop_with_savepoint(client, data_dir)
-        log.warning("stopped with savepoint %s", savepoint)
         print(f"stopped with savepoint {savepoint}", flush=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def latest_snapshot(checkpoints: Path) -> Path | None:
+    """The newest savepoint or retained checkpoint under `checkpoints` (None if none).
+
+    Resuming from it restores the source offsets and the buffered, not yet processed
+    records together: a stop or crash between two batches loses nothing.
+    """
+    candidates = [
+        *checkpoints.glob("savepoints/savepoint-*/_metadata"),
+        *checkpoints.glob("*/chk-*/_metadata"),
+    ]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: p.stat().st_mtime).parent
+
+
+def _log_dir() -> Path:
+    import pyflink
+
+    return Path(pyflink.__file__).parent / "log"
 
 
 def _export_python_path() -> None:

@@ -1,0 +1,222 @@
+"""Engine parity: the same input through the Faust worker and the PyFlink job gives the same bytes.
+
+Each engine gets its own fresh embedded broker and state directory; the same generated
+events are produced to each (same routing, so the same topic, partition and offset per
+event). Both engines then see the whole input as one micro-batch (batch size = number
+of input messages, a window far longer than the run), and the Pipeline processes a batch
+in (topic, partition, offset) order whatever order the engine consumed it in. So every
+output must be byte-identical: dead letters with their headers, lineage entries with
+their hash chain, identity links, profile changes; and so must the committed outcome
+of every event in each engine's DuckDB state.
+
+Why one batch: the stages are order-sensitive across topics (a consent change before or
+after an event, which event created a person), and where an engine cuts batches depends
+on timing. Sizing the batch to the input takes timing out of the comparison; what is
+compared is then everything the engines own: what they consume, hand to the stages,
+produce, and commit.
+
+The Flink engine runs under .venv-flink (`make flink-setup`; `make test` builds it).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from pipelines import topics
+from pipelines.broker import EmbeddedBroker
+from pipelines.produce import produce_events, read_lines
+from synthetic.events import write_dataset
+
+pytestmark = pytest.mark.broker
+
+PERSONS, EVENTS, SEED = 40, 1500, 23
+# Only a bound for a run that hangs; nothing here asserts on time.
+RUN_TIMEOUT = 300
+
+Message = tuple[bytes | None, bytes | None, tuple[tuple[str, bytes], ...]]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[bytes], Counter]:
+    folder = tmp_path_factory.mktemp("parity-data")
+    events, truth = folder / "events.jsonl", folder / "truth.csv"
+    write_dataset(
+        events,
+        truth,
+        persons=PERSONS,
+        events=EVENTS,
+        seed=SEED,
+        end=datetime(2026, 11, 1, tzinfo=UTC),
+    )
+    lines = list(read_lines(events))
+    expected = Counter(row["expected_outcome"] for row in csv.DictReader(truth.open()))
+    assert len(lines) == EVENTS and expected["applied"] and expected["rejected"]
+    return lines, expected
+
+
+def _consumer(bootstrap: str, topic: str) -> Consumer:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"parity-{topic}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    return consumer
+
+
+def read_topic(bootstrap: str, topic: str) -> list[Message]:
+    """Every message of a single-partition output topic, up to its end, in offset order.
+
+    The end is the high-water mark of the last fetch response (Tansu's ListOffsets is
+    unreliable, its fetch responses are not: see DESIGN.md).
+    """
+    consumer = _consumer(bootstrap, topic)
+    messages: list[Message] = []
+    next_offset = 0
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+        while True:
+            for message in consumer.consume(num_messages=10_000, timeout=0.5):
+                if not message.error():
+                    messages.append(
+                        (message.key(), message.value(), tuple(message.headers() or ()))
+                    )
+                    next_offset = message.offset() + 1
+            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), cached=True)
+            if high >= 0 and next_offset >= high and (messages or high == 0):
+                break
+            assert time.monotonic() < deadline, f"{topic}: stuck at {next_offset} of {high}"
+    finally:
+        consumer.close()
+    return messages
+
+
+def wait_for_outcomes(bootstrap: str, want: dict[str, int], worker: subprocess.Popen, log: Path):
+    """Block until the lineage and dead-letter topics hold `want` messages (or the worker dies)."""
+    consumers = {topic: _consumer(bootstrap, topic) for topic in want}
+    seen = Counter()
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+        while any(seen[t] < n for t, n in want.items()):
+            assert worker.poll() is None, f"worker exited early:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no full output after {RUN_TIMEOUT} s: {seen}"
+            for topic, consumer in consumers.items():
+                for message in consumer.consume(num_messages=10_000, timeout=0.5):
+                    if not message.error():
+                        seen[topic] += 1
+    finally:
+        for consumer in consumers.values():
+            consumer.close()
+
+
+def run_engine(engine: str, lines: list[bytes], expected: Counter, workdir: Path) -> dict:
+    """Stream `lines` through one engine on its own broker; return its outputs and outcomes."""
+    with EmbeddedBroker() as broker:
+        produce_events(lines, broker.bootstrap)
+        log = workdir / f"{engine}.log"
+        with log.open("wb") as out:
+            worker = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines.cli",
+                    "worker",
+                    "--engine",
+                    engine,
+                    "--bootstrap",
+                    broker.bootstrap,
+                    "--data-dir",
+                    str(workdir / engine),
+                    "--batch-size",
+                    str(len(lines)),
+                    "--batch-ms",
+                    "60000",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            try:
+                want = {
+                    topics.LINEAGE: expected["applied"] + expected["withheld"],
+                    topics.REJECTED: expected["rejected"],
+                }
+                wait_for_outcomes(broker.bootstrap, want, worker, log)
+            finally:
+                # A graceful stop: Faust finishes the batch, Flink stops with a savepoint.
+                worker.send_signal(signal.SIGTERM)
+                try:
+                    worker.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
+        outputs = {topic: read_topic(broker.bootstrap, topic) for topic in topics.OUTPUT_TOPICS}
+    state = duckdb.connect(str(workdir / engine / "state.duckdb"), read_only=True)
+    try:
+        outcomes = state.execute(
+            'SELECT event_key, topic, "partition", "offset", outcome, reason, person_id '
+            'FROM outcomes ORDER BY topic, "partition", "offset"'
+        ).fetchall()
+    finally:
+        state.close()
+    return {"outputs": outputs, "outcomes": outcomes, "log": log.read_text()}
+
+
+@pytest.fixture(scope="module")
+def runs(dataset, tmp_path_factory) -> dict[str, dict]:
+    lines, expected = dataset
+    workdir = tmp_path_factory.mktemp("parity")
+    # One after the other: the machine is small, and neither run shares anything.
+    return {engine: run_engine(engine, lines, expected, workdir) for engine in ("faust", "flink")}
+
+
+def test_each_engine_recorded_exactly_one_outcome_per_event(runs, dataset):
+    _, expected = dataset
+    for engine, run in runs.items():
+        got = Counter(row[4] for row in run["outcomes"])
+        assert got == {k: expected[k] for k in ("applied", "rejected", "withheld")}, engine
+
+
+def test_the_flink_engine_ran_as_a_flink_job(runs):
+    # The summary line comes from the stage operator inside the Flink job, the savepoint
+    # line from a graceful stop-with-savepoint: not a fallback to another engine.
+    log = runs["flink"]["log"]
+    assert f"batch of {EVENTS}:" in log
+    assert "stopped with savepoint" in log
+
+
+def test_outcomes_per_event_are_identical(runs):
+    assert runs["flink"]["outcomes"] == runs["faust"]["outcomes"]
+
+
+@pytest.mark.parametrize("topic", topics.OUTPUT_TOPICS)
+def test_outputs_are_byte_identical(runs, topic):
+    faust, flink = runs["faust"]["outputs"][topic], runs["flink"]["outputs"][topic]
+    assert faust, f"nothing on {topic}"
+    assert len(flink) == len(faust)
+    for index, (a, b) in enumerate(zip(faust, flink, strict=True)):
+        assert a == b, f"{topic} message {index} differs"
+
+
+def test_the_comparison_covers_merges_and_profiles(runs):
+    outputs = runs["faust"]["outputs"]
+    links = [m[1] for m in outputs[topics.IDENTITY_LINKS]]
+    assert any(b'"merge"' in link for link in links), "no merge to compare"
+    latest = {key: value for key, value, _ in outputs[topics.PROFILES_CHANGELOG]}
+    assert sum(value is not None for value in latest.values()) >= PERSONS // 2
