@@ -66,42 +66,10 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 from pyflink.table import StreamTableEnvironment
 
 from pipelines import topics
+from pipelines.kafka import java_client_properties
 
 JOB_NAME = "tessera-stages"
 SOURCE_TABLE = "tessera_input"
-
-# Kafka security for the Java client, from the same TESSERA_KAFKA_* variables as librdkafka.
-_JAAS_MODULES = {
-    "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
-    "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
-    "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
-}
-
-
-def java_kafka_properties(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Kafka Java-client security settings from TESSERA_KAFKA_* variables.
-
-    In: an environment (default os.environ). Out: client properties (empty for PLAINTEXT).
-    """
-    env = dict(os.environ if env is None else env)
-    protocol = env.get("TESSERA_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
-    if protocol == "PLAINTEXT":
-        return {}
-    props = {"security.protocol": protocol}
-    if protocol.startswith("SASL"):
-        mechanism = env.get("TESSERA_KAFKA_SASL_MECHANISM", "PLAIN").upper()
-        if mechanism not in _JAAS_MODULES:
-            raise ValueError(f"TESSERA_KAFKA_SASL_MECHANISM={mechanism!r} is not supported")
-        user = env.get("TESSERA_KAFKA_SASL_USERNAME", "").replace('"', '\\"')
-        password = env.get("TESSERA_KAFKA_SASL_PASSWORD", "").replace('"', '\\"')
-        props["sasl.mechanism"] = mechanism
-        props["sasl.jaas.config"] = (
-            f'{_JAAS_MODULES[mechanism]} required username="{user}" password="{password}";'
-        )
-    if protocol in ("SSL", "SASL_SSL") and env.get("TESSERA_KAFKA_SSL_CAFILE"):
-        props["ssl.truststore.type"] = "PEM"
-        props["ssl.truststore.location"] = env["TESSERA_KAFKA_SSL_CAFILE"]
-    return props
 
 
 def source_ddl(bootstrap: str, group_id: str) -> str:
@@ -123,7 +91,7 @@ def source_ddl(bootstrap: str, group_id: str) -> str:
         "key.fields": "record_key",
         "value.format": "raw",
         "value.fields-include": "EXCEPT_KEY",
-        **{f"properties.{k}": v for k, v in java_kafka_properties().items()},
+        **{f"properties.{k}": v for k, v in java_client_properties().items()},
     }
     with_clause = ",\n  ".join(f"'{k}' = '{_sql_quote(v)}'" for k, v in options.items())
     return f"""CREATE TABLE {SOURCE_TABLE} (

@@ -26,7 +26,7 @@ def flink_python(root: Path | None = None) -> Path | None:
     return python if python.exists() else None
 
 
-def run_in_flink_python(argv: list[str]) -> None:
+def run_in_flink_python(argv: list[str], root: Path | None = None) -> None:
     """Return if PyFlink imports here; otherwise exec `argv` under the Flink venv's python.
 
     In: the command-line arguments after the program name. Raises FlinkUnavailable with
@@ -34,7 +34,7 @@ def run_in_flink_python(argv: list[str]) -> None:
     """
     if importlib.util.find_spec("pyflink") is not None:
         return
-    python = flink_python()
+    python = flink_python(root)
     if python is None:
         raise FlinkUnavailable(
             "the Flink engine needs PyFlink, which this interpreter lacks and no "
