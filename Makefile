@@ -43,7 +43,7 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: setup
+bench: setup flink-setup
 	$(BIN)/tessera bench --sizes $(or $(SIZES),100000)
 
 clean:

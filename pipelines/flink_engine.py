@@ -134,8 +134,12 @@ class StageOperator(KeyedProcessFunction):
             ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY())
         )
         self.count = runtime_context.get_state(ValueStateDescriptor("count", Types.INT()))
+        # For the summary lines (and `tessera bench`): records handed to the stages by this
+        # process, and when the first one arrived.
+        self.handed, self.first_seen = 0, 0.0
 
     def process_element(self, value: Any, ctx: KeyedProcessFunction.Context) -> Iterator[str]:
+        self.first_seen = self.first_seen or time.time()
         self.buffer.add((value[0], value[1], value[2], value[3], value[4]))
         count = (self.count.value() or 0) + 1
         if count >= self.batch_size:
@@ -161,9 +165,11 @@ class StageOperator(KeyedProcessFunction):
         report = self.pipeline.process(batch, self.producer.send)
         self.buffer.clear()
         self.count.clear()
+        self.handed += len(batch)
         yield (
             f"batch of {len(batch)}: {dict(sorted(report.outcomes.items()))}, "
-            f"{report.duplicates} duplicates, {report.profiles_changed} profiles changed"
+            f"{report.duplicates} duplicates, {report.profiles_changed} profiles changed; "
+            f"{self.handed} records since {self.first_seen:.3f}, committed at {time.time():.3f}"
         )
 
     def close(self) -> None:
