@@ -134,6 +134,7 @@ class StageOperator(KeyedProcessFunction):
             ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY())
         )
         self.count = runtime_context.get_state(ValueStateDescriptor("count", Types.INT()))
+        self.deadline = runtime_context.get_state(ValueStateDescriptor("deadline", Types.LONG()))
         # For the summary lines (and `tessera bench`): records handed to the stages by this
         # process, and when the first one arrived.
         self.handed, self.first_seen = 0, 0.0
@@ -143,16 +144,19 @@ class StageOperator(KeyedProcessFunction):
         self.buffer.add((value[0], value[1], value[2], value[3], value[4]))
         count = (self.count.value() or 0) + 1
         if count >= self.batch_size:
+            deadline = self.deadline.value()
+            if deadline is not None:  # this batch's window timer is no longer needed
+                ctx.timer_service().delete_processing_time_timer(deadline)
             yield from self._flush()
             return
         self.count.update(count)
         if count == 1:
             # The batch window starts with its first record, as in Faust's take().
-            now = ctx.timer_service().current_processing_time()
-            ctx.timer_service().register_processing_time_timer(now + self.batch_ms)
+            deadline = ctx.timer_service().current_processing_time() + self.batch_ms
+            ctx.timer_service().register_processing_time_timer(deadline)
+            self.deadline.update(deadline)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[str]:
-        # A timer can outlive the batch it was set for (flushed by count): then this is a no-op.
         yield from self._flush()
 
     def _flush(self) -> Iterator[str]:
@@ -165,6 +169,7 @@ class StageOperator(KeyedProcessFunction):
         report = self.pipeline.process(batch, self.producer.send)
         self.buffer.clear()
         self.count.clear()
+        self.deadline.clear()
         self.handed += len(batch)
         yield (
             f"batch of {len(batch)}: {dict(sorted(report.outcomes.items()))}, "
