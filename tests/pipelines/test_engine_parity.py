@@ -188,6 +188,40 @@ def full_output(expected: Counter) -> dict[str, int]:
     }
 
 
+def listening_addresses(session: int) -> set[str]:
+    """Local addresses of every TCP socket listening in a process session (Linux /proc).
+
+    In: the session id (the worker's pid: it was started with start_new_session).
+    Out: "ADDRESS:PORT" strings, IPv4 and IPv6 as hex, as /proc/net/tcp* spells them.
+    """
+    inodes: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            # Fields after the command name: state, ppid, pgrp, session, ...
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) != session:
+                continue
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue  # the process ended while we looked
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                found.add(cols[1])
+    return found
+
+
+# 127.0.0.1 in /proc/net/tcp, and ::1 or ::ffff:127.0.0.1 in /proc/net/tcp6.
+LOOPBACK = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
+
+
 def run_engine(engine: str, lines: list[bytes], expected: Counter, workdir: Path) -> dict:
     """Stream `lines` through one engine on its own broker; return its outputs and outcomes."""
     log, data_dir = workdir / f"{engine}.log", workdir / engine
@@ -195,8 +229,14 @@ def run_engine(engine: str, lines: list[bytes], expected: Counter, workdir: Path
         produce_events(lines, broker.bootstrap)
         with worker_process(engine, broker.bootstrap, data_dir, len(lines), log) as worker:
             wait_for_outcomes(broker.bootstrap, full_output(expected), worker, log)
+            listening = listening_addresses(worker.pid)
         outputs = {topic: read_topic(broker.bootstrap, topic) for topic in topics.OUTPUT_TOPICS}
-    return {"outputs": outputs, "outcomes": committed_outcomes(data_dir), "log": log.read_text()}
+    return {
+        "outputs": outputs,
+        "outcomes": committed_outcomes(data_dir),
+        "log": log.read_text(),
+        "listening": listening,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +260,12 @@ def test_the_flink_engine_ran_as_a_flink_job(runs):
     log = runs["flink"]["log"]
     assert f"batch of {EVENTS}:" in log
     assert "stopped with savepoint" in log
+
+
+def test_the_flink_mini_cluster_listens_on_loopback_only(runs):
+    listening = runs["flink"]["listening"]
+    assert listening, "found no listening socket of the Flink worker to check"
+    assert all(address.startswith(LOOPBACK) for address in listening), listening
 
 
 def test_outcomes_per_event_are_identical(runs):
