@@ -3,10 +3,25 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The PyFlink engine's own venv: Flink 2.0 caps numpy, pyarrow and protobuf (see DESIGN.md).
+FLINK_VENV  := .venv-flink
+FLINK_STAMP := $(FLINK_VENV)/.installed
+FLINK_REQS  := deploy/docker/requirements-flink.txt
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup flink-setup demo test lint format bench clean
 
 setup: $(STAMP)
+
+flink-setup: $(FLINK_STAMP)
+
+# Tessera goes in with --no-deps (editable, so the job runs this checkout); its runtime
+# dependencies come from the same list the Flink image installs.
+$(FLINK_STAMP): $(FLINK_REQS) pyproject.toml
+	test -x $(FLINK_VENV)/bin/python || $(PYTHON) -m venv $(FLINK_VENV)
+	$(FLINK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(FLINK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(FLINK_REQS)
+	$(FLINK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(FLINK_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +32,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/tessera demo
 
-test: setup lint
+test: setup flink-setup lint
 	$(BIN)/pytest
 
 lint: setup
@@ -28,9 +43,9 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: setup
+bench: setup flink-setup
 	$(BIN)/tessera bench --sizes $(or $(SIZES),100000)
 	$(BIN)/tessera identity bench --records $(or $(IDENTITY_RECORDS),100000)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .tessera
+	rm -rf $(VENV) $(FLINK_VENV) .pytest_cache .ruff_cache .tessera

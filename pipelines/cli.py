@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import signal
 import sys
@@ -43,6 +44,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+class Engine(enum.StrEnum):
+    faust = "faust"
+    flink = "flink"
+
+
 @app.command()
 def worker(
     bootstrap: Bootstrap,
@@ -60,11 +66,13 @@ def worker(
     identity_threshold: Annotated[
         float, typer.Option(min=0.5, max=0.999999, help="match probability that links records")
     ] = 0.99,
+    engine: Annotated[
+        Engine, typer.Option(help="faust (one process) or flink (a PyFlink job, .venv-flink)")
+    ] = Engine.faust,
 ) -> None:
     """Run the stream worker: contract, consent, identity and profiles over the input topics."""
     from identity.model import ScoringModel, load_model
     from pipelines.broker import ensure_reachable
-    from pipelines.faust_engine import run_worker
 
     model = None
     if identity_model is not None:
@@ -72,10 +80,31 @@ def worker(
             model = ScoringModel(load_model(identity_model), threshold=identity_threshold)
         except (OSError, ValueError) as exc:
             _fail(f"cannot use identity model {identity_model}: {exc}")
+    if engine is Engine.flink:
+        from pipelines.flink_launch import FlinkUnavailable, run_in_flink_python
+
+        try:
+            run_in_flink_python(sys.argv[1:])  # returns only where PyFlink imports
+        except FlinkUnavailable as exc:
+            _fail(str(exc))
     try:
         ensure_reachable(bootstrap)
     except BrokerError as exc:
         _fail(str(exc))
+    if engine is Engine.flink:
+        from pipelines.flink_engine import run_worker as run_flink
+
+        run_flink(
+            bootstrap,
+            data_dir,
+            batch_size=batch_size,
+            batch_ms=batch_ms,
+            identity_model=identity_model,
+            identity_threshold=identity_threshold,
+        )
+        return
+    from pipelines.faust_engine import run_worker
+
     run_worker(
         bootstrap,
         data_dir,

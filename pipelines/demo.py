@@ -7,6 +7,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,14 +100,23 @@ def run_demo(
     end = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
     console.rule("[bold]Tessera demo")
+    model_file = data_dir / "identity-model.json"
+    with console.status("training the identity model (Splink, EM) on last month's events"):
+        trained = _train_identity_model(
+            data_dir / "history.jsonl", model_file, persons, events, seed, end
+        )
+    console.print(
+        f"identity model: trained without labels on {trained.records:,} distinct identity "
+        f"records of a previous month in {trained.seconds:.1f} s ({model_file})"
+    )
+    with console.status(f"generating {events:,} events for {persons:,} persons"):
+        write_dataset(events_file, truth_file, persons=persons, events=events, seed=seed, end=end)
     with console.status("starting the embedded broker, the worker and the profile API"):
-        stack = LocalStack(data_dir / "stack").__enter__()
+        stack = LocalStack(
+            data_dir / "stack", worker_options={"identity_model": str(model_file)}
+        ).__enter__()
     try:
         console.print(f"broker [bold]{stack.bootstrap}[/]   API [bold]{stack.api_url}[/]")
-        with console.status(f"generating {events:,} events for {persons:,} persons"):
-            write_dataset(
-                events_file, truth_file, persons=persons, events=events, seed=seed, end=end
-            )
         truth = list(csv.DictReader(truth_file.open()))
         expected = Counter(row["expected_outcome"] for row in truth)
         started = time.monotonic()
@@ -120,7 +130,9 @@ def run_demo(
         _print_summary(
             console, stats, expected, per_topic, len(truth), produced_s, elapsed, true_persons
         )
-        _print_profiles(console, stack.api_url, _example_user_ids(events_file, 3))
+        shown = _example_user_ids(events_file, 3)
+        _print_profiles(console, stack.api_url, shown)
+        _print_explanation(console, stack.api_url, shown[0] if shown else None)
         console.print(f"\nfiles: {events_file}  {truth_file}  logs: {data_dir / 'stack' / 'logs'}")
         if keep_running:
             console.print(f"\nThe stack is up. Broker {stack.bootstrap}")
@@ -183,6 +195,56 @@ def _print_summary(
     console.print(
         f"[bold]Time[/]: produced in {produced_s:.1f} s; all {stats['received']:,} outcomes "
         f"recorded {elapsed:.1f} s after the first event was sent ({rate:,.0f} events/s end to end)"
+    )
+
+
+@dataclass(frozen=True)
+class _Trained:
+    records: int
+    seconds: float
+
+
+def _train_identity_model(
+    history: Path, model_file: Path, persons: int, events: int, seed: int, end: datetime
+) -> _Trained:
+    """Train on a previous month's stream (another seed), as an operator would before go-live."""
+    from identity.model import records_table, save_model, train_model
+    from identity.records import record_id_of
+    from identity.sources import read_records
+
+    write_dataset(history, None, persons=persons, events=events, seed=seed + 1, end=end)
+    distinct = {record_id_of(fields): fields for _, fields in read_records(history)}
+    started = time.monotonic()
+    model, report = train_model(records_table({"record_id": r, **f} for r, f in distinct.items()))
+    save_model(model, model_file)
+    return _Trained(report.records, time.monotonic() - started)
+
+
+def _print_explanation(console: Console, api_url: str, user_id: str | None) -> None:
+    if user_id is None:
+        return
+    profile = httpx.get(
+        f"{api_url}/v1/profiles/lookup", params={"type": "user_id", "value": user_id}, timeout=10
+    ).json()
+    body = httpx.get(f"{api_url}/v1/identity/{profile['person_id']}/explain", timeout=10).json()
+    console.rule(f"Why {profile['person_id']} is one person (GET /v1/identity/…/explain)")
+    table = Table(show_header=True)
+    for name in ("link", "rule", "match weight", "strongest evidence"):
+        table.add_column(name)
+    for link in body["links"][:8]:
+        comparisons = sorted(
+            (link.get("comparisons") or {}).items(), key=lambda kv: -abs(kv[1]["match_weight"])
+        )[:3]
+        table.add_row(
+            f"{link['record_l'][:10]}… ~ {link['record_r'][:10]}…",
+            link["rule"],
+            f"{link['match_weight']:+.1f}" if link.get("match_weight") is not None else "",
+            ", ".join(f"{k} {v['match_weight']:+.1f}" for k, v in comparisons),
+        )
+    console.print(table)
+    console.print(
+        f"{len(body['records'])} identity records, {len(body['links'])} links, "
+        f"{sum(1 for h in body['history'] if h['kind'] == 'merge')} merges in its history"
     )
 
 

@@ -62,7 +62,7 @@ def train(
     if len(rows) < 10:
         _fail(f"{input} has {len(rows)} records; training needs at least 10")
     started = time.perf_counter()
-    with console.status(f"training on {len(rows):,} records"):
+    with console.status(f"training on the distinct records of {len(rows):,} rows"):
         table = records_table({"record_id": i, **fields} for i, fields in _unique(rows))
         try:
             model, report = train_model(table, max_pairs=max_pairs, seed=seed)
@@ -89,11 +89,16 @@ def train(
 
 
 def _unique(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """One row per distinct record content, as the resolver stores them (a device's many
+    page views are one record, and would otherwise weigh on u and m as many)."""
+    from identity.records import record_id_of
+
     seen: set[str] = set()
     unique = []
     for input_id, fields in rows:
-        if input_id not in seen:
-            seen.add(input_id)
+        content = record_id_of(fields)
+        if content not in seen:
+            seen.add(content)
             unique.append((input_id, fields))
     return unique
 

@@ -58,6 +58,40 @@ def faust_credentials() -> Any:
     )
 
 
+# Kafka security for the Java client, from the same TESSERA_KAFKA_* variables as librdkafka.
+_JAAS_MODULES = {
+    "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
+    "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
+    "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
+}
+
+
+def java_client_properties(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The same TESSERA_KAFKA_* security settings for Kafka's Java client (Flink's connector).
+
+    In: an environment (default os.environ). Out: client properties (empty for PLAINTEXT).
+    """
+    env = dict(os.environ if env is None else env)
+    protocol = env.get("TESSERA_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+    if protocol == "PLAINTEXT":
+        return {}
+    props = {"security.protocol": protocol}
+    if protocol.startswith("SASL"):
+        mechanism = env.get("TESSERA_KAFKA_SASL_MECHANISM", "PLAIN").upper()
+        if mechanism not in _JAAS_MODULES:
+            raise ValueError(f"TESSERA_KAFKA_SASL_MECHANISM={mechanism!r} is not supported")
+        user = env.get("TESSERA_KAFKA_SASL_USERNAME", "").replace('"', '\\"')
+        password = env.get("TESSERA_KAFKA_SASL_PASSWORD", "").replace('"', '\\"')
+        props["sasl.mechanism"] = mechanism
+        props["sasl.jaas.config"] = (
+            f'{_JAAS_MODULES[mechanism]} required username="{user}" password="{password}";'
+        )
+    if protocol in ("SSL", "SASL_SSL") and env.get("TESSERA_KAFKA_SSL_CAFILE"):
+        props["ssl.truststore.type"] = "PEM"
+        props["ssl.truststore.location"] = env["TESSERA_KAFKA_SSL_CAFILE"]
+    return props
+
+
 class DeliveryError(RuntimeError):
     """Some outputs were not acknowledged by the broker; the batch must not commit."""
 

@@ -148,6 +148,11 @@ class _StageFailure(Exception):
 _ENVIRONMENT_ERRORS = (OSError, MemoryError, duckdb.IOException, duckdb.OutOfMemoryException)
 
 
+def source_position(record: SourceRecord) -> tuple[str, int, int]:
+    """Where a record sits in its topic: the order batches are processed in."""
+    return (record.topic, record.partition, record.offset)
+
+
 def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
     """Open (creating if needed) a DuckDB state file with the session settings stages rely on."""
     conn = duckdb.connect(str(path))
@@ -192,11 +197,14 @@ class Pipeline:
 
         In: consumed records in partition order, and `emit`, which must durably produce
         the outputs or raise. Out: a BatchReport. State commits only after emit returns.
+        The batch is processed in (topic, partition, offset) order, so how an engine
+        interleaved the partitions it consumed changes nothing (engine parity).
 
         A stage that raises on some event's content would fail every retry of the batch
         and stall its partition: the batch is split until the event that fails alone is
         found, and that event is dead-lettered with `internal_error`; the rest proceed.
         """
+        batch = sorted(batch, key=source_position)
         try:
             return self._process_once(batch, emit)
         except _StageFailure as failure:

@@ -33,8 +33,15 @@ def _tail(path: Path, lines: int = 30) -> str:
 class LocalStack:
     """Broker + `tessera worker` + `tessera serve`, with logs under `data_dir/logs`."""
 
-    def __init__(self, data_dir: Path, api_port: int | None = None, partitions: int = 1) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        api_port: int | None = None,
+        partitions: int = 1,
+        worker_options: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
+        self.worker_options = dict(worker_options or {})
         self.api_port = api_port or free_port()
         self.broker = EmbeddedBroker(partitions=partitions)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -114,7 +121,7 @@ class LocalStack:
     def start(self) -> LocalStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.broker.start()
-        self.start_worker()
+        self.start_worker(**self.worker_options)
         self.start_api()
         return self
 

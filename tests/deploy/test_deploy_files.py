@@ -799,6 +799,9 @@ def tessera_invocations() -> list[tuple[str, list[str], dict[str, str], set[str]
             assert isinstance(command, list), f"{name}: use the exec form"
             found.append((f"compose:{name}", command, env, mounts))
         elif isinstance(command, list) and ENTRY_SCRIPT in command:
+            # The job's stage operator writes its state on the TaskManager, not here.
+            taskmanager = compose()["services"]["flink-taskmanager"]
+            mounts = {v.split(":")[1] for v in taskmanager.get("volumes", [])}
             found.append(
                 (f"compose:{name}", command[command.index(ENTRY_SCRIPT) + 1 :], env, mounts)
             )
@@ -814,8 +817,10 @@ def tessera_invocations() -> list[tuple[str, list[str], dict[str, str], set[str]
     spec = flink_deployment()["spec"]
     args = spec["job"]["args"]
     (main,) = spec["podTemplate"]["spec"]["containers"]
+    (taskmanager,) = spec["taskManager"]["podTemplate"]["spec"]["containers"]
+    mounts = {m["mountPath"] for m in taskmanager.get("volumeMounts", [])}
     found.append(
-        ("k8s:FlinkDeployment", args[args.index(ENTRY_SCRIPT) + 1 :], container_env(main), set())
+        ("k8s:FlinkDeployment", args[args.index(ENTRY_SCRIPT) + 1 :], container_env(main), mounts)
     )
     return found
 
@@ -830,16 +835,28 @@ def test_tessera_runs_in_compose_kubernetes_and_flink():
     assert commands == SUBCOMMANDS
 
 
-# The Flink job's command line (`worker --engine flink`) waits for the PyFlink engine; it
-# is listed here, not skipped, so this list is the one place that says what is pending.
-PENDING_ENGINE = [i for i in INVOCATIONS if "--engine" in i[1]]
-PARSED = [i for i in INVOCATIONS if "--engine" not in i[1]]
+PARSED = INVOCATIONS
+FLINK_JOBS = [i for i in INVOCATIONS if "--engine" in i[1]]
 
 
-def test_only_the_flink_job_waits_for_an_engine_option():
-    assert {where.split(":")[0] for where, *_ in PENDING_ENGINE} <= {"compose", "k8s"}
-    assert all(args[0] == "worker" and "flink" in args for _w, args, *_ in PENDING_ENGINE)
-    assert len(PARSED) >= 4  # compose and k8s, worker and serve
+def test_the_flink_job_runs_the_flink_engine(monkeypatch):
+    assert {where for where, *_ in FLINK_JOBS} == {"compose:flink-job", "k8s:FlinkDeployment"}
+    group = typer.main.get_command(cli_app)
+    for where, args, env, _mounts in FLINK_JOBS:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        context = group.commands["worker"].make_context("worker", list(args[1:]))
+        assert context.params["engine"] == "flink", where
+    assert len(PARSED) >= 6  # compose and k8s: worker, serve and the Flink job
+
+
+def test_the_flink_state_volume_is_the_one_taskmanager_s():
+    spec = flink_deployment()["spec"]
+    assert spec["taskManager"]["replicas"] == 1, "the stage operator's state is on one pod"
+    (volume,) = spec["taskManager"]["podTemplate"]["spec"]["volumes"]
+    (claim,) = load_docs(FLINK_K8S / "state-pvc.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim"
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
 
 
 @pytest.mark.parametrize(("where", "args", "env", "mounts"), PARSED, ids=[i[0] for i in PARSED])

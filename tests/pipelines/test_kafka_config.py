@@ -1,7 +1,8 @@
 import faust
 import pytest
 
-from pipelines.kafka import client_config, faust_credentials
+from pipelines.flink_launch import FlinkUnavailable, flink_python, run_in_flink_python
+from pipelines.kafka import client_config, faust_credentials, java_client_properties
 
 
 def test_plaintext_by_default(monkeypatch):
@@ -30,3 +31,39 @@ def test_unknown_protocol_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TESSERA_KAFKA_SECURITY_PROTOCOL", "CARRIER_PIGEON")
     with pytest.raises(ValueError, match="CARRIER_PIGEON"):
         faust_credentials()
+
+
+def test_the_java_client_gets_the_same_security_settings():
+    env = {
+        "TESSERA_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
+        "TESSERA_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "TESSERA_KAFKA_SASL_USERNAME": "tessera",
+        "TESSERA_KAFKA_SASL_PASSWORD": 'pa"ss',
+        "TESSERA_KAFKA_SSL_CAFILE": "/etc/tessera/kafka-ca/ca.crt",
+    }
+    props = java_client_properties(env)
+    assert props["security.protocol"] == "SASL_SSL"
+    assert props["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert props["sasl.jaas.config"] == (
+        "org.apache.kafka.common.security.scram.ScramLoginModule required "
+        'username="tessera" password="pa\\"ss";'
+    )
+    assert (props["ssl.truststore.type"], props["ssl.truststore.location"]) == (
+        "PEM",
+        "/etc/tessera/kafka-ca/ca.crt",
+    )
+    assert java_client_properties({}) == {}
+    with pytest.raises(ValueError, match="GSSAPI"):
+        java_client_properties(
+            {
+                "TESSERA_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                "TESSERA_KAFKA_SASL_MECHANISM": "GSSAPI",
+            }
+        )
+
+
+def test_the_flink_engine_without_its_venv_says_how_to_build_it(tmp_path):
+    # The core venv has no PyFlink; an empty root has no .venv-flink.
+    assert flink_python(tmp_path) is None
+    with pytest.raises(FlinkUnavailable, match="make flink-setup"):
+        run_in_flink_python(["worker", "--engine", "flink"], root=tmp_path)
