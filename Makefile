@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 FLINK_VENV  := .venv-flink
 FLINK_STAMP := $(FLINK_VENV)/.installed
 FLINK_REQS  := deploy/docker/requirements-flink.txt
+FLINK_NODEPS := deploy/docker/requirements-flink-nodeps.txt
 
 .PHONY: setup flink-setup demo test lint format bench clean
 
@@ -16,10 +17,11 @@ flink-setup: $(FLINK_STAMP)
 
 # Tessera goes in with --no-deps (editable, so the job runs this checkout); its runtime
 # dependencies come from the same list the Flink image installs.
-$(FLINK_STAMP): $(FLINK_REQS) pyproject.toml
+$(FLINK_STAMP): $(FLINK_REQS) $(FLINK_NODEPS) pyproject.toml
 	test -x $(FLINK_VENV)/bin/python || $(PYTHON) -m venv $(FLINK_VENV)
 	$(FLINK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(FLINK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(FLINK_REQS)
+	$(FLINK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r $(FLINK_NODEPS)
 	$(FLINK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(FLINK_STAMP)
 

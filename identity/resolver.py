@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS id_edges (
     match_probability DOUBLE, evidence JSON, status VARCHAR, ts TIMESTAMPTZ,
     PRIMARY KEY (record_l, record_r)
 );
+CREATE TABLE IF NOT EXISTS id_settings (name VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS id_cannot_link (
     record_l VARCHAR, record_r VARCHAR, reason VARCHAR, ts TIMESTAMPTZ,
     PRIMARY KEY (record_l, record_r)
@@ -111,6 +112,7 @@ class IdentityResolver:
         self.limits = dict(DEFAULT_LIMITS if limits is None else limits)
         conn.execute(SCHEMA_SQL)
         self._index: CandidateIndex | None = None
+        self._threshold_checked = False
         # Probabilistic candidates from equality rules on one strong identifier are the
         # deterministic links already: only the other rules need scoring.
         self._rules = [
@@ -130,6 +132,40 @@ class IdentityResolver:
     def forget(self) -> None:
         """Drop in-memory state (after a rolled-back batch): the next batch rebuilds it."""
         self._index = None
+        self._threshold_checked = False
+
+    def apply_threshold(self, key: str, ts: datetime) -> Resolution | None:
+        """Once per start: if the model's threshold was raised since the store last ran,
+        re-cluster every person held together by a link below it (an unmerge). Lowering
+        it affects new records only: pairs below the old threshold were never kept."""
+        if self.model is None or self._threshold_checked:
+            return None
+        self._threshold_checked = True
+        current = self.model.threshold
+        rows = self.conn.execute(
+            "SELECT value FROM id_settings WHERE name = 'threshold'"
+        ).fetchall()
+        stored = float(rows[0][0]) if rows else None
+        if stored == current:
+            return None
+        self.conn.execute(
+            "INSERT OR REPLACE INTO id_settings VALUES ('threshold', ?)", [repr(current)]
+        )
+        if stored is None or current < stored:
+            return None
+        persons = {
+            p
+            for (p,) in self.conn.execute(
+                """SELECT DISTINCT r.person_id FROM id_edges e
+                   JOIN id_records r ON r.record_id IN (e.record_l, e.record_r)
+                   WHERE e.rule = 'splink' AND e.status = 'active' AND e.match_probability < ?""",
+                [current],
+            ).fetchall()
+        }
+        log = LinkLog()
+        key = f"{key}:{current!r}"
+        _log(log, "threshold_raised", None, None, f"{stored!r} -> {current!r}", key, ts, None)
+        return self.recluster(persons, key, ts, log)
 
     # -- the batch path ----------------------------------------------------------------------
 

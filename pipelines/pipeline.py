@@ -350,6 +350,9 @@ class Pipeline:
             ]  # type: ignore[misc]
         )
         command_items, decided = self._apply_commands(commands, report)
+        raised = self.identity.apply_threshold("identity-threshold", datetime.now(UTC))
+        if raised is not None:
+            decided.append(raised)
         resolution.log.extend(e for r in decided for e in r.log)
         touched = set().union(*(r.touched for r in decided)) if decided else set()
         for split in decided:

@@ -191,3 +191,28 @@ def test_replaying_a_batch_changes_nothing(model):
     again = r.feed(*batch, key="z")
     assert again.person_of == first.person_of
     assert not again.log and not again.merged
+
+
+def test_raising_the_threshold_unmerges_what_only_weaker_links_held(model):
+    r = Resolver(model)
+    assert r.identity.apply_threshold("start", T0) is None  # first start: nothing to undo
+    common = dict(
+        last_name="Meyer", dob="1985-03-02", address_line1="12 Linden St", postcode="10115"
+    )
+    r.feed(rec(first_name="Jonathan", email="jon.meyer@web.de", **common), key="j")
+    linked = r.feed(rec(first_name="Jonathon", **common), key="j2")
+    assert linked.person_of == [person_id_for("j")]
+    ((probability,),) = r.conn.execute(
+        "SELECT match_probability FROM id_edges WHERE rule = 'splink'"
+    ).fetchall()
+    stricter = ScoringModel(model.model, threshold=(1 + probability) / 2)
+    restarted = IdentityResolver(r.conn, stricter)
+    r.conn.execute("BEGIN")
+    result = restarted.apply_threshold("start", T0)
+    r.conn.execute("COMMIT")
+    assert result is not None
+    assert [e["kind"] for e in result.log] == ["threshold_raised", "split"]
+    assert restarted.person_of_record(record_id_of(rec(first_name="Jonathon", **common))) == (
+        person_id_for("j2")
+    )
+    assert restarted.apply_threshold("start", T0) is None  # once per start
