@@ -120,11 +120,13 @@ def run_demo(
         _print_summary(
             console, stats, expected, per_topic, len(truth), produced_s, elapsed, true_persons
         )
+        _print_quality(console, stack.api_url)
         _print_profiles(console, stack.api_url, _example_user_ids(events_file, 3))
         console.print(f"\nfiles: {events_file}  {truth_file}  logs: {data_dir / 'stack' / 'logs'}")
         if keep_running:
             console.print(f"\nThe stack is up. Broker {stack.bootstrap}")
             console.print(f"  {stack.api_url}/v1/stats")
+            console.print(f"  {stack.api_url}/v1/quality")
             console.print(f"  {stack.api_url}/v1/profiles/lookup?type=email&value=...")
             console.print(f"  {stack.api_url}/docs  (OpenAPI)")
             console.print("Ctrl-C to stop.")
@@ -183,6 +185,18 @@ def _print_summary(
     console.print(
         f"[bold]Time[/]: produced in {produced_s:.1f} s; all {stats['received']:,} outcomes "
         f"recorded {elapsed:.1f} s after the first event was sent ({rate:,.0f} events/s end to end)"
+    )
+
+
+def _print_quality(console: Console, api_url: str) -> None:
+    """The quality suites' view: batches and rows checked, alerts raised (GET /v1/quality)."""
+    quality = httpx.get(f"{api_url}/v1/quality", timeout=10).json()
+    rows = ", ".join(f"{s}: {n:,}" for s, n in quality["rows_checked_by_source"].items())
+    alerts = ", ".join(f"{c}: {n:,}" for c, n in quality["alerts_by_check"].items()) or "none"
+    console.print(
+        f"[bold]Quality suites[/] (great-expectations, once per micro-batch): "
+        f"{quality['batches_checked']:,} batches, rows checked {rows or 'none'}; "
+        f"{quality['gx_seconds']:.1f} s in GX; batch alerts: {alerts}"
     )
 
 
