@@ -130,6 +130,7 @@ def run_demo(
         _print_summary(
             console, stats, expected, per_topic, len(truth), produced_s, elapsed, true_persons
         )
+        _print_quality(console, stack.api_url)
         shown = _example_user_ids(events_file, 3)
         _print_profiles(console, stack.api_url, shown)
         _print_explanation(console, stack.api_url, shown[0] if shown else None)
@@ -137,6 +138,7 @@ def run_demo(
         if keep_running:
             console.print(f"\nThe stack is up. Broker {stack.bootstrap}")
             console.print(f"  {stack.api_url}/v1/stats")
+            console.print(f"  {stack.api_url}/v1/quality")
             console.print(f"  {stack.api_url}/v1/profiles/lookup?type=email&value=...")
             console.print(f"  {stack.api_url}/docs  (OpenAPI)")
             console.print("Ctrl-C to stop.")
@@ -245,6 +247,18 @@ def _print_explanation(console: Console, api_url: str, user_id: str | None) -> N
     console.print(
         f"{len(body['records'])} identity records, {len(body['links'])} links, "
         f"{sum(1 for h in body['history'] if h['kind'] == 'merge')} merges in its history"
+    )
+
+
+def _print_quality(console: Console, api_url: str) -> None:
+    """The quality suites' view: batches and rows checked, alerts raised (GET /v1/quality)."""
+    quality = httpx.get(f"{api_url}/v1/quality", timeout=10).json()
+    rows = ", ".join(f"{s}: {n:,}" for s, n in quality["rows_checked_by_source"].items())
+    alerts = ", ".join(f"{c}: {n:,}" for c, n in quality["alerts_by_check"].items()) or "none"
+    console.print(
+        f"[bold]Quality suites[/] (great-expectations, once per micro-batch): "
+        f"{quality['batches_checked']:,} batches, rows checked {rows or 'none'}; "
+        f"{quality['gx_seconds']:.1f} s in GX; batch alerts: {alerts}"
     )
 
 

@@ -17,6 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pipelines import topics
 from pipelines.demo import wait_until_processed
 from pipelines.produce import read_lines
+from quality.reasons import QUALITY_REASONS
 
 pytestmark = pytest.mark.broker
 
@@ -123,6 +124,24 @@ def test_dead_letters_keep_original_bytes_and_the_right_reason(streamed):
     }
     got = {m.value(): dict(m.headers())["tessera.reason"].decode() for m in dead}
     assert got == expected
+
+
+def test_quality_view_agrees_with_the_outcomes(streamed):
+    stack, _, truth, stats, _ = streamed
+    quality = httpx.get(f"{stack.api_url}/v1/quality", params={"bucket": "day"}).json()
+    assert quality["rejected_by_reason"] == stats["rejected_by_reason"]
+    assert sum(b["count"] for b in quality["rejections"]) == stats["rejected"]
+    # The suites judge every contract-valid event once, including those they reject.
+    contract_valid = sum(
+        1
+        for r in truth
+        if r["expected_outcome"] != "duplicate"
+        and not (
+            r["expected_outcome"] == "rejected" and r["expected_reason"] not in QUALITY_REASONS
+        )
+    )
+    assert sum(quality["rows_checked_by_source"].values()) == contract_valid
+    assert quality["batches_checked"] > 0
 
 
 def test_withheld_events_are_in_the_lineage_with_their_purpose(streamed):

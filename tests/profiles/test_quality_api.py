@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import httpx
 import orjson
-from fastapi.testclient import TestClient
+import uvicorn
 
 from pipelines import topics
+from pipelines.broker import free_port
 from profiles.api import create_app
 from profiles.store import ConsumedRecord, ProfileStore
 
@@ -28,7 +33,15 @@ def test_quality_counts_and_alerts_come_from_dead_letters_and_quality_reports(
     ]
     store.apply(records)
     store.apply(records)  # a replica re-reading its topics counts nothing twice
-    client = TestClient(create_app(store))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     body = client.get("/v1/quality", params={"bucket": "minute"}).json()
     assert body["rejected_by_reason"] == {
         "malformed_json": 1,
@@ -46,4 +59,6 @@ def test_quality_counts_and_alerts_come_from_dead_letters_and_quality_reports(
     assert (alert["suite"], alert["observed"], alert["threshold"]) == ("behavioral", 0.1429, 0.8)
     assert client.get("/v1/quality", params={"bucket": "week"}).status_code == 400
     assert orjson.loads(run.on(topics.QUALITY_REPORTS)[0].value)["alerts"]
+    server.should_exit = True
+    thread.join(5)
     store.close()
