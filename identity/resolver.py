@@ -290,6 +290,17 @@ class IdentityResolver:
         finally:
             self.conn.unregister("_index_pairs")
         self._pair_records()
+        # A pair that shares a strong identifier is a deterministic link already (held to
+        # the same limits and operator rejections): scoring it would change nothing.
+        strong = [c for c in STRONG_FIELDS if c in model.columns]
+        shared = " OR ".join(f"l.{c} = r.{c}" for c in strong) or "false"
+        self.conn.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _open_pairs AS
+                SELECT p.* FROM _pairs p
+                JOIN _pair_recs l ON l.record_id = p.record_id_l
+                JOIN _pair_recs r ON r.record_id = p.record_id_r
+                WHERE NOT coalesce({shared}, false)"""
+        )
         # Links above the threshold are kept (re-clustering reads them); only the four
         # numbers clustering needs travel to Python, the per-comparison evidence stays in
         # `_scored` until the links that joined persons are known.
@@ -304,7 +315,7 @@ class IdentityResolver:
             f"""CREATE OR REPLACE TEMP TABLE _scored AS
                 SELECT record_id_l, record_id_r, match_weight, match_probability,
                        {", ".join(gammas)}, {", ".join(weights)}
-                FROM ({model.score_sql("_pairs", "_pair_recs")})
+                FROM ({model.score_sql("_open_pairs", "_pair_recs")})
                 WHERE match_probability >= {model.threshold}"""
         )
         self.conn.execute(
@@ -315,7 +326,7 @@ class IdentityResolver:
         rows = self.conn.execute(
             "SELECT record_id_l, record_id_r, match_weight, match_probability FROM _scored"
         ).fetchall()
-        self.conn.execute("DROP TABLE _pairs; DROP TABLE _pair_recs")
+        self.conn.execute("DROP TABLE _pairs; DROP TABLE _open_pairs; DROP TABLE _pair_recs")
         return [_Edge(a, b, "splink", w, p) for a, b, w, p in rows]
 
     # -- clusters ----------------------------------------------------------------------------
