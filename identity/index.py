@@ -12,7 +12,8 @@ records as at a million; a join against the store would read the whole table per
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from operator import itemgetter
 
 import duckdb
 
@@ -31,6 +32,7 @@ class CandidateIndex:
         self.blocks: list[dict[tuple[str, ...], list[str]]] = [defaultdict(list) for _ in rules]
         self.terms: dict[str, dict[str, int]] = {c: defaultdict(int) for c in tf_columns}
         self.totals: dict[str, int] = dict.fromkeys(tf_columns, 0)
+        self._key_getters = [_key_getter(rule) for rule in rules]
 
     @classmethod
     def load(
@@ -53,9 +55,9 @@ class CandidateIndex:
                 value = fields.get(name)
                 if value is not None:
                     self.anchors[name].setdefault(value, record_id)
-            for rule, block in zip(self.rules, self.blocks, strict=True):
-                key = _key(fields, rule)
-                if key is not None:
+            for key_of, block in zip(self._key_getters, self.blocks, strict=True):
+                key = key_of(fields)
+                if None not in key:
                     block[key].append(record_id)
             for column in self.tf_columns:
                 value = fields.get(column)
@@ -83,9 +85,10 @@ class CandidateIndex:
         pairs: set[tuple[str, str]] = set()
         for rule, block in zip(self.rules, self.blocks, strict=True):
             local: dict[tuple[str, ...], list[str]] = defaultdict(list)
+            key_of = _key_getter(rule)
             for record_id, fields in new.items():
-                key = _key(fields, rule)
-                if key is None:
+                key = key_of(fields)
+                if None in key:
                     continue
                 for other in (*block.get(key, ()), *local[key]):
                     if other != record_id:
@@ -101,6 +104,17 @@ class CandidateIndex:
         return count / self.totals[column] if count else None
 
 
-def _key(fields: Fields, rule: tuple[str, ...]) -> tuple[str, ...] | None:
-    values = tuple(fields.get(c) for c in rule)
-    return None if any(v is None for v in values) else values  # type: ignore[return-value]
+def _key_getter(rule: tuple[str, ...]) -> Callable[[Fields], tuple[str | None, ...]]:
+    """A function from a record's fields to its key under `rule` (None inside: no key)."""
+    if len(rule) == 1:
+        (column,) = rule
+        return lambda fields: (fields.get(column),)
+    getter = itemgetter(*rule)
+
+    def key(fields: Fields) -> tuple[str | None, ...]:
+        try:
+            return getter(fields)
+        except KeyError:  # a record that leaves a field out has it empty
+            return tuple(fields.get(c) for c in rule)
+
+    return key
