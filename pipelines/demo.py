@@ -193,6 +193,10 @@ def _print_summary(
         f"{stats['identity_conflicts']:,} conflicts kept apart; the ground truth has "
         f"{true_persons:,} real persons"
     )
+    rules = ", ".join(f"{r}: {n:,}" for r, n in stats["identity_links_by_rule"].items()) or "none"
+    console.print(
+        f"[bold]Identity links by rule[/] (splink = probabilistic, Splink model): {rules}"
+    )
     rate = stats["received"] / elapsed if elapsed else 0
     console.print(
         f"[bold]Time[/]: produced in {produced_s:.1f} s; all {stats['received']:,} outcomes "

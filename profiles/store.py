@@ -455,6 +455,12 @@ class ProfileStore:
                       (SELECT count(*) FROM identity_events WHERE kind = 'merge'),
                       (SELECT count(*) FROM identity_events WHERE kind = 'conflict')"""
         ).fetchall()[0]
+        links_by_rule = dict(
+            cur.execute(
+                """SELECT rule, count(*) FROM identity_events
+                   WHERE kind IN ('record_linked', 'merge') GROUP BY 1 ORDER BY 2 DESC, 1"""
+            ).fetchall()
+        )
         applied = by_outcome.get("applied", 0)
         rejected = by_outcome.get("rejected", 0)
         withheld_total = by_outcome.get("withheld", 0)
@@ -469,6 +475,7 @@ class ProfileStore:
             "persons": persons,
             "merges": merges,
             "identity_conflicts": conflicts,
+            "identity_links_by_rule": links_by_rule,
         }
 
     def quality(self, bucket: str = "hour", alerts: int = 100) -> dict[str, Any]:

@@ -149,6 +149,8 @@ def test_explain_shows_the_records_and_the_links_that_hold_a_person(served):
     (old,) = profile["merged_from"]
     assert httpx.get(f"{url}/v1/identity/{old}/explain").json()["person_id"] == profile["person_id"]
     assert httpx.get(f"{url}/v1/identity/p_nobody/explain").status_code == 404
+    by_rule = httpx.get(f"{url}/v1/stats").json()["identity_links_by_rule"]
+    assert by_rule["shared:anonymous_id"] == 1 and by_rule["shared:user_id"] >= 1
 
 
 def test_rejecting_a_link_needs_a_command_channel_and_a_valid_body(served):
