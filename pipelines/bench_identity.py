@@ -13,10 +13,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
+
 from identity.evaluate import Accuracy, accuracy, splink_batch_clusters
 from identity.model import ScoringModel, records_table, train_model
-from identity.records import normalise_record
+from identity.records import normalise_record, record_from_event, record_id_of
 from identity.resolver import replay
+from synthetic.events import generate
 from synthetic.identities import identity_records
 
 SECTION = "## Identity resolution"
@@ -30,13 +33,39 @@ def _percentile(values: list[float], share: float) -> float:
 def run_identity_bench(
     records: int, threshold: float = 0.99, batch_size: int = 1000, seed: int = 1
 ) -> dict[str, object]:
-    """Generate about `records` records, train, then stream and batch them. Out: the figures."""
+    """The hard identity set at about `records` records: train, stream, batch. Out: figures."""
     persons = max(10, int(records / 3.7))
     rows, truth = [], {}
     for raw in identity_records(persons, seed):
         rows.append((raw["record_id"], normalise_record(raw)))
         truth[raw["record_id"]] = raw["person_id"]
-    table = records_table({"record_id": i, **fields} for i, fields in rows)
+    figures = compare(rows, truth, threshold, batch_size)
+    return {**figures, "data": "identity set", "persons": persons}
+
+
+def run_event_stream_bench(
+    persons: int, events: int, threshold: float = 0.99, batch_size: int = 1000, seed: int = 7
+) -> dict[str, object]:
+    """The synthetic event stream (`tessera generate`): every applied event's identity record,
+    in stream order, against the person the generator wrote it for. Out: figures."""
+    rows, truth = [], {}
+    end = datetime(2026, 11, 1, tzinfo=UTC)
+    for raw, row in generate(persons, events, seed, end):
+        if row.expected_outcome != "applied" or not row.person:
+            continue  # rejected or withheld events never reach the identity stage
+        event = orjson.loads(raw)
+        rows.append((row.message_id, record_from_event(event)))
+        truth[row.message_id] = row.person
+    figures = compare(rows, truth, threshold, batch_size)
+    return {**figures, "data": "event stream", "persons": persons}
+
+
+def compare(
+    rows: list[tuple[str, dict]], truth: dict[str, str], threshold: float, batch_size: int
+) -> dict[str, object]:
+    """Train on the distinct records, then cluster them streaming and in batch; score both."""
+    distinct = {record_id_of(fields): fields for _, fields in rows}
+    table = records_table({"record_id": r, **f} for r, f in distinct.items())
     started = time.perf_counter()
     model, _ = train_model(table)
     train_s = time.perf_counter() - started
@@ -44,11 +73,12 @@ def run_identity_bench(
     streamed = replay(rows, ScoringModel(model, threshold), batch_size=batch_size)
     stream_s = time.perf_counter() - started
     started = time.perf_counter()
-    batch = splink_batch_clusters(table, model, threshold)
+    batch_of_record = splink_batch_clusters(table, model, threshold)
     batch_s = time.perf_counter() - started
+    batch = {i: batch_of_record[record_id_of(fields)] for i, fields in rows}
     return {
         "records": len(rows),
-        "persons": persons,
+        "distinct": len(distinct),
         "threshold": threshold,
         "batch_size": batch_size,
         "train_s": train_s,
@@ -90,9 +120,14 @@ def render(figures: list[dict[str, object]], command: str) -> str:
         records = int(f["records"])  # type: ignore[call-overload]
         stream_rate = records / float(f["stream_s"])  # type: ignore[arg-type]
         batch_rate = records / float(f["batch_s"])  # type: ignore[arg-type]
+        what = (
+            f"{records:,} records of {f['persons']:,} persons"
+            if f["data"] == "identity set"
+            else f"event stream: {records:,} applied events ({f['distinct']:,} distinct records) "
+            f"of {f['persons']:,} persons"
+        )
         lines += [
-            f"### {records:,} records of {f['persons']:,} persons (threshold {f['threshold']}, "
-            f"batches of {f['batch_size']:,})",
+            f"### {what} (threshold {f['threshold']}, batches of {f['batch_size']:,})",
             "",
             "| clustering | pairwise precision | recall | F1 | B-cubed F1 | clusters |",
             "|---|---:|---:|---:|---:|---:|",

@@ -256,15 +256,28 @@ def bench(
     ),
     threshold: float = 0.99,
     batch_size: int = 1000,
+    events: Annotated[
+        int, typer.Option(help="also the event stream of `tessera generate` (0: skip)")
+    ] = 100_000,
     write: Annotated[Path, typer.Option(help="BENCHMARKS.md to update")] = Path("BENCHMARKS.md"),
 ) -> None:
     """Streaming resolver vs Splink batch: accuracy, throughput, latency, memory."""
-    from pipelines.bench_identity import render, run_identity_bench, write_section
+    from pipelines.bench_identity import (
+        render,
+        run_event_stream_bench,
+        run_identity_bench,
+        write_section,
+    )
 
     figures = []
+    if events:
+        with console.status(f"identity bench on the event stream ({events:,} events)"):
+            figures.append(
+                run_event_stream_bench(max(10, events // 40), events, threshold, batch_size)
+            )
     for size in (int(s) for s in records.split(",")):
         with console.status(f"identity bench on ~{size:,} records"):
             figures.append(run_identity_bench(size, threshold, batch_size))
-    section = render(figures, f"tessera identity bench --records {records}")
+    section = render(figures, f"tessera identity bench --records {records} --events {events}")
     write_section(write, section)
     out.print(section)
