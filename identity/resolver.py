@@ -491,28 +491,8 @@ class IdentityResolver:
         for name in RECORD_FIELDS:
             rows[name] = [v[2].get(name) for v in new.values()]
         self._insert("id_records", rows)
-        if created:
-            self._insert(
-                "id_persons",
-                {
-                    "person_id": [c[0] for c in created],
-                    "first_ts": [c[1] for c in created],
-                    "first_event": [c[2] for c in created],
-                    "founder": [c[3] for c in created],
-                },
-                verb="INSERT OR IGNORE",
-            )
-        if merged:
-            self.conn.register(
-                "_merged", pa.table({"loser": list(merged), "survivor": list(merged.values())})
-            )
-            try:
-                self.conn.execute(
-                    """UPDATE id_records SET person_id = m.survivor FROM _merged m
-                       WHERE id_records.person_id = m.loser"""
-                )
-            finally:
-                self.conn.unregister("_merged")
+        self._add_persons(created)
+        self._repoint("person_id", merged)  # every record of a merged-away person
         # Splink links were stored as they were scored; rule links only where they joined.
         used = {(e.record_l, e.record_r) for e, _, _ in unions}
         stored = [e for e in edges if e.rule != "splink" and (e.record_l, e.record_r) in used]
@@ -536,6 +516,35 @@ class IdentityResolver:
                 },
                 verb="INSERT OR IGNORE",
             )
+
+    def _add_persons(self, created: list[tuple[str, datetime, str, str]]) -> None:
+        """Remember new persons: (person_id, first_ts, first_event, founding record)."""
+        if created:
+            self._insert(
+                "id_persons",
+                {
+                    "person_id": [c[0] for c in created],
+                    "first_ts": [c[1] for c in created],
+                    "first_event": [c[2] for c in created],
+                    "founder": [c[3] for c in created],
+                },
+                verb="INSERT OR IGNORE",
+            )
+
+    def _repoint(self, column: str, target: dict[str, str]) -> None:
+        """Give records a new person: those whose `column` is a key of `target`."""
+        if not target:
+            return
+        self.conn.register(
+            "_repoint", pa.table({"source": list(target), "target": list(target.values())})
+        )
+        try:
+            self.conn.execute(
+                f"""UPDATE id_records SET person_id = m.target FROM _repoint m
+                    WHERE id_records.{column} = m.source"""
+            )
+        finally:
+            self.conn.unregister("_repoint")
 
     def _insert(self, table: str, columns: dict[str, Any], verb: str = "INSERT") -> None:
         self.conn.register("_identity_rows", pa.table(columns))
@@ -684,28 +693,8 @@ class IdentityResolver:
             for record in cluster.records:
                 if old[record] != person:
                     moved[record] = person
-        if created:
-            self._insert(
-                "id_persons",
-                {
-                    "person_id": [c[0] for c in created],
-                    "first_ts": [c[1] for c in created],
-                    "first_event": [c[2] for c in created],
-                    "founder": [c[3] for c in created],
-                },
-                verb="INSERT OR IGNORE",
-            )
-        if moved:
-            self.conn.register(
-                "_moved", pa.table({"record_id": list(moved), "person_id": list(moved.values())})
-            )
-            try:
-                self.conn.execute(
-                    """UPDATE id_records SET person_id = m.person_id FROM _moved m
-                       WHERE id_records.record_id = m.record_id"""
-                )
-            finally:
-                self.conn.unregister("_moved")
+        self._add_persons(created)
+        self._repoint("record_id", moved)  # the records a split moved
         pieces: dict[tuple[str, str], list[str]] = {}
         for record, person in sorted(moved.items()):
             pieces.setdefault((old[record], person), []).append(record)

@@ -275,7 +275,7 @@ def bench(
             figures.append(
                 run_event_stream_bench(max(10, events // 40), events, threshold, batch_size)
             )
-    for size in (int(s) for s in records.split(",")):
+    for size in (int(s) for s in records.split(",") if s.strip()):
         with console.status(f"identity bench on ~{size:,} records"):
             figures.append(run_identity_bench(size, threshold, batch_size))
     section = render(figures, f"tessera identity bench --records {records} --events {events}")

@@ -22,7 +22,7 @@ import re
 import unicodedata
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -203,6 +203,18 @@ class Person:
     carries_prefs: bool = True
 
 
+def mobile_number(country: str, tails: Iterable[str]) -> str:
+    """A valid E.164 mobile number of `country`: its example number ending in the first of
+    `tails` that makes it valid (the example number itself when none does)."""
+    example = phonenumbers.example_number_for_type(country, phonenumbers.PhoneNumberType.MOBILE)
+    digits = str(example.national_number)
+    for tail in tails:
+        candidate = phonenumbers.parse(f"+{example.country_code}{digits[: -len(tail)]}{tail}")
+        if phonenumbers.is_valid_number(candidate):
+            return phonenumbers.format_number(candidate, phonenumbers.PhoneNumberFormat.E164)
+    return phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+
+
 def _ascii(text: str) -> str:
     return "".join(
         c for c in unicodedata.normalize("NFKD", text) if c.isalnum() and c.isascii()
@@ -225,14 +237,9 @@ class _Generator:
         return f"{self.rng.getrandbits(4 * n):0{n}x}"
 
     def phone_for(self, country: str, index: int) -> str:
-        example = phonenumbers.example_number_for_type(country, phonenumbers.PhoneNumberType.MOBILE)
-        digits = str(example.national_number)
-        for attempt in range(50):
-            tail = f"{(index * 7919 + attempt * 104729) % 10_000:04d}"
-            candidate = phonenumbers.parse(f"+{example.country_code}{digits[:-4]}{tail}")
-            if phonenumbers.is_valid_number(candidate):
-                return phonenumbers.format_number(candidate, phonenumbers.PhoneNumberFormat.E164)
-        return phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+        return mobile_number(
+            country, (f"{(index * 7919 + attempt * 104729) % 10_000:04d}" for attempt in range(50))
+        )
 
     def typo(self, text: str) -> str:
         """Swap, drop or double one letter (letters only, so digits that make ids unique stay)."""

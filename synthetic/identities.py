@@ -23,7 +23,15 @@ from pathlib import Path
 
 import phonenumbers
 
-from synthetic.events import COUNTRIES, DOMAINS, EU_COUNTRIES, FIRST_NAMES, LAST_NAMES, _ascii
+from synthetic.events import (
+    COUNTRIES,
+    DOMAINS,
+    EU_COUNTRIES,
+    FIRST_NAMES,
+    LAST_NAMES,
+    _ascii,
+    mobile_number,
+)
 
 COLUMNS = [
     "record_id",
@@ -281,14 +289,7 @@ class _IdentityGenerator:
         return text[:i] + self.rng.choice("aeiourstn") + text[i + 1 :]
 
     def phone(self, country: str) -> str:
-        example = phonenumbers.example_number_for_type(country, phonenumbers.PhoneNumberType.MOBILE)
-        digits = str(example.national_number)
-        for _ in range(50):
-            tail = f"{self.rng.randrange(10**6):06d}"
-            candidate = phonenumbers.parse(f"+{example.country_code}{digits[:-6]}{tail}")
-            if phonenumbers.is_valid_number(candidate):
-                return phonenumbers.format_number(candidate, phonenumbers.PhoneNumberFormat.E164)
-        return phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+        return mobile_number(country, (f"{self.rng.randrange(10**6):06d}" for _ in range(50)))
 
     def persons(self) -> list[_Person]:
         out: list[_Person] = []
