@@ -178,17 +178,7 @@ def train_model(
             )
     model = linker.misc.save_model_to_json(out_path=None)
     conn.close()
-    _floor_unobserved(model)
     return model, training_report(model, records.num_rows)
-
-
-def _floor_unobserved(model: dict[str, Any]) -> None:
-    """A level that no training pair of the same person ever reached gets the floor as its
-    m: the data says matches do not look like that (Splink would use a generic default)."""
-    for comparison in model["comparisons"]:
-        for level in comparison["comparison_levels"]:
-            if not level.get("is_null_level") and level.get("m_probability") is None:
-                level["m_probability"] = PROBABILITY_FLOOR
 
 
 def training_report(model: dict[str, Any], records: int) -> TrainingReport:
