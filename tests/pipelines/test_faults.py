@@ -39,6 +39,7 @@ from pipelines.stack import LocalStack
 pytestmark = pytest.mark.broker
 
 PERSONS, EVENTS, SEED = 200, 8000, 23
+KILLS = 2  # each restart costs a group join; `tessera bench --soak` kills more often
 
 
 def cli(*args: str) -> str:
@@ -201,7 +202,7 @@ def test_worker_killed_at_random_points_loses_and_doubles_nothing(fresh_stack, d
     rng.seed(seed)
     cli("produce", str(dataset.file), "--bootstrap", stack.bootstrap)
     kills = []
-    for fraction in sorted(rng.uniform(0.1, 0.8) for _ in range(3)):
+    for fraction in sorted(rng.uniform(0.1, 0.8) for _ in range(KILLS)):
         wait_for_progress(stack, int(fraction * dataset.received))
         time.sleep(rng.uniform(0, 1.0))  # anywhere in a batch: consuming, staging, emitting
         kills.append(received(stack))
