@@ -67,8 +67,14 @@ class LocalStack:
         self.processes[name] = process
         return process
 
-    def start_worker(self, name: str = "worker", **options: str) -> subprocess.Popen[bytes]:
-        """Start (or restart) a worker process with its state under data_dir/name."""
+    def start_worker(
+        self, name: str = "worker", state: str | None = None, **options: str
+    ) -> subprocess.Popen[bytes]:
+        """Start (or restart) a worker process with its state under data_dir/(state or name).
+
+        Two workers given the same `state` share one state directory: the second is a
+        standby until the first exits (see pipelines/faust_engine.py).
+        """
         extra = [
             arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", value)
         ]
@@ -78,7 +84,7 @@ class LocalStack:
             "--bootstrap",
             self.bootstrap,
             "--data-dir",
-            str(self.data_dir / name),
+            str(self.data_dir / (state or name)),
             *extra,
         )
 
