@@ -91,6 +91,8 @@ class ConsentGate:
     def __init__(self, conn: duckdb.DuckDBPyConnection, policy: PurposePolicy) -> None:
         self.conn = conn
         self.policy = policy
+        # Identifiers whose consent the last `decide` changed: their persons' views rebuild.
+        self.last_changed: set[Identifier] = set()
         conn.execute(SCHEMA_SQL)
 
     def _load(self, identifiers: set[Identifier]) -> dict[tuple[Identifier, str], ConsentRecord]:
@@ -212,6 +214,7 @@ class ConsentGate:
                 )
             )
         self._store(changed)
+        self.last_changed = {identifier for identifier, _ in changed}
         return decisions
 
     def _store(self, changed: dict[tuple[Identifier, str], ConsentRecord]) -> None:
