@@ -133,14 +133,15 @@ class ConsentGate:
         def remember(ids: list[Identifier], record: ConsentRecord) -> None:
             for identifier in ids:
                 current = state.get((identifier, record.purpose))
-                # Restating the same status changes nothing; an older statement loses.
+                # An older statement loses. A restatement keeps the newer time: a statement
+                # older than it but newer than the first must still lose (out of order).
                 if current is not None and (
-                    current.status == record.status or record.ts < current.ts
+                    record.ts < current.ts
+                    or (current.status == record.status and record.ts <= current.ts)
                 ):
                     continue
-                if True:
-                    state[(identifier, record.purpose)] = record
-                    changed[(identifier, record.purpose)] = record
+                state[(identifier, record.purpose)] = record
+                changed[(identifier, record.purpose)] = record
 
         decisions: list[GateDecision] = []
         for event_key, kind, event, ts, ids in items:
