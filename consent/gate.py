@@ -91,6 +91,8 @@ class ConsentGate:
     def __init__(self, conn: duckdb.DuckDBPyConnection, policy: PurposePolicy) -> None:
         self.conn = conn
         self.policy = policy
+        # Identifiers whose consent the last `decide` changed: their persons' views rebuild.
+        self.last_changed: set[Identifier] = set()
         conn.execute(SCHEMA_SQL)
 
     def _load(self, identifiers: set[Identifier]) -> dict[tuple[Identifier, str], ConsentRecord]:
@@ -131,14 +133,15 @@ class ConsentGate:
         def remember(ids: list[Identifier], record: ConsentRecord) -> None:
             for identifier in ids:
                 current = state.get((identifier, record.purpose))
-                # Restating the same status changes nothing; an older statement loses.
+                # An older statement loses. A restatement keeps the newer time: a statement
+                # older than it but newer than the first must still lose (out of order).
                 if current is not None and (
-                    current.status == record.status or record.ts < current.ts
+                    record.ts < current.ts
+                    or (current.status == record.status and record.ts <= current.ts)
                 ):
                     continue
-                if True:
-                    state[(identifier, record.purpose)] = record
-                    changed[(identifier, record.purpose)] = record
+                state[(identifier, record.purpose)] = record
+                changed[(identifier, record.purpose)] = record
 
         decisions: list[GateDecision] = []
         for event_key, kind, event, ts, ids in items:
@@ -212,6 +215,7 @@ class ConsentGate:
                 )
             )
         self._store(changed)
+        self.last_changed = {identifier for identifier, _ in changed}
         return decisions
 
     def _store(self, changed: dict[tuple[Identifier, str], ConsentRecord]) -> None:

@@ -121,6 +121,9 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     data_dir: DataDir = Path(".tessera/api"),
+    keys: Annotated[
+        Path | None, typer.Option(help="API keys YAML (default: $TESSERA_API_KEYS)")
+    ] = None,
 ) -> None:
     """Serve the profile API from this process's own replica of the output topics."""
     import uvicorn
@@ -128,6 +131,7 @@ def serve(
     from pipelines.broker import ensure_reachable
     from pipelines.kafka import BatchProducer
     from pipelines.replica import ReplicaFollower
+    from profiles.access import KeyringError, configured_keyring
     from profiles.api import create_app
     from profiles.store import ProfileStore
 
@@ -135,12 +139,18 @@ def serve(
         ensure_reachable(bootstrap)
     except BrokerError as exc:
         _fail(str(exc))
+    try:
+        keyring = configured_keyring(keys)
+    except KeyringError as exc:
+        _fail(str(exc))
     data_dir.mkdir(parents=True, exist_ok=True)
     store = ProfileStore(data_dir / "profiles.duckdb")
     follower = ReplicaFollower(store, bootstrap).start()
     producer = BatchProducer(bootstrap)
     try:
-        app = create_app(store, follower, send_command=lambda record: producer.send([record]))
+        app = create_app(
+            store, follower, send_command=lambda record: producer.send([record]), keyring=keyring
+        )
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         follower.stop()

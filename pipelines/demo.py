@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from pipelines.produce import produce_events, read_lines
 from pipelines.stack import LocalStack
+from profiles.access import KEYS_ENV, write_keyring
 from synthetic.events import write_dataset
 
 
@@ -111,12 +113,28 @@ def run_demo(
     )
     with console.status(f"generating {events:,} events for {persons:,} persons"):
         write_dataset(events_file, truth_file, persons=persons, events=events, seed=seed, end=end)
+    # The local stack's API keys: hashes in the file, secrets printed once below.
+    keys_file = data_dir / "api-keys.yaml"
+    keys = write_keyring(
+        keys_file,
+        [
+            {"name": "admin", "role": "admin"},
+            {"name": "auditor", "role": "auditor"},
+            {"name": "web", "role": "reader", "purposes": ["personalization"]},
+        ],
+    )
+    os.environ[KEYS_ENV] = str(keys_file)
+    headers = {"X-API-Key": keys["admin"]}
     with console.status("starting the embedded broker, the worker and the profile API"):
         stack = LocalStack(
             data_dir / "stack", worker_options={"identity_model": str(model_file)}
         ).__enter__()
     try:
         console.print(f"broker [bold]{stack.bootstrap}[/]   API [bold]{stack.api_url}[/]")
+        console.print(
+            f"API keys (X-API-Key; hashes in {keys_file}): admin [bold]{keys['admin']}[/]  "
+            f"auditor {keys['auditor']}  personalization reader {keys['web']}"
+        )
         truth = list(csv.DictReader(truth_file.open()))
         expected = Counter(row["expected_outcome"] for row in truth)
         started = time.monotonic()
@@ -132,14 +150,16 @@ def run_demo(
         )
         _print_quality(console, stack.api_url)
         shown = _example_user_ids(events_file, 3)
-        _print_profiles(console, stack.api_url, shown)
-        _print_explanation(console, stack.api_url, shown[0] if shown else None)
+        _print_profiles(console, stack.api_url, shown, headers)
+        _print_explanation(console, stack.api_url, shown[0] if shown else None, headers)
         console.print(f"\nfiles: {events_file}  {truth_file}  logs: {data_dir / 'stack' / 'logs'}")
         if keep_running:
             console.print(f"\nThe stack is up. Broker {stack.bootstrap}")
             console.print(f"  {stack.api_url}/v1/stats")
             console.print(f"  {stack.api_url}/v1/quality")
-            console.print(f"  {stack.api_url}/v1/profiles/lookup?type=email&value=...")
+            console.print(
+                f"  {stack.api_url}/v1/profiles/lookup?type=email&value=...&purpose=personalization"
+            )
             console.print(f"  {stack.api_url}/docs  (OpenAPI)")
             console.print("Ctrl-C to stop.")
             wait()
@@ -226,13 +246,20 @@ def _train_identity_model(
     return _Trained(report.records, time.monotonic() - started)
 
 
-def _print_explanation(console: Console, api_url: str, user_id: str | None) -> None:
+def _print_explanation(
+    console: Console, api_url: str, user_id: str | None, headers: dict[str, str]
+) -> None:
     if user_id is None:
         return
     profile = httpx.get(
-        f"{api_url}/v1/profiles/lookup", params={"type": "user_id", "value": user_id}, timeout=10
+        f"{api_url}/v1/profiles/lookup",
+        params={"type": "user_id", "value": user_id, "purpose": "subject_access"},
+        headers=headers,
+        timeout=10,
     ).json()
-    body = httpx.get(f"{api_url}/v1/identity/{profile['person_id']}/explain", timeout=10).json()
+    body = httpx.get(
+        f"{api_url}/v1/identity/{profile['person_id']}/explain", headers=headers, timeout=10
+    ).json()
     console.rule(f"Why {profile['person_id']} is one person (GET /v1/identity/…/explain)")
     table = Table(show_header=True)
     for name in ("link", "rule", "match weight", "strongest evidence"):
@@ -266,12 +293,15 @@ def _print_quality(console: Console, api_url: str) -> None:
     )
 
 
-def _print_profiles(console: Console, api_url: str, user_ids: list[str]) -> None:
-    console.rule("Example profiles, fetched over HTTP by user id")
+def _print_profiles(
+    console: Console, api_url: str, user_ids: list[str], headers: dict[str, str]
+) -> None:
+    console.rule("Example profiles, fetched over HTTP by user id, read for personalization")
     for user_id in user_ids:
         response = httpx.get(
             f"{api_url}/v1/profiles/lookup",
-            params={"type": "user_id", "value": user_id},
+            params={"type": "user_id", "value": user_id, "purpose": "personalization"},
+            headers=headers,
             timeout=10,
         )
         if response.status_code == 200:

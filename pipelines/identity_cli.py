@@ -168,12 +168,19 @@ def explain(
         "http://127.0.0.1:8080"
     ),
     as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+    api_key: Annotated[
+        str, typer.Option(envvar="TESSERA_API_KEY", help="an auditor or admin API key")
+    ] = "",
 ) -> None:
     """Show every record of a person and the link that holds it: rule or match weight."""
     import httpx
 
     try:
-        response = httpx.get(f"{api.rstrip('/')}/v1/identity/{person_id}/explain", timeout=10)
+        response = httpx.get(
+            f"{api.rstrip('/')}/v1/identity/{person_id}/explain",
+            headers={"X-API-Key": api_key},
+            timeout=10,
+        )
     except httpx.HTTPError as exc:
         _fail(
             f"cannot reach the API at {api}: {exc}. Start one with `tessera up` or `tessera serve`."

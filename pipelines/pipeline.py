@@ -179,7 +179,7 @@ class Pipeline:
         self.conn.execute(SCHEMA_SQL)
         self.gate = ConsentGate(self.conn, self.policy)
         self.identity = IdentityResolver(self.conn, identity_model)
-        self.builder = ProfileBuilder(self.conn)
+        self.builder = ProfileBuilder(self.conn, self.policy)
         self.ledger = LineageLedger(self.conn)
 
     def close(self) -> None:
@@ -335,6 +335,8 @@ class Pipeline:
         )
         for item, decision in zip(valid, decisions, strict=True):
             item.decision = decision
+        # A consent change re-scopes the views of every person holding its identifiers.
+        consent_changed = self.builder.persons_holding(self.gate.last_changed)
         linked = [i for i in valid if i.decision.decision == ALLOWED]  # type: ignore[union-attr]
         records = [record_from_event(i.contract.event) for i in linked]  # type: ignore[arg-type]
         resolution = self.identity.resolve(
@@ -357,7 +359,9 @@ class Pipeline:
         touched = set().union(*(r.touched for r in decided)) if decided else set()
         for split in decided:
             self.builder.reassign(split.moved)
-        profiles, gone = self._rebuild(changed | resolution.touched | touched, resolution)
+        profiles, gone = self._rebuild(
+            changed | resolution.touched | touched | consent_changed, resolution
+        )
         items += command_items
         entries = self.ledger.append([self._lineage_entry(i) for i in valid])
         self._record_outcomes(items, report)

@@ -6,13 +6,18 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Security
 from fastapi.responses import Response
+from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
+from consent.policy import load_policy
 from identity.normalise import ID_TYPES, parse_identifier
 from pipelines.identity_commands import reject_link_command
+from profiles.access import SUBJECT_ACCESS, ApiKey, Keyring
 from profiles.store import QUALITY_BUCKETS, ProfileStore
+
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key (see README)")
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -36,12 +41,41 @@ def create_app(
     store: ProfileStore,
     follower: Any | None = None,
     send_command: Callable[[Any], None] | None = None,
+    keyring: Keyring | None = None,
+    purposes: set[str] | None = None,
 ) -> FastAPI:
     """The HTTP app over one replica's store.
 
     `follower` (if any) is reported on /healthz; `send_command` (if any) delivers operator
-    commands to the worker's command topic.
+    commands to the worker's command topic. `keyring` holds the API keys (none: every
+    protected call is 401); `purposes` are the policy's (default: the packaged policy).
     """
+    keyring = keyring or Keyring([])
+    purposes = purposes if purposes is not None else set(load_policy().purposes)
+    purposes = purposes | {SUBJECT_ACCESS}
+
+    def authorize(secret: str | None, *roles: str) -> ApiKey | Response:
+        """The caller's key if it has one of `roles`; else the 401 or 403 to answer with."""
+        key = keyring.authenticate(secret)
+        if key is None:
+            return _error(401, "unauthenticated", "send a valid API key in X-API-Key")
+        if key.role not in roles:
+            return _error(403, "forbidden", f"role {key.role!r} may not call this")
+        return key
+
+    def authorize_read(secret: str | None, purpose: str | None) -> ApiKey | Response:
+        """A profile read: a reader bound to `purpose`, or an admin; the purpose must be named."""
+        key = authorize(secret, "reader", "admin")
+        if isinstance(key, Response):
+            return key
+        if not purpose:
+            return _error(400, "purpose_required", "name the purpose of the read: ?purpose=")
+        if purpose not in purposes:
+            return _error(400, "unknown_purpose", f"purpose must be one of {sorted(purposes)}")
+        if not key.may_read(purpose):
+            return _error(403, "purpose_not_bound", f"this key may not read for {purpose!r}")
+        return key
+
     app = FastAPI(
         title="Tessera profile API",
         version="0.1.0",
@@ -86,27 +120,42 @@ def create_app(
         value: str = Query(
             ..., max_length=512, description="identifier value, as the source wrote it"
         ),
+        purpose: str | None = Query(None, description="the purpose of the read"),
+        secret: str | None = Security(API_KEY),
     ) -> Response:
+        denied = authorize_read(secret, purpose)
+        if isinstance(denied, Response):
+            return denied
         if type not in ID_TYPES:
             return _error(400, "unknown_identifier_type", f"type must be one of {list(ID_TYPES)}")
         if parse_identifier(type, value) is None:
             return _error(400, "invalid_identifier", f"{value!r} is not a valid {type}")
-        profile = store.lookup(type, value)
+        profile = store.lookup(type, value, purpose)
         if profile is None:
-            return _error(404, "not_found", f"no profile holds {type} {value!r}")
+            return _error(404, "not_found", f"no {purpose} profile holds {type} {value!r}")
         return _json(profile)
 
     @app.get("/v1/profiles/{person_id}", summary="The unified profile of a person")
-    def get_profile(person_id: str) -> Response:
+    def get_profile(
+        person_id: str,
+        purpose: str | None = Query(None, description="the purpose of the read"),
+        secret: str | None = Security(API_KEY),
+    ) -> Response:
+        denied = authorize_read(secret, purpose)
+        if isinstance(denied, Response):
+            return denied
         if len(person_id) > 128:
             return _error(400, "invalid_person_id", "person ids are at most 128 characters")
-        profile = store.get(person_id)
+        profile = store.get(person_id, purpose)
         if profile is None:
-            return _error(404, "not_found", f"no profile {person_id!r}")
+            return _error(404, "not_found", f"no {purpose} profile {person_id!r}")
         return _json(profile)
 
     @app.get("/v1/identity/{person_id}/explain", summary="Why these records are one person")
-    def explain(person_id: str) -> Response:
+    def explain(person_id: str, secret: str | None = Security(API_KEY)) -> Response:
+        denied = authorize(secret, "auditor", "admin")
+        if isinstance(denied, Response):
+            return denied
         if len(person_id) > 128:
             return _error(400, "invalid_person_id", "person ids are at most 128 characters")
         explanation = store.explain(person_id)
@@ -119,7 +168,10 @@ def create_app(
         status_code=202,
         summary="Reject a link: the worker splits the records and never relinks them",
     )
-    def reject(rejection: LinkRejection) -> Response:
+    def reject(rejection: LinkRejection, secret: str | None = Security(API_KEY)) -> Response:
+        denied = authorize(secret, "admin")
+        if isinstance(denied, Response):
+            return denied
         if send_command is None:
             return _error(503, "no_command_channel", "this API process cannot reach the worker")
         if rejection.record_a == rejection.record_b:

@@ -3,6 +3,13 @@
 Facts are kept per event (the state every profile is rebuilt from), so a merge is a
 re-pointing of facts and a profile is always the aggregate of exactly its person's
 events: no double counting across merges, and any profile can be rebuilt from scratch.
+
+Reads are purpose-scoped, so a profile holds one view per purpose. Each fact keeps the
+purpose its event was ingested for and its jurisdiction; a view for purpose P aggregates
+only the facts whose person currently consents to P (and still to the ingestion purpose):
+the latest statement for that purpose across the person's identifiers, else the policy
+default of the fact's jurisdiction. A consent change rebuilds the person's views, so a
+withdrawal republishes the profile without the withdrawn data.
 """
 
 from __future__ import annotations
@@ -15,13 +22,16 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from consent.gate import event_country
+from consent.policy import PurposePolicy
+from identity.normalise import Identifier
 from identity.records import STRONG_FIELDS, record_id_of
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS facts (
     event_key VARCHAR PRIMARY KEY, person_id VARCHAR NOT NULL, record_id VARCHAR, kind VARCHAR NOT NULL,
     ts TIMESTAMPTZ NOT NULL, order_id VARCHAR, amount DECIMAL(18, 2), currency VARCHAR,
-    ticket_id VARCHAR, score INTEGER
+    ticket_id VARCHAR, score INTEGER, purpose VARCHAR, jurisdiction VARCHAR
 );
 CREATE TABLE IF NOT EXISTS trait_facts (
     event_key VARCHAR, person_id VARCHAR NOT NULL, record_id VARCHAR, name VARCHAR, value JSON,
@@ -43,6 +53,8 @@ _FACTS = pa.schema(
         ("currency", pa.string()),
         ("ticket_id", pa.string()),
         ("score", pa.int32()),
+        ("purpose", pa.string()),
+        ("jurisdiction", pa.string()),
     ]
 )
 _TRAITS = pa.schema(
@@ -56,6 +68,8 @@ _TRAITS = pa.schema(
     ]
 )
 CENT = Decimal("0.01")
+# The view of everything held about a person (GDPR art. 15 access), readable by admins only.
+SUBJECT_ACCESS = "subject_access"
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -97,9 +111,22 @@ def traits_of(event: dict[str, Any]) -> dict[str, Any]:
 class ProfileBuilder:
     """Facts in DuckDB and the SQL that aggregates them into profiles, a batch at a time."""
 
-    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, conn: duckdb.DuckDBPyConnection, policy: PurposePolicy) -> None:
         self.conn = conn
+        self.policy = policy
         conn.execute(SCHEMA_SQL)
+        # What silence means, per jurisdiction and purpose: the fallback of every view.
+        self._defaults = pa.table(
+            {
+                "jurisdiction": [j for j in policy.jurisdictions for _ in policy.purposes],
+                "purpose": [p for _ in policy.jurisdictions for p in policy.purposes],
+                "status": [
+                    policy.default_status(j, p)
+                    for j in policy.jurisdictions
+                    for p in policy.purposes
+                ],
+            }
+        )
 
     def _insert(self, table: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
         if not rows:
@@ -121,7 +148,10 @@ class ProfileBuilder:
         facts, traits = [], []
         for event_key, person_id, kind, event, ts, record in applied:
             record_id = record_id_of(record)
-            facts.append(fact_of(event_key, person_id, kind, event, ts, record_id))
+            fact = fact_of(event_key, person_id, kind, event, ts, record_id)
+            fact["purpose"] = self.policy.purpose_for(kind)
+            fact["jurisdiction"] = self.policy.jurisdiction_of(event_country(event))
+            facts.append(fact)
             for name, value in traits_of(event).items():
                 traits.append(
                     {
@@ -172,6 +202,23 @@ class ProfileBuilder:
         finally:
             self.conn.unregister("_moved_records")
 
+    def persons_holding(self, identifiers: set[Identifier]) -> set[str]:
+        """The persons whose identity records carry any of `identifiers` (consent subjects)."""
+        by_type: dict[str, list[str]] = {}
+        for identifier in identifiers:
+            if identifier.type in STRONG_FIELDS:
+                by_type.setdefault(identifier.type, []).append(identifier.value)
+        persons: set[str] = set()
+        for id_type, values in by_type.items():
+            persons |= {
+                row[0]
+                for row in self.conn.execute(
+                    f"SELECT DISTINCT person_id FROM id_records WHERE {id_type} IN (SELECT unnest(?))",
+                    [values],
+                ).fetchall()
+            }
+        return persons
+
     def build(self, persons: set[str]) -> dict[str, dict[str, Any]]:
         """Aggregate the current profile of each person from their facts and identifiers."""
         if not persons:
@@ -182,22 +229,67 @@ class ProfileBuilder:
         finally:
             self.conn.unregister("_affected")
 
+    def _allowed_facts(self) -> None:
+        """`_vf`: each affected fact once per purpose view it may appear in, under current consent."""
+        q = self.conn.execute
+        self.conn.register("_consent_defaults", self._defaults)
+        self.conn.register("_views", pa.table({"scope": list(self.policy.purposes)}))
+        try:
+            q(
+                f"""CREATE OR REPLACE TEMP TABLE _vf AS
+                WITH ids AS (
+                    SELECT DISTINCT person_id, id_type, id_value FROM (
+                        UNPIVOT (SELECT person_id, {", ".join(STRONG_FIELDS)} FROM id_records
+                                 WHERE person_id IN (SELECT person_id FROM _affected))
+                        ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value)
+                ), latest AS (  -- a person's consent: their identifiers' latest statement
+                    SELECT i.person_id, s.purpose, arg_max(s.status, s.ts) AS status
+                    FROM ids i JOIN consent_state s USING (id_type, id_value) GROUP BY ALL
+                )
+                SELECT v.scope, f.* FROM facts f CROSS JOIN _views v
+                LEFT JOIN latest lv ON lv.person_id = f.person_id AND lv.purpose = v.scope
+                LEFT JOIN _consent_defaults dv
+                       ON dv.jurisdiction = f.jurisdiction AND dv.purpose = v.scope
+                LEFT JOIN latest lp ON lp.person_id = f.person_id AND lp.purpose = f.purpose
+                LEFT JOIN _consent_defaults dp
+                       ON dp.jurisdiction = f.jurisdiction AND dp.purpose = f.purpose
+                WHERE f.person_id IN (SELECT person_id FROM _affected)
+                  AND coalesce(lv.status, dv.status, 'denied') = 'granted'
+                  AND (f.purpose IS NULL OR coalesce(lp.status, dp.status, 'denied') = 'granted')
+                UNION ALL BY NAME  -- what is held, consent aside: a subject access request's view
+                SELECT '{SUBJECT_ACCESS}' AS scope, f.* FROM facts f
+                WHERE f.person_id IN (SELECT person_id FROM _affected)"""
+            )
+        finally:
+            self.conn.unregister("_consent_defaults")
+            self.conn.unregister("_views")
+
     def _build(self) -> dict[str, dict[str, Any]]:
         q = self.conn.execute
-        profiles: dict[str, dict[str, Any]] = {}
+        profiles: dict[str, dict[str, Any]] = {
+            person: {
+                "person_id": person,
+                "identifiers": {},
+                "views": {},
+                "merged_from": [],
+            }
+            for (person,) in q(
+                "SELECT DISTINCT person_id FROM facts WHERE person_id IN (SELECT person_id FROM _affected)"
+            ).fetchall()
+        }
+        self._allowed_facts()
         rows = q(
-            """SELECT person_id, count(*), min(ts), max(ts),
+            """SELECT person_id, scope, count(*), min(ts), max(ts),
                       count(DISTINCT order_id) FILTER (WHERE kind = 'order_completed'),
                       count(*) FILTER (WHERE kind = 'order_refunded'),
                       list(DISTINCT ticket_id) FILTER (WHERE kind = 'ticket_opened'),
                       list(DISTINCT ticket_id) FILTER (WHERE kind = 'ticket_closed'),
                       arg_max(score, ts) FILTER (WHERE kind = 'csat_submitted')
-               FROM facts WHERE person_id IN (SELECT person_id FROM _affected)
-               GROUP BY person_id"""
+               FROM _vf GROUP BY person_id, scope"""
         ).fetchall()
-        for person, events, first, last, orders, refunds, opened, closed, csat in rows:
-            profiles[person] = {
-                "person_id": person,
+        views: dict[tuple[str, str], dict[str, Any]] = {}
+        for person, view, events, first, last, orders, refunds, opened, closed, csat in rows:
+            views[(person, view)] = profiles[person]["views"][view] = {
                 "identifiers": {},
                 "traits": {},
                 "computed": {
@@ -210,47 +302,52 @@ class ProfileBuilder:
                     "open_tickets": len(set(opened or ()) - set(closed or ())),
                     "last_csat": csat,
                 },
-                "merged_from": [],
             }
         # Each order counts once (by order_id) however often it was sent; every refund counts.
-        for person, currency, value in q(
+        for person, view, currency, value in q(
             """WITH orders AS (
-                   SELECT person_id, order_id, any_value(currency) AS currency,
+                   SELECT person_id, scope, order_id, any_value(currency) AS currency,
                           any_value(amount) AS amount
-                   FROM facts WHERE kind = 'order_completed'
-                     AND person_id IN (SELECT person_id FROM _affected)
-                   GROUP BY person_id, order_id
+                   FROM _vf WHERE kind = 'order_completed'
+                   GROUP BY person_id, scope, order_id
                ), refunds AS (
-                   SELECT person_id, currency, -amount AS amount FROM facts
-                   WHERE kind = 'order_refunded' AND person_id IN (SELECT person_id FROM _affected)
+                   SELECT person_id, scope, currency, -amount AS amount FROM _vf
+                   WHERE kind = 'order_refunded'
                )
-               SELECT person_id, currency, sum(amount) FROM (
-                   SELECT person_id, currency, amount FROM orders UNION ALL SELECT * FROM refunds
-               ) GROUP BY person_id, currency ORDER BY person_id, currency"""
+               SELECT person_id, scope, currency, sum(amount) FROM (
+                   SELECT person_id, scope, currency, amount FROM orders
+                   UNION ALL SELECT * FROM refunds
+               ) GROUP BY ALL ORDER BY person_id, scope, currency"""
         ).fetchall():
-            if person in profiles:
-                profiles[person]["computed"]["lifetime_value"][currency] = float(value)
-        for person, name, value, ts, event_key in q(
-            """SELECT person_id, name, max_by(value, (ts, event_key)), max(ts),
-                      max_by(event_key, (ts, event_key))
-               FROM trait_facts WHERE person_id IN (SELECT person_id FROM _affected)
-               GROUP BY person_id, name ORDER BY person_id, name"""
+            views[(person, view)]["computed"]["lifetime_value"][currency] = float(value)
+        for person, view, name, value, ts, event_key in q(
+            """SELECT t.person_id, v.scope, t.name, max_by(t.value, (t.ts, t.event_key)), max(t.ts),
+                      max_by(t.event_key, (t.ts, t.event_key))
+               FROM trait_facts t JOIN _vf v USING (event_key)
+               GROUP BY ALL ORDER BY 1, 2, 3"""
         ).fetchall():
-            if person in profiles:
-                profiles[person]["traits"][name] = {
-                    "value": orjson.loads(value),
-                    "ts": ts.isoformat(),
-                    "event_key": event_key,
-                }
-        for person, id_type, values in q(
-            f"""SELECT person_id, id_type, list(DISTINCT id_value ORDER BY id_value) FROM (
-                   UNPIVOT (SELECT person_id, {", ".join(STRONG_FIELDS)} FROM id_records
-                            WHERE person_id IN (SELECT person_id FROM _affected))
+            views[(person, view)]["traits"][name] = {
+                "value": orjson.loads(value),
+                "ts": ts.isoformat(),
+                "event_key": event_key,
+            }
+        # All identifiers index the profile for lookups; a view shows only those of records
+        # that contributed an allowed event to it.
+        for person, view, id_type, values in q(
+            f"""SELECT person_id, scope, id_type, list(DISTINCT id_value ORDER BY id_value) FROM (
+                   UNPIVOT (SELECT r.person_id, v.scope, {", ".join("r." + f for f in STRONG_FIELDS)}
+                            FROM id_records r LEFT JOIN (SELECT DISTINCT record_id, scope FROM _vf) v
+                            USING (record_id)
+                            WHERE r.person_id IN (SELECT person_id FROM _affected))
                    ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value
-               ) GROUP BY person_id, id_type ORDER BY person_id, id_type"""
+               ) GROUP BY ALL ORDER BY 1, 2 NULLS FIRST, 3"""
         ).fetchall():
-            if person in profiles:
-                profiles[person]["identifiers"][id_type] = values
+            if person not in profiles:
+                continue
+            known = profiles[person]["identifiers"].get(id_type, [])
+            profiles[person]["identifiers"][id_type] = sorted(set(known) | set(values))
+            if (person, view) in views:
+                views[(person, view)]["identifiers"][id_type] = values
         for person, merged in q(
             # Persons that founded a record now in this profile: everyone merged into it.
             """SELECT r.person_id, list(DISTINCT p.person_id ORDER BY p.person_id)

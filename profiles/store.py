@@ -391,8 +391,28 @@ class ProfileStore:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def get(self, person_id: str) -> dict[str, Any] | None:
-        """The profile of `person_id`, following merges to the surviving person."""
+    def get(self, person_id: str, purpose: str | None = None) -> dict[str, Any] | None:
+        """The profile of `person_id` as read for `purpose`, following merges to the survivor.
+
+        With a purpose: only that purpose's view (attributes from events the person
+        currently consents to for it), or None when there is none. Without: the whole
+        changelog document (all views), for administrators and audits.
+        """
+        doc = self._document(person_id)
+        if doc is None or purpose is None:
+            return doc
+        view = (doc.get("views") or {}).get(purpose)
+        if view is None:
+            return None
+        return {
+            "person_id": doc["person_id"],
+            "purpose": purpose,
+            "version": doc.get("version"),
+            "merged_from": doc.get("merged_from", []),
+            **view,
+        }
+
+    def _document(self, person_id: str) -> dict[str, Any] | None:
         cur = self.reader()
         for _ in range(16):  # a merge chain is short; the bound guards against a bad cycle
             rows = cur.execute(
@@ -408,8 +428,9 @@ class ProfileStore:
             person_id = alias[0][0]
         return None
 
-    def lookup(self, id_type: str, value: str) -> dict[str, Any] | None:
-        """The profile holding identifier `id_type`:`value` (normalised as ingestion does)."""
+    def lookup(self, id_type: str, value: str, purpose: str | None = None) -> dict[str, Any] | None:
+        """The profile holding identifier `id_type`:`value` (normalised as ingestion does),
+        read for `purpose` as `get` reads it."""
         identifier = parse_identifier(id_type, value)
         if identifier is None:
             return None
@@ -421,7 +442,7 @@ class ProfileStore:
             )
             .fetchall()
         )
-        return self.get(rows[0][0]) if rows else None
+        return self.get(rows[0][0], purpose) if rows else None
 
     def stats(self) -> dict[str, Any]:
         """Counts of every outcome, persons and merges, as this replica has seen them."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,13 @@ import pytest
 
 from pipelines.pipeline import OutRecord, Pipeline, SourceRecord
 from pipelines.stack import LocalStack
+from profiles.access import KEYS_ENV, write_keyring
+
+TEST_KEYS = [
+    {"name": "admin", "role": "admin"},
+    {"name": "auditor", "role": "auditor"},
+    {"name": "web", "role": "reader", "purposes": ["personalization"]},
+]
 
 _ids = itertools.count(1)
 
@@ -56,11 +64,25 @@ class PipelineRun:
     def on(self, topic: str) -> list[OutRecord]:
         return [o for o in self.outputs if o.topic == topic]
 
-    def latest_profiles(self) -> dict[str, dict[str, Any] | None]:
+    def latest_documents(self) -> dict[str, dict[str, Any]]:
+        """The latest changelog document per person (all views), tombstoned ones left out."""
         latest: dict[str, dict[str, Any] | None] = {}
         for record in self.on("tessera.profiles.changelog"):
             latest[record.key.decode()] = orjson.loads(record.value) if record.value else None
         return {k: v for k, v in latest.items() if v is not None}
+
+    def latest_profiles(self, purpose: str = "subject_access") -> dict[str, dict[str, Any]]:
+        """The latest profiles as read for `purpose` (default: everything held)."""
+        return {
+            person: {
+                "person_id": doc["person_id"],
+                "merged_from": doc["merged_from"],
+                "version": doc["version"],
+                **doc["views"][purpose],
+            }
+            for person, doc in self.latest_documents().items()
+            if purpose in doc["views"]
+        }
 
 
 @pytest.fixture
@@ -72,6 +94,21 @@ def run(tmp_path: Path) -> Iterator[PipelineRun]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """A real embedded broker, worker process and API process on loopback ports."""
-    with LocalStack(tmp_path_factory.mktemp("stack")) as running:
-        yield running
+    """A real embedded broker, worker process and API process on loopback ports.
+
+    The API reads its keys from a file made here; `stack.keys` maps admin, auditor and
+    web (a personalization reader) to their secrets.
+    """
+    data_dir = tmp_path_factory.mktemp("stack")
+    keys = write_keyring(data_dir / "api-keys.yaml", TEST_KEYS)
+    previous = os.environ.get(KEYS_ENV)
+    os.environ[KEYS_ENV] = str(data_dir / "api-keys.yaml")  # the API process inherits it
+    try:
+        with LocalStack(data_dir) as running:
+            running.keys = keys  # type: ignore[attr-defined]
+            yield running
+    finally:
+        if previous is None:
+            os.environ.pop(KEYS_ENV, None)
+        else:
+            os.environ[KEYS_ENV] = previous

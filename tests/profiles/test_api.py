@@ -2,14 +2,31 @@
 
 import threading
 import time
+from dataclasses import dataclass
 
 import httpx
 import pytest
 import uvicorn
 
 from pipelines.broker import free_port
+from profiles.access import load_keyring, write_keyring
 from profiles.api import create_app
 from profiles.store import ConsumedRecord, ProfileStore
+
+US = {"location": {"country": "US"}}  # opt-out jurisdiction: every purpose granted by default
+
+
+@dataclass
+class Served:
+    url: str
+    run: object
+    keys: dict[str, str]
+
+    def get(self, path: str, key: str | None = "web", **params):
+        headers = {"X-API-Key": self.keys[key]} if key else {}
+        if path.startswith("/v1/profiles") and "purpose" not in params:
+            params["purpose"] = "personalization"
+        return httpx.get(f"{self.url}{path}", params=params, headers=headers)
 
 
 @pytest.fixture
@@ -28,18 +45,20 @@ def served(tmp_path, run, make_event):
             userId="u-7",
             anonymousId="dev-2",
             traits={"email": "Ada@Example.org", "phone": "+1 415 555 2671", "first_name": "Ada"},
+            context=US,
         ),
         make_event(
             "track",
             event="Order Completed",
             userId="u-7",
             properties={"order_id": "o1", "total": 42.5, "currency": "USD"},
+            context=US,
         ),
     )
     # A later batch: both persons exist by now, so this merges them (within one batch the
     # new records would simply have joined the older person).
     run.feed(
-        make_event("identify", userId="u-7", anonymousId="dev-1"),
+        make_event("identify", userId="u-7", anonymousId="dev-1", context=US),
         b"not even json",
     )
     store = ProfileStore(tmp_path / "replica.duckdb")
@@ -49,52 +68,54 @@ def served(tmp_path, run, make_event):
             for offset, o in enumerate(run.outputs)
         ]
     )
+    keys = write_keyring(
+        tmp_path / "keys.yaml",
+        [
+            {"name": "admin", "role": "admin"},
+            {"name": "auditor", "role": "auditor"},
+            {"name": "web", "role": "reader", "purposes": ["personalization"]},
+            {"name": "bi", "role": "reader", "purposes": ["analytics"]},
+        ],
+    )
+    keyring = load_keyring(tmp_path / "keys.yaml")
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(store, keyring=keyring), host="127.0.0.1", port=port, log_level="warning"
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", run
+    yield Served(f"http://127.0.0.1:{port}", run, keys)
     server.should_exit = True
     thread.join(5)
     store.close()
 
 
 def test_lookup_by_any_identifier_returns_the_same_unified_profile(served):
-    url, _ = served
-    by_email = httpx.get(
-        f"{url}/v1/profiles/lookup", params={"type": "email", "value": " ADA@example.org"}
-    )
-    by_phone = httpx.get(
-        f"{url}/v1/profiles/lookup", params={"type": "phone", "value": "+14155552671"}
-    )
-    by_device = httpx.get(
-        f"{url}/v1/profiles/lookup", params={"type": "anonymous_id", "value": "dev-1"}
-    )
+    by_email = served.get("/v1/profiles/lookup", type="email", value=" ADA@example.org")
+    by_phone = served.get("/v1/profiles/lookup", type="phone", value="+14155552671")
+    by_device = served.get("/v1/profiles/lookup", type="anonymous_id", value="dev-1")
     assert by_email.status_code == by_phone.status_code == by_device.status_code == 200
     profile = by_email.json()
     assert by_phone.json() == profile == by_device.json()
+    assert profile["purpose"] == "personalization"
     assert profile["identifiers"]["anonymous_id"] == ["dev-1", "dev-2"]
     assert profile["computed"]["order_count"] == 1
-    assert httpx.get(f"{url}/v1/profiles/{profile['person_id']}").json() == profile
+    assert served.get(f"/v1/profiles/{profile['person_id']}").json() == profile
 
 
 def test_a_merged_away_person_id_still_resolves_to_the_survivor(served):
-    url, _ = served
-    profile = httpx.get(
-        f"{url}/v1/profiles/lookup", params={"type": "user_id", "value": "u-7"}
-    ).json()
+    profile = served.get("/v1/profiles/lookup", type="user_id", value="u-7").json()
     (old,) = profile["merged_from"]
-    assert httpx.get(f"{url}/v1/profiles/{old}").json()["person_id"] == profile["person_id"]
+    assert served.get(f"/v1/profiles/{old}").json()["person_id"] == profile["person_id"]
 
 
 def test_stats_account_for_every_event(served):
-    url, _ = served
-    stats = httpx.get(f"{url}/v1/stats").json()
+    stats = httpx.get(f"{served.url}/v1/stats").json()
     assert stats["received"] == 5
     assert (stats["applied"], stats["rejected"], stats["withheld"]) == (4, 1, 0)
     assert stats["rejected_by_reason"] == {"malformed_json": 1}
@@ -119,27 +140,23 @@ def test_stats_account_for_every_event(served):
         ),
         ("/v1/profiles/p_does_not_exist", {}, 404, "not_found"),
         ("/v1/profiles/" + "x" * 200, {}, 400, "invalid_person_id"),
+        ("/v1/profiles/p_x", {"purpose": ""}, 400, "purpose_required"),
     ],
 )
 def test_clear_errors(served, path, params, status, error):
-    url, _ = served
-    response = httpx.get(f"{url}{path}", params=params)
+    response = served.get(path, "admin", **params)
     assert response.status_code == status
     assert response.json()["error"] == error
 
 
 def test_health_and_openapi(served):
-    url, _ = served
-    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
-    assert "/v1/profiles/lookup" in httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert httpx.get(f"{served.url}/healthz").json() == {"status": "ok"}
+    assert "/v1/profiles/lookup" in httpx.get(f"{served.url}/openapi.json").json()["paths"]
 
 
 def test_explain_shows_the_records_and_the_links_that_hold_a_person(served):
-    url, _ = served
-    profile = httpx.get(
-        f"{url}/v1/profiles/lookup", params={"type": "user_id", "value": "u-7"}
-    ).json()
-    body = httpx.get(f"{url}/v1/identity/{profile['person_id']}/explain").json()
+    profile = served.get("/v1/profiles/lookup", type="user_id", value="u-7").json()
+    body = served.get(f"/v1/identity/{profile['person_id']}/explain", "auditor").json()
     assert body["person_id"] == profile["person_id"]
     assert len(body["records"]) == 4  # page device, identify, order, the merging identify
     rules = {(link["kind"], link["rule"]) for link in body["links"]}
@@ -147,14 +164,62 @@ def test_explain_shows_the_records_and_the_links_that_hold_a_person(served):
     assert ("record_linked", "shared:user_id") in rules
     assert {h["kind"] for h in body["history"]} >= {"person_created", "merge"}
     (old,) = profile["merged_from"]
-    assert httpx.get(f"{url}/v1/identity/{old}/explain").json()["person_id"] == profile["person_id"]
-    assert httpx.get(f"{url}/v1/identity/p_nobody/explain").status_code == 404
-    by_rule = httpx.get(f"{url}/v1/stats").json()["identity_links_by_rule"]
+    moved = served.get(f"/v1/identity/{old}/explain", "admin").json()
+    assert moved["person_id"] == profile["person_id"]
+    assert served.get("/v1/identity/p_nobody/explain", "admin").status_code == 404
+    by_rule = served.get("/v1/stats", "admin").json()["identity_links_by_rule"]
     assert by_rule["shared:anonymous_id"] == 1 and by_rule["shared:user_id"] >= 1
 
 
 def test_rejecting_a_link_needs_a_command_channel_and_a_valid_body(served):
-    url, _ = served
     ok = {"record_a": "r_1", "record_b": "r_2", "reason": "twins"}
-    assert httpx.post(f"{url}/v1/identity/links/reject", json=ok).status_code == 503
-    assert httpx.post(f"{url}/v1/identity/links/reject", json={"record_a": "r"}).status_code == 422
+    admin = {"X-API-Key": served.keys["admin"]}
+    url = f"{served.url}/v1/identity/links/reject"
+    assert httpx.post(url, json=ok, headers=admin).status_code == 503
+    assert httpx.post(url, json={"record_a": "r"}, headers=admin).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "params", "status", "error"),
+    [
+        ("/v1/profiles/lookup", None, {"type": "user_id", "value": "u-7"}, 401, "unauthenticated"),
+        ("/v1/identity/p_x/explain", None, {}, 401, "unauthenticated"),
+        # A reader bound to analytics asks for personalization: its purpose is not bound.
+        (
+            "/v1/profiles/lookup",
+            "bi",
+            {"type": "user_id", "value": "u-7", "purpose": "personalization"},
+            403,
+            "purpose_not_bound",
+        ),
+        # Auditors audit; they do not read profiles. Readers do not explain identities.
+        ("/v1/profiles/p_x", "auditor", {}, 403, "forbidden"),
+        ("/v1/identity/p_x/explain", "web", {}, 403, "forbidden"),
+        ("/v1/profiles/p_x", "web", {"purpose": "astrology"}, 400, "unknown_purpose"),
+    ],
+)
+def test_keys_and_roles(served, path, key, params, status, error):
+    response = served.get(path, key, **params)
+    assert response.status_code == status
+    assert response.json()["error"] == error
+
+
+def test_an_invalid_key_is_401_and_a_link_rejection_needs_an_admin(served):
+    response = httpx.get(
+        f"{served.url}/v1/profiles/p_x",
+        params={"purpose": "personalization"},
+        headers={"X-API-Key": served.keys["admin"] + "x"},
+    )
+    assert response.status_code == 401
+    ok = {"record_a": "r_1", "record_b": "r_2", "reason": "twins"}
+    rejected = httpx.post(
+        f"{served.url}/v1/identity/links/reject",
+        json=ok,
+        headers={"X-API-Key": served.keys["auditor"]},
+    )
+    assert rejected.status_code == 403
+
+
+def test_keys_are_stored_hashed(served, tmp_path):
+    text = (tmp_path / "keys.yaml").read_text()
+    assert all(secret not in text for secret in served.keys.values())
