@@ -77,7 +77,7 @@ def splink_batch_clusters(
     """
     from splink import DuckDBAPI, Linker
 
-    logging.getLogger("splink").setLevel(logging.WARNING)
+    logging.getLogger("splink").setLevel(logging.ERROR)
     conn = duckdb.connect()
     conn.register("_records", records)
     conn.execute("CREATE TABLE records AS SELECT * FROM _records")

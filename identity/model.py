@@ -145,9 +145,11 @@ def train_model(
         blocking_rules_to_generate_predictions=_blocking_rules(columns),
         retain_intermediate_calculation_columns=True,
     )
+    # Levels EM never sees are reported by Splink as warnings; the training report shows them.
+    logging.getLogger("splink").setLevel(logging.ERROR)
     db_api = DuckDBAPI(conn)
     linker = Linker(db_api.register("records"), settings)
-    logging.getLogger("splink").setLevel(logging.WARNING)
+    logging.getLogger("splink").setLevel(logging.ERROR)
     deterministic = [
         rule
         for cols, rule in (
