@@ -317,8 +317,8 @@ def run_worker(
     owns the job from then on (`flink stop` takes the savepoint).
     """
     check_connector()
-    if "PYFLINK_GATEWAY_PORT" in os.environ:  # set by the Flink client that started us
-        env = StreamExecutionEnvironment.get_execution_environment()
+
+    def add_job(env: StreamExecutionEnvironment) -> None:
         build_job(
             env,
             bootstrap,
@@ -329,6 +329,10 @@ def run_worker(
             identity_model,
             identity_threshold,
         )
+
+    if "PYFLINK_GATEWAY_PORT" in os.environ:  # set by the Flink client that started us
+        env = StreamExecutionEnvironment.get_execution_environment()
+        add_job(env)
         client = env.execute_async(JOB_NAME)
         print(f"submitted {JOB_NAME} as job {client.get_job_id()}", flush=True)
         return
@@ -342,16 +346,7 @@ def run_worker(
         config.set_string("execution.state-recovery.path", resume.as_uri())
         print(f"resuming from {resume}", flush=True)
     env = StreamExecutionEnvironment.get_execution_environment(config)
-    build_job(
-        env,
-        bootstrap,
-        data_dir,
-        batch_size,
-        batch_ms,
-        group_id,
-        identity_model,
-        identity_threshold,
-    )
+    add_job(env)
     client = env.execute_async(JOB_NAME)
     stopping: list[int] = []
 
