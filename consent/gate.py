@@ -85,6 +85,33 @@ def carried_preferences(event: dict[str, Any]) -> dict[str, bool]:
     return {k: v for k, v in prefs.items() if isinstance(v, bool)}
 
 
+def stated_consent(kind: str | None, event: dict[str, Any]) -> list[dict[str, Any]]:
+    """The consent statements an event makes: a consent event's one, or the preferences it
+    carries (source `event-context`). Each: purpose, status, source, policy_version,
+    jurisdiction. This is what the gate records and what the lineage entry keeps."""
+    if kind == "consent_change":
+        consent = event["consent"]
+        return [
+            {
+                "purpose": consent["purpose"],
+                "status": consent["status"],
+                "source": consent["source"],
+                "policy_version": consent.get("policyVersion"),
+                "jurisdiction": consent.get("jurisdiction"),
+            }
+        ]
+    return [
+        {
+            "purpose": purpose,
+            "status": "granted" if granted else "denied",
+            "source": "event-context",
+            "policy_version": None,
+            "jurisdiction": None,
+        }
+        for purpose, granted in carried_preferences(event).items()
+    ]
+
+
 class ConsentGate:
     """Consent state in DuckDB plus the decision rule; decides a whole batch at once."""
 
@@ -146,18 +173,14 @@ class ConsentGate:
         decisions: list[GateDecision] = []
         for event_key, kind, event, ts, ids in items:
             country = event_country(event)
-            if kind == "consent_change":
-                consent = event["consent"]
-                record = ConsentRecord(
-                    purpose=consent["purpose"],
-                    status=consent["status"],
-                    ts=ts,
-                    source=consent["source"],
-                    policy_version=consent.get("policyVersion"),
-                    jurisdiction=consent.get("jurisdiction"),
-                    event_key=event_key,
-                )
+            statements = [
+                ConsentRecord(ts=ts, event_key=event_key, **statement)
+                for statement in stated_consent(kind, event)
+            ]
+            for record in statements:
                 remember(ids, record)
+            if kind == "consent_change":
+                record = statements[0]
                 decisions.append(
                     GateDecision(
                         CONSENT_RECORDED,
@@ -169,11 +192,6 @@ class ConsentGate:
                 )
                 continue
             prefs = carried_preferences(event)
-            for purpose, granted in prefs.items():
-                status = "granted" if granted else "denied"
-                remember(
-                    ids, ConsentRecord(purpose, status, ts, "event-context", None, None, event_key)
-                )
             purpose = self.policy.purpose_for(kind)
             if purpose is None:
                 decisions.append(GateDecision(ALLOWED, None, "no-consent-needed", None, None))

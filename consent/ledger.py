@@ -15,6 +15,8 @@ import orjson
 import pyarrow as pa
 
 GENESIS_HASH = "0" * 64
+# Fields a published ledger record carries besides the entry's own content.
+CHAIN_FIELDS = ("seq", "prev_hash", "hash")
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS lineage (
@@ -45,13 +47,94 @@ class LedgerEntry:
     def as_record(self) -> dict[str, Any]:
         return {**self.entry, "seq": self.seq, "prev_hash": self.prev_hash, "hash": self.hash}
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> LedgerEntry:
+        """The entry a published record (`as_record`, as on tessera.lineage) came from."""
+        entry = {k: v for k, v in record.items() if k not in CHAIN_FIELDS}
+        return cls(int(record["seq"]), entry, str(record["prev_hash"]), str(record["hash"]))
+
 
 @dataclass(frozen=True)
 class VerifyResult:
+    """The outcome of recomputing the chain: intact, or the first entry that breaks it."""
+
     ok: bool
     entries: int
     first_broken_seq: int | None = None
     problem: str | None = None
+    event_key: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "entries": self.entries,
+            "first_broken_seq": self.first_broken_seq,
+            "event_key": self.event_key,
+            "problem": self.problem,
+        }
+
+
+def store_entries(
+    conn: duckdb.DuckDBPyConnection, chained: list[LedgerEntry], replace: bool = False
+) -> None:
+    """Write chained entries as they are. `replace` makes a re-delivered entry a no-op
+    (replicas re-reading tessera.lineage); the ledger's own appends never replace."""
+    if not chained:
+        return
+    table = pa.table(
+        {
+            "seq": pa.array([e.seq for e in chained], pa.int64()),
+            "event_key": [e.entry.get("event_key", "") for e in chained],
+            "entry": [orjson.dumps(e.entry).decode() for e in chained],
+            "prev_hash": [e.prev_hash for e in chained],
+            "hash": [e.hash for e in chained],
+        }
+    )
+    conn.register("_ledger_new", table)
+    try:
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        conn.execute(f"{verb} INTO lineage SELECT * FROM _ledger_new")
+    finally:
+        conn.unregister("_ledger_new")
+
+
+def _entry_problem(
+    seq: int, expected_seq: int, event_key: str, entry: str, prev_hash: str, prev: str, digest: str
+) -> str | None:
+    """What is wrong with one stored entry given the chain so far, or None."""
+    if seq != expected_seq:
+        what = "missing" if seq > expected_seq else "duplicated"
+        return f"expected seq {expected_seq}, found {seq} (entries {what})"
+    if prev_hash != prev:
+        return "prev_hash does not match the previous entry's hash"
+    try:
+        content = orjson.loads(entry)
+    except orjson.JSONDecodeError:
+        return "content is not valid JSON"
+    if entry_hash(prev, content) != digest:
+        return "content does not match its hash"
+    if not isinstance(content, dict) or content.get("event_key", "") != event_key:
+        return "event_key column does not match the entry's content"
+    return None
+
+
+def verify_chain(conn: duckdb.DuckDBPyConnection) -> VerifyResult:
+    """Recompute the chain of the `lineage` table in `conn` from genesis.
+
+    Works on any store that keeps the ledger (a worker's state, an API replica), read-only
+    connections included. Out: ok, or the first entry whose sequence, link, key or content
+    does not hold, with its event key and what is wrong.
+    """
+    prev, expected_seq, count = GENESIS_HASH, 1, 0
+    cursor = conn.execute("SELECT seq, event_key, entry, prev_hash, hash FROM lineage ORDER BY seq")
+    while rows := cursor.fetchmany(10_000):
+        for seq, event_key, entry, prev_hash, digest in rows:
+            count += 1
+            problem = _entry_problem(seq, expected_seq, event_key, entry, prev_hash, prev, digest)
+            if problem is not None:
+                return VerifyResult(False, count, seq, problem, event_key)
+            prev, expected_seq = digest, expected_seq + 1
+    return VerifyResult(True, count)
 
 
 class LineageLedger:
@@ -77,39 +160,9 @@ class LineageLedger:
             digest = entry_hash(prev, entry)
             chained.append(LedgerEntry(seq, entry, prev, digest))
             prev = digest
-        if chained:
-            table = pa.table(
-                {
-                    "seq": [e.seq for e in chained],
-                    "event_key": [e.entry.get("event_key", "") for e in chained],
-                    "entry": [orjson.dumps(e.entry).decode() for e in chained],
-                    "prev_hash": [e.prev_hash for e in chained],
-                    "hash": [e.hash for e in chained],
-                }
-            )
-            self.conn.register("_ledger_new", table)
-            try:
-                self.conn.execute("INSERT INTO lineage SELECT * FROM _ledger_new")
-            finally:
-                self.conn.unregister("_ledger_new")
+        store_entries(self.conn, chained)
         return chained
 
     def verify(self) -> VerifyResult:
         """Recompute the chain from genesis; report the first entry whose hash does not hold."""
-        prev, expected_seq, count = GENESIS_HASH, 1, 0
-        cursor = self.conn.execute("SELECT seq, entry, prev_hash, hash FROM lineage ORDER BY seq")
-        while rows := cursor.fetchmany(10_000):
-            for seq, entry, prev_hash, digest in rows:
-                count += 1
-                if seq != expected_seq:
-                    return VerifyResult(
-                        False, count, seq, f"expected seq {expected_seq}, found {seq}"
-                    )
-                if prev_hash != prev:
-                    return VerifyResult(
-                        False, count, seq, "prev_hash does not match previous entry"
-                    )
-                if entry_hash(prev, orjson.loads(entry)) != digest:
-                    return VerifyResult(False, count, seq, "content does not match its hash")
-                prev, expected_seq = digest, expected_seq + 1
-        return VerifyResult(True, count)
+        return verify_chain(self.conn)

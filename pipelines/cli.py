@@ -285,6 +285,10 @@ from pipelines.identity_cli import identity_app  # noqa: E402  (sub-commands aft
 
 app.add_typer(identity_app, name="identity")
 
+from pipelines.audit_cli import audit_app  # noqa: E402
+
+app.add_typer(audit_app, name="audit")
+
 
 def main() -> None:
     logging.basicConfig(

@@ -23,7 +23,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from consent.gate import ALLOWED, CONSENT_RECORDED, ConsentGate, GateDecision
+from consent.gate import ALLOWED, CONSENT_RECORDED, ConsentGate, GateDecision, stated_consent
 from consent.ledger import LineageLedger
 from consent.policy import PurposePolicy, load_policy
 from identity.model import ScoringModel
@@ -32,7 +32,7 @@ from identity.records import record_from_event
 from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
 from pipelines.identity_commands import RejectLink, parse_command
-from profiles.builder import ProfileBuilder
+from profiles.builder import ProfileBuilder, traits_of
 from quality.metrics import batch_quality_record
 from quality.reasons import ReasonCode
 from quality.suites import QualityRow, QualityStage, QualityVerdict
@@ -463,6 +463,10 @@ class Pipeline:
             "person_id": item.person_id,
             "subjects": [identifier_hash(i) for i in item.contract.identifiers],
             "fields_masked": [],
+            # For audits: the consent the event states, and the names (never the values) of
+            # the attributes it states about its person.
+            "statements": stated_consent(item.contract.kind, item.contract.event),
+            "attributes": sorted(str(name)[:128] for name in traits_of(item.contract.event)),
         }
 
     @staticmethod

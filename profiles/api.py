@@ -15,6 +15,7 @@ from consent.policy import load_policy
 from identity.normalise import ID_TYPES, parse_identifier
 from pipelines.identity_commands import reject_link_command
 from profiles.access import SUBJECT_ACCESS, ApiKey, Keyring
+from profiles.audit_api import audit_router
 from profiles.store import QUALITY_BUCKETS, ProfileStore
 
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key (see README)")
@@ -184,4 +185,5 @@ def create_app(
             {"status": "accepted", "command_id": orjson.loads(command.value)["command_id"]}, 202
         )
 
+    app.include_router(audit_router(store, authorize, follower, purposes))
     return app

@@ -18,7 +18,9 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from identity.normalise import parse_identifier
+from consent.ledger import SCHEMA_SQL as LEDGER_SCHEMA_SQL
+from consent.ledger import LedgerEntry, store_entries
+from identity.normalise import Identifier, parse_identifier
 from pipelines import topics
 
 SCHEMA_SQL = """
@@ -89,10 +91,14 @@ def _timestamp(text: str | None) -> datetime | None:
 class ProfileStore:
     """One replica's DuckDB file: written by its follower, read by the API, in one process."""
 
-    def __init__(self, path: Path | str) -> None:
-        self.conn = duckdb.connect(str(path))
+    def __init__(self, path: Path | str, read_only: bool = False) -> None:
+        # Read-only: another process's file opened for audits (it must exist and not be in use).
+        self.conn = duckdb.connect(str(path), read_only=read_only)
         self.conn.execute("SET TimeZone = 'UTC'")
-        self.conn.execute(SCHEMA_SQL)
+        if not read_only:
+            self.conn.execute(SCHEMA_SQL)
+            # The lineage ledger as published, hashes included, so audits verify the chain here.
+            self.conn.execute(LEDGER_SCHEMA_SQL)
         self._write_lock = threading.Lock()
 
     def close(self) -> None:
@@ -120,6 +126,7 @@ class ProfileStore:
         rejections: dict[str, tuple[str | None, str | None, str | None]] = {}
         quality_batches: dict[str, tuple[str | None, str]] = {}
         positions: dict[tuple[str, int], int] = {}
+        ledger: list[LedgerEntry] = []
         for record in records:
             position = (record.topic, record.partition)
             positions[position] = max(positions.get(position, 0), record.offset + 1)
@@ -128,6 +135,8 @@ class ProfileStore:
                 profiles[key] = record.value  # latest per key wins, as in a compacted topic
             elif record.topic == topics.LINEAGE and record.value:
                 entry = orjson.loads(record.value)
+                if "hash" in entry:
+                    ledger.append(LedgerEntry.from_record(entry))
                 outcome = _DECISION_OUTCOME.get(entry.get("decision"), "applied")
                 reason = entry.get("purpose") if outcome == "withheld" else None
                 source = (entry.get("source") or {}).get("topic")
@@ -154,6 +163,7 @@ class ProfileStore:
             cur.execute("BEGIN TRANSACTION")
             try:
                 self._apply_profiles(cur, profiles)
+                store_entries(cur, ledger, replace=True)
                 if outcomes:
                     self._upsert(
                         cur,
@@ -412,6 +422,42 @@ class ProfileStore:
             **view,
         }
 
+    def document(self, person_id: str) -> dict[str, Any] | None:
+        """The whole changelog document of a person (all views), following merges."""
+        return self._document(person_id)
+
+    def person_holding(self, identifier: Identifier) -> str | None:
+        """The person whose profile holds a normalised identifier, if any."""
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT person_id FROM profile_identifiers WHERE id_type = ? AND id_value = ?",
+                [identifier.type, identifier.value],
+            )
+            .fetchall()
+        )
+        return rows[0][0] if rows else None
+
+    def identity_history(self, person_ids: set[str]) -> list[dict[str, Any]]:
+        """Identity events (person created, merges, splits, conflicts, rejected links) that
+        name any of `person_ids`, oldest first; no identifier values, only ids and rules."""
+        if not person_ids:
+            return []
+        rows = (
+            self.reader()
+            .execute(
+                """SELECT link_id, kind, person_id, other_person_id, rule, event_key, ts
+                   FROM identity_events
+                   WHERE kind IN (SELECT unnest(?)) AND (person_id IN (SELECT unnest(?))
+                         OR other_person_id IN (SELECT unnest(?)))
+                   ORDER BY ts, link_id""",
+                [list(_HISTORY_KINDS), sorted(person_ids), sorted(person_ids)],
+            )
+            .fetchall()
+        )
+        names = ("link_id", "kind", "person_id", "other_person_id", "rule", "event_key", "ts")
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
     def _document(self, person_id: str) -> dict[str, Any] | None:
         cur = self.reader()
         for _ in range(16):  # a merge chain is short; the bound guards against a bad cycle
@@ -434,15 +480,8 @@ class ProfileStore:
         identifier = parse_identifier(id_type, value)
         if identifier is None:
             return None
-        rows = (
-            self.reader()
-            .execute(
-                "SELECT person_id FROM profile_identifiers WHERE id_type = ? AND id_value = ?",
-                [identifier.type, identifier.value],
-            )
-            .fetchall()
-        )
-        return self.get(rows[0][0], purpose) if rows else None
+        person = self.person_holding(identifier)
+        return self.get(person, purpose) if person else None
 
     def stats(self) -> dict[str, Any]:
         """Counts of every outcome, persons and merges, as this replica has seen them."""
