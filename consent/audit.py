@@ -39,7 +39,7 @@ COMPUTED_SOURCES: dict[str, tuple[str, ...] | None] = {
 ERASURE_MARKERS = frozenset({"erasure", "erasure_request", "erased"})
 EXPORT_FORMATS = ("parquet", "csv")
 _DECISION_OUTCOME = {"allowed": "applied", "withheld": "withheld", "consent_recorded": "recorded"}
-_EXPORT_SCHEMA = pa.schema(
+EXPORT_SCHEMA = pa.schema(
     [
         ("seq", pa.int64()),
         ("event_key", pa.string()),
@@ -460,10 +460,10 @@ class Audit:
         else:
             _, person_ids, hashes = self.subject_scope(identifier)
             records = self.records_of(hashes, person_ids)
-        columns: dict[str, list[Any]] = {name: [] for name in _EXPORT_SCHEMA.names}
+        columns: dict[str, list[Any]] = {name: [] for name in EXPORT_SCHEMA.names}
         for record in records:
             entry = {k: v for k, v in record.items() if k not in ("seq", "prev_hash", "hash")}
-            for name in _EXPORT_SCHEMA.names:
+            for name in EXPORT_SCHEMA.names:
                 if name in ("subjects", "statements", "attributes", "fields_masked"):
                     value = orjson.dumps(_json_list(entry.get(name))).decode()
                 elif name == "entry":
@@ -471,7 +471,7 @@ class Audit:
                 else:
                     value = record.get(name)
                 columns[name].append(value)
-        return pa.table(columns, schema=_EXPORT_SCHEMA)
+        return pa.table(columns, schema=EXPORT_SCHEMA)
 
     def export(
         self, path: Path, fmt: str | None = None, identifier: Identifier | None = None

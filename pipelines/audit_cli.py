@@ -170,17 +170,19 @@ def _render_timeline(body: dict[str, Any]) -> None:
             )
         out.print(consent)
     table = Table(title="timeline")
-    for column in ("time", "seq", "what", "kind", "purpose", "outcome"):
-        table.add_column(column, no_wrap=True)
+    table.add_column("time (UTC)", no_wrap=True)
+    for column in ("seq", "what", "purpose", "outcome"):
+        table.add_column(column)
     table.add_column("detail", ratio=1)
     for row in body["timeline"]:
         style = _OUTCOME_STYLE.get(row["outcome"], "")
         outcome = f"[{style}]{row['outcome']}[/]" if style else row["outcome"]
+        if row["category"] == "identity":
+            outcome = ""  # the kind, already under "what"
         table.add_row(
             _short_time(row["at"]),
             str(row["seq"]) if row["seq"] is not None else "",
-            row["category"],
-            row["kind"] or "",
+            row["category"] if row["category"] == "consent" else f"{row['category']} {row['kind']}",
             row["purpose"] or "",
             outcome,
             _detail(row),
