@@ -4,7 +4,6 @@ provenance, exports; through `tessera audit` and the audit classes."""
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,44 +29,6 @@ from pipelines.pipeline import Pipeline, SourceRecord
 from profiles.store import ConsumedRecord, ProfileStore
 
 runner = CliRunner()
-START = datetime(2026, 10, 1, 8, tzinfo=UTC)
-_ids = itertools.count(1)
-
-
-def at(minute: int) -> str:
-    return (START + timedelta(minutes=minute)).isoformat().replace("+00:00", "Z")
-
-
-def consent(purpose: str, status: str, minute: int, user: str = "u1", **extra: Any) -> dict:
-    return {
-        "type": "consent",
-        "messageId": f"c-{next(_ids)}",
-        "timestamp": at(minute),
-        "userId": user,
-        "consent": {"purpose": purpose, "status": status, "source": "cmp-one", **extra},
-    }
-
-
-def identify(minute: int, traits: dict[str, Any], country: str = "DE", user: str = "u1") -> dict:
-    return {
-        "type": "identify",
-        "messageId": f"i-{next(_ids)}",
-        "timestamp": at(minute),
-        "userId": user,
-        "traits": traits,
-        "context": {"location": {"country": country}},
-    }
-
-
-def page(minute: int, traits: dict[str, Any] | None = None, country: str = "DE") -> dict:
-    return {
-        "type": "page",
-        "messageId": f"p-{next(_ids)}",
-        "timestamp": at(minute),
-        "userId": "u1",
-        "name": "home",
-        "context": {"location": {"country": country}, "traits": traits or {}},
-    }
 
 
 class Run:
@@ -112,19 +73,19 @@ class Run:
 
 
 @pytest.fixture
-def history(tmp_path):
+def history(tmp_path, events):
     """An EU subject: analytics granted, two pages and an identify applied, a withdrawal, then a
     page withheld; a grant for personalization that arrives after a later denial."""
     run = Run(tmp_path)
     run.feed(
-        consent("analytics", "granted", 0, policyVersion="v7", jurisdiction="EU"),
-        identify(5, {"first_name": "Ada", "email": "ada@example.org"}),
-        page(6, {"plan": "pro"}),
-        page(7, {"plan": "team"}),
-        consent("personalization", "denied", 50),
-        consent("personalization", "granted", 40, policyVersion="v7"),  # out of order
-        consent("analytics", "withdrawn", 60),
-        page(70, {"plan": "enterprise"}),
+        events.consent("analytics", "granted", 0, policyVersion="v7", jurisdiction="EU"),
+        events.identify(5, {"first_name": "Ada", "email": "ada@example.org"}),
+        events.page(6, {"plan": "pro"}),
+        events.page(7, {"plan": "team"}),
+        events.consent("personalization", "denied", 50),
+        events.consent("personalization", "granted", 40, policyVersion="v7"),  # out of order
+        events.consent("analytics", "withdrawn", 60),
+        events.page(70, {"plan": "enterprise"}),
     )
     run.finish()
     yield run
@@ -240,7 +201,8 @@ def test_out_of_order_consent_is_shown_resolved_by_its_timestamp(history):
     assert timeline["current_consent"]["personalization"]["status"] == "denied"
 
 
-def test_resolution_matches_the_gate_on_a_tie_and_a_late_restatement():
+def test_resolution_matches_the_gate_on_a_tie_and_a_late_restatement(events):
+    at = events.at
     records = [
         {"seq": 1, "event_key": "a", "event_ts": at(10), "statements": [_st("granted")]},
         {"seq": 2, "event_key": "b", "event_ts": at(30), "statements": [_st("withdrawn")]},
