@@ -69,6 +69,11 @@ def worker(
     engine: Annotated[
         Engine, typer.Option(help="faust (one process) or flink (a PyFlink job, .venv-flink)")
     ] = Engine.faust,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="serve Prometheus metrics on this port (faust engine)"),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="address the metrics port binds")] = "127.0.0.1",
 ) -> None:
     """Run the stream worker: contract, consent, identity and profiles over the input topics."""
     from identity.model import ScoringModel, load_model
@@ -105,6 +110,10 @@ def worker(
         return
     from pipelines.faust_engine import run_worker
 
+    if metrics_port is not None:
+        from pipelines.worker_metrics import serve_metrics
+
+        serve_metrics(metrics_port, metrics_host)
     run_worker(
         bootstrap,
         data_dir,
@@ -149,7 +158,11 @@ def serve(
     producer = BatchProducer(bootstrap)
     try:
         app = create_app(
-            store, follower, send_command=lambda record: producer.send([record]), keyring=keyring
+            store,
+            follower,
+            send_command=lambda record: producer.send([record]),
+            keyring=keyring,
+            bootstrap=bootstrap,
         )
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
@@ -227,6 +240,8 @@ def up(
     with LocalStack(data_dir, api_port=port) as stack:
         console.print(f"broker    [bold]{stack.bootstrap}[/]")
         console.print(f"API       [bold]{stack.api_url}[/]  (try {stack.api_url}/v1/stats)")
+        console.print(f"console   [bold]{stack.api_url}/console/[/]")
+        console.print(f"metrics   {stack.api_url}/metrics  {stack.worker_metrics_url}")
         console.print(f"logs      {data_dir / 'logs'}")
         console.print("Ctrl-C to stop.")
         _wait_for_interrupt()
