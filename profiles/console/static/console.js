@@ -255,10 +255,13 @@ async function rejectLink(event) {
         renderGraph(graph);
         const split = graph.history.filter((h) => h.kind === "split").pop();
         const moved = before.records.length - graph.records.length;
-        $("reject-status").textContent = split
-          ? `split: ${moved} record(s) moved to ${split.other_person_id}`
-          : "link rejected; the records stay one person through other links";
         $("reject-status").className = "ok";
+        if (split) {
+          $("reject-status").replaceChildren(`split: ${moved} record(s) moved to `,
+            el("a", { href: "#identity", id: "split-person", onclick: () => explain(split.other_person_id) }, split.other_person_id));
+        } else {
+          $("reject-status").textContent = "link rejected; the records stay one person through other links";
+        }
         return;
       }
     }
