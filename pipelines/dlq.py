@@ -250,7 +250,6 @@ def replay_command(
     dry_run: Annotated[bool, typer.Option(help="list what would be replayed")] = False,
 ) -> None:
     """Re-drive dead letters to their source topic, unchanged or with a fixed payload."""
-    _reachable(bootstrap)
     if not offset and not reason and not topic:
         console.print("[bold red]error:[/] name dead letters with --offset, --reason or --topic")
         raise typer.Exit(2)
@@ -259,6 +258,7 @@ def replay_command(
             "[bold red]error:[/] --fixed replaces exactly one dead letter: give one --offset"
         )
         raise typer.Exit(2)
+    _reachable(bootstrap)
     letters = read_dead_letters(
         bootstrap,
         reason=reason,
