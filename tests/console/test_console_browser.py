@@ -60,6 +60,9 @@ def test_overview_shows_live_counters_and_lag(browser, scenario):
     expect(page.locator("#counters")).to_have_attribute("data-received", str(received))
     expect(page.locator("#lag")).to_contain_text("tessera.events.behavioral")
     expect(page.locator("#reasons")).to_contain_text("malformed_json")
+    # The sparkline draws once two polls have given a rate.
+    expect(page.locator("#rate")).to_contain_text("events/s")
+    expect(page.locator("#sparkline polyline")).to_have_count(1)
     shot(page, "overview")
     page.close()
 
