@@ -66,8 +66,14 @@ def operator_router(
     lag = CachedLag(lambda: replica_and_worker_lag(store, bootstrap)) if bootstrap else None
     registry = api_registry(store, lag)
 
-    def no_broker() -> Response:
-        return _error(503, "no_broker", "this API process was started without a broker address")
+    def dead_letter_access(secret: str | None) -> Response | None:
+        """None when an admin calls and a broker is configured; else the answer to give."""
+        key = authorize(secret, "admin")
+        if isinstance(key, Response):
+            return key
+        if bootstrap is None:
+            return _error(503, "no_broker", "this API process was started without a broker")
+        return None
 
     @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -108,11 +114,9 @@ def operator_router(
         limit: int = Query(100, ge=1, le=1000),
         secret: str | None = Security(api_key),
     ) -> Response:
-        denied = authorize(secret, "admin")
-        if isinstance(denied, Response):
+        denied = dead_letter_access(secret)
+        if denied is not None:
             return denied
-        if bootstrap is None:
-            return no_broker()
         from pipelines.dlq import read_dead_letters
 
         letters = read_dead_letters(bootstrap, reason=reason, source_topic=topic, limit=limit)
@@ -120,11 +124,9 @@ def operator_router(
 
     @router.get("/v1/dlq/{offset}", summary="One dead letter with its whole payload (admin)")
     def show_dead_letter(offset: int, secret: str | None = Security(api_key)) -> Response:
-        denied = authorize(secret, "admin")
-        if isinstance(denied, Response):
+        denied = dead_letter_access(secret)
+        if denied is not None:
             return denied
-        if bootstrap is None:
-            return no_broker()
         from pipelines.dlq import read_dead_letters
 
         letters = read_dead_letters(bootstrap, offsets={offset}, limit=1)
@@ -136,11 +138,9 @@ def operator_router(
     def replay_dead_letters(
         request: DeadLetterReplay, secret: str | None = Security(api_key)
     ) -> Response:
-        denied = authorize(secret, "admin")
-        if isinstance(denied, Response):
+        denied = dead_letter_access(secret)
+        if denied is not None:
             return denied
-        if bootstrap is None:
-            return no_broker()
         if not (request.offsets or request.reason or request.topic):
             return _error(400, "nothing_named", "name dead letters by offsets, reason or topic")
         if request.fixed is not None and len(request.offsets) != 1:
