@@ -15,8 +15,7 @@ from consent.policy import load_policy
 from identity.normalise import ID_TYPES, parse_identifier
 from pipelines.identity_commands import reject_link_command
 from profiles.access import SUBJECT_ACCESS, ApiKey, Keyring
-from profiles.console import mount_console
-from profiles.operator_api import operator_router
+from profiles.operator_api import mount_console, operator_router
 from profiles.store import QUALITY_BUCKETS, ProfileStore
 
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key (see README)")

@@ -1,14 +1,22 @@
-"""Operator endpoints of the API process: who a key is, consumer lag, Prometheus metrics and
-the dead-letter browser (list, show, replay) over the same code as `tessera dlq`."""
+"""Operator endpoints of the API process: who a key is, consumer lag, Prometheus metrics, the
+dead-letter browser (list, show, replay) over the same code as `tessera dlq`, and the console.
+
+The console is plain HTML, CSS and JavaScript in profiles/console/ with no build step: the
+browser calls the same /v1 API with the key typed into it, so it can do nothing its key
+may not.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Query, Security
-from fastapi.responses import Response
+from fastapi import APIRouter, FastAPI, Query, Security
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
@@ -17,6 +25,7 @@ from profiles.metrics import CachedLag, api_registry
 from profiles.store import ProfileStore
 
 Authorize = Callable[..., "ApiKey | Response"]
+CONSOLE_FILES = Path(str(files("profiles").joinpath("console")))
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -161,3 +170,13 @@ def operator_router(
         return _json({"replayed": len(letters), "sent_per_topic": sent})
 
     return router
+
+
+def mount_console(app: FastAPI, path: str = "/console") -> None:
+    """Serve the console's files under `path` (index.html at `path`/)."""
+
+    @app.get(path, include_in_schema=False)
+    def console_root() -> RedirectResponse:
+        return RedirectResponse(f"{path}/")
+
+    app.mount(path, StaticFiles(directory=CONSOLE_FILES, html=True), name="console")
