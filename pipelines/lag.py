@@ -3,8 +3,8 @@
 The end of a partition is taken from a fetch response's high-water mark, not from
 ListOffsets, which the embedded broker answers wrongly after multi-record batches (see
 DESIGN.md). The worker's position is its consumer group's committed offset, which Faust
-commits on a timer: a progress indicator that may trail the worker's stored offsets by a
-second, never lead them.
+commits on a timer (see pipelines/faust_engine.py): a progress indicator that can differ
+from the offsets stored with the worker's state by about a batch, which is what lag needs.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
-
-from pipelines import topics
 
 WORKER_GROUP = "tessera-worker"  # the Faust app id: its consumer group
 
@@ -55,6 +53,7 @@ def high_watermarks(
                 "group.id": "tessera-lag-probe",  # never joins nor commits
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",  # offset 0 may be gone to retention
                 "max.partition.fetch.bytes": 1024,  # one small fetch per partition is enough
                 "fetch.wait.max.ms": 10,
             },
@@ -119,10 +118,3 @@ def lag_report(
                 PartitionLag(reader, topic, partition, position, end, max(end - (position or 0), 0))
             )
     return report
-
-
-def worker_lag(bootstrap: str, group: str = WORKER_GROUP) -> list[PartitionLag]:
-    """The stream worker's lag on every topic it consumes."""
-    return lag_report(
-        bootstrap, {"worker": group_positions(bootstrap, group, topics.WORKER_TOPICS)}
-    )
