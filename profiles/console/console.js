@@ -25,7 +25,7 @@ function svg(tag, attrs = {}, text) {
 
 function fillTable(table, headers, rows) {
   table.replaceChildren(el("tr", {}, ...headers.map((h) => el("th", {}, h))));
-  for (const row of rows) table.append(el("tr", {}, ...row.map((c) => (c instanceof Node ? el("td", {}, c) : el("td", {}, c)))));
+  for (const row of rows) table.append(el("tr", {}, ...row.map((cell) => el("td", {}, cell))));
 }
 
 async function api(path, options = {}) {
