@@ -9,7 +9,7 @@ FLINK_STAMP := $(FLINK_VENV)/.installed
 FLINK_REQS  := deploy/docker/requirements-flink.txt
 FLINK_NODEPS := deploy/docker/requirements-flink-nodeps.txt
 
-.PHONY: setup flink-setup demo test lint format bench clean
+.PHONY: setup flink-setup browser-setup demo test lint format bench clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,18 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/tessera demo
 
-test: setup flink-setup lint
+test: setup flink-setup browser-setup lint
 	$(BIN)/pytest
+
+# The console's browser tests drive Debian's chromium (a browser download cannot work offline).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
+
+browser-setup: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium
 
 lint: setup
 	$(BIN)/ruff check .

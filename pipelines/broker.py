@@ -135,15 +135,48 @@ class EmbeddedBroker:
         self.stop()
 
 
+def _listening(bootstrap: str, timeout: float) -> list[str]:
+    """Why no bootstrap address accepts a TCP connection (empty: at least one does)."""
+    problems = []
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout):
+                return []
+        except (OSError, ValueError) as exc:
+            problems.append(
+                f"{address.strip()}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+            )
+    return problems
+
+
 def ensure_reachable(bootstrap: str, timeout: float = 10) -> None:
-    """Raise a BrokerError with the fix when no Kafka broker answers at `bootstrap`."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": int(timeout * 1000)})
+    """Raise a BrokerError with the fix when no Kafka broker answers at `bootstrap`.
+
+    A refused connection fails at once; a listener that does not speak Kafka within
+    `timeout` seconds fails then. librdkafka's own retry log stays quiet: the error says it all.
+    """
+    fix = (
+        "To fix: start the embedded broker with `tessera up` (it prints the address to pass as "
+        "--bootstrap or TESSERA_BOOTSTRAP), or point --bootstrap at a running Kafka broker."
+    )
+    refused = _listening(bootstrap, min(timeout, 3))
+    if refused:
+        raise BrokerError(
+            f"no Kafka broker at {bootstrap}: nothing accepts connections ({'; '.join(refused)}).\n{fix}"
+        )
+    admin = AdminClient(
+        {
+            "bootstrap.servers": bootstrap,
+            "socket.timeout.ms": int(timeout * 1000),
+            "log_level": 0,
+        }
+    )
     try:
         admin.list_topics(timeout=timeout)
     except Exception as exc:
         raise BrokerError(
-            f"no Kafka broker answered at {bootstrap} ({exc}).\n"
-            "Start the embedded one with `tessera up`, or pass --bootstrap HOST:PORT of a running broker."
+            f"no Kafka broker answered at {bootstrap} within {timeout:g} s ({exc}).\n{fix}"
         ) from exc
 
 

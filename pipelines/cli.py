@@ -40,7 +40,7 @@ DataDir = Annotated[
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -69,6 +69,11 @@ def worker(
     engine: Annotated[
         Engine, typer.Option(help="faust (one process) or flink (a PyFlink job, .venv-flink)")
     ] = Engine.faust,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="serve Prometheus metrics on this port (faust engine)"),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="address the metrics port binds")] = "127.0.0.1",
 ) -> None:
     """Run the stream worker: contract, consent, identity and profiles over the input topics."""
     from identity.model import ScoringModel, load_model
@@ -105,6 +110,10 @@ def worker(
         return
     from pipelines.faust_engine import run_worker
 
+    if metrics_port is not None:
+        from pipelines.worker_metrics import serve_metrics
+
+        serve_metrics(metrics_port, metrics_host)
     run_worker(
         bootstrap,
         data_dir,
@@ -149,7 +158,11 @@ def serve(
     producer = BatchProducer(bootstrap)
     try:
         app = create_app(
-            store, follower, send_command=lambda record: producer.send([record]), keyring=keyring
+            store,
+            follower,
+            send_command=lambda record: producer.send([record]),
+            keyring=keyring,
+            bootstrap=bootstrap,
         )
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
@@ -168,17 +181,17 @@ def generate(
     end: Annotated[
         datetime | None, typer.Option(help="last event time (UTC); default today 00:00")
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Write a realistic, seeded synthetic event stream (and its ground truth)."""
-    from rich.progress import Progress
-
+    from pipelines.cli_output import counts_table, print_json, progress
     from synthetic.events import write_dataset
 
     end = end or datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     if end.tzinfo is None:
         end = end.replace(tzinfo=UTC)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("generating", total=events)
+    with progress(console) as bar:
+        task = bar.add_task("generating events", total=events)
         summary = write_dataset(
             out,
             truth,
@@ -186,34 +199,49 @@ def generate(
             events=events,
             seed=seed,
             end=end,
-            progress=lambda n: progress.update(task, completed=n),
+            progress=lambda n: bar.update(task, completed=n),
         )
-    console.print(f"wrote {events:,} events for {persons:,} persons to {out}")
-    console.print(str(summary))
+    if as_json:
+        print_json(
+            {
+                "out": str(out),
+                "truth": str(truth) if truth else None,
+                "events": summary.events,
+                "persons": summary.persons,
+                "by_kind": dict(summary.by_kind),
+                "by_outcome": dict(summary.by_outcome),
+            }
+        )
+        return
+    console.print(counts_table("expected outcomes", dict(summary.by_outcome), "outcome"))
+    console.print(f"wrote {summary.events:,} events for {summary.persons:,} persons to {out}")
 
 
 @app.command()
 def produce(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL events")],
     bootstrap: Bootstrap,
+    as_json: Annotated[bool, typer.Option("--json", help="print events per topic as JSON")] = False,
 ) -> None:
     """Send a JSONL file's events to their input topics (routed by kind, bytes untouched)."""
-    from rich.progress import Progress
-
     from pipelines.broker import ensure_reachable
+    from pipelines.cli_output import counts_table, print_json, progress
     from pipelines.produce import produce_events, read_lines
 
     try:
         ensure_reachable(bootstrap)
     except BrokerError as exc:
         _fail(str(exc))
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("producing", total=None)
+    lines = sum(1 for _ in read_lines(file))
+    with progress(console) as bar:
+        task = bar.add_task(f"producing to {bootstrap}", total=lines)
         per_topic = produce_events(
-            read_lines(file), bootstrap, progress=lambda n: progress.advance(task, n)
+            read_lines(file), bootstrap, progress=lambda n: bar.advance(task, n)
         )
-    for topic, count in sorted(per_topic.items()):
-        console.print(f"{count:>9,}  {topic}")
+    if as_json:
+        print_json({"bootstrap": bootstrap, "events": sum(per_topic.values()), "topics": per_topic})
+        return
+    console.print(counts_table(f"events produced to {bootstrap}", dict(per_topic), "topic"))
 
 
 @app.command()
@@ -227,6 +255,8 @@ def up(
     with LocalStack(data_dir, api_port=port) as stack:
         console.print(f"broker    [bold]{stack.bootstrap}[/]")
         console.print(f"API       [bold]{stack.api_url}[/]  (try {stack.api_url}/v1/stats)")
+        console.print(f"console   [bold]{stack.api_url}/console/[/]")
+        console.print(f"metrics   {stack.api_url}/metrics  {stack.worker_metrics_url}")
         console.print(f"logs      {data_dir / 'logs'}")
         console.print("Ctrl-C to stop.")
         _wait_for_interrupt()
@@ -269,15 +299,41 @@ def bench(
     batch_size: Annotated[int, typer.Option(min=1)] = 2000,
     out: Annotated[Path, typer.Option(help="report to write")] = Path("BENCHMARKS.md"),
     workdir: Annotated[Path, typer.Option(help="scratch space")] = Path(".tessera/bench"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
 ) -> None:
     """Measure throughput against baselines from the same run and write BENCHMARKS.md."""
+    from rich.table import Table
+
     from pipelines.bench import run_bench, summary, write_report
+    from pipelines.cli_output import print_json, progress
 
     counts = [int(s.replace("_", "")) for s in sizes.split(",") if s.strip()]
     command = " ".join(["tessera", *sys.argv[1:]])
-    results = run_bench(counts, persons_per_event=0.02, workdir=workdir, batch_size=batch_size)
+    results = []
+    with progress(console) as bar:
+        task = bar.add_task("benchmark sizes", total=len(counts))
+        for count in counts:  # one size at a time: the same run, with progress between sizes
+            bar.update(task, description=f"benchmarking {count:,} events")
+            results += run_bench(
+                [count], persons_per_event=0.02, workdir=workdir, batch_size=batch_size
+            )
+            bar.advance(task)
     write_report(out, results, command)
-    console.print_json(data=summary(results))
+    if as_json:
+        print_json(summary(results))
+        return
+    table = Table("events", "figure", "value", "unit", "ratio to baseline", title="benchmarks")
+    for size, figures in results:
+        for figure in figures:
+            ratio = figure.ratio
+            table.add_row(
+                f"{size:,}",
+                figure.name,
+                f"{figure.value:,.1f}",
+                figure.unit,
+                f"{ratio:.2f}× {figure.baseline_name}" if ratio is not None else "",
+            )
+    console.print(table)
     console.print(f"written to {out}")
 
 

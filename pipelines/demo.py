@@ -161,6 +161,8 @@ def run_demo(
                 f"  {stack.api_url}/v1/profiles/lookup?type=email&value=...&purpose=personalization"
             )
             console.print(f"  {stack.api_url}/docs  (OpenAPI)")
+            console.print(f"  {stack.api_url}/console/  (the console: type an API key above)")
+            console.print(f"  {stack.api_url}/metrics  {stack.worker_metrics_url}  (Prometheus)")
             console.print("Ctrl-C to stop.")
             wait()
     finally:

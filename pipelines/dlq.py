@@ -179,6 +179,17 @@ def replay(bootstrap: str, letters: list[DeadLetter], fixed: bytes | None = None
     return sent
 
 
+def _reachable(bootstrap: str) -> None:
+    """Exit with the broker error and its fix when nothing answers at `bootstrap`."""
+    from pipelines.broker import BrokerError, ensure_reachable
+
+    try:
+        ensure_reachable(bootstrap)
+    except BrokerError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 @dlq_app.command("list")
 def list_command(
     bootstrap: Bootstrap,
@@ -188,6 +199,7 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
 ) -> None:
     """List dead letters, oldest first: offset, time, source, reasons, payload preview."""
+    _reachable(bootstrap)
     letters = read_dead_letters(bootstrap, reason=reason, source_topic=topic, limit=limit)
     if as_json:
         for letter in letters:
@@ -213,6 +225,7 @@ def show_command(
     bootstrap: Bootstrap,
 ) -> None:
     """Show one dead letter: every reason with its detail, its source, and the payload."""
+    _reachable(bootstrap)
     letters = read_dead_letters(bootstrap, offsets={offset}, limit=1)
     if not letters:
         console.print(f"[bold red]error:[/] no dead letter at offset {offset}")
@@ -245,6 +258,7 @@ def replay_command(
             "[bold red]error:[/] --fixed replaces exactly one dead letter: give one --offset"
         )
         raise typer.Exit(2)
+    _reachable(bootstrap)
     letters = read_dead_letters(
         bootstrap,
         reason=reason,

@@ -26,6 +26,8 @@ Maps = Annotated[
     typer.Option("--map", help="SRC=FIELD: read column SRC as record field FIELD (repeatable)"),
 ]
 
+AsJson = Annotated[bool, typer.Option("--json", help="print the summary as JSON on stdout")]
+
 
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}")
@@ -54,21 +56,29 @@ def train(
     map: Maps = None,
     max_pairs: Annotated[float, typer.Option(help="pairs sampled to estimate u")] = 2e6,
     seed: int = 7,
+    as_json: AsJson = False,
 ) -> None:
     """Train a Splink model without labels (u by sampling, m by EM) and print its weights."""
     from identity.model import records_table, save_model, train_model
+    from pipelines.cli_output import print_json, progress
 
     rows = _records(input, id_column, map)
     if len(rows) < 10:
         _fail(f"{input} has {len(rows)} records; training needs at least 10")
     started = time.perf_counter()
-    with console.status(f"training on the distinct records of {len(rows):,} rows"):
+    with progress(console) as bar:
+        bar.add_task(f"training on the distinct records of {len(rows):,} rows", total=None)
         table = records_table({"record_id": i, **fields} for i, fields in _unique(rows))
         try:
             model, report = train_model(table, max_pairs=max_pairs, seed=seed)
         except ValueError as exc:
             _fail(str(exc))
     save_model(model, model_out)
+    if as_json:
+        print_json(
+            {"model": str(model_out), "seconds": time.perf_counter() - started, **report.__dict__}
+        )
+        return
     summary = Table(title=f"match weights ({', '.join(report.columns)})")
     for name in ("comparison", "level", "m", "u", "match weight"):
         summary.add_column(name, justify="right" if name in ("m", "u", "match weight") else "left")
@@ -115,11 +125,13 @@ def replay(
     truth_column: Annotated[
         str | None, typer.Option(help="a column with the true person, to print accuracy")
     ] = None,
+    as_json: AsJson = False,
 ) -> None:
     """Stream a file's rows, in order, through the worker's incremental resolver."""
     from identity.evaluate import accuracy
     from identity.model import ScoringModel, load_model
     from identity.resolver import replay as run_replay
+    from pipelines.cli_output import print_json, progress
 
     try:
         scoring = ScoringModel(load_model(model), threshold=threshold)
@@ -127,7 +139,10 @@ def replay(
         _fail(f"cannot use model {model}: {exc}")
     rows = _records(input, id_column, map)
     started = time.perf_counter()
-    result = run_replay(rows, scoring, batch_size=batch_size)
+    with progress(console) as bar:
+        # The resolver reads rows lazily, batch by batch: the bar follows it through the file.
+        tracked = bar.track(rows, total=len(rows), description="resolving records")
+        result = run_replay(tracked, scoring, batch_size=batch_size)
     elapsed = time.perf_counter() - started
     clusters_out.parent.mkdir(parents=True, exist_ok=True)
     with clusters_out.open("w", newline="") as handle:
@@ -136,13 +151,26 @@ def replay(
         for input_id, person in result.person_of.items():
             writer.writerow([input_id, person])
     persons = len(set(result.person_of.values()))
+    score = (
+        accuracy(result.person_of, _truth(input, id_column, truth_column)) if truth_column else None
+    )
+    if as_json:
+        print_json(
+            {
+                "records": result.records,
+                "persons": persons,
+                "seconds": elapsed,
+                "records_per_second": result.records / elapsed if elapsed else None,
+                "out": str(clusters_out),
+                "accuracy": score.__dict__ if score else None,
+            }
+        )
+        return
     console.print(
         f"{result.records:,} records -> {persons:,} persons in {elapsed:.1f} s "
         f"({result.records / elapsed:,.0f} records/s); wrote {clusters_out}"
     )
-    if truth_column:
-        truth = _truth(input, id_column, truth_column)
-        score = accuracy(result.person_of, truth)
+    if score is not None:
         out.print_json(orjson.dumps(score.__dict__).decode())
 
 
@@ -246,11 +274,20 @@ def generate(
     records_out: Annotated[Path, typer.Option("--out", help="CSV to write")],
     persons: Annotated[int, typer.Option(min=1, max=2_000_000)] = 2000,
     seed: int = 1,
+    as_json: AsJson = False,
 ) -> None:
     """Write the hard synthetic identity set (households, twins, tablets, typos) with its truth."""
+    from pipelines.cli_output import print_json, progress
     from synthetic.identities import write_identity_records
 
-    count = write_identity_records(records_out, persons, seed)
+    with progress(console) as bar:
+        task = bar.add_task("writing identity records", total=None)
+        count = write_identity_records(
+            records_out, persons, seed, progress=lambda n: bar.update(task, completed=n)
+        )
+    if as_json:
+        print_json({"out": str(records_out), "records": count, "persons": persons, "seed": seed})
+        return
     console.print(
         f"wrote {count:,} records of {persons:,} persons to {records_out} (truth: person_id)"
     )
@@ -275,16 +312,22 @@ def bench(
         run_identity_bench,
         write_section,
     )
+    from pipelines.cli_output import progress
 
     figures = []
-    if events:
-        with console.status(f"identity bench on the event stream ({events:,} events)"):
+    sizes = [int(s) for s in records.split(",") if s.strip()]
+    with progress(console) as bar:
+        task = bar.add_task("identity bench", total=len(sizes) + bool(events))
+        if events:
+            bar.update(task, description=f"identity bench on the event stream ({events:,} events)")
             figures.append(
                 run_event_stream_bench(max(10, events // 40), events, threshold, batch_size)
             )
-    for size in (int(s) for s in records.split(",") if s.strip()):
-        with console.status(f"identity bench on ~{size:,} records"):
+            bar.advance(task)
+        for size in sizes:
+            bar.update(task, description=f"identity bench on ~{size:,} records")
             figures.append(run_identity_bench(size, threshold, batch_size))
+            bar.advance(task)
     section = render(figures, f"tessera identity bench --records {records} --events {events}")
     write_section(write, section)
     out.print(section)

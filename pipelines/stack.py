@@ -43,6 +43,9 @@ class LocalStack:
         self.data_dir = Path(data_dir)
         self.worker_options = dict(worker_options or {})
         self.api_port = api_port or free_port()
+        # The first worker serves Prometheus metrics here; restarts and standbys do not, so
+        # two workers never contend for the port.
+        self.worker_metrics_port = free_port()
         self.broker = EmbeddedBroker(partitions=partitions)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -53,6 +56,10 @@ class LocalStack:
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def worker_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.worker_metrics_port}/metrics"
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         logs = self.data_dir / "logs"
@@ -127,7 +134,7 @@ class LocalStack:
     def start(self) -> LocalStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.broker.start()
-        self.start_worker(**self.worker_options)
+        self.start_worker(**{"metrics_port": str(self.worker_metrics_port), **self.worker_options})
         self.start_api()
         return self
 

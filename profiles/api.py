@@ -16,6 +16,7 @@ from identity.normalise import ID_TYPES, parse_identifier
 from pipelines.identity_commands import reject_link_command
 from profiles.access import SUBJECT_ACCESS, ApiKey, Keyring
 from profiles.audit_api import audit_router
+from profiles.operator_api import mount_console, operator_router
 from profiles.store import QUALITY_BUCKETS, ProfileStore
 
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key (see README)")
@@ -44,12 +45,14 @@ def create_app(
     send_command: Callable[[Any], None] | None = None,
     keyring: Keyring | None = None,
     purposes: set[str] | None = None,
+    bootstrap: str | None = None,
 ) -> FastAPI:
     """The HTTP app over one replica's store.
 
     `follower` (if any) is reported on /healthz; `send_command` (if any) delivers operator
     commands to the worker's command topic. `keyring` holds the API keys (none: every
     protected call is 401); `purposes` are the policy's (default: the packaged policy).
+    `bootstrap` (if any) lets the operator routes read consumer lag and dead letters.
     """
     keyring = keyring or Keyring([])
     purposes = purposes if purposes is not None else set(load_policy().purposes)
@@ -186,4 +189,7 @@ def create_app(
         )
 
     app.include_router(audit_router(store, authorize, follower, purposes))
+    # Operator routes (metrics, lag, dead letters) and the console live in their own modules.
+    app.include_router(operator_router(store, bootstrap, authorize, API_KEY, purposes))
+    mount_console(app)
     return app

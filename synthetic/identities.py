@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -483,8 +483,13 @@ def identity_records(persons: int, seed: int) -> Iterator[dict[str, str]]:
     return _IdentityGenerator(persons, seed).rows()
 
 
-def write_identity_records(out: Path, persons: int, seed: int) -> int:
-    """Write the data set as CSV (truth in the person_id column); returns the row count."""
+def write_identity_records(
+    out: Path, persons: int, seed: int, progress: Callable[[int], None] | None = None
+) -> int:
+    """Write the data set as CSV (truth in the person_id column); returns the row count.
+
+    `progress`, if given, is called with the rows written so far every 10,000 rows and at the end.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with out.open("w", newline="") as handle:
@@ -493,4 +498,8 @@ def write_identity_records(out: Path, persons: int, seed: int) -> int:
         for row in identity_records(persons, seed):
             writer.writerow(row)
             count += 1
+            if progress is not None and count % 10_000 == 0:
+                progress(count)
+    if progress is not None:
+        progress(count)
     return count
