@@ -16,16 +16,18 @@ LINEAGE = "tessera.lineage"
 IDENTITY_LINKS = "tessera.identity.links"
 PROFILES_CHANGELOG = "tessera.profiles.changelog"
 QUALITY_REPORTS = "tessera.quality.reports"  # one record per batch: counts, alerts, GX summary
+ERASURES = "tessera.privacy.erasures"  # erasure certificates by request id (no PII)
 
 INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
-# Everything the worker consumes: events, and operators' identity decisions.
-WORKER_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, IDENTITY_COMMANDS)
+# Everything the worker consumes: events, operators' identity decisions, privacy requests.
+WORKER_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, IDENTITY_COMMANDS, PRIVACY)
 OUTPUT_TOPICS: tuple[str, ...] = (
     REJECTED,
     LINEAGE,
     IDENTITY_LINKS,
     PROFILES_CHANGELOG,
     QUALITY_REPORTS,
+    ERASURES,
 )
 
 
@@ -45,6 +47,7 @@ def topic_specs(partitions: int = 1) -> list[TopicSpec]:
     specs += [TopicSpec(REJECTED), TopicSpec(LINEAGE), TopicSpec(IDENTITY_LINKS)]
     specs.append(TopicSpec(PROFILES_CHANGELOG, compacted=True))
     specs.append(TopicSpec(QUALITY_REPORTS))
+    specs.append(TopicSpec(ERASURES))
     return specs
 
 
