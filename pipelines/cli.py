@@ -16,6 +16,7 @@ from rich.console import Console
 
 from pipelines.broker import BrokerError
 from pipelines.dlq import dlq_app
+from pipelines.privacy_cli import privacy_app
 from pipelines.quality_cli import quality_app, schemas_app
 
 app = typer.Typer(
@@ -25,10 +26,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Sub-apps live in their own modules: `tessera dlq ...`, `tessera quality ...`, `tessera schemas ...`.
+# Sub-apps live in their own modules: `tessera dlq ...`, `tessera quality ...`, `tessera schemas ...`,
+# `tessera privacy ...`.
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(quality_app, name="quality")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(privacy_app, name="privacy")
 console = Console(stderr=True)
 
 Bootstrap = Annotated[
@@ -144,7 +147,10 @@ def serve(
     except KeyringError as exc:
         _fail(str(exc))
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = ProfileStore(data_dir / "profiles.duckdb")
+    from consent.keys import configured_key_store
+
+    # TESSERA_KEY_STORE: the worker's per-subject keys, to open sealed changelog documents.
+    store = ProfileStore(data_dir / "profiles.duckdb", keys=configured_key_store())
     follower = ReplicaFollower(store, bootstrap).start()
     producer = BatchProducer(bootstrap)
     try:
@@ -200,6 +206,7 @@ def produce(
     """Send a JSONL file's events to their input topics (routed by kind, bytes untouched)."""
     from rich.progress import Progress
 
+    from consent.keys import configured_key_store
     from pipelines.broker import ensure_reachable
     from pipelines.produce import produce_events, read_lines
 
@@ -210,7 +217,10 @@ def produce(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("producing", total=None)
         per_topic = produce_events(
-            read_lines(file), bootstrap, progress=lambda n: progress.advance(task, n)
+            read_lines(file),
+            bootstrap,
+            progress=lambda n: progress.advance(task, n),
+            keys=configured_key_store(),  # TESSERA_KEY_STORE: seal each event for its subjects
         )
     for topic, count in sorted(per_topic.items()):
         console.print(f"{count:>9,}  {topic}")

@@ -27,8 +27,8 @@ from consent.erasure import SubjectEraser
 from consent.gate import ALLOWED, CONSENT_RECORDED, ConsentGate, GateDecision
 from consent.keys import SubjectKeyStore, profile_subjects
 from consent.ledger import LineageLedger
-from consent.requests import PrivacyRequests
 from consent.policy import PurposePolicy, load_policy
+from consent.requests import PrivacyRequests
 from identity.model import ScoringModel
 from identity.normalise import identifier_hash
 from identity.records import record_from_event

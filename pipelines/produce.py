@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import orjson
+
+from consent.keys import SubjectKeyStore
+from identity.normalise import extract_identifiers, identifier_hash
 from pipelines.kafka import BatchProducer
 from pipelines.pipeline import OutRecord
 from pipelines.topics import route
@@ -25,10 +30,13 @@ def produce_events(
     bootstrap: str,
     chunk: int = 20_000,
     progress: Callable[[int], None] | None = None,
+    keys: SubjectKeyStore | None = None,
 ) -> Counter:
     """Route and produce raw events; returns how many went to each topic.
 
     Bytes are sent exactly as given (garbage included): rejecting is the pipeline's job.
+    With a key store, each event that names a subject is sealed under its subjects' key
+    (and keyed by a hash), so erasure can shred it on the input topic too.
     """
     producer = BatchProducer(bootstrap)
     per_topic: Counter = Counter()
@@ -43,6 +51,8 @@ def produce_events(
     for raw in events:
         topic, key = route(raw)
         per_topic[topic] += 1
+        if keys is not None:
+            raw, key = seal_event(keys, raw, key)
         pending.append(OutRecord(topic, key, raw))
         if len(pending) >= chunk:
             flush()
@@ -50,3 +60,21 @@ def produce_events(
         flush()
     producer.close()
     return per_topic
+
+
+def seal_event(keys: SubjectKeyStore, raw: bytes, key: bytes | None) -> tuple[bytes, bytes | None]:
+    """An event sealed under its subjects' key, with a partition key that is a hash.
+
+    Bytes that name nobody (garbage, no identifier) go as they are: the contract rejects them.
+    """
+    try:
+        event = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw, key
+    subjects = (
+        [identifier_hash(i) for i in extract_identifiers(event)] if isinstance(event, dict) else []
+    )
+    if not subjects:
+        return raw, key
+    hashed = hashlib.blake2b(key, digest_size=12).hexdigest().encode() if key else None
+    return keys.seal(raw, subjects), hashed
