@@ -179,6 +179,14 @@ class SubjectEraser:
             "persons_split_off": sorted(result.touched),
             "subject_hashes": sorted(subjects),
             "erased": {"worker": counts, "key_store": {"keys_shredded": shredded}},
+            # Everything before these offsets was consumed before the erasure: on Apache
+            # Kafka, DeleteRecords up to them removes plaintext that outside producers wrote.
+            "consumed_before": {
+                f"{topic}/{partition}": offset
+                for topic, partition, offset in self.conn.execute(
+                    'SELECT topic, "partition", next_offset FROM source_offsets ORDER BY 1, 2'
+                ).fetchall()
+            },
         }
         return result
 

@@ -14,6 +14,7 @@ same event gives the same bytes, and replays stay recognisable as replays.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -24,10 +25,11 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from identity.normalise import Identifier, identifier_hash
+from identity.normalise import Identifier, extract_identifiers, identifier_hash
 
 KEY_STORE_ENV = "TESSERA_KEY_STORE"
 SEALED_PREFIX = b"tsk1."
@@ -136,6 +138,12 @@ class SubjectKeyStore:
         body = nonce + AESGCM(key).encrypt(nonce, plaintext, key_id.encode())
         return SEALED_PREFIX + key_id.encode() + b"." + base64.urlsafe_b64encode(body)
 
+    def seal_event(self, raw: bytes) -> bytes:
+        """A raw event sealed for the subjects it names; bytes that name nobody (garbage,
+        no identifier) stay as they are, since no erasure could ever find them."""
+        subjects = event_subjects(raw)
+        return self.seal(raw, subjects) if subjects and not is_sealed(raw) else raw
+
     def open(self, data: bytes) -> bytes | None:
         """The plaintext of sealed bytes; unsealed bytes as they are; None when the key is gone."""
         if not is_sealed(data):
@@ -171,3 +179,14 @@ def profile_subjects(doc: dict) -> list[str]:
     for id_type, values in (doc.get("identifiers") or {}).items():
         subjects += [identifier_hash(Identifier(id_type, v)) for v in values]
     return subjects
+
+
+def event_subjects(raw: bytes) -> list[str]:
+    """Identifier hashes of the subjects a raw event names ([] when it names nobody)."""
+    with contextlib.suppress(orjson.JSONDecodeError):
+        event = orjson.loads(raw)
+        if isinstance(event, dict):
+            # Rejected events can hold any shape; what cannot be read names nobody.
+            with contextlib.suppress(TypeError, ValueError, AttributeError):
+                return [identifier_hash(i) for i in extract_identifiers(event)]
+    return []

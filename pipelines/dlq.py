@@ -14,6 +14,7 @@ keeps the rejected event's messageId.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from consent.keys import configured_key_store, is_sealed
 from pipelines import topics
 
 dlq_app = typer.Typer(
@@ -34,6 +36,9 @@ console = Console()
 Bootstrap = Annotated[
     str, typer.Option("--bootstrap", envvar="TESSERA_BOOTSTRAP", help="Kafka bootstrap HOST:PORT")
 ]
+
+
+_key_store = cache(configured_key_store)  # opened once per process
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,18 @@ class DeadLetter:
         return self.headers.get("tessera.source.topic", "")
 
     def preview(self, width: int = 60) -> str:
-        """The payload as readable text: decoded when it is UTF-8, escaped bytes otherwise."""
+        """The payload as readable text: decoded when it is UTF-8, escaped bytes otherwise.
+
+        A payload sealed for its subjects is opened with $TESSERA_KEY_STORE when it is set
+        and the subjects' key still exists; otherwise it shows sealed.
+        """
+        value = self.value
+        if is_sealed(value) and (keys := _key_store()) is not None:
+            value = keys.open(value) or value
         try:
-            text = self.value.decode("utf-8")
+            text = value.decode("utf-8")
         except UnicodeDecodeError:
-            text = repr(self.value)[2:-1]
+            text = repr(value)[2:-1]
         text = text.replace("\n", "\\n")
         return text if len(text) <= width else text[: width - 1] + "…"
 

@@ -14,7 +14,7 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -270,7 +270,7 @@ class Pipeline:
         self.conn.execute("BEGIN TRANSACTION")
         try:
             self._record_offsets([record])
-            emit([_dead_letter(record, f"raw:{digest}", reasons, "unknown", digest)])
+            emit([self._sealed(_dead_letter(record, f"raw:{digest}", reasons, "unknown", digest))])
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -287,7 +287,7 @@ class Pipeline:
             contract = (
                 check_contract(opened, self.registry) if opened is not None else _erased_contract()
             )
-            digest = _hash(raw)
+            digest = _hash(opened if opened is not None else raw)  # sealed or not, one event
             key = contract.event["messageId"] if contract.ok else f"raw:{digest}"
             items.append(_Item(record, contract, digest, key))
         keys = pa.table({"event_key": [i.key for i in items]})
@@ -556,6 +556,12 @@ class Pipeline:
             [(t, p, o) for (t, p), o in next_offsets.items()],
         )
 
+    def _sealed(self, letter: OutRecord) -> OutRecord:
+        """A dead letter whose original bytes are sealed for the subjects they name."""
+        if self.keys is None or not letter.value:
+            return letter
+        return replace(letter, value=self.keys.seal_event(letter.value))
+
     def _outputs(self, items, entries, resolution, profiles, gone) -> list[OutRecord]:
         out: list[OutRecord] = []
         for item in items:
@@ -567,8 +573,10 @@ class Pipeline:
                 else "unknown"
             )
             out.append(
-                _dead_letter(
-                    item.record, item.key, item.contract.reasons, schema, item.payload_hash
+                self._sealed(
+                    _dead_letter(
+                        item.record, item.key, item.contract.reasons, schema, item.payload_hash
+                    )
                 )
             )
         for entry in entries:

@@ -7,10 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import orjson
-
 from consent.keys import SubjectKeyStore
-from identity.normalise import extract_identifiers, identifier_hash
 from pipelines.kafka import BatchProducer
 from pipelines.pipeline import OutRecord
 from pipelines.topics import route
@@ -63,18 +60,8 @@ def produce_events(
 
 
 def seal_event(keys: SubjectKeyStore, raw: bytes, key: bytes | None) -> tuple[bytes, bytes | None]:
-    """An event sealed under its subjects' key, with a partition key that is a hash.
-
-    Bytes that name nobody (garbage, no identifier) go as they are: the contract rejects them.
-    """
-    try:
-        event = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return raw, key
-    subjects = (
-        [identifier_hash(i) for i in extract_identifiers(event)] if isinstance(event, dict) else []
-    )
-    if not subjects:
-        return raw, key
-    hashed = hashlib.blake2b(key, digest_size=12).hexdigest().encode() if key else None
-    return keys.seal(raw, subjects), hashed
+    """An event sealed under its subjects' key, with a partition key that is a hash."""
+    sealed = keys.seal_event(raw)
+    if sealed is raw or key is None:
+        return sealed, key
+    return sealed, hashlib.blake2b(key, digest_size=12).hexdigest().encode()

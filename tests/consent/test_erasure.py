@@ -215,6 +215,17 @@ def test_replays_are_idempotent_and_only_new_events_start_anew(run):
     assert set(run.persons()) == {"alice-new"}
 
 
+def test_dead_letters_are_sealed_for_their_subjects_and_shredded_with_them(run):
+    bad = {**alice_events()[3], "messageId": "alice-bad", "timestamp": "not a time"}
+    assert run.feed(bad).outcomes == {"rejected": 1}
+    run.feed(*alice_events())
+    (letter,) = [o for o in run.outputs if o.topic == topics.REJECTED]
+    assert ALICE_ID.encode() not in letter.value
+    assert orjson.loads(run.keys.open(letter.value))["messageId"] == "alice-bad"
+    erase(run, Identifier("user_id", ALICE_ID))
+    assert run.keys.open(letter.value) is None
+
+
 def test_unknown_and_malformed_requests_each_get_one_outcome(run):
     erase(run, Identifier("email", "nobody@example.net"))
     (certificate,) = run.certificates()
