@@ -63,6 +63,7 @@ class SubjectKeyStore:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA secure_delete=ON")  # a deleted key is overwritten, not freed
             self._local.conn = conn
         return conn
 
@@ -127,6 +128,8 @@ class SubjectKeyStore:
             conn.execute("ROLLBACK")
             raise
         self._cache.clear()
+        # Old copies of the pages live on in the write-ahead log until it is checkpointed.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return deleted
 
     # -- sealing -----------------------------------------------------------------------------

@@ -203,7 +203,10 @@ def produce(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL events")],
     bootstrap: Bootstrap,
 ) -> None:
-    """Send a JSONL file's events to their input topics (routed by kind, bytes untouched)."""
+    """Send a JSONL file's events to their input topics, routed by kind.
+
+    Bytes go untouched, or sealed for their subjects when $TESSERA_KEY_STORE is set.
+    """
     from rich.progress import Progress
 
     from consent.keys import configured_key_store

@@ -243,8 +243,12 @@ def test_sealed_input_of_an_erased_subject_cannot_be_read_again(run):
     raw = orjson.dumps(alice_events()[1])
     sealed = run.keys.seal(raw, ["user_id:x"])
     assert ALICE_ID.encode() not in sealed and run.keys.open(sealed) == raw
+    key = run.keys.key_for(["user_id:x"])[1]
     assert run.keys.shred(["user_id:x"]) == 1
     assert run.keys.open(sealed) is None
+    # The key's bytes are gone from the files too, not only from the table.
+    for path in Path(run.keys.path).parent.glob("keys.sqlite*"):
+        assert key not in path.read_bytes(), path.name
     assert run.feed(sealed).outcomes == {"rejected": 1}
 
 
