@@ -52,7 +52,7 @@ class PrivacyRequests:
 
     def __init__(self, eraser: SubjectEraser) -> None:
         self.eraser = eraser
-        self._pending: list[tuple[str, dict[str, Any]]] = []
+        self._pending: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         self._batch = ErasureBatch()
 
     def erase(
@@ -89,7 +89,12 @@ class PrivacyRequests:
                 result = self.eraser.erase(request, key)
                 batch.resolutions += result.resolutions
                 batch.persons |= result.erased_persons | result.touched
-                self._pending.append((key, result.certificate))
+                source = {
+                    "topic": getattr(record, "topic", None),
+                    "partition": getattr(record, "partition", None),
+                    "offset": getattr(record, "offset", None),
+                }
+                self._pending.append((key, result.certificate, source))
             else:
                 contract.reasons.append(Reason(ReasonCode.INVALID_PRIVACY_REQUEST, request))
             decision = GateDecision(ALLOWED, None, "privacy-request", None, None)
@@ -103,6 +108,7 @@ class PrivacyRequests:
                 {
                     "event_key": key,
                     "kind": "erasure",
+                    "source": source,
                     "decision": "erased",
                     "request_id": cert["request_id"],
                     "subject": cert["subject"],
@@ -111,10 +117,10 @@ class PrivacyRequests:
                     "persons_split_off": cert["persons_split_off"],
                     "erased": cert["erased"],
                 }
-                for key, cert in self._pending
+                for key, cert, source in self._pending
             ]
         )
-        for entry, (_, cert) in zip(entries, self._pending, strict=True):
+        for entry, (_, cert, _) in zip(entries, self._pending, strict=True):
             cert["ledger"] = {"seq": entry.seq, "hash": entry.hash}
             self.eraser.record(cert)
             self._batch.certificates.append(

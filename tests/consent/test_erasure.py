@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +22,7 @@ from consent.erasure import erasure_request
 from consent.keys import KEY_STORE_ENV, SubjectKeyStore
 from identity.normalise import Identifier
 from pipelines import topics
-from pipelines.kafka import read_topic
+from pipelines.kafka import BatchProducer, read_topic
 from pipelines.pipeline import OutRecord, Pipeline, SourceRecord
 from pipelines.produce import produce_events
 from pipelines.stack import LocalStack
@@ -343,7 +345,8 @@ def test_erasure_end_to_end_leaves_no_plaintext_anywhere(sealed_stack):
         )
     )
     assert certificate["found"] and certificate["persons_split_off"] == [bob]
-    assert certificate["erased"]["replica"]["profiles"] >= 0
+    assert certificate["persons_erased"] and bob not in certificate["persons_erased"]
+    assert certificate["erased"]["replica"]["identity_events"] >= 1
     _poll(lambda: _lookup(stack, "email", ALICE_EMAIL).status_code == 404)
     bob_now = _lookup(stack, "phone", BOB_PHONE).json()
     assert bob_now["person_id"] == bob
@@ -355,6 +358,34 @@ def test_erasure_end_to_end_leaves_no_plaintext_anywhere(sealed_stack):
     time.sleep(3)
     assert _lookup(stack, "email", ALICE_EMAIL).status_code == 404
     assert _lookup(stack, "phone", BOB_PHONE).json()["person_id"] == bob
+
+    # The request again, as a replay of its topic would send it: a duplicate, no second
+    # certificate. The CLI's request for an unknown identifier comes after it on the topic,
+    # so its certificate shows the replay was processed.
+    (request,) = [r for r in read_topic(stack.bootstrap, topics.PRIVACY)]
+    replay = OutRecord(topics.PRIVACY, request[2], request[3])
+    producer = BatchProducer(stack.bootstrap)
+    producer.send([replay])
+    producer.close()
+    cli = [sys.executable, "-m", "pipelines.cli", "privacy"]
+    printed = subprocess.run(
+        [*cli, "erase", "--identifier", "email:Nobody@Example.net", "--bootstrap", stack.bootstrap],
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    unknown = orjson.loads(printed.stdout)
+    assert unknown["found"] is False and unknown["persons_erased"] == []
+    assert b"nobody" not in printed.stdout.lower()
+    printed = subprocess.run(
+        [*cli, "certificate", request_id, "--bootstrap", stack.bootstrap],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    assert orjson.loads(printed.stdout)["ledger"] == certificate["ledger"]
+    issued = [k for _, _, k, _, _ in read_topic(stack.bootstrap, topics.ERASURES)]
+    assert issued.count(request_id.encode()) == 1 and len(issued) == 2
 
     # The scan: every topic (keys, values, headers), then every DuckDB file, processes stopped.
     forms = [f.lower().encode() for f in ALICE_FORMS]
