@@ -150,7 +150,8 @@ def read_topic(
     bootstrap: str, topic: str, timeout: float = 30
 ) -> list[tuple[int, int, bytes | None, bytes | None, list[tuple[str, bytes]]]]:
     """Every record of a topic from offset zero to its end: (partition, offset, key, value,
-    headers). The end is each partition's fetch high-water mark (partition EOF)."""
+    headers). The end is each partition's fetch high-water mark (partition EOF); `timeout`
+    bounds a wait in which nothing arrives."""
     import time
 
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -175,7 +176,10 @@ def read_topic(
         while len(at_end) < len(partitions):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{topic}: no end of partitions {set(partitions) - at_end}")
-            for message in consumer.consume(num_messages=5000, timeout=1):
+            messages = consumer.consume(num_messages=5000, timeout=1)
+            if messages:
+                deadline = time.monotonic() + timeout
+            for message in messages:
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:

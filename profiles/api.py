@@ -74,6 +74,15 @@ def create_app(
             return _error(403, "forbidden", f"role {key.role!r} may not call this")
         return key
 
+    def authorize_command(secret: str | None) -> ApiKey | Response:
+        """An admin's key, when this process can reach the worker; else the error to answer."""
+        key = authorize(secret, "admin")
+        if isinstance(key, Response):
+            return key
+        if send_command is None:
+            return _error(503, "no_command_channel", "this API process cannot reach the worker")
+        return key
+
     def authorize_read(secret: str | None, purpose: str | None) -> ApiKey | Response:
         """A profile read: a reader bound to `purpose`, or an admin; the purpose must be named."""
         key = authorize(secret, "reader", "admin")
@@ -180,17 +189,15 @@ def create_app(
         summary="Reject a link: the worker splits the records and never relinks them",
     )
     def reject(rejection: LinkRejection, secret: str | None = Security(API_KEY)) -> Response:
-        denied = authorize(secret, "admin")
+        denied = authorize_command(secret)
         if isinstance(denied, Response):
             return denied
-        if send_command is None:
-            return _error(503, "no_command_channel", "this API process cannot reach the worker")
         if rejection.record_a == rejection.record_b:
             return _error(400, "same_record", "record_a and record_b must differ")
         command = reject_link_command(
             rejection.record_a, rejection.record_b, rejection.reason, rejection.operator
         )
-        send_command(command)
+        send_command(command)  # type: ignore[misc]
         return _json(
             {"status": "accepted", "command_id": orjson.loads(command.value)["command_id"]}, 202
         )
@@ -201,18 +208,16 @@ def create_app(
         summary="Erase a data subject: the worker carries it out and certifies it",
     )
     def erase(body: ErasureRequestBody, secret: str | None = Security(API_KEY)) -> Response:
-        denied = authorize(secret, "admin")
+        denied = authorize_command(secret)
         if isinstance(denied, Response):
             return denied
-        if send_command is None:
-            return _error(503, "no_command_channel", "this API process cannot reach the worker")
         if body.type not in ID_TYPES:
             return _error(400, "unknown_identifier_type", f"type must be one of {list(ID_TYPES)}")
         identifier = parse_identifier(body.type, body.value)
         if identifier is None:
             return _error(400, "invalid_identifier", f"not a valid {body.type}")
         request = erasure_request(identifier, f"{denied.name}: {body.requested_by}")
-        send_command(
+        send_command(  # type: ignore[misc]
             OutRecord(topics.PRIVACY, request["request_id"].encode(), orjson.dumps(request))
         )
         return _json(
