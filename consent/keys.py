@@ -54,7 +54,8 @@ class SubjectKeyStore:
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
         self._local = threading.local()
-        self._cache: dict[str, bytes] = {}  # key ids known to exist; dropped on shred
+        # Keys this process sealed with, so sealing a batch costs no lookups; dropped on shred.
+        self._cache: dict[str, bytes] = {}
         self._conn().executescript(SCHEMA_SQL)
 
     def _conn(self) -> sqlite3.Connection:
@@ -69,34 +70,49 @@ class SubjectKeyStore:
 
     def key_for(self, subjects: Iterable[str]) -> tuple[str, bytes]:
         """The key of a subject set, created (with its subject links) on first use."""
-        subjects = sorted(set(subjects))
+        subjects = list(subjects)
         key_id = key_id_of(subjects)
-        cached = self._cache.get(key_id)
-        if cached is not None:
-            return key_id, cached
+        if key_id not in self._cache:
+            self.prepare([subjects])
+        return key_id, self._cache[key_id]
+
+    def prepare(self, subject_sets: Iterable[Iterable[str]]) -> None:
+        """Create the keys of many subject sets in one transaction (a batch's worth)."""
+        wanted: dict[str, list[str]] = {}
+        for subjects in subject_sets:
+            ordered = sorted(set(subjects))
+            key_id = key_id_of(ordered)
+            if key_id not in self._cache:
+                wanted[key_id] = ordered
+        if not wanted:
+            return
+        now = datetime.now(UTC).isoformat()
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(
+            conn.executemany(
                 "INSERT OR IGNORE INTO subject_keys VALUES (?, ?, ?)",
-                [key_id, secrets.token_bytes(32), datetime.now(UTC).isoformat()],
+                [(key_id, secrets.token_bytes(32), now) for key_id in wanted],
             )
             conn.executemany(
-                "INSERT OR IGNORE INTO key_subjects VALUES (?, ?)", [(key_id, s) for s in subjects]
+                "INSERT OR IGNORE INTO key_subjects VALUES (?, ?)",
+                [(key_id, s) for key_id, subjects in wanted.items() for s in subjects],
             )
-            key = conn.execute("SELECT key FROM subject_keys WHERE key_id = ?", [key_id]).fetchone()
+            marks = ",".join("?" * len(wanted))
+            rows = conn.execute(
+                f"SELECT key_id, key FROM subject_keys WHERE key_id IN ({marks})", list(wanted)
+            ).fetchall()
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self._cache[key_id] = key[0]
-        return key_id, key[0]
+        self._cache.update(dict(rows))
 
     def get(self, key_id: str) -> bytes | None:
-        """A key by id, or None when it was shredded (or never existed)."""
-        cached = self._cache.get(key_id)
-        if cached is not None:
-            return cached
+        """A key by id, or None when it was shredded (or never existed).
+
+        Read from the store each time: another process may have shredded it since.
+        """
         row = self._conn().execute("SELECT key FROM subject_keys WHERE key_id = ?", [key_id])
         found = row.fetchone()
         return found[0] if found else None
@@ -144,8 +160,13 @@ class SubjectKeyStore:
     def seal_event(self, raw: bytes) -> bytes:
         """A raw event sealed for the subjects it names; bytes that name nobody (garbage,
         no identifier) stay as they are, since no erasure could ever find them."""
-        subjects = event_subjects(raw)
-        return self.seal(raw, subjects) if subjects and not is_sealed(raw) else raw
+        return self.seal_events([raw])[0]
+
+    def seal_events(self, raws: list[bytes]) -> list[bytes]:
+        """`seal_event` over a batch, creating the batch's new keys in one transaction."""
+        subjects = [[] if is_sealed(raw) else event_subjects(raw) for raw in raws]
+        self.prepare(s for s in subjects if s)
+        return [self.seal(raw, s) if s else raw for raw, s in zip(raws, subjects, strict=True)]
 
     def open(self, data: bytes) -> bytes | None:
         """The plaintext of sealed bytes; unsealed bytes as they are; None when the key is gone."""

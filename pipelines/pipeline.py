@@ -590,6 +590,8 @@ class Pipeline:
             out.append(OutRecord(topics.IDENTITY_LINKS, owner.encode(), _json(link)))
         for person_id in sorted(gone):  # merged away or left with nothing: a tombstone
             out.append(OutRecord(topics.PROFILES_CHANGELOG, person_id.encode(), None))
+        if self.keys is not None:
+            self.keys.prepare(profile_subjects(doc) for doc in profiles.values())
         for person_id in sorted(profiles):
             value = _json(profiles[person_id])
             if self.keys is not None:  # the document's PII is shredded with its subjects' keys

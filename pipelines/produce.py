@@ -40,6 +40,8 @@ def produce_events(
     pending: list[OutRecord] = []
 
     def flush() -> None:
+        if keys is not None:
+            pending[:] = sealed(keys, pending)
         producer.send(pending)
         if progress:
             progress(len(pending))
@@ -48,8 +50,6 @@ def produce_events(
     for raw in events:
         topic, key = route(raw)
         per_topic[topic] += 1
-        if keys is not None:
-            raw, key = seal_event(keys, raw, key)
         pending.append(OutRecord(topic, key, raw))
         if len(pending) >= chunk:
             flush()
@@ -59,9 +59,18 @@ def produce_events(
     return per_topic
 
 
-def seal_event(keys: SubjectKeyStore, raw: bytes, key: bytes | None) -> tuple[bytes, bytes | None]:
-    """An event sealed under its subjects' key, with a partition key that is a hash."""
-    sealed = keys.seal_event(raw)
-    if sealed is raw or key is None:
-        return sealed, key
-    return sealed, hashlib.blake2b(key, digest_size=12).hexdigest().encode()
+def sealed(keys: SubjectKeyStore, records: list[OutRecord]) -> list[OutRecord]:
+    """Events sealed under their subjects' keys, with partition keys that are hashes.
+
+    Bytes that name nobody go as they are (the contract rejects them); a partition key is
+    hashed either way, since it is a user id or an anonymous id.
+    """
+    values = keys.seal_events([r.value or b"" for r in records])
+    return [
+        OutRecord(
+            r.topic,
+            hashlib.blake2b(r.key, digest_size=12).hexdigest().encode() if r.key else None,
+            value,
+        )
+        for r, value in zip(records, values, strict=True)
+    ]

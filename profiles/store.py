@@ -7,6 +7,7 @@ are stored in the same transaction as the rows they produced.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ CREATE TABLE IF NOT EXISTS replica_offsets (
     topic VARCHAR, "partition" INTEGER, next_offset BIGINT, PRIMARY KEY (topic, "partition")
 );
 """
+
+log = logging.getLogger("tessera.replica")
 
 FOLLOWED_TOPICS = (
     topics.PROFILES_CHANGELOG,
@@ -250,7 +253,10 @@ class ProfileStore:
         """A changelog value as JSON bytes; a sealed one whose key is gone reads as deleted."""
         if not is_sealed(value):
             return value
-        return self.keys.open(value) if self.keys is not None else None  # type: ignore[arg-type]
+        if self.keys is None:
+            log.warning("a sealed profile arrived and no key store is set (TESSERA_KEY_STORE)")
+            return None
+        return self.keys.open(value)  # type: ignore[arg-type]
 
     def _apply_erasure(self, cur: duckdb.DuckDBPyConnection, certificate: dict[str, Any]) -> None:
         """Delete what this replica derived about the erased persons; keep the certificate
