@@ -21,14 +21,16 @@ ERASURES = "tessera.privacy.erasures"  # erasure certificates by request id (no 
 INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
 # Everything the worker consumes: events, operators' identity decisions, privacy requests.
 WORKER_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, IDENTITY_COMMANDS, PRIVACY)
+# What the event stream produces (every engine, byte for byte the same: engine parity).
 OUTPUT_TOPICS: tuple[str, ...] = (
     REJECTED,
     LINEAGE,
     IDENTITY_LINKS,
     PROFILES_CHANGELOG,
     QUALITY_REPORTS,
-    ERASURES,
 )
+# What privacy requests produce besides lineage, links and tombstones: certificates.
+PRIVACY_OUTPUT_TOPICS: tuple[str, ...] = (ERASURES,)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ FOLLOWED_TOPICS = (
     topics.REJECTED,
     topics.IDENTITY_LINKS,
     topics.QUALITY_REPORTS,
-    topics.ERASURES,
+    *topics.PRIVACY_OUTPUT_TOPICS,
 )
 _HISTORY_KINDS = ("person_created", "merge", "split", "conflict", "link_rejected")
 QUALITY_BUCKETS = {"minute", "hour", "day"}

@@ -391,7 +391,9 @@ def test_erasure_end_to_end_leaves_no_plaintext_anywhere(sealed_stack):
     forms = [f.lower().encode() for f in ALICE_FORMS]
     admin_client = AdminClient({"bootstrap.servers": stack.bootstrap})
     names = sorted(admin_client.list_topics(timeout=10).topics)
-    assert set(topics.OUTPUT_TOPICS) <= set(names)
+    assert {*topics.OUTPUT_TOPICS, *topics.PRIVACY_OUTPUT_TOPICS, *topics.WORKER_TOPICS} <= set(
+        names
+    )
     scanned, leaks = 0, []
     for name in names:
         for _, offset, key, value, headers in read_topic(stack.bootstrap, name):
