@@ -4,6 +4,7 @@ Consent is recorded per identifier and purpose, latest timestamp wins (out-of-or
 consent events resolve by their own time). An event is decided by, in order: the
 preferences it carries itself (`context.consent.categoryPreferences`), the stored
 consent of any of its identifiers, then the policy's default for its jurisdiction.
+Before all of that, an event of an erased subject from before the erasure is withheld.
 """
 
 from __future__ import annotations
