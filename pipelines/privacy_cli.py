@@ -62,6 +62,7 @@ def erase(
     """Send an erasure request (the identifier travels only as its hash); print the certificate."""
     from consent.erasure import erasure_request
     from identity.normalise import ID_TYPES, parse_identifier
+    from pipelines.broker import BrokerError, ensure_reachable
     from pipelines.kafka import BatchProducer
     from pipelines.pipeline import OutRecord
 
@@ -73,6 +74,11 @@ def erase(
     if parsed is None:
         console.print(f"[bold red]error:[/] not a valid {id_type}")
         raise typer.Exit(2)
+    try:
+        ensure_reachable(bootstrap)
+    except BrokerError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
     request = erasure_request(parsed, requested_by)
     producer = BatchProducer(bootstrap)
     try:
