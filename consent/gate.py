@@ -4,6 +4,7 @@ Consent is recorded per identifier and purpose, latest timestamp wins (out-of-or
 consent events resolve by their own time). An event is decided by, in order: the
 preferences it carries itself (`context.consent.categoryPreferences`), the stored
 consent of any of its identifiers, then the policy's default for its jurisdiction.
+Before all of that, an event of an erased subject from before the erasure is withheld.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from consent.erasure import ERASED, erased_before
+from consent.erasure import SCHEMA_SQL as ERASURE_SCHEMA_SQL
 from consent.policy import PurposePolicy
 from identity.normalise import Identifier
 
@@ -65,7 +68,8 @@ class GateDecision:
 
     decision: str  # allowed | withheld | consent_recorded
     purpose: str | None
-    basis: str  # no-consent-needed | event-preferences | stored-consent | jurisdiction-default
+    # no-consent-needed | event-preferences | stored-consent | jurisdiction-default | erased-subject
+    basis: str
     consent_ref: str | None  # the event key of the consent statement relied on
     jurisdiction: str | None
 
@@ -121,6 +125,7 @@ class ConsentGate:
         # Identifiers whose consent the last `decide` changed: their persons' views rebuild.
         self.last_changed: set[Identifier] = set()
         conn.execute(SCHEMA_SQL)
+        conn.execute(ERASURE_SCHEMA_SQL)
 
     def _load(self, identifiers: set[Identifier]) -> dict[tuple[Identifier, str], ConsentRecord]:
         if not identifiers:
@@ -171,7 +176,13 @@ class ConsentGate:
                 changed[(identifier, record.purpose)] = record
 
         decisions: list[GateDecision] = []
-        for event_key, kind, event, ts, ids in items:
+        erased = erased_before(self.conn, [(ts, ids) for *_, ts, ids in items])
+        for (event_key, kind, event, ts, ids), erasure in zip(items, erased, strict=True):
+            if erasure is not None:
+                # An erased subject's event from before the erasure (a replay, a late
+                # delivery): withheld, and its consent statements are not recorded again.
+                decisions.append(GateDecision(WITHHELD, ERASED, "erased-subject", erasure, None))
+                continue
             country = event_country(event)
             statements = [
                 ConsentRecord(ts=ts, event_key=event_key, **statement)

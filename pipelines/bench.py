@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from consent.keys import SubjectKeyStore
 from pipelines.broker import EmbeddedBroker
 from pipelines.pipeline import Pipeline, SourceRecord
 from pipelines.produce import produce_events, read_lines
@@ -66,7 +67,11 @@ def machine() -> str:
 
 
 def stage_throughput(
-    lines: Sequence[bytes], batch_size: int, state: Path, quality: bool = True
+    lines: Sequence[bytes],
+    batch_size: int,
+    state: Path,
+    quality: bool = True,
+    key_store: SubjectKeyStore | None = None,
 ) -> float:
     """Events/s of the pure stages (no Kafka), fed in batches as an engine feeds them.
 
@@ -76,7 +81,7 @@ def stage_throughput(
     records = [SourceRecord(route(raw)[0], 0, offset, raw) for offset, raw in enumerate(lines)]
     for stale in (state, state.with_name(state.name + ".wal")):
         stale.unlink(missing_ok=True)  # a previous run's state would turn every event into a replay
-    pipeline = Pipeline(state, quality=quality)
+    pipeline = Pipeline(state, quality=quality, key_store=key_store)
     started = time.perf_counter()
     for start in range(0, len(records), batch_size):
         pipeline.process(records[start : start + batch_size], lambda _outputs: None)

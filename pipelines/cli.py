@@ -16,6 +16,7 @@ from rich.console import Console
 
 from pipelines.broker import BrokerError
 from pipelines.dlq import dlq_app
+from pipelines.privacy_cli import privacy_app
 from pipelines.quality_cli import quality_app, schemas_app
 
 app = typer.Typer(
@@ -25,10 +26,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Sub-apps live in their own modules: `tessera dlq ...`, `tessera quality ...`, `tessera schemas ...`.
+# Sub-apps live in their own modules: `tessera dlq ...`, `tessera quality ...`, `tessera schemas ...`,
+# `tessera privacy ...`.
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(quality_app, name="quality")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(privacy_app, name="privacy")
 console = Console(stderr=True)
 
 Bootstrap = Annotated[
@@ -153,7 +156,10 @@ def serve(
     except KeyringError as exc:
         _fail(str(exc))
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = ProfileStore(data_dir / "profiles.duckdb")
+    from consent.keys import configured_key_store
+
+    # TESSERA_KEY_STORE: the worker's per-subject keys, to open sealed changelog documents.
+    store = ProfileStore(data_dir / "profiles.duckdb", keys=configured_key_store())
     follower = ReplicaFollower(store, bootstrap).start()
     producer = BatchProducer(bootstrap)
     try:
@@ -223,7 +229,11 @@ def produce(
     bootstrap: Bootstrap,
     as_json: Annotated[bool, typer.Option("--json", help="print events per topic as JSON")] = False,
 ) -> None:
-    """Send a JSONL file's events to their input topics (routed by kind, bytes untouched)."""
+    """Send a JSONL file's events to their input topics, routed by kind.
+
+    Bytes go untouched, or sealed for their subjects when $TESSERA_KEY_STORE is set.
+    """
+    from consent.keys import configured_key_store
     from pipelines.broker import ensure_reachable
     from pipelines.cli_output import counts_table, print_json, progress
     from pipelines.produce import produce_events, read_lines
@@ -236,7 +246,10 @@ def produce(
     with progress(console) as bar:
         task = bar.add_task(f"producing to {bootstrap}", total=lines)
         per_topic = produce_events(
-            read_lines(file), bootstrap, progress=lambda n: bar.advance(task, n)
+            read_lines(file),
+            bootstrap,
+            progress=lambda n: bar.advance(task, n),
+            keys=configured_key_store(),  # TESSERA_KEY_STORE: seal each event for its subjects
         )
     if as_json:
         print_json({"bootstrap": bootstrap, "events": sum(per_topic.values()), "topics": per_topic})

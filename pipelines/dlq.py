@@ -14,6 +14,7 @@ keeps the rejected event's messageId.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from consent.keys import configured_key_store, is_sealed
 from pipelines import topics
 
 dlq_app = typer.Typer(
@@ -34,6 +36,9 @@ console = Console()
 Bootstrap = Annotated[
     str, typer.Option("--bootstrap", envvar="TESSERA_BOOTSTRAP", help="Kafka bootstrap HOST:PORT")
 ]
+
+
+_key_store = cache(configured_key_store)  # opened once per process
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,18 @@ class DeadLetter:
         return self.headers.get("tessera.source.topic", "")
 
     def preview(self, width: int = 60) -> str:
-        """The payload as readable text: decoded when it is UTF-8, escaped bytes otherwise."""
+        """The payload as readable text: decoded when it is UTF-8, escaped bytes otherwise.
+
+        A payload sealed for its subjects is opened with $TESSERA_KEY_STORE when it is set
+        and the subjects' key still exists; otherwise it shows sealed.
+        """
+        value = self.value
+        if is_sealed(value) and (keys := _key_store()) is not None:
+            value = keys.open(value) or value
         try:
-            text = self.value.decode("utf-8")
+            text = value.decode("utf-8")
         except UnicodeDecodeError:
-            text = repr(self.value)[2:-1]
+            text = repr(value)[2:-1]
         text = text.replace("\n", "\\n")
         return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -99,53 +111,21 @@ def read_dead_letters(
 
     The end is the fetch high-water mark (partition EOF), which Tansu reports correctly.
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+    from pipelines.kafka import read_topic
 
-    from pipelines.kafka import client_config
-
-    consumer = Consumer(
-        client_config(
-            bootstrap,
-            **{
-                "group.id": "tessera-dlq-cli",  # never committed: every listing reads it all
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-            },
-        )
-    )
-    metadata = consumer.list_topics(topics.REJECTED, timeout=10)
-    partitions = sorted(metadata.topics[topics.REJECTED].partitions)
-    consumer.assign([TopicPartition(topics.REJECTED, p, OFFSET_BEGINNING) for p in partitions])
     found: list[DeadLetter] = []
-    at_end: set[int] = set()
-    try:
-        while len(at_end) < len(partitions):
-            for message in consumer.consume(num_messages=5000, timeout=2):
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        at_end.add(message.partition())
-                    continue
-                headers = {
-                    k: (v or b"").decode("utf-8", "replace") for k, v in message.headers() or ()
-                }
-                letter = DeadLetter(
-                    message.offset(),
-                    (message.key() or b"").decode("utf-8", "replace"),
-                    message.value() or b"",
-                    headers,
-                )
-                if offsets is not None and letter.offset not in offsets:
-                    continue
-                if reason and reason not in letter.codes:
-                    continue
-                if source_topic and letter.source_topic != source_topic:
-                    continue
-                found.append(letter)
-                if limit is not None and len(found) >= limit:
-                    return found
-    finally:
-        consumer.close()
+    for _, offset, key, value, raw_headers in read_topic(bootstrap, topics.REJECTED):
+        headers = {k: (v or b"").decode("utf-8", "replace") for k, v in raw_headers}
+        letter = DeadLetter(offset, (key or b"").decode("utf-8", "replace"), value or b"", headers)
+        if offsets is not None and letter.offset not in offsets:
+            continue
+        if reason and reason not in letter.codes:
+            continue
+        if source_topic and letter.source_topic != source_topic:
+            continue
+        found.append(letter)
+        if limit is not None and len(found) >= limit:
+            break
     return found
 
 

@@ -33,6 +33,7 @@ import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP, EventT
 
+from consent.keys import configured_key_store
 from identity.model import ScoringModel
 from pipelines import topics
 from pipelines.kafka import BatchProducer, faust_credentials
@@ -155,7 +156,10 @@ def open_pipeline(
     waiting = False
     while True:
         try:
-            return Pipeline(state_path, identity_model=identity_model)
+            # TESSERA_KEY_STORE, when set, seals the changelog and unseals sealed input.
+            return Pipeline(
+                state_path, identity_model=identity_model, key_store=configured_key_store()
+            )
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower():
                 raise

@@ -134,6 +134,7 @@ class StageOperator(KeyedProcessFunction):
 
     def open(self, runtime_context: RuntimeContext) -> None:
         # Imported here: these run in the Python worker, not in the client that builds the job.
+        from consent.keys import configured_key_store
         from identity.model import ScoringModel, load_model
         from pipelines.kafka import BatchProducer
         from pipelines.pipeline import Pipeline
@@ -144,7 +145,9 @@ class StageOperator(KeyedProcessFunction):
             if self.identity_model
             else None
         )
-        self.pipeline = Pipeline(self.state_path, identity_model=model)
+        self.pipeline = Pipeline(
+            self.state_path, identity_model=model, key_store=configured_key_store()
+        )
         self.producer = BatchProducer(self.bootstrap)
         self.buffer = runtime_context.get_list_state(
             ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY())

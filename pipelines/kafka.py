@@ -144,3 +144,56 @@ class BatchProducer:
 
     def close(self) -> None:
         self._producer.flush(10)
+
+
+def read_topic(
+    bootstrap: str, topic: str, timeout: float = 30
+) -> list[tuple[int, int, bytes | None, bytes | None, list[tuple[str, bytes]]]]:
+    """Every record of a topic from offset zero to its end: (partition, offset, key, value,
+    headers). The end is each partition's fetch high-water mark (partition EOF); `timeout`
+    bounds a wait in which nothing arrives."""
+    import time
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer(
+        client_config(
+            bootstrap,
+            **{
+                "group.id": "tessera-topic-reader",  # never committed: each read is whole
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            },
+        )
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = sorted(metadata.topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        found = []
+        at_end: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(at_end) < len(partitions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: no end of partitions {set(partitions) - at_end}")
+            messages = consumer.consume(num_messages=5000, timeout=1)
+            if messages:
+                deadline = time.monotonic() + timeout
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        at_end.add(message.partition())
+                    continue
+                found.append(
+                    (
+                        message.partition(),
+                        message.offset(),
+                        message.key(),
+                        message.value(),
+                        list(message.headers() or ()),
+                    )
+                )
+        return found
+    finally:
+        consumer.close()

@@ -14,7 +14,7 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,12 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from consent.erasure import SubjectEraser
 from consent.gate import ALLOWED, CONSENT_RECORDED, ConsentGate, GateDecision, stated_consent
+from consent.keys import SubjectKeyStore, profile_subjects
 from consent.ledger import LineageLedger
 from consent.policy import PurposePolicy, load_policy
+from consent.requests import PrivacyRequests
 from identity.model import ScoringModel
 from identity.normalise import identifier_hash
 from identity.records import record_from_event
@@ -107,6 +110,14 @@ class _Item:
     person_id: str | None = None
 
 
+_CONTROL_TOPICS = (topics.IDENTITY_COMMANDS, topics.PRIVACY)
+
+
+def _erased_contract() -> ContractResult:
+    reason = Reason(ReasonCode.SUBJECT_ERASED, "sealed under a key erasure deleted")
+    return ContractResult(reasons=[reason])
+
+
 def _hash(raw: bytes) -> str:
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
@@ -170,6 +181,7 @@ class Pipeline:
         registry: SchemaRegistry | None = None,
         identity_model: ScoringModel | None = None,
         quality: QualityStage | bool = True,
+        key_store: SubjectKeyStore | None = None,
     ) -> None:
         # Quality suites on by default; False turns them off (the bench's baseline).
         self.quality = QualityStage() if quality is True else (quality or None)
@@ -181,6 +193,9 @@ class Pipeline:
         self.identity = IdentityResolver(self.conn, identity_model)
         self.builder = ProfileBuilder(self.conn, self.policy)
         self.ledger = LineageLedger(self.conn)
+        # Per-subject keys (None: nothing is sealed); erasure requests and their certificates.
+        self.keys = key_store
+        self.privacy = PrivacyRequests(SubjectEraser(self.conn, self.identity, key_store))
 
     def close(self) -> None:
         self.conn.close()
@@ -255,7 +270,7 @@ class Pipeline:
         self.conn.execute("BEGIN TRANSACTION")
         try:
             self._record_offsets([record])
-            emit([_dead_letter(record, f"raw:{digest}", reasons, "unknown", digest)])
+            emit([self._sealed(_dead_letter(record, f"raw:{digest}", reasons, "unknown", digest))])
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -268,8 +283,11 @@ class Pipeline:
         items: list[_Item] = []
         for record in batch:
             raw = record.value or b""
-            contract = check_contract(raw, self.registry)
-            digest = _hash(raw)
+            opened = self.keys.open(raw) if self.keys else raw  # None: its subject was erased
+            contract = (
+                check_contract(opened, self.registry) if opened is not None else _erased_contract()
+            )
+            digest = _hash(opened if opened is not None else raw)  # sealed or not, one event
             key = contract.event["messageId"] if contract.ok else f"raw:{digest}"
             items.append(_Item(record, contract, digest, key))
         keys = pa.table({"event_key": [i.key for i in items]})
@@ -318,7 +336,8 @@ class Pipeline:
     def _process(self, batch: Sequence[SourceRecord]) -> tuple[BatchReport, list[OutRecord]]:
         report = BatchReport()
         commands = [r for r in batch if r.topic == topics.IDENTITY_COMMANDS]
-        items = self._classify([r for r in batch if r.topic != topics.IDENTITY_COMMANDS], report)
+        requests = [r for r in batch if r.topic == topics.PRIVACY]
+        items = self._classify([r for r in batch if r.topic not in _CONTROL_TOPICS], report)
         verdict = self._check_quality(items)
         valid = [i for i in items if i.contract.ok]
         decisions = self.gate.decide(
@@ -352,6 +371,9 @@ class Pipeline:
             ]  # type: ignore[misc]
         )
         command_items, decided = self._apply_commands(commands, report)
+        erasures = self.privacy.erase(requests, key_of=_hash, known=self._known)
+        report.duplicates += erasures.duplicates
+        decided += erasures.resolutions
         raised = self.identity.apply_threshold("identity-threshold", datetime.now(UTC))
         if raised is not None:
             decided.append(raised)
@@ -360,15 +382,19 @@ class Pipeline:
         for split in decided:
             self.builder.reassign(split.moved)
         profiles, gone = self._rebuild(
-            changed | resolution.touched | touched | consent_changed, resolution
+            changed | resolution.touched | touched | consent_changed | erasures.persons, resolution
         )
-        items += command_items
+        items += command_items + [
+            _Item(r.record, r.contract, r.payload_hash, r.key, r.decision) for r in erasures.items
+        ]
         entries = self.ledger.append([self._lineage_entry(i) for i in valid])
+        entries += self.privacy.certify(self.ledger)
         self._record_outcomes(items, report)
         self._record_offsets(batch)
         report.profiles_changed = len(profiles)
         report.merges = len(resolution.merged)
         outputs = self._outputs(items, entries, resolution, profiles, gone)
+        outputs += [OutRecord(topics.ERASURES, k, v) for k, v in erasures.certificates]
         if verdict is not None and items:
             outputs.append(OutRecord(topics.QUALITY_REPORTS, *self._quality_record(items, verdict)))
         return report, outputs
@@ -534,6 +560,12 @@ class Pipeline:
             [(t, p, o) for (t, p), o in next_offsets.items()],
         )
 
+    def _sealed(self, letter: OutRecord) -> OutRecord:
+        """A dead letter whose original bytes are sealed for the subjects they name."""
+        if self.keys is None or not letter.value:
+            return letter
+        return replace(letter, value=self.keys.seal_event(letter.value))
+
     def _outputs(self, items, entries, resolution, profiles, gone) -> list[OutRecord]:
         out: list[OutRecord] = []
         for item in items:
@@ -545,8 +577,10 @@ class Pipeline:
                 else "unknown"
             )
             out.append(
-                _dead_letter(
-                    item.record, item.key, item.contract.reasons, schema, item.payload_hash
+                self._sealed(
+                    _dead_letter(
+                        item.record, item.key, item.contract.reasons, schema, item.payload_hash
+                    )
                 )
             )
         for entry in entries:
@@ -560,8 +594,11 @@ class Pipeline:
             out.append(OutRecord(topics.IDENTITY_LINKS, owner.encode(), _json(link)))
         for person_id in sorted(gone):  # merged away or left with nothing: a tombstone
             out.append(OutRecord(topics.PROFILES_CHANGELOG, person_id.encode(), None))
+        if self.keys is not None:
+            self.keys.prepare(profile_subjects(doc) for doc in profiles.values())
         for person_id in sorted(profiles):
-            out.append(
-                OutRecord(topics.PROFILES_CHANGELOG, person_id.encode(), _json(profiles[person_id]))
-            )
+            value = _json(profiles[person_id])
+            if self.keys is not None:  # the document's PII is shredded with its subjects' keys
+                value = self.keys.seal(value, profile_subjects(profiles[person_id]))
+            out.append(OutRecord(topics.PROFILES_CHANGELOG, person_id.encode(), value))
         return out

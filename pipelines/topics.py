@@ -16,10 +16,12 @@ LINEAGE = "tessera.lineage"
 IDENTITY_LINKS = "tessera.identity.links"
 PROFILES_CHANGELOG = "tessera.profiles.changelog"
 QUALITY_REPORTS = "tessera.quality.reports"  # one record per batch: counts, alerts, GX summary
+ERASURES = "tessera.privacy.erasures"  # erasure certificates by request id (no PII)
 
 INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
-# Everything the worker consumes: events, and operators' identity decisions.
-WORKER_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, IDENTITY_COMMANDS)
+# Everything the worker consumes: events, operators' identity decisions, privacy requests.
+WORKER_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, IDENTITY_COMMANDS, PRIVACY)
+# What the event stream produces (every engine, byte for byte the same: engine parity).
 OUTPUT_TOPICS: tuple[str, ...] = (
     REJECTED,
     LINEAGE,
@@ -27,6 +29,8 @@ OUTPUT_TOPICS: tuple[str, ...] = (
     PROFILES_CHANGELOG,
     QUALITY_REPORTS,
 )
+# What privacy requests produce besides lineage, links and tombstones: certificates.
+PRIVACY_OUTPUT_TOPICS: tuple[str, ...] = (ERASURES,)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ def topic_specs(partitions: int = 1) -> list[TopicSpec]:
     specs += [TopicSpec(REJECTED), TopicSpec(LINEAGE), TopicSpec(IDENTITY_LINKS)]
     specs.append(TopicSpec(PROFILES_CHANGELOG, compacted=True))
     specs.append(TopicSpec(QUALITY_REPORTS))
+    specs.append(TopicSpec(ERASURES))
     return specs
 
 

@@ -11,9 +11,12 @@ from fastapi.responses import Response
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
+from consent.erasure import erasure_request
 from consent.policy import load_policy
 from identity.normalise import ID_TYPES, parse_identifier
+from pipelines import topics
 from pipelines.identity_commands import reject_link_command
+from pipelines.pipeline import OutRecord
 from profiles.access import SUBJECT_ACCESS, ApiKey, Keyring
 from profiles.audit_api import audit_router
 from profiles.operator_api import mount_console, operator_router
@@ -28,6 +31,14 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 def _error(status: int, code: str, detail: str) -> Response:
     return _json({"error": code, "detail": detail}, status)
+
+
+class ErasureRequestBody(BaseModel):
+    """A data subject's erasure request: one of their identifiers, as the source wrote it."""
+
+    type: str = Field(..., description=f"identifier type: one of {', '.join(ID_TYPES)}")
+    value: str = Field(..., min_length=1, max_length=512)
+    requested_by: str = Field("api", min_length=1, max_length=128)
 
 
 class LinkRejection(BaseModel):
@@ -65,6 +76,15 @@ def create_app(
             return _error(401, "unauthenticated", "send a valid API key in X-API-Key")
         if key.role not in roles:
             return _error(403, "forbidden", f"role {key.role!r} may not call this")
+        return key
+
+    def authorize_command(secret: str | None) -> ApiKey | Response:
+        """An admin's key, when this process can reach the worker; else the error to answer."""
+        key = authorize(secret, "admin")
+        if isinstance(key, Response):
+            return key
+        if send_command is None:
+            return _error(503, "no_command_channel", "this API process cannot reach the worker")
         return key
 
     def authorize_read(secret: str | None, purpose: str | None) -> ApiKey | Response:
@@ -173,20 +193,58 @@ def create_app(
         summary="Reject a link: the worker splits the records and never relinks them",
     )
     def reject(rejection: LinkRejection, secret: str | None = Security(API_KEY)) -> Response:
-        denied = authorize(secret, "admin")
+        denied = authorize_command(secret)
         if isinstance(denied, Response):
             return denied
-        if send_command is None:
-            return _error(503, "no_command_channel", "this API process cannot reach the worker")
         if rejection.record_a == rejection.record_b:
             return _error(400, "same_record", "record_a and record_b must differ")
         command = reject_link_command(
             rejection.record_a, rejection.record_b, rejection.reason, rejection.operator
         )
-        send_command(command)
+        send_command(command)  # type: ignore[misc]
         return _json(
             {"status": "accepted", "command_id": orjson.loads(command.value)["command_id"]}, 202
         )
+
+    @app.post(
+        "/v1/privacy/erasures",
+        status_code=202,
+        summary="Erase a data subject: the worker carries it out and certifies it",
+    )
+    def erase(body: ErasureRequestBody, secret: str | None = Security(API_KEY)) -> Response:
+        denied = authorize_command(secret)
+        if isinstance(denied, Response):
+            return denied
+        if body.type not in ID_TYPES:
+            return _error(400, "unknown_identifier_type", f"type must be one of {list(ID_TYPES)}")
+        identifier = parse_identifier(body.type, body.value)
+        if identifier is None:
+            return _error(400, "invalid_identifier", f"not a valid {body.type}")
+        request = erasure_request(identifier, f"{denied.name}: {body.requested_by}")
+        send_command(  # type: ignore[misc]
+            OutRecord(topics.PRIVACY, request["request_id"].encode(), orjson.dumps(request))
+        )
+        return _json(
+            {
+                "status": "accepted",
+                "request_id": request["request_id"],
+                "subject": request["subject"],
+                "certificate": f"/v1/privacy/erasures/{request['request_id']}",
+            },
+            202,
+        )
+
+    @app.get("/v1/privacy/erasures/{request_id}", summary="The certificate of an erasure")
+    def erasure(request_id: str, secret: str | None = Security(API_KEY)) -> Response:
+        denied = authorize(secret, "auditor", "admin")
+        if isinstance(denied, Response):
+            return denied
+        if len(request_id) > 64:
+            return _error(400, "invalid_request_id", "request ids are at most 64 characters")
+        certificate = store.erasure(request_id)
+        if certificate is None:
+            return _error(404, "not_found", f"no certificate for {request_id!r} (yet)")
+        return _json(certificate)
 
     app.include_router(audit_router(store, authorize, follower, purposes))
     # Operator routes (metrics, lag, dead letters) and the console live in their own modules.

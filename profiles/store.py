@@ -7,6 +7,7 @@ are stored in the same transaction as the rows they produced.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from consent.keys import SubjectKeyStore, is_sealed
 from consent.ledger import SCHEMA_SQL as LEDGER_SCHEMA_SQL
 from consent.ledger import LedgerEntry, store_entries
 from identity.normalise import Identifier, parse_identifier
@@ -41,10 +43,13 @@ CREATE TABLE IF NOT EXISTS quality_rejections (
     event_key VARCHAR PRIMARY KEY, topic VARCHAR, reason VARCHAR, rejected_at TIMESTAMPTZ
 );
 CREATE TABLE IF NOT EXISTS quality_batches (batch VARCHAR PRIMARY KEY, checked_at TIMESTAMPTZ, doc JSON);
+CREATE TABLE IF NOT EXISTS erasures (request_id VARCHAR PRIMARY KEY, certificate JSON);
 CREATE TABLE IF NOT EXISTS replica_offsets (
     topic VARCHAR, "partition" INTEGER, next_offset BIGINT, PRIMARY KEY (topic, "partition")
 );
 """
+
+log = logging.getLogger("tessera.replica")
 
 FOLLOWED_TOPICS = (
     topics.PROFILES_CHANGELOG,
@@ -52,6 +57,7 @@ FOLLOWED_TOPICS = (
     topics.REJECTED,
     topics.IDENTITY_LINKS,
     topics.QUALITY_REPORTS,
+    *topics.PRIVACY_OUTPUT_TOPICS,
 )
 _HISTORY_KINDS = ("person_created", "merge", "split", "conflict", "link_rejected")
 QUALITY_BUCKETS = {"minute", "hour", "day"}
@@ -91,8 +97,11 @@ def _timestamp(text: str | None) -> datetime | None:
 class ProfileStore:
     """One replica's DuckDB file: written by its follower, read by the API, in one process."""
 
-    def __init__(self, path: Path | str, read_only: bool = False) -> None:
+    def __init__(
+        self, path: Path | str, read_only: bool = False, keys: SubjectKeyStore | None = None
+    ) -> None:
         # Read-only: another process's file opened for audits (it must exist and not be in use).
+        self.keys = keys  # opens sealed changelog documents; an erased subject's stay shut
         self.conn = duckdb.connect(str(path), read_only=read_only)
         self.conn.execute("SET TimeZone = 'UTC'")
         if not read_only:
@@ -125,6 +134,7 @@ class ProfileStore:
         links: list[dict[str, Any]] = []
         rejections: dict[str, tuple[str | None, str | None, str | None]] = {}
         quality_batches: dict[str, tuple[str | None, str]] = {}
+        certificates: list[dict[str, Any]] = []
         positions: dict[tuple[str, int], int] = {}
         ledger: list[LedgerEntry] = []
         for record in records:
@@ -132,7 +142,9 @@ class ProfileStore:
             positions[position] = max(positions.get(position, 0), record.offset + 1)
             key = (record.key or b"").decode("utf-8", "replace")
             if record.topic == topics.PROFILES_CHANGELOG:
-                profiles[key] = record.value  # latest per key wins, as in a compacted topic
+                profiles[key] = self._open(record.value)  # latest per key wins, as compacted
+            elif record.topic == topics.ERASURES and record.value:
+                certificates.append(orjson.loads(record.value))
             elif record.topic == topics.LINEAGE and record.value:
                 entry = orjson.loads(record.value)
                 if "hash" in entry:
@@ -233,6 +245,8 @@ class ProfileStore:
                             "doc": [b[1] for b in quality_batches.values()],
                         },
                     )
+                for certificate in certificates:
+                    self._apply_erasure(cur, certificate)
                 self._upsert(
                     cur,
                     "replica_offsets",
@@ -246,6 +260,62 @@ class ProfileStore:
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+
+    def _open(self, value: bytes | None) -> bytes | None:
+        """A changelog value as JSON bytes; a sealed one whose key is gone reads as deleted."""
+        if not is_sealed(value):
+            return value
+        if self.keys is None:
+            log.warning("a sealed profile arrived and no key store is set (TESSERA_KEY_STORE)")
+            return None
+        return self.keys.open(value)  # type: ignore[arg-type]
+
+    def _apply_erasure(self, cur: duckdb.DuckDBPyConnection, certificate: dict[str, Any]) -> None:
+        """Delete what this replica derived about the erased persons; keep the certificate
+        with this replica's counts added."""
+        persons = pa.table(
+            {"person_id": pa.array(certificate.get("persons_erased") or [], pa.string())}
+        )
+        cur.register("_erased_persons", persons)
+        counts: dict[str, int] = {}
+        try:
+            for table, where in (
+                ("profiles", "person_id IN (SELECT person_id FROM _erased_persons)"),
+                ("profile_identifiers", "person_id IN (SELECT person_id FROM _erased_persons)"),
+                (
+                    "person_aliases",
+                    "person_id IN (SELECT person_id FROM _erased_persons) "
+                    "OR old_id IN (SELECT person_id FROM _erased_persons)",
+                ),
+                ("identity_membership", "person_id IN (SELECT person_id FROM _erased_persons)"),
+                (
+                    "identity_events",
+                    "person_id IN (SELECT person_id FROM _erased_persons) "
+                    "OR other_person_id IN (SELECT person_id FROM _erased_persons)",
+                ),
+            ):
+                counts[table] = cur.execute(f"DELETE FROM {table} WHERE {where}").fetchone()[0]
+        finally:
+            cur.unregister("_erased_persons")
+        erased = dict(certificate.get("erased") or {})
+        erased["replica"] = counts
+        self._upsert(
+            cur,
+            "erasures",
+            {
+                "request_id": [certificate["request_id"]],
+                "certificate": [orjson.dumps({**certificate, "erased": erased}).decode()],
+            },
+        )
+
+    def erasure(self, request_id: str) -> dict[str, Any] | None:
+        """The certificate of an erasure request, once the worker has carried it out."""
+        rows = (
+            self.reader()
+            .execute("SELECT certificate FROM erasures WHERE request_id = ?", [request_id])
+            .fetchall()
+        )
+        return orjson.loads(rows[0][0]) if rows else None
 
     @staticmethod
     def _upsert(cur: duckdb.DuckDBPyConnection, table: str, columns: dict[str, list[Any]]) -> None:

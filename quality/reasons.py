@@ -21,6 +21,8 @@ class ReasonCode(StrEnum):
     MISSING_IDENTIFIER = "missing_identifier"
     DUPLICATE_EVENT_ID = "duplicate_event_id"
     INVALID_COMMAND = "invalid_command"
+    INVALID_PRIVACY_REQUEST = "invalid_privacy_request"
+    SUBJECT_ERASED = "subject_erased"
     # Quality suites (quality/suites.py): the event is well-formed but its content is wrong.
     TIMESTAMP_IN_FUTURE = "timestamp_in_future"
     TIMESTAMP_TOO_OLD = "timestamp_too_old"
@@ -52,6 +54,8 @@ REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
     ReasonCode.MISSING_IDENTIFIER: "the event names nobody: no user id, anonymous id, email or phone",
     ReasonCode.DUPLICATE_EVENT_ID: "another event with different content already used this messageId",
     ReasonCode.INVALID_COMMAND: "an operator command that is malformed or names unknown records",
+    ReasonCode.INVALID_PRIVACY_REQUEST: "a privacy request that does not match its contract",
+    ReasonCode.SUBJECT_ERASED: "a sealed event whose subject was erased: its key is gone",
     ReasonCode.TIMESTAMP_IN_FUTURE: "the event time is later than now plus the allowed clock skew",
     ReasonCode.TIMESTAMP_TOO_OLD: "the event time is older than the accepted horizon",
     ReasonCode.NEGATIVE_AMOUNT: "an order or refund amount is below zero",
