@@ -49,6 +49,12 @@ class Engine(enum.StrEnum):
     flink = "flink"
 
 
+class Role(enum.StrEnum):
+    all = "all"
+    ingest = "ingest"
+    stages = "stages"
+
+
 @app.command()
 def worker(
     bootstrap: Bootstrap,
@@ -69,6 +75,14 @@ def worker(
     engine: Annotated[
         Engine, typer.Option(help="faust (one process) or flink (a PyFlink job, .venv-flink)")
     ] = Engine.faust,
+    role: Annotated[
+        Role,
+        typer.Option(
+            envvar="TESSERA_WORKER_ROLE",
+            help="faust only: all (one worker does everything), ingest (many: share the input "
+            "partitions, forward to the owner) or stages (the one stage owner behind them)",
+        ),
+    ] = Role.all,
 ) -> None:
     """Run the stream worker: contract, consent, identity and profiles over the input topics."""
     from identity.model import ScoringModel, load_model
@@ -80,6 +94,8 @@ def worker(
             model = ScoringModel(load_model(identity_model), threshold=identity_threshold)
         except (OSError, ValueError) as exc:
             _fail(f"cannot use identity model {identity_model}: {exc}")
+    if engine is Engine.flink and role is not Role.all:
+        _fail("--role is for the Faust engine (the Flink job runs every stage in one job)")
     if engine is Engine.flink:
         from pipelines.flink_launch import FlinkUnavailable, run_in_flink_python
 
@@ -103,6 +119,13 @@ def worker(
             identity_threshold=identity_threshold,
         )
         return
+    if role is Role.ingest:
+        from pipelines.ingest import run_ingest_worker
+
+        run_ingest_worker(
+            bootstrap, data_dir, loglevel=loglevel, batch_size=batch_size, batch_ms=batch_ms
+        )
+        return
     from pipelines.faust_engine import run_worker
 
     run_worker(
@@ -110,6 +133,7 @@ def worker(
         data_dir,
         loglevel=loglevel,
         identity_model=model,
+        role=role.value,
         batch_size=batch_size,
         batch_ms=batch_ms,
     )

@@ -16,6 +16,9 @@ LINEAGE = "tessera.lineage"
 IDENTITY_LINKS = "tessera.identity.links"
 PROFILES_CHANGELOG = "tessera.profiles.changelog"
 QUALITY_REPORTS = "tessera.quality.reports"  # one record per batch: counts, alerts, GX summary
+# Internal, one partition: bundles of raw input records that ingest workers forward to the
+# stage owner when many workers share the input partitions (pipelines/ingest.py).
+STAGE_INPUT = "tessera.stages.input"
 
 INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
 # Everything the worker consumes: events, and operators' identity decisions.
@@ -45,6 +48,7 @@ def topic_specs(partitions: int = 1) -> list[TopicSpec]:
     specs += [TopicSpec(REJECTED), TopicSpec(LINEAGE), TopicSpec(IDENTITY_LINKS)]
     specs.append(TopicSpec(PROFILES_CHANGELOG, compacted=True))
     specs.append(TopicSpec(QUALITY_REPORTS))
+    specs.append(TopicSpec(STAGE_INPUT))  # one partition: one stage owner, one order
     return specs
 
 
