@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,12 +46,15 @@ from pipelines.pipeline import OutRecord, SourceRecord
 
 log = logging.getLogger("tessera.ingest")
 
+
 class Forwarder:
     """Forwards batches as bundles and remembers, per source partition, the next offset
     whose records the broker has not yet acknowledged in a bundle."""
 
     def __init__(self, producer: BatchProducer) -> None:
         self.producer = producer
+        # Which worker forwarded a bundle: for operators (and tests) watching the load spread.
+        self.header = (("tessera.forwarded_by", f"{socket.gethostname()}:{os.getpid()}".encode()),)
         self.forwarded: dict[TP, int] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -60,7 +65,7 @@ class Forwarder:
             if self._closed:
                 return None
             bundles = encode_bundles(records)
-            self.producer.send(OutRecord(topics.STAGE_INPUT, None, b) for b in bundles)
+            self.producer.send(OutRecord(topics.STAGE_INPUT, None, b, self.header) for b in bundles)
             for record in records:
                 tp = TP(record.topic, record.partition)
                 self.forwarded[tp] = max(self.forwarded.get(tp, 0), record.offset + 1)
@@ -142,4 +147,3 @@ def run_ingest_worker(
         worker.execute_from_commandline()
     finally:
         app.tessera_forwarder.close()  # type: ignore[attr-defined]
-
