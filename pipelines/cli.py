@@ -83,6 +83,10 @@ def worker(
             "partitions, forward to the owner) or stages (the one stage owner behind them)",
         ),
     ] = Role.all,
+    parallelism: Annotated[
+        int,
+        typer.Option(min=1, help="flink only, local mini-cluster: the Kafka source's parallelism"),
+    ] = 1,
 ) -> None:
     """Run the stream worker: contract, consent, identity and profiles over the input topics."""
     from identity.model import ScoringModel, load_model
@@ -117,6 +121,7 @@ def worker(
             batch_ms=batch_ms,
             identity_model=identity_model,
             identity_threshold=identity_threshold,
+            parallelism=parallelism,
         )
         return
     if role is Role.ingest:

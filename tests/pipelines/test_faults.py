@@ -339,8 +339,12 @@ def final_state(stack: LocalStack, state_dir: Path) -> dict:
     lineage = {}
     for message in _topic(stack.bootstrap, topics.LINEAGE):
         entry = orjson.loads(message.value())
-        for varies in ("seq", "prev_hash", "hash", "person_id", "recorded_at"):
+        # Which statement a consent decision rests on (basis, consent_ref) depends on
+        # whether a consent change on its own topic was processed just before or after the
+        # event, in one worker as in many; the decision and purpose are compared.
+        for varies in ("seq", "prev_hash", "hash", "person_id", "recorded_at", "basis"):
             entry.pop(varies, None)
+        entry.pop("consent_ref")
         entry["source"].pop("offset")  # the producer spreads unkeyed events at random
         entry["source"].pop("partition")
         lineage[entry["event_key"]] = entry
