@@ -84,9 +84,13 @@ def worker(
         ),
     ] = Role.all,
     parallelism: Annotated[
-        int,
-        typer.Option(min=1, help="flink only, local mini-cluster: the Kafka source's parallelism"),
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1,
+            help="flink only, local mini-cluster: the Kafka source's parallelism "
+            "(default: the CPU count); the stages always run at 1",
+        ),
+    ] = None,
 ) -> None:
     """Run the stream worker: contract, consent, identity and profiles over the input topics."""
     from identity.model import ScoringModel, load_model
