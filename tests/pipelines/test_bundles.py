@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from faust.types import TP
@@ -13,7 +14,7 @@ from pipelines.broker import EmbeddedBroker, free_port
 from pipelines.bundles import decode_bundle, encode_bundles
 from pipelines.ingest import Forwarder
 from pipelines.kafka import BatchProducer, DeliveryError
-from pipelines.pipeline import SourceRecord
+from pipelines.pipeline import Pipeline, SourceRecord
 
 
 def test_a_bundle_keeps_bytes_keys_and_positions_exactly():
@@ -70,3 +71,27 @@ def test_a_send_the_broker_never_acknowledged_moves_no_offset():
     with pytest.raises(DeliveryError):
         forwarder.forward([SourceRecord(topics.BEHAVIORAL, 0, 0, b"e")])
     assert forwarder.committable({TP(topics.BEHAVIORAL, 0): 1}) == {}
+
+
+def test_the_owner_stores_the_bundle_offset_with_the_batch_and_only_with_it(tmp_path, make_event):
+    pipeline = Pipeline(tmp_path / "state.duckdb", quality=False)
+    records = [
+        SourceRecord(topics.BEHAVIORAL, 2, 7, orjson.dumps(make_event())),
+        SourceRecord(topics.BEHAVIORAL, 2, 8, b"not json"),
+    ]
+    bundle = [SourceRecord(topics.STAGE_INPUT, 0, 41, None)]
+
+    def broker_down(_outputs: list) -> None:
+        raise DeliveryError("not acknowledged")
+
+    with pytest.raises(DeliveryError):
+        pipeline.process(records, broker_down, bundle)
+    assert pipeline.committed_offsets() == {}  # rolled back whole: the bundle replays
+    sent: list = []
+    report = pipeline.process(records, sent.extend, bundle)
+    assert report.received == 2 and sent
+    assert pipeline.committed_offsets() == {
+        (topics.BEHAVIORAL, 2): 9,  # the original positions, as a single worker stores them
+        (topics.STAGE_INPUT, 0): 42,  # where the owner resumes
+    }
+    pipeline.close()
