@@ -128,6 +128,7 @@ def faust_app(
     batch_size: int,
     app_class: type[faust.App] = TesseraApp,
     input_topics: Sequence[str] = topics.WORKER_TOPICS,
+    buffered: int | None = None,
 ) -> tuple[faust.App, faust.TopicT]:
     """A Faust app configured for Tessera, and the channel over `input_topics` (raw bytes)."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,8 @@ def faust_app(
         broker_commit_interval=1.0,
         # Backpressure: Faust stops fetching when an agent's buffer is full, so a slow
         # state commit slows consumption instead of growing memory.
-        stream_buffer_maxsize=max(4 * batch_size, 4096),
+        # `buffered` counts messages: bundles for the stage owner, each up to a batch.
+        stream_buffer_maxsize=buffered or max(4 * batch_size, 4096),
     )
     inputs = app.topic(*input_topics, value_serializer="raw", key_serializer="raw")
     return app, inputs
@@ -163,13 +165,28 @@ def source_records(events: list[EventT]) -> list[SourceRecord]:
     ]
 
 
-def bundled_records(events: list[EventT]) -> tuple[list[SourceRecord], list[SourceRecord]]:
-    """Bundles from ingest workers as their records, and the bundles' own positions."""
-    records = [r for e in events for r in decode_bundle(e.message.value)]
-    positions = [
-        SourceRecord(e.message.topic, e.message.partition, e.message.offset, None) for e in events
-    ]
-    return records, positions
+def bundled_batches(
+    events: list[EventT], batch_size: int
+) -> list[tuple[list[SourceRecord], list[SourceRecord]]]:
+    """Bundles from ingest workers as batches of whole bundles of about `batch_size`
+    records each: (records, the bundles' own positions) per batch, in bundle order.
+
+    Ingest workers cut a bundle per micro-batch of their own, small when their share is
+    small; regrouping keeps the owner's per-batch costs amortised over `batch_size`.
+    """
+    batches: list[tuple[list[SourceRecord], list[SourceRecord]]] = []
+    records: list[SourceRecord] = []
+    positions: list[SourceRecord] = []
+    for event in events:
+        message = event.message
+        records += decode_bundle(message.value)
+        positions.append(SourceRecord(message.topic, message.partition, message.offset, None))
+        if len(records) >= batch_size:
+            batches.append((records, positions))
+            records, positions = [], []
+    if positions:
+        batches.append((records, positions))
+    return batches
 
 
 def open_pipeline(
@@ -204,9 +221,16 @@ def build_app(
     Blocks until this process owns the state (see the module docstring).
     """
     source = (topics.STAGE_INPUT,) if bundled else topics.WORKER_TOPICS
-    # A bundle holds up to a batch of records; the owner takes up to two at a time.
-    take = 2 if bundled else batch_size
-    app, inputs = faust_app(bootstrap, data_dir, app_id, batch_size, input_topics=source)
+    # The owner takes whatever bundles arrived (up to 64) and regroups them by batch_size.
+    take = 64 if bundled else batch_size
+    app, inputs = faust_app(
+        bootstrap,
+        data_dir,
+        app_id,
+        batch_size,
+        input_topics=source,
+        buffered=2 * take if bundled else None,
+    )
     runner = StageRunner(
         open_pipeline(data_dir / "state.duckdb", identity_model), BatchProducer(bootstrap)
     )
@@ -217,20 +241,23 @@ def build_app(
     async def run_stages(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
         async for events in stream.take_events(take, within=batch_ms / 1000):
-            batch, consumed = bundled_records(events) if bundled else (source_records(events), [])
-            # DuckDB and the producer block: keep the event loop free for heartbeats.
-            # On SIGTERM this await is cancelled, but the thread finishes the batch and
-            # run_worker's close() waits for it: the batch commits or rolls back whole.
-            report = await loop.run_in_executor(None, runner.process, batch, consumed)
-            if report is None:
-                continue
-            log.info(
-                "batch of %d: %s, %d duplicates, %d profiles changed",
-                len(batch),
-                dict(report.outcomes),
-                report.duplicates,
-                report.profiles_changed,
+            batches = (
+                bundled_batches(events, batch_size) if bundled else [(source_records(events), [])]
             )
+            for batch, consumed in batches:
+                # DuckDB and the producer block: keep the event loop free for heartbeats.
+                # On SIGTERM this await is cancelled, but the thread finishes the batch and
+                # run_worker's close() waits for it: the batch commits or rolls back whole.
+                report = await loop.run_in_executor(None, runner.process, batch, consumed)
+                if report is None:
+                    break  # closed: what is left replays from the stored offsets
+                log.info(
+                    "batch of %d: %s, %d duplicates, %d profiles changed",
+                    len(batch),
+                    dict(report.outcomes),
+                    report.duplicates,
+                    report.profiles_changed,
+                )
 
     return app
 
