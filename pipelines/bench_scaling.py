@@ -240,8 +240,11 @@ it cannot scale; the projection below says where more machines help.
 What the Faust split parallelises is consumption: Faust's per-message cost in Python
 (about a fifth of a single worker's time in the `## 100,000 events` figures: the bare
 consumer's rate against the worker's) moves to the ingest workers, and the owner reads
-one bundle per micro-batch. Everything with global state stays on the one owner:
-quality's order lookups, consent, identity resolution, lineage and profiles.
+one bundle per micro-batch and always works on full batches. Everything with global
+state stays on the one owner: quality's order lookups, consent, identity resolution,
+lineage and profiles. So the split gains over one worker once, and a second ingest
+worker adds nothing while one already forwards at several times the owner's rate (the
+headroom): 1 and 2 ingest workers measure the same, within noise.
 
 Projection for N machines, each with the cores of this one:
 
