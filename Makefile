@@ -59,6 +59,7 @@ bench: setup flink-setup
 	$(BIN)/tessera bench --sizes $(or $(SIZES),100000)
 	$(BIN)/tessera identity bench --records $(or $(IDENTITY_RECORDS),100000)
 	$(BIN)/python -m pipelines.bench_erasure --events $(or $(ERASURE_EVENTS),100000)
+	$(BIN)/python -m pipelines.bench_scaling --events $(or $(SCALING_EVENTS),100000)
 
 clean:
 	rm -rf $(VENV) $(FLINK_VENV) .pytest_cache .ruff_cache .tessera

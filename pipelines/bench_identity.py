@@ -147,12 +147,12 @@ def render(figures: list[dict[str, object]], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str, heading: str = SECTION) -> None:
-    """Replace one `## ` section of BENCHMARKS.md (or append it), leaving the rest."""
+def write_section(path: Path, section: str, title: str = SECTION) -> None:
+    """Replace the section `title` of BENCHMARKS.md (or append it), leaving the rest."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if heading in text:
-        start = text.index(heading)
-        end = text.find("\n## ", start + len(heading))
+    if title in text:
+        start = text.index(title)
+        end = text.find("\n## ", start + len(title))
         text = text[:start] + section.rstrip() + "\n" + (text[end:] if end != -1 else "")
     else:
         text = text.rstrip() + "\n\n" + section

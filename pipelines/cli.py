@@ -52,6 +52,12 @@ class Engine(enum.StrEnum):
     flink = "flink"
 
 
+class Role(enum.StrEnum):
+    all = "all"
+    ingest = "ingest"
+    stages = "stages"
+
+
 @app.command()
 def worker(
     bootstrap: Bootstrap,
@@ -77,6 +83,22 @@ def worker(
         typer.Option(min=1, max=65535, help="serve Prometheus metrics on this port (faust engine)"),
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="address the metrics port binds")] = "127.0.0.1",
+    role: Annotated[
+        Role,
+        typer.Option(
+            envvar="TESSERA_WORKER_ROLE",
+            help="faust only: all (one worker does everything), ingest (many: share the input "
+            "partitions, forward to the owner) or stages (the one stage owner behind them)",
+        ),
+    ] = Role.all,
+    parallelism: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="flink only, local mini-cluster: the Kafka source's parallelism "
+            "(default: the CPU count); the stages always run at 1",
+        ),
+    ] = None,
 ) -> None:
     """Run the stream worker: contract, consent, identity and profiles over the input topics."""
     from identity.model import ScoringModel, load_model
@@ -88,6 +110,8 @@ def worker(
             model = ScoringModel(load_model(identity_model), threshold=identity_threshold)
         except (OSError, ValueError) as exc:
             _fail(f"cannot use identity model {identity_model}: {exc}")
+    if engine is Engine.flink and role is not Role.all:
+        _fail("--role is for the Faust engine (the Flink job runs every stage in one job)")
     if engine is Engine.flink:
         from pipelines.flink_launch import FlinkUnavailable, run_in_flink_python
 
@@ -109,6 +133,14 @@ def worker(
             batch_ms=batch_ms,
             identity_model=identity_model,
             identity_threshold=identity_threshold,
+            parallelism=parallelism,
+        )
+        return
+    if role is Role.ingest:
+        from pipelines.ingest import run_ingest_worker
+
+        run_ingest_worker(
+            bootstrap, data_dir, loglevel=loglevel, batch_size=batch_size, batch_ms=batch_ms
         )
         return
     from pipelines.faust_engine import run_worker
@@ -122,6 +154,7 @@ def worker(
         data_dir,
         loglevel=loglevel,
         identity_model=model,
+        role=role.value,
         batch_size=batch_size,
         batch_ms=batch_ms,
     )

@@ -17,6 +17,10 @@ One worker owns the state: identity resolution needs every event, so the state f
 the stage's lock. A second worker started on the same data directory (shared disk) is a
 standby: it waits for the lock, which the OS releases when the owner exits or dies, then
 joins the group, gets every partition and resumes from the stored offsets.
+
+Many workers: `--role ingest` workers share the input partitions and forward them to one
+`--role stages` owner (pipelines/ingest.py); the owner runs this module's agent over the
+bundles of `tessera.stages.input` instead of the input topics.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import duckdb
@@ -36,6 +40,7 @@ from faust.types import TP, EventT
 from consent.keys import configured_key_store
 from identity.model import ScoringModel
 from pipelines import topics
+from pipelines.bundles import decode_bundle
 from pipelines.kafka import BatchProducer, faust_credentials
 from pipelines.pipeline import BatchReport, Pipeline, SourceRecord
 
@@ -52,12 +57,17 @@ class StageRunner:
         self._lock = threading.Lock()
         self._closed = False
 
-    def process(self, batch: list[SourceRecord]) -> BatchReport | None:
-        """Run one batch through the stages; None once closed (the batch replays on restart)."""
+    def process(
+        self, batch: list[SourceRecord], consumed: Sequence[SourceRecord] = ()
+    ) -> BatchReport | None:
+        """Run one batch through the stages; None once closed (the batch replays on restart).
+
+        `consumed`: the bundle positions the batch was read from, when it was forwarded.
+        """
         with self._lock:
             if self._closed:
                 return None
-            return self.pipeline.process(batch, self.producer.send)
+            return self.pipeline.process(batch, self.producer.send, consumed)
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         """The next offset per (topic, partition) as of the last committed batch."""
@@ -113,11 +123,17 @@ class TesseraApp(faust.App):
 
 
 def faust_app(
-    bootstrap: str, data_dir: Path, app_id: str, batch_size: int
+    bootstrap: str,
+    data_dir: Path,
+    app_id: str,
+    batch_size: int,
+    app_class: type[faust.App] = TesseraApp,
+    input_topics: Sequence[str] = topics.WORKER_TOPICS,
+    buffered: int | None = None,
 ) -> tuple[faust.App, faust.TopicT]:
-    """A Faust app configured for Tessera, and the channel over every input topic (raw bytes)."""
+    """A Faust app configured for Tessera, and the channel over `input_topics` (raw bytes)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    app = TesseraApp(
+    app = app_class(
         app_id,
         broker=f"kafka://{bootstrap}",
         broker_credentials=faust_credentials(),
@@ -133,9 +149,10 @@ def faust_app(
         broker_commit_interval=1.0,
         # Backpressure: Faust stops fetching when an agent's buffer is full, so a slow
         # state commit slows consumption instead of growing memory.
-        stream_buffer_maxsize=max(4 * batch_size, 4096),
+        # `buffered` counts messages: bundles for the stage owner, each up to a batch.
+        stream_buffer_maxsize=buffered or max(4 * batch_size, 4096),
     )
-    inputs = app.topic(*topics.WORKER_TOPICS, value_serializer="raw", key_serializer="raw")
+    inputs = app.topic(*input_topics, value_serializer="raw", key_serializer="raw")
     return app, inputs
 
 
@@ -147,6 +164,30 @@ def source_records(events: list[EventT]) -> list[SourceRecord]:
         )
         for e in events
     ]
+
+
+def bundled_batches(
+    events: list[EventT], batch_size: int
+) -> list[tuple[list[SourceRecord], list[SourceRecord]]]:
+    """Bundles from ingest workers as batches of whole bundles of about `batch_size`
+    records each: (records, the bundles' own positions) per batch, in bundle order.
+
+    Ingest workers cut a bundle per micro-batch of their own, small when their share is
+    small; regrouping keeps the owner's per-batch costs amortised over `batch_size`.
+    """
+    batches: list[tuple[list[SourceRecord], list[SourceRecord]]] = []
+    records: list[SourceRecord] = []
+    positions: list[SourceRecord] = []
+    for event in events:
+        message = event.message
+        records += decode_bundle(message.value)
+        positions.append(SourceRecord(message.topic, message.partition, message.offset, None))
+        if len(records) >= batch_size:
+            batches.append((records, positions))
+            records, positions = [], []
+    if positions:
+        batches.append((records, positions))
+    return batches
 
 
 def open_pipeline(
@@ -176,12 +217,24 @@ def build_app(
     batch_ms: int = 200,
     app_id: str = "tessera-worker",
     identity_model: ScoringModel | None = None,
+    bundled: bool = False,
 ) -> faust.App:
-    """A Faust app whose one agent runs the Pipeline over every input topic.
+    """A Faust app whose one agent runs the Pipeline over every input topic, or with
+    `bundled` over the bundles ingest workers forward (the stage owner).
 
     Blocks until this process owns the state (see the module docstring).
     """
-    app, inputs = faust_app(bootstrap, data_dir, app_id, batch_size)
+    source = (topics.STAGE_INPUT,) if bundled else topics.WORKER_TOPICS
+    # The owner takes whatever bundles arrived (up to 64) and regroups them by batch_size.
+    take = 64 if bundled else batch_size
+    app, inputs = faust_app(
+        bootstrap,
+        data_dir,
+        app_id,
+        batch_size,
+        input_topics=source,
+        buffered=2 * take if bundled else None,
+    )
     runner = StageRunner(
         open_pipeline(data_dir / "state.duckdb", identity_model), BatchProducer(bootstrap)
     )
@@ -191,21 +244,24 @@ def build_app(
     @app.agent(inputs)
     async def run_stages(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
-        async for events in stream.take_events(batch_size, within=batch_ms / 1000):
-            batch = source_records(events)
-            # DuckDB and the producer block: keep the event loop free for heartbeats.
-            # On SIGTERM this await is cancelled, but the thread finishes the batch and
-            # run_worker's close() waits for it: the batch commits or rolls back whole.
-            report = await loop.run_in_executor(None, runner.process, batch)
-            if report is None:
-                continue
-            log.info(
-                "batch of %d: %s, %d duplicates, %d profiles changed",
-                len(batch),
-                dict(report.outcomes),
-                report.duplicates,
-                report.profiles_changed,
+        async for events in stream.take_events(take, within=batch_ms / 1000):
+            batches = (
+                bundled_batches(events, batch_size) if bundled else [(source_records(events), [])]
             )
+            for batch, consumed in batches:
+                # DuckDB and the producer block: keep the event loop free for heartbeats.
+                # On SIGTERM this await is cancelled, but the thread finishes the batch and
+                # run_worker's close() waits for it: the batch commits or rolls back whole.
+                report = await loop.run_in_executor(None, runner.process, batch, consumed)
+                if report is None:
+                    break  # closed: what is left replays from the stored offsets
+                log.info(
+                    "batch of %d: %s, %d duplicates, %d profiles changed",
+                    len(batch),
+                    dict(report.outcomes),
+                    report.duplicates,
+                    report.profiles_changed,
+                )
 
     return app
 
@@ -215,10 +271,23 @@ def run_worker(
     data_dir: Path,
     loglevel: str = "warn",
     identity_model: ScoringModel | None = None,
+    role: str = "all",
     **options: int,
 ) -> None:
-    """Run the Faust worker until SIGINT/SIGTERM: the batch in flight commits, then exit 0."""
-    app = build_app(bootstrap, data_dir, identity_model=identity_model, **options)
+    """Run the Faust worker until SIGINT/SIGTERM: the batch in flight commits, then exit 0.
+
+    `role`: `all` consumes the input topics itself; `stages` is the stage owner behind
+    ingest workers (`pipelines/ingest.py` runs `ingest`).
+    """
+    bundled = role == "stages"
+    app = build_app(
+        bootstrap,
+        data_dir,
+        identity_model=identity_model,
+        app_id="tessera-stages" if bundled else "tessera-worker",
+        bundled=bundled,
+        **options,
+    )
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()

@@ -309,6 +309,7 @@ def run_worker(
     group_id: str = "tessera-flink",
     identity_model: Path | None = None,
     identity_threshold: float = 0.99,
+    parallelism: int | None = None,
 ) -> None:
     """Run the job until SIGINT/SIGTERM, or submit it when started by a Flink client.
 
@@ -317,7 +318,9 @@ def run_worker(
     retained checkpoint under data_dir/checkpoints, and stops with a savepoint. Under
     `flink run` or the operator's PythonDriver it submits the job and returns: the
     cluster's configuration (checkpoint storage, restarts) applies, and the cluster
-    owns the job from then on (`flink stop` takes the savepoint).
+    owns the job from then on (`flink stop` takes the savepoint). `parallelism` is the
+    local job's default (the Kafka source's; None: Flink's, the CPU count); the stage
+    operator always runs at 1.
     """
     check_connector()
 
@@ -344,6 +347,8 @@ def run_worker(
     # No loopback gRPC server in this process for Python functions (thread mode needs none).
     os.environ.setdefault("_python_worker_execution_mode", "process")
     config = flink_configuration(data_dir, checkpoint_ms)
+    if parallelism is not None:
+        config.set_string("parallelism.default", str(parallelism))
     resume = latest_snapshot(data_dir / "checkpoints")
     if resume is not None:
         config.set_string("execution.state-recovery.path", resume.as_uri())

@@ -206,12 +206,17 @@ class Pipeline:
         return {(t, p): o for t, p, o in rows.fetchall()}
 
     def process(
-        self, batch: Sequence[SourceRecord], emit: Callable[[list[OutRecord]], None]
+        self,
+        batch: Sequence[SourceRecord],
+        emit: Callable[[list[OutRecord]], None],
+        consumed: Sequence[SourceRecord] = (),
     ) -> BatchReport:
         """Run one micro-batch through every stage.
 
         In: consumed records in partition order, and `emit`, which must durably produce
         the outputs or raise. Out: a BatchReport. State commits only after emit returns.
+        `consumed`: where the engine read the batch when that is not the records' own
+        positions (bundles forwarded by ingest workers); stored with the batch's offsets.
         The batch is processed in (topic, partition, offset) order, so how an engine
         interleaved the partitions it consumed changes nothing (engine parity).
 
@@ -221,16 +226,21 @@ class Pipeline:
         """
         batch = sorted(batch, key=source_position)
         try:
-            return self._process_once(batch, emit)
+            return self._process_once(batch, emit, consumed)
         except _StageFailure as failure:
             if len(batch) == 1:
-                return self._quarantine(batch[0], failure.__cause__, emit)
+                return self._quarantine(batch[0], failure.__cause__, emit, consumed)
             log.warning("a stage failed on a batch of %d; isolating the event", len(batch))
             half = len(batch) // 2
-            return self.process(batch[:half], emit).merged(self.process(batch[half:], emit))
+            # `consumed` is done only when the last part is: it commits with that part.
+            first = self.process(batch[:half], emit)
+            return first.merged(self.process(batch[half:], emit, consumed))
 
     def _process_once(
-        self, batch: Sequence[SourceRecord], emit: Callable[[list[OutRecord]], None]
+        self,
+        batch: Sequence[SourceRecord],
+        emit: Callable[[list[OutRecord]], None],
+        consumed: Sequence[SourceRecord] = (),
     ) -> BatchReport:
         self.conn.execute("BEGIN TRANSACTION")
         try:
@@ -240,6 +250,7 @@ class Pipeline:
                 raise  # the machine, not the data: retrying the batch is right
             except Exception as exc:
                 raise _StageFailure(str(exc)) from exc
+            self._record_offsets(consumed)
             emit(outputs)
             self.conn.execute("COMMIT")
         except BaseException:
@@ -249,7 +260,11 @@ class Pipeline:
         return report
 
     def _quarantine(
-        self, record: SourceRecord, error: BaseException | None, emit: Callable
+        self,
+        record: SourceRecord,
+        error: BaseException | None,
+        emit: Callable,
+        consumed: Sequence[SourceRecord] = (),
     ) -> BatchReport:
         """Dead-letter one event a stage cannot process, keeping its offset moving.
 
@@ -269,7 +284,7 @@ class Pipeline:
         reasons = [Reason(ReasonCode.INTERNAL_ERROR, detail)]
         self.conn.execute("BEGIN TRANSACTION")
         try:
-            self._record_offsets([record])
+            self._record_offsets([record, *consumed])
             emit([self._sealed(_dead_letter(record, f"raw:{digest}", reasons, "unknown", digest))])
             self.conn.execute("COMMIT")
         except BaseException:

@@ -17,6 +17,9 @@ IDENTITY_LINKS = "tessera.identity.links"
 PROFILES_CHANGELOG = "tessera.profiles.changelog"
 QUALITY_REPORTS = "tessera.quality.reports"  # one record per batch: counts, alerts, GX summary
 ERASURES = "tessera.privacy.erasures"  # erasure certificates by request id (no PII)
+# Internal, one partition: bundles of raw input records that ingest workers forward to the
+# stage owner when many workers share the input partitions (pipelines/ingest.py).
+STAGE_INPUT = "tessera.stages.input"
 
 INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
 # Everything the worker consumes: events, operators' identity decisions, privacy requests.
@@ -50,6 +53,7 @@ def topic_specs(partitions: int = 1) -> list[TopicSpec]:
     specs.append(TopicSpec(PROFILES_CHANGELOG, compacted=True))
     specs.append(TopicSpec(QUALITY_REPORTS))
     specs.append(TopicSpec(ERASURES))
+    specs.append(TopicSpec(STAGE_INPUT))  # one partition: one stage owner, one order
     return specs
 
 

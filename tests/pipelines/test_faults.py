@@ -92,29 +92,34 @@ def wait_for_progress(stack: LocalStack, at_least: int, timeout: float = 300) ->
     return count
 
 
+def _topic(bootstrap: str, topic: str) -> list:
+    """Every message of a one-partition topic, oldest first."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "faults-reader", "enable.partition.eof": True}
+    )
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    messages: list = []
+    try:
+        while batch := consumer.consume(num_messages=10_000, timeout=5):
+            for message in batch:
+                if message.error():
+                    return messages
+                messages.append(message)
+    finally:
+        consumer.close()
+    return messages
+
+
 def lineage_last_person(bootstrap: str) -> dict[str, str | None]:
     """Event key -> person id of the lineage entry produced last for it.
 
     A batch a crash interrupted after its outputs but before its commit is processed
     again, so its outputs appear twice; the last one is the one its state kept.
     """
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "faults-reader", "enable.partition.eof": True}
-    )
-    consumer.assign([TopicPartition(topics.LINEAGE, 0, OFFSET_BEGINNING)])
     person: dict[str, str | None] = {}
-    try:
-        while True:
-            batch = consumer.consume(num_messages=10_000, timeout=5)
-            if not batch:
-                break
-            for message in batch:
-                if message.error():
-                    return person
-                entry = orjson.loads(message.value())
-                person[entry["event_key"]] = entry["person_id"]
-    finally:
-        consumer.close()
+    for message in _topic(bootstrap, topics.LINEAGE):
+        entry = orjson.loads(message.value())
+        person[entry["event_key"]] = entry["person_id"]
     return person
 
 
@@ -280,3 +285,144 @@ def test_standby_worker_takes_over_when_the_owner_is_killed(tmp_path, dataset):
         assert "standby" in stack.log("standby").read_text(errors="replace")
         assert stack.stop_process("standby") == 0
         assert_state_counts_each_event_once(stack.data_dir / "worker", dataset)
+
+
+# Many workers: ingest workers share the input partitions, one stage owner keeps the state.
+
+INGEST_PARTITIONS = 4
+
+
+def final_state(stack: LocalStack, state_dir: Path) -> dict:
+    """What a run decided, without person ids (they depend on which record came first)
+    and source offsets (the producer spreads unkeyed events over partitions at random).
+
+    Outcomes per event; dead letters; lineage entries; the
+    identity clusters (which records and which events are one person); the final profiles
+    keyed by their events. Outputs are at-least-once, so the last message per key counts.
+    """
+    conn = duckdb.connect(str(state_dir / "state.duckdb"), read_only=True)
+    try:
+        outcomes = conn.execute(
+            "SELECT event_key, topic, kind, outcome, reason FROM outcomes ORDER BY event_key"
+        ).fetchall()
+        events_of = dict(
+            conn.execute(
+                "SELECT person_id, list(event_key ORDER BY event_key) FROM facts GROUP BY 1"
+            ).fetchall()
+        )
+        records_of = conn.execute(
+            "SELECT list(record_id ORDER BY record_id) FROM id_records GROUP BY person_id"
+        ).fetchall()
+    finally:
+        conn.close()
+    dead = {}
+    for message in _topic(stack.bootstrap, topics.REJECTED):
+        headers = dict(message.headers())
+        dead[message.key()] = (
+            message.value(),
+            headers["tessera.reasons"],
+            headers["tessera.source.topic"],
+        )
+    lineage = {}
+    for message in _topic(stack.bootstrap, topics.LINEAGE):
+        entry = orjson.loads(message.value())
+        # Which statement a consent decision rests on (basis, consent_ref) depends on
+        # whether a consent change on its own topic was processed just before or after the
+        # event, in one worker as in many; the decision and purpose are compared.
+        for varies in ("seq", "prev_hash", "hash", "person_id", "recorded_at"):
+            entry.pop(varies, None)
+        for basis in ("basis", "consent_ref", "jurisdiction"):
+            entry.pop(basis)
+        entry["source"].pop("offset")  # the producer spreads unkeyed events at random
+        entry["source"].pop("partition")
+        lineage[entry["event_key"]] = entry
+    latest: dict = {}
+    for message in _topic(stack.bootstrap, topics.PROFILES_CHANGELOG):
+        latest[message.key().decode()] = message.value()
+    profiles = {}
+    for person_id, value in latest.items():
+        if value is None:
+            continue
+        profile = orjson.loads(value)
+        for varies in ("person_id", "version", "merged_from"):
+            profile.pop(varies, None)
+        profiles[tuple(events_of.get(person_id, ()))] = profile
+    return {
+        "outcomes": outcomes,
+        "dead_letters": dead,
+        "lineage": lineage,
+        "record_clusters": sorted(tuple(r) for (r,) in records_of),
+        "event_clusters": sorted(tuple(e) for e in events_of.values()),
+        "profiles": profiles,
+    }
+
+
+def run_split(folder: Path, data: Dataset, kill_one: bool) -> dict:
+    """Two ingest workers and a stage owner over partitioned inputs, optionally killing
+    one ingest worker mid-stream so its partitions move to the survivor."""
+    with LocalStack(
+        folder, partitions=INGEST_PARTITIONS, worker_options={"role": "stages"}
+    ) as stack:
+        for name in ("ingest-1", "ingest-2"):
+            stack.start_worker(name, role="ingest")
+        cli("produce", str(data.file), "--bootstrap", stack.bootstrap)
+        if kill_one:
+            wait_for_progress(stack, data.received // 4)
+            assert stack.stop_process("ingest-1", signal.SIGKILL) == -signal.SIGKILL
+            assert received(stack) < data.received  # killed mid-stream
+        assert_matches_ground_truth(stack, data)
+        for name in ("ingest-1", "ingest-2", "worker"):
+            stack.stop_process(name)
+        assert_state_counts_each_event_once(folder / "worker", data)
+        forwarders = {
+            dict(m.headers())["tessera.forwarded_by"]
+            for m in _topic(stack.bootstrap, topics.STAGE_INPUT)
+        }
+        assert len(forwarders) == 2, forwarders  # both ingest workers carried part of the load
+        return final_state(stack, folder / "worker")
+
+
+@pytest.fixture(scope="module")
+def one_worker_state(tmp_path_factory: pytest.TempPathFactory, dataset: Dataset) -> dict:
+    """The reference: one worker (role all) over the same partitioned input."""
+    folder = tmp_path_factory.mktemp("one-worker")
+    keys = write_keyring(folder / "api-keys.yaml", [{"name": "admin", "role": "admin"}])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEYS_ENV, str(folder / "api-keys.yaml"))
+        env.setenv(ADMIN_KEY_ENV, keys["admin"])
+        with LocalStack(folder / "stack", partitions=INGEST_PARTITIONS) as stack:
+            cli("produce", str(dataset.file), "--bootstrap", stack.bootstrap)
+            assert_matches_ground_truth(stack, dataset)
+            stack.stop_process("worker")
+            return final_state(stack, folder / "stack" / "worker")
+
+
+def _differences(got: object, want: object) -> object:
+    """Where two parts of a final state differ, in a few lines (keys, then fields)."""
+    if not (isinstance(got, dict) and isinstance(want, dict)):
+        return "differ"
+    keys = sorted(set(got) ^ set(want), key=str)[:5]
+    fields = {
+        str(key): sorted(f for f in want[key] if got[key].get(f) != want[key].get(f))
+        if isinstance(want[key], dict)
+        else (got[key], want[key])
+        for key in sorted(set(got) & set(want), key=str)
+        if got[key] != want[key]
+    }
+    return {"only in one": keys, "differing": dict(list(fields.items())[:5])}
+
+
+def assert_same_decisions(got: dict, want: dict) -> None:
+    for part in want:
+        assert got[part] == want[part], (part, _differences(got[part], want[part]))
+    assert want["dead_letters"] and want["lineage"] and want["profiles"]  # not vacuous
+
+
+def test_two_ingest_workers_decide_what_one_worker_decides(tmp_path, dataset, one_worker_state):
+    assert_same_decisions(run_split(tmp_path / "stack", dataset, kill_one=False), one_worker_state)
+
+
+def test_ingest_worker_killed_its_partitions_move_and_nothing_changes(
+    tmp_path, dataset, one_worker_state
+):
+    assert_same_decisions(run_split(tmp_path / "stack", dataset, kill_one=True), one_worker_state)
