@@ -33,6 +33,7 @@ from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
 from pipelines.identity_commands import RejectLink, parse_command
 from profiles.builder import ProfileBuilder
+from profiles.segments import Segment, SegmentMembership, load_segments
 from quality.metrics import batch_quality_record
 from quality.reasons import ReasonCode
 from quality.suites import QualityRow, QualityStage, QualityVerdict
@@ -170,6 +171,7 @@ class Pipeline:
         registry: SchemaRegistry | None = None,
         identity_model: ScoringModel | None = None,
         quality: QualityStage | bool = True,
+        segments: dict[str, Segment] | None = None,
     ) -> None:
         # Quality suites on by default; False turns them off (the bench's baseline).
         self.quality = QualityStage() if quality is True else (quality or None)
@@ -180,6 +182,13 @@ class Pipeline:
         self.gate = ConsentGate(self.conn, self.policy)
         self.identity = IdentityResolver(self.conn, identity_model)
         self.builder = ProfileBuilder(self.conn, self.policy)
+        self.segments = SegmentMembership(
+            self.conn,
+            self.builder.traits,
+            segments
+            if segments is not None
+            else load_segments(self.builder.traits, set(self.policy.purposes)),
+        )
         self.ledger = LineageLedger(self.conn)
 
     def close(self) -> None:
@@ -362,6 +371,11 @@ class Pipeline:
         profiles, gone = self._rebuild(
             changed | resolution.touched | touched | consent_changed, resolution
         )
+        segment_changes = self.segments.update(
+            profiles,
+            gone,
+            [i.contract.timestamp for i in linked],  # type: ignore[misc]
+        )
         items += command_items
         entries = self.ledger.append([self._lineage_entry(i) for i in valid])
         self._record_outcomes(items, report)
@@ -371,6 +385,14 @@ class Pipeline:
         outputs = self._outputs(items, entries, resolution, profiles, gone)
         if verdict is not None and items:
             outputs.append(OutRecord(topics.QUALITY_REPORTS, *self._quality_record(items, verdict)))
+        outputs += [
+            OutRecord(
+                topics.SEGMENT_CHANGES,
+                f"{change['segment']}:{change['person_id']}".encode(),
+                _json(change),
+            )
+            for change in segment_changes
+        ]
         return report, outputs
 
     def _apply_commands(

@@ -16,6 +16,7 @@ LINEAGE = "tessera.lineage"
 IDENTITY_LINKS = "tessera.identity.links"
 PROFILES_CHANGELOG = "tessera.profiles.changelog"
 QUALITY_REPORTS = "tessera.quality.reports"  # one record per batch: counts, alerts, GX summary
+SEGMENT_CHANGES = "tessera.segments.changes"  # a person entering or leaving a segment
 
 INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
 # Everything the worker consumes: events, and operators' identity decisions.
@@ -26,6 +27,7 @@ OUTPUT_TOPICS: tuple[str, ...] = (
     IDENTITY_LINKS,
     PROFILES_CHANGELOG,
     QUALITY_REPORTS,
+    SEGMENT_CHANGES,
 )
 
 
@@ -45,6 +47,7 @@ def topic_specs(partitions: int = 1) -> list[TopicSpec]:
     specs += [TopicSpec(REJECTED), TopicSpec(LINEAGE), TopicSpec(IDENTITY_LINKS)]
     specs.append(TopicSpec(PROFILES_CHANGELOG, compacted=True))
     specs.append(TopicSpec(QUALITY_REPORTS))
+    specs.append(TopicSpec(SEGMENT_CHANGES, compacted=True))
     return specs
 
 

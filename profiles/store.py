@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from identity.normalise import parse_identifier
 from pipelines import topics
+from profiles.traits import TraitCatalog, at_read, load_traits
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS profiles (person_id VARCHAR PRIMARY KEY, doc JSON, version BIGINT);
@@ -39,6 +40,9 @@ CREATE TABLE IF NOT EXISTS quality_rejections (
     event_key VARCHAR PRIMARY KEY, topic VARCHAR, reason VARCHAR, rejected_at TIMESTAMPTZ
 );
 CREATE TABLE IF NOT EXISTS quality_batches (batch VARCHAR PRIMARY KEY, checked_at TIMESTAMPTZ, doc JSON);
+CREATE TABLE IF NOT EXISTS segment_members (
+    segment VARCHAR, person_id VARCHAR, since TIMESTAMPTZ, PRIMARY KEY (segment, person_id)
+);
 CREATE TABLE IF NOT EXISTS replica_offsets (
     topic VARCHAR, "partition" INTEGER, next_offset BIGINT, PRIMARY KEY (topic, "partition")
 );
@@ -50,6 +54,7 @@ FOLLOWED_TOPICS = (
     topics.REJECTED,
     topics.IDENTITY_LINKS,
     topics.QUALITY_REPORTS,
+    topics.SEGMENT_CHANGES,
 )
 _HISTORY_KINDS = ("person_created", "merge", "split", "conflict", "link_rejected")
 QUALITY_BUCKETS = {"minute", "hour", "day"}
@@ -89,7 +94,8 @@ def _timestamp(text: str | None) -> datetime | None:
 class ProfileStore:
     """One replica's DuckDB file: written by its follower, read by the API, in one process."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, traits: TraitCatalog | None = None) -> None:
+        self.traits = traits or load_traits()
         self.conn = duckdb.connect(str(path))
         self.conn.execute("SET TimeZone = 'UTC'")
         self.conn.execute(SCHEMA_SQL)
@@ -119,6 +125,8 @@ class ProfileStore:
         links: list[dict[str, Any]] = []
         rejections: dict[str, tuple[str | None, str | None, str | None]] = {}
         quality_batches: dict[str, tuple[str | None, str]] = {}
+        # The latest change per (segment, person): entered (with its time) or not.
+        memberships: dict[tuple[str, str], tuple[bool, str | None]] = {}
         positions: dict[tuple[str, int], int] = {}
         for record in records:
             position = (record.topic, record.partition)
@@ -149,6 +157,12 @@ class ProfileStore:
                 quality_batches[key] = (report.get("checked_at"), record.value.decode())
             elif record.topic == topics.IDENTITY_LINKS and record.value:
                 links.append(orjson.loads(record.value))
+            elif record.topic == topics.SEGMENT_CHANGES and record.value:
+                change = orjson.loads(record.value)
+                memberships[(change["segment"], change["person_id"])] = (
+                    change.get("change") == "entered",
+                    change.get("at"),
+                )
         with self._write_lock:
             cur = self.conn.cursor()
             cur.execute("BEGIN TRANSACTION")
@@ -223,6 +237,7 @@ class ProfileStore:
                             "doc": [b[1] for b in quality_batches.values()],
                         },
                     )
+                self._apply_memberships(cur, memberships)
                 self._upsert(
                     cur,
                     "replica_offsets",
@@ -244,6 +259,38 @@ class ProfileStore:
             cur.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM _replica_rows")
         finally:
             cur.unregister("_replica_rows")
+
+    def _apply_memberships(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        memberships: dict[tuple[str, str], tuple[bool, str | None]],
+    ) -> None:
+        """Segment entries and exits: an exit deletes the member, an entry (re)adds it."""
+        if not memberships:
+            return
+        cur.register(
+            "_replica_segments",
+            pa.table(
+                {
+                    "segment": [s for s, _ in memberships],
+                    "person_id": [p for _, p in memberships],
+                    "since": [_timestamp(at) for _, at in memberships.values()],
+                    "entered": [entered for entered, _ in memberships.values()],
+                }
+            ),
+        )
+        try:
+            cur.execute(
+                """DELETE FROM segment_members USING _replica_segments c
+                   WHERE segment_members.segment = c.segment
+                     AND segment_members.person_id = c.person_id"""
+            )
+            cur.execute(
+                """INSERT INTO segment_members SELECT segment, person_id, since
+                   FROM _replica_segments WHERE entered ORDER BY segment, person_id"""
+            )
+        finally:
+            cur.unregister("_replica_segments")
 
     def _apply_membership(
         self, cur: duckdb.DuckDBPyConnection, links: list[dict[str, Any]]
@@ -391,26 +438,87 @@ class ProfileStore:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def get(self, person_id: str, purpose: str | None = None) -> dict[str, Any] | None:
+    def get(
+        self, person_id: str, purpose: str | None = None, now: datetime | None = None
+    ) -> dict[str, Any] | None:
         """The profile of `person_id` as read for `purpose`, following merges to the survivor.
 
         With a purpose: only that purpose's view (attributes from events the person
-        currently consents to for it), or None when there is none. Without: the whole
-        changelog document (all views), for administrators and audits.
+        currently consents to for it), or None when there is none, with windowed traits
+        evaluated at `now` (default: the wall clock). Without: the whole changelog
+        document (all views, daily buckets included), for administrators and audits.
         """
         doc = self._document(person_id)
         if doc is None or purpose is None:
             return doc
+        return self.view_of(doc, purpose, now)
+
+    def view_of(
+        self, doc: dict[str, Any], purpose: str, now: datetime | None = None
+    ) -> dict[str, Any] | None:
+        """One purpose's view of a changelog document, its computed traits as of `now`."""
         view = (doc.get("views") or {}).get(purpose)
         if view is None:
             return None
+        computed = at_read(
+            self.traits,
+            view.get("computed") or {},
+            view.get("windows") or {},
+            now or datetime.now(UTC),
+        )
         return {
             "person_id": doc["person_id"],
             "purpose": purpose,
             "version": doc.get("version"),
             "merged_from": doc.get("merged_from", []),
-            **view,
+            "identifiers": view.get("identifiers") or {},
+            "traits": view.get("traits") or {},
+            "computed": computed,
         }
+
+    def get_many(
+        self, person_ids: Sequence[str], purpose: str, now: datetime | None = None
+    ) -> dict[str, dict[str, Any] | None]:
+        """Several profiles read for `purpose`, by requested id (one query; merges followed)."""
+        wanted = list(dict.fromkeys(person_ids))
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT person_id, doc FROM profiles WHERE person_id IN (SELECT unnest(?))",
+                [wanted],
+            )
+            .fetchall()
+        )
+        docs = {person: orjson.loads(doc) for person, doc in rows}
+        now = now or datetime.now(UTC)
+        found: dict[str, dict[str, Any] | None] = {}
+        for person in wanted:
+            doc = docs.get(person) or self._document(person)
+            found[person] = self.view_of(doc, purpose, now) if doc else None
+        return found
+
+    def members(
+        self, segment: str, limit: int = 100, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], int, str | None]:
+        """A page of a segment's members in person-id order, after the cursor `after`.
+
+        Out: (members with the time they entered, total members, the next page's cursor
+        or None on the last page).
+        """
+        cur = self.reader()
+        rows = cur.execute(
+            """SELECT person_id, since FROM segment_members
+               WHERE segment = ? AND person_id > ? ORDER BY person_id LIMIT ?""",
+            [segment, after or "", limit + 1],
+        ).fetchall()
+        (total,) = cur.execute(
+            "SELECT count(*) FROM segment_members WHERE segment = ?", [segment]
+        ).fetchone()
+        page = [
+            {"person_id": person, "since": since.isoformat() if since else None}
+            for person, since in rows[:limit]
+        ]
+        return page, total, page[-1]["person_id"] if len(rows) > limit else None
 
     def _document(self, person_id: str) -> dict[str, Any] | None:
         cur = self.reader()
