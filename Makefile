@@ -48,6 +48,7 @@ format: setup
 bench: setup flink-setup
 	$(BIN)/tessera bench --sizes $(or $(SIZES),100000)
 	$(BIN)/tessera identity bench --records $(or $(IDENTITY_RECORDS),100000)
+	$(BIN)/tessera profiles bench --profiles $(or $(PROFILES),1000000)
 
 clean:
 	rm -rf $(VENV) $(FLINK_VENV) .pytest_cache .ruff_cache .tessera

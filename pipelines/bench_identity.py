@@ -147,12 +147,12 @@ def render(figures: list[dict[str, object]], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the identity section of BENCHMARKS.md (or append it), leaving the rest."""
+def write_section(path: Path, section: str, heading: str = SECTION) -> None:
+    """Replace one section of BENCHMARKS.md (default: identity), or append it; keep the rest."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
+    if heading in text:
+        start = text.index(heading)
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section.rstrip() + "\n" + (text[end:] if end != -1 else "")
     else:
         text = text.rstrip() + "\n\n" + section

@@ -135,7 +135,7 @@ def create_app(
     )
 
     @app.get("/healthz", summary="Liveness and replica status")
-    def healthz() -> Response:
+    async def healthz() -> Response:
         status: dict[str, Any] = {"status": "ok"}
         if follower is not None:
             status["replica"] = {
@@ -301,7 +301,7 @@ def create_app(
         )
 
     @app.get("/v1/profiles/{person_id}", summary="The unified profile of a person")
-    def get_profile(
+    async def get_profile(
         person_id: str,
         purpose: str | None = Query(None, description="the purpose of the read"),
         traits: str | None = Query(None, description="only these traits: a,b,c"),

@@ -77,7 +77,9 @@ def profiles_by_identifiers(outputs: list, purpose: str, now: datetime) -> dict:
     """Each person's computed traits as read for `purpose` at `now`, keyed by their identifiers."""
     store = replica(outputs)
     try:
-        persons = [r[0] for r in store.conn.execute("SELECT person_id FROM profiles").fetchall()]
+        persons = [
+            r[0] for r in store.conn.execute("SELECT person_id FROM profile_documents").fetchall()
+        ]
         out = {}
         for person in persons:
             doc = store.get(person)
@@ -140,7 +142,9 @@ def test_windowed_traits_decay_with_the_read_clock_not_the_event_clock():
     outputs = run_batches(events, [2])
     store = replica(outputs)
     try:
-        (person,) = [r[0] for r in store.conn.execute("SELECT person_id FROM profiles").fetchall()]
+        (person,) = [
+            r[0] for r in store.conn.execute("SELECT person_id FROM profile_documents").fetchall()
+        ]
         day = START.date()
 
         def read(days_after_start: int) -> dict[str, Any]:
