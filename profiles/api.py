@@ -128,6 +128,13 @@ def create_app(
             return _error(403, "purpose_not_bound", f"this key may not read for {purpose!r}")
         return key
 
+    def authorize_selection(
+        secret: str | None, purpose: str | None, traits: str | None
+    ) -> set[str] | Response | None:
+        """A profile read's trait names (None: all), or the 4xx to answer with."""
+        denied = authorize_read(secret, purpose)
+        return denied if isinstance(denied, Response) else parse_selection(traits)
+
     app = FastAPI(
         title="Tessera profile API",
         version="0.1.0",
@@ -206,10 +213,7 @@ def create_app(
         secret: str | None,
         if_none_match: str | None,
     ) -> Response:
-        denied = authorize_read(secret, purpose)
-        if isinstance(denied, Response):
-            return denied
-        names = parse_selection(traits)
+        names = authorize_selection(secret, purpose, traits)
         if isinstance(names, Response):
             return names
         if id_type not in ID_TYPES:
@@ -228,10 +232,7 @@ def create_app(
         traits: str | None = Query(None, description="only these traits: a,b,c"),
         secret: str | None = Security(API_KEY),
     ) -> Response:
-        denied = authorize_read(secret, purpose)
-        if isinstance(denied, Response):
-            return denied
-        names = parse_selection(traits)
+        names = authorize_selection(secret, purpose, traits)
         if isinstance(names, Response):
             return names
         if not request.person_ids:
@@ -308,10 +309,7 @@ def create_app(
         secret: str | None = Security(API_KEY),
         if_none_match: str | None = Header(None),
     ) -> Response:
-        denied = authorize_read(secret, purpose)
-        if isinstance(denied, Response):
-            return denied
-        names = parse_selection(traits)
+        names = authorize_selection(secret, purpose, traits)
         if isinstance(names, Response):
             return names
         if len(person_id) > 128:

@@ -20,13 +20,14 @@ def changes(run) -> list[dict]:
     return [orjson.loads(o.value) for o in run.on(topics.SEGMENT_CHANGES)]
 
 
-def order(make_event, user: str, order_id: str, total: float, **fields):
+def order(make_event, user: str | None, order_id: str, total: float, **fields):
+    who = {"userId": user} if user else {}
     return make_event(
         "track",
         event="Order Completed",
-        userId=user,
         properties={"order_id": order_id, "total": total, "currency": "EUR"},
         context=US,
+        **who,
         **fields,
     )
 
@@ -101,20 +102,8 @@ def test_a_merged_away_person_exits_and_the_survivor_is_evaluated(run, make_even
         order(make_event, "u-2", "o1", 10.0, anonymousId="dev-9", timestamp="2026-09-01T08:00:00Z")
     )
     run.feed(
-        make_event(
-            "track",
-            event="Order Completed",
-            anonymousId="dev-8",
-            properties={"order_id": "o2", "total": 10.0, "currency": "EUR"},
-            context=US,
-        ),
-        make_event(
-            "track",
-            event="Order Completed",
-            anonymousId="dev-8",
-            properties={"order_id": "o3", "total": 10.0, "currency": "EUR"},
-            context=US,
-        ),
+        order(make_event, None, "o2", 10.0, anonymousId="dev-8"),
+        order(make_event, None, "o3", 10.0, anonymousId="dev-8"),
     )
     (loser,) = {c["person_id"] for c in changes(run) if c["change"] == "entered"}
     run.feed(make_event("identify", userId="u-2", anonymousId="dev-8", context=US))
