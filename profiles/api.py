@@ -243,8 +243,8 @@ def create_app(
                 "too_many_ids",
                 f"at most {MAX_BATCH} person ids per call ({len(request.person_ids)} sent)",
             )
-        if any(not p or len(p) > 128 for p in request.person_ids):
-            return _error(400, "invalid_person_id", "person ids are 1 to 128 characters")
+        if any(not p or len(p) > 128 or not p.isprintable() for p in request.person_ids):
+            return _error(400, "invalid_person_id", "person ids are 1 to 128 printable characters")
         found = store.get_many(request.person_ids, purpose)  # type: ignore[arg-type]
         return _json(
             {

@@ -184,12 +184,19 @@ class ProfileBuilder:
             }
         )
 
-    def _insert(self, table: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    def _insert(self, table: str, rows: list[dict[str, Any]], schema: pa.Schema) -> set[str]:
+        """Insert rows not already there; out: the event keys that were new."""
         if not rows:
-            return
+            return set()
         self.conn.register("_builder_rows", pa.Table.from_pylist(rows, schema=schema))
         try:
-            self.conn.execute(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _builder_rows")
+            return {
+                key
+                for (key,) in self.conn.execute(
+                    f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _builder_rows "
+                    "RETURNING event_key"
+                ).fetchall()
+            }
         finally:
             self.conn.unregister("_builder_rows")
 
@@ -219,32 +226,16 @@ class ProfileBuilder:
                         "ts": ts,
                     }
                 )
-        known = self._recorded([f["event_key"] for f in facts])
+        new = self._insert("facts", facts, _FACTS)
         self._accumulate(
             [
                 (fact, event)
                 for fact, (*_, event, _ts, _record) in zip(facts, applied, strict=True)
-                if fact["event_key"] not in known
+                if fact["event_key"] in new
             ]
         )
-        self._insert("facts", facts, _FACTS)
         self._insert("trait_facts", traits, _TRAITS)
         return {person for _, person, *_ in applied}
-
-    def _recorded(self, keys: list[str]) -> set[str]:
-        """The event keys among `keys` already recorded as facts (a replay adds nothing)."""
-        if not keys:
-            return set()
-        self.conn.register("_builder_keys", pa.table({"event_key": keys}))
-        try:
-            return {
-                k
-                for (k,) in self.conn.execute(
-                    "SELECT event_key FROM facts JOIN _builder_keys USING (event_key)"
-                ).fetchall()
-            }
-        finally:
-            self.conn.unregister("_builder_keys")
 
     def _accumulate(self, events: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
         """Add events to the accumulator rows they touch: one upsert per batch, sorted by key."""

@@ -483,13 +483,15 @@ class ProfileStore:
         self, person_ids: Sequence[str], purpose: str, now: datetime | None = None
     ) -> dict[str, dict[str, Any] | None]:
         """Several profiles read for `purpose`, by requested id (one query; merges followed)."""
-        wanted = list(dict.fromkeys(person_ids))
+        wanted = [p for p in dict.fromkeys(person_ids) if p.isprintable()]
+        if not wanted:
+            return {}
+        # A literal IN list lets DuckDB probe the primary-key index; a list parameter (or a
+        # joined table) scans every stored document (4 s against 50 ms at 300,000 rows).
+        listed = ", ".join("'" + p.replace("'", "''") + "'" for p in wanted)
         rows = (
             self.reader()
-            .execute(
-                "SELECT person_id, doc FROM profile_documents WHERE person_id IN (SELECT unnest(?))",
-                [wanted],
-            )
+            .execute(f"SELECT person_id, doc FROM profile_documents WHERE person_id IN ({listed})")
             .fetchall()
         )
         docs = {person: orjson.loads(zlib.decompress(doc)) for person, doc in rows}

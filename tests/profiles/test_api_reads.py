@@ -19,12 +19,12 @@ def test_batch_lookup_returns_each_requested_person_and_names_the_missing(served
     response = httpx.post(
         f"{served.url}/v1/profiles/batch",
         params={"purpose": "personalization", "traits": "order_count,first_name"},
-        json={"person_ids": [person, old, "p_nobody"]},
+        json={"person_ids": [person, old, "p_nobody", "p_o'brien"]},
         headers={"X-API-Key": served.keys["web"]},
     )
     assert response.status_code == 200
     body = response.json()
-    assert body["missing"] == ["p_nobody"]
+    assert body["missing"] == ["p_nobody", "p_o'brien"]  # a quote is data, not SQL
     assert body["profiles"][old]["person_id"] == person  # a merged-away id reads the survivor
     assert body["profiles"][person]["computed"] == {"order_count": 1}
     assert set(body["profiles"][person]["traits"]) == {"first_name"}
