@@ -269,7 +269,7 @@ class SubjectEraser:
         )
         counts: dict[str, int] = {}
         try:
-            for table in ("facts", "trait_facts"):
+            for table in ("facts", "trait_facts", "trait_state"):
                 counts[table] = q(
                     # A kept record's facts stay (the split moves them to their person).
                     f"""DELETE FROM {table} WHERE record_id IN (SELECT record_id FROM _erase_records)

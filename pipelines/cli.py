@@ -384,8 +384,10 @@ def bench(
 
 
 from pipelines.identity_cli import identity_app  # noqa: E402  (sub-commands after the app)
+from pipelines.profiles_cli import profiles_app  # noqa: E402
 
 app.add_typer(identity_app, name="identity")
+app.add_typer(profiles_app, name="profiles")
 
 from pipelines.audit_cli import audit_app  # noqa: E402
 

@@ -36,6 +36,7 @@ from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
 from pipelines.identity_commands import RejectLink, parse_command
 from profiles.builder import ProfileBuilder, traits_of
+from profiles.segments import Segment, SegmentMembership, load_segments
 from quality.metrics import batch_quality_record
 from quality.reasons import ReasonCode
 from quality.suites import QualityRow, QualityStage, QualityVerdict
@@ -182,6 +183,7 @@ class Pipeline:
         identity_model: ScoringModel | None = None,
         quality: QualityStage | bool = True,
         key_store: SubjectKeyStore | None = None,
+        segments: dict[str, Segment] | None = None,
     ) -> None:
         # Quality suites on by default; False turns them off (the bench's baseline).
         self.quality = QualityStage() if quality is True else (quality or None)
@@ -192,6 +194,13 @@ class Pipeline:
         self.gate = ConsentGate(self.conn, self.policy)
         self.identity = IdentityResolver(self.conn, identity_model)
         self.builder = ProfileBuilder(self.conn, self.policy)
+        self.segments = SegmentMembership(
+            self.conn,
+            self.builder.traits,
+            segments
+            if segments is not None
+            else load_segments(self.builder.traits, set(self.policy.purposes)),
+        )
         self.ledger = LineageLedger(self.conn)
         # Per-subject keys (None: nothing is sealed); erasure requests and their certificates.
         self.keys = key_store
@@ -399,6 +408,11 @@ class Pipeline:
         profiles, gone = self._rebuild(
             changed | resolution.touched | touched | consent_changed | erasures.persons, resolution
         )
+        segment_changes = self.segments.update(
+            profiles,
+            gone,
+            [i.contract.timestamp for i in linked],  # type: ignore[misc]
+        )
         items += command_items + [
             _Item(r.record, r.contract, r.payload_hash, r.key, r.decision) for r in erasures.items
         ]
@@ -412,6 +426,14 @@ class Pipeline:
         outputs += [OutRecord(topics.ERASURES, k, v) for k, v in erasures.certificates]
         if verdict is not None and items:
             outputs.append(OutRecord(topics.QUALITY_REPORTS, *self._quality_record(items, verdict)))
+        outputs += [
+            OutRecord(
+                topics.SEGMENT_CHANGES,
+                f"{change['segment']}:{change['person_id']}".encode(),
+                _json(change),
+            )
+            for change in segment_changes
+        ]
         return report, outputs
 
     def _apply_commands(

@@ -20,6 +20,7 @@ ERASURES = "tessera.privacy.erasures"  # erasure certificates by request id (no 
 # Internal, one partition: bundles of raw input records that ingest workers forward to the
 # stage owner when many workers share the input partitions (pipelines/ingest.py).
 STAGE_INPUT = "tessera.stages.input"
+SEGMENT_CHANGES = "tessera.segments.changes"  # a person entering or leaving a segment
 
 INPUT_TOPICS: tuple[str, ...] = (BEHAVIORAL, TRANSACTIONAL, SUPPORT, CONSENT)
 # Everything the worker consumes: events, operators' identity decisions, privacy requests.
@@ -31,6 +32,7 @@ OUTPUT_TOPICS: tuple[str, ...] = (
     IDENTITY_LINKS,
     PROFILES_CHANGELOG,
     QUALITY_REPORTS,
+    SEGMENT_CHANGES,
 )
 # What privacy requests produce besides lineage, links and tombstones: certificates.
 PRIVACY_OUTPUT_TOPICS: tuple[str, ...] = (ERASURES,)
@@ -54,6 +56,7 @@ def topic_specs(partitions: int = 1) -> list[TopicSpec]:
     specs.append(TopicSpec(QUALITY_REPORTS))
     specs.append(TopicSpec(ERASURES))
     specs.append(TopicSpec(STAGE_INPUT))  # one partition: one stage owner, one order
+    specs.append(TopicSpec(SEGMENT_CHANGES, compacted=True))
     return specs
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Query, Security
+from fastapi import FastAPI, Header, Query, Security
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
@@ -20,7 +21,12 @@ from pipelines.pipeline import OutRecord
 from profiles.access import SUBJECT_ACCESS, ApiKey, Keyring
 from profiles.audit_api import audit_router
 from profiles.operator_api import mount_console, operator_router
+from profiles.segments import Segment, load_segments
 from profiles.store import QUALITY_BUCKETS, ProfileStore
+
+MAX_BATCH = 100  # persons per batch lookup
+MAX_TRAITS = 64  # names per ?traits= selection
+MAX_PAGE = 1000  # members per page
 
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key (see README)")
 
@@ -41,6 +47,49 @@ class ErasureRequestBody(BaseModel):
     requested_by: str = Field("api", min_length=1, max_length=128)
 
 
+def _etagged(payload: Any, if_none_match: str | None) -> Response:
+    """A 200 with an ETag over the body, or a 304 when the client's copy is that one."""
+    body = orjson.dumps(payload)
+    tag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    headers = {"ETag": tag, "Cache-Control": "private, no-cache"}
+    if if_none_match:
+        offered = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+        if tag in offered or "*" in offered:
+            return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def parse_selection(traits: str | None) -> set[str] | Response | None:
+    """The trait names of `?traits=a,b` (None: all), or the 400 to answer with."""
+    if traits is None:
+        return None
+    names = {n.strip() for n in traits.split(",") if n.strip()}
+    if not names or len(names) > MAX_TRAITS or any(len(n) > 128 for n in names):
+        return _error(
+            400,
+            "invalid_traits",
+            f"traits is a comma-separated list of 1 to {MAX_TRAITS} names (128 characters each)",
+        )
+    return names
+
+
+def select_traits(profile: dict[str, Any], names: set[str] | None) -> dict[str, Any]:
+    """A profile view with only the named identify and computed traits."""
+    if names is None:
+        return profile
+    return {
+        **profile,
+        "traits": {k: v for k, v in profile["traits"].items() if k in names},
+        "computed": {k: v for k, v in profile["computed"].items() if k in names},
+    }
+
+
+class BatchLookup(BaseModel):
+    """Persons to read in one call (at most 100)."""
+
+    person_ids: list[str] = Field(..., description=f"person ids, 1 to {MAX_BATCH}")
+
+
 class LinkRejection(BaseModel):
     """An operator's decision that two identity records are not one person."""
 
@@ -57,6 +106,7 @@ def create_app(
     keyring: Keyring | None = None,
     purposes: set[str] | None = None,
     bootstrap: str | None = None,
+    segments: dict[str, Segment] | None = None,
 ) -> FastAPI:
     """The HTTP app over one replica's store.
 
@@ -67,6 +117,8 @@ def create_app(
     """
     keyring = keyring or Keyring([])
     purposes = purposes if purposes is not None else set(load_policy().purposes)
+    if segments is None:
+        segments = load_segments(store.traits, purposes)
     purposes = purposes | {SUBJECT_ACCESS}
 
     def authorize(secret: str | None, *roles: str) -> ApiKey | Response:
@@ -100,6 +152,13 @@ def create_app(
             return _error(403, "purpose_not_bound", f"this key may not read for {purpose!r}")
         return key
 
+    def authorize_selection(
+        secret: str | None, purpose: str | None, traits: str | None
+    ) -> set[str] | Response | None:
+        """A profile read's trait names (None: all), or the 4xx to answer with."""
+        denied = authorize_read(secret, purpose)
+        return denied if isinstance(denied, Response) else parse_selection(traits)
+
     app = FastAPI(
         title="Tessera profile API",
         version="0.1.0",
@@ -107,7 +166,7 @@ def create_app(
     )
 
     @app.get("/healthz", summary="Liveness and replica status")
-    def healthz() -> Response:
+    async def healthz() -> Response:
         status: dict[str, Any] = {"status": "ok"}
         if follower is not None:
             status["replica"] = {
@@ -145,35 +204,144 @@ def create_app(
             ..., max_length=512, description="identifier value, as the source wrote it"
         ),
         purpose: str | None = Query(None, description="the purpose of the read"),
+        traits: str | None = Query(None, description="only these traits: a,b,c"),
+        secret: str | None = Security(API_KEY),
+        if_none_match: str | None = Header(None),
+    ) -> Response:
+        return identified(type, value, purpose, traits, secret, if_none_match)
+
+    @app.get(
+        "/v1/profiles/by-identifier/{identifier:path}",
+        summary="The profile holding an identifier written as type:value",
+    )
+    def by_identifier(
+        identifier: str,
+        purpose: str | None = Query(None, description="the purpose of the read"),
+        traits: str | None = Query(None, description="only these traits: a,b,c"),
+        secret: str | None = Security(API_KEY),
+        if_none_match: str | None = Header(None),
+    ) -> Response:
+        id_type, sep, value = identifier.partition(":")
+        if not sep or not value or len(value) > 512:
+            denied = authorize_read(secret, purpose)
+            if isinstance(denied, Response):
+                return denied
+            return _error(400, "invalid_identifier_format", "write the identifier as type:value")
+        return identified(id_type, value, purpose, traits, secret, if_none_match)
+
+    def identified(
+        id_type: str,
+        value: str,
+        purpose: str | None,
+        traits: str | None,
+        secret: str | None,
+        if_none_match: str | None,
+    ) -> Response:
+        names = authorize_selection(secret, purpose, traits)
+        if isinstance(names, Response):
+            return names
+        if id_type not in ID_TYPES:
+            return _error(400, "unknown_identifier_type", f"type must be one of {list(ID_TYPES)}")
+        if parse_identifier(id_type, value) is None:
+            return _error(400, "invalid_identifier", f"{value!r} is not a valid {id_type}")
+        profile = store.lookup(id_type, value, purpose)
+        if profile is None:
+            return _error(404, "not_found", f"no {purpose} profile holds {id_type} {value!r}")
+        return _etagged(select_traits(profile, names), if_none_match)
+
+    @app.post("/v1/profiles/batch", summary="Up to 100 profiles in one call")
+    def batch(
+        request: BatchLookup,
+        purpose: str | None = Query(None, description="the purpose of the read"),
+        traits: str | None = Query(None, description="only these traits: a,b,c"),
         secret: str | None = Security(API_KEY),
     ) -> Response:
-        denied = authorize_read(secret, purpose)
+        names = authorize_selection(secret, purpose, traits)
+        if isinstance(names, Response):
+            return names
+        if not request.person_ids:
+            return _error(400, "no_ids", "person_ids must name at least one person")
+        if len(request.person_ids) > MAX_BATCH:
+            return _error(
+                400,
+                "too_many_ids",
+                f"at most {MAX_BATCH} person ids per call ({len(request.person_ids)} sent)",
+            )
+        if any(not p or len(p) > 128 or not p.isprintable() for p in request.person_ids):
+            return _error(400, "invalid_person_id", "person ids are 1 to 128 printable characters")
+        found = store.get_many(request.person_ids, purpose)  # type: ignore[arg-type]
+        return _json(
+            {
+                "purpose": purpose,
+                "profiles": {
+                    person: select_traits(profile, names) if profile else None
+                    for person, profile in found.items()
+                },
+                "missing": [person for person, profile in found.items() if profile is None],
+            }
+        )
+
+    @app.get("/v1/segments", summary="The declared segments and their purposes")
+    def list_segments(secret: str | None = Security(API_KEY)) -> Response:
+        denied = authorize(secret, "reader", "admin")
         if isinstance(denied, Response):
             return denied
-        if type not in ID_TYPES:
-            return _error(400, "unknown_identifier_type", f"type must be one of {list(ID_TYPES)}")
-        if parse_identifier(type, value) is None:
-            return _error(400, "invalid_identifier", f"{value!r} is not a valid {type}")
-        profile = store.lookup(type, value, purpose)
-        if profile is None:
-            return _error(404, "not_found", f"no {purpose} profile holds {type} {value!r}")
-        return _json(profile)
+        return _json(
+            {
+                "segments": [
+                    {"name": s.name, "purpose": s.purpose, "description": s.description}
+                    for s in segments.values()
+                ]
+            }
+        )
+
+    @app.get("/v1/segments/{name}/members", summary="A page of a segment's members")
+    def members(
+        name: str,
+        limit: int = Query(
+            100, ge=1, le=MAX_PAGE, description=f"members per page, 1 to {MAX_PAGE}"
+        ),
+        cursor: str | None = Query(
+            None, max_length=128, description="next_cursor of the page before"
+        ),
+        secret: str | None = Security(API_KEY),
+        if_none_match: str | None = Header(None),
+    ) -> Response:
+        segment = segments.get(name)
+        denied = authorize_read(secret, segment.purpose if segment else SUBJECT_ACCESS)
+        if isinstance(denied, Response):
+            return denied
+        if segment is None:
+            return _error(404, "unknown_segment", f"segments are {sorted(segments)}")
+        page, total, next_cursor = store.members(name, limit, cursor)
+        return _etagged(
+            {
+                "segment": name,
+                "purpose": segment.purpose,
+                "total": total,
+                "members": page,
+                "next_cursor": next_cursor,
+            },
+            if_none_match,
+        )
 
     @app.get("/v1/profiles/{person_id}", summary="The unified profile of a person")
-    def get_profile(
+    async def get_profile(
         person_id: str,
         purpose: str | None = Query(None, description="the purpose of the read"),
+        traits: str | None = Query(None, description="only these traits: a,b,c"),
         secret: str | None = Security(API_KEY),
+        if_none_match: str | None = Header(None),
     ) -> Response:
-        denied = authorize_read(secret, purpose)
-        if isinstance(denied, Response):
-            return denied
+        names = authorize_selection(secret, purpose, traits)
+        if isinstance(names, Response):
+            return names
         if len(person_id) > 128:
             return _error(400, "invalid_person_id", "person ids are at most 128 characters")
         profile = store.get(person_id, purpose)
         if profile is None:
             return _error(404, "not_found", f"no {purpose} profile {person_id!r}")
-        return _json(profile)
+        return _etagged(select_traits(profile, names), if_none_match)
 
     @app.get("/v1/identity/{person_id}/explain", summary="Why these records are one person")
     def explain(person_id: str, secret: str | None = Security(API_KEY)) -> Response:

@@ -26,6 +26,16 @@ from consent.gate import event_country
 from consent.policy import PurposePolicy
 from identity.normalise import Identifier
 from identity.records import STRONG_FIELDS, record_id_of
+from profiles.traits import (
+    SEEN,
+    Accumulator,
+    Rolled,
+    TraitCatalog,
+    accumulate,
+    load_traits,
+    merge_identify_trait,
+    rollup,
+)
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS facts (
@@ -39,6 +49,30 @@ CREATE TABLE IF NOT EXISTS trait_facts (
     PRIMARY KEY (event_key, name)
 );
 CREATE TABLE IF NOT EXISTS profile_versions (person_id VARCHAR PRIMARY KEY, version BIGINT);
+-- Computed-trait accumulators (profiles/traits.py): one row per identity record, ingestion
+-- purpose, jurisdiction, trait and bucket; events add to them, merges and splits move them.
+CREATE TABLE IF NOT EXISTS trait_state (
+    person_id VARCHAR NOT NULL, record_id VARCHAR NOT NULL, purpose VARCHAR NOT NULL,
+    jurisdiction VARCHAR NOT NULL, trait VARCHAR NOT NULL, bucket VARCHAR NOT NULL, n BIGINT,
+    amount DECIMAL(18, 2), first_ts TIMESTAMPTZ, last_ts TIMESTAMPTZ, value JSON, last_key VARCHAR,
+    PRIMARY KEY (record_id, purpose, jurisdiction, trait, bucket)
+);
+"""
+_STATE_UPSERT = """
+INSERT INTO trait_state BY NAME SELECT * FROM _trait_delta
+ON CONFLICT (record_id, purpose, jurisdiction, trait, bucket) DO UPDATE SET
+    person_id = excluded.person_id,
+    n = trait_state.n + excluded.n,
+    amount = trait_state.amount + excluded.amount,
+    first_ts = least(trait_state.first_ts, excluded.first_ts),
+    last_ts = greatest(trait_state.last_ts, excluded.last_ts),
+    value = CASE WHEN excluded.last_ts > trait_state.last_ts OR (excluded.last_ts = trait_state.last_ts
+                      AND excluded.last_key > trait_state.last_key)
+                 THEN coalesce(excluded.value, trait_state.value)
+                 ELSE coalesce(trait_state.value, excluded.value) END,
+    last_key = CASE WHEN excluded.last_ts > trait_state.last_ts OR (excluded.last_ts = trait_state.last_ts
+                         AND excluded.last_key > trait_state.last_key)
+                    THEN excluded.last_key ELSE trait_state.last_key END
 """
 
 _FACTS = pa.schema(
@@ -65,6 +99,22 @@ _TRAITS = pa.schema(
         ("name", pa.string()),
         ("value", pa.string()),
         ("ts", pa.timestamp("us", tz="UTC")),
+    ]
+)
+_STATE = pa.schema(
+    [
+        ("person_id", pa.string()),
+        ("record_id", pa.string()),
+        ("purpose", pa.string()),
+        ("jurisdiction", pa.string()),
+        ("trait", pa.string()),
+        ("bucket", pa.string()),
+        ("n", pa.int64()),
+        ("amount", pa.decimal128(18, 2)),
+        ("first_ts", pa.timestamp("us", tz="UTC")),
+        ("last_ts", pa.timestamp("us", tz="UTC")),
+        ("value", pa.string()),
+        ("last_key", pa.string()),
     ]
 )
 CENT = Decimal("0.01")
@@ -111,9 +161,15 @@ def traits_of(event: dict[str, Any]) -> dict[str, Any]:
 class ProfileBuilder:
     """Facts in DuckDB and the SQL that aggregates them into profiles, a batch at a time."""
 
-    def __init__(self, conn: duckdb.DuckDBPyConnection, policy: PurposePolicy) -> None:
+    def __init__(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        policy: PurposePolicy,
+        traits: TraitCatalog | None = None,
+    ) -> None:
         self.conn = conn
         self.policy = policy
+        self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
         # What silence means, per jurisdiction and purpose: the fallback of every view.
         self._defaults = pa.table(
@@ -128,22 +184,29 @@ class ProfileBuilder:
             }
         )
 
-    def _insert(self, table: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    def _insert(self, table: str, rows: list[dict[str, Any]], schema: pa.Schema) -> set[str]:
+        """Insert rows not already there; out: the event keys that were new."""
         if not rows:
-            return
+            return set()
         self.conn.register("_builder_rows", pa.Table.from_pylist(rows, schema=schema))
         try:
-            self.conn.execute(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _builder_rows")
+            return {
+                key
+                for (key,) in self.conn.execute(
+                    f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _builder_rows "
+                    "RETURNING event_key"
+                ).fetchall()
+            }
         finally:
             self.conn.unregister("_builder_rows")
 
     def add(
         self, applied: list[tuple[str, str, str, dict[str, Any], datetime, dict[str, Any]]]
     ) -> set[str]:
-        """Record applied events as facts.
+        """Record applied events as facts and add them to their computed-trait accumulators.
 
         In: (event_key, person_id, kind, event, ts, identity record) per event. Out: the
-        persons whose profiles changed.
+        persons whose profiles changed. An event already recorded adds nothing again.
         """
         facts, traits = [], []
         for event_key, person_id, kind, event, ts, record in applied:
@@ -163,9 +226,51 @@ class ProfileBuilder:
                         "ts": ts,
                     }
                 )
-        self._insert("facts", facts, _FACTS)
+        new = self._insert("facts", facts, _FACTS)
+        self._accumulate(
+            [
+                (fact, event)
+                for fact, (*_, event, _ts, _record) in zip(facts, applied, strict=True)
+                if fact["event_key"] in new
+            ]
+        )
         self._insert("trait_facts", traits, _TRAITS)
         return {person for _, person, *_ in applied}
+
+    def _accumulate(self, events: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        """Add events to the accumulator rows they touch: one upsert per batch, sorted by key."""
+        deltas: dict[tuple[str, str, str, str, str], tuple[str, Accumulator]] = {}
+        for fact, event in events:
+            group = (fact["record_id"], fact["purpose"] or "", fact["jurisdiction"] or "")
+            for trait, bucket, amount, value in accumulate(
+                self.traits, fact["kind"], event, fact["ts"], fact["event_key"]
+            ):
+                key = (*group, trait, bucket)
+                if key not in deltas:
+                    deltas[key] = (fact["person_id"], Accumulator())
+                deltas[key][1].add(fact["ts"], fact["event_key"], amount, value)
+        if not deltas:
+            return
+        rows = sorted(deltas.items())
+        columns = {
+            "person_id": [person for _, (person, _) in rows],
+            "record_id": [k[0] for k, _ in rows],
+            "purpose": [k[1] for k, _ in rows],
+            "jurisdiction": [k[2] for k, _ in rows],
+            "trait": [k[3] for k, _ in rows],
+            "bucket": [k[4] for k, _ in rows],
+            "n": [a.n for _, (_, a) in rows],
+            "amount": [a.amount for _, (_, a) in rows],
+            "first_ts": [a.first_ts for _, (_, a) in rows],
+            "last_ts": [a.last_ts for _, (_, a) in rows],
+            "value": [a.value for _, (_, a) in rows],
+            "last_key": [a.last_key for _, (_, a) in rows],
+        }
+        self.conn.register("_trait_delta", pa.table(columns, schema=_STATE))
+        try:
+            self.conn.execute(_STATE_UPSERT)
+        finally:
+            self.conn.unregister("_trait_delta")
 
     def repoint(self, merged: dict[str, str]) -> None:
         """Move the facts of merged-away persons to the persons they merged into."""
@@ -174,7 +279,7 @@ class ProfileBuilder:
         remap = pa.table({"loser": list(merged), "survivor": list(merged.values())})
         self.conn.register("_remap", remap)
         try:
-            for table in ("facts", "trait_facts"):
+            for table in ("facts", "trait_facts", "trait_state"):
                 self.conn.execute(
                     f"UPDATE {table} SET person_id = r.survivor FROM _remap r "
                     f"WHERE {table}.person_id = r.loser"
@@ -194,7 +299,7 @@ class ProfileBuilder:
             pa.table({"record_id": list(moved), "person_id": list(moved.values())}),
         )
         try:
-            for table in ("facts", "trait_facts"):
+            for table in ("facts", "trait_facts", "trait_state"):
                 self.conn.execute(
                     f"UPDATE {table} SET person_id = m.person_id FROM _moved_records m "
                     f"WHERE {table}.record_id = m.record_id"
@@ -229,14 +334,19 @@ class ProfileBuilder:
         finally:
             self.conn.unregister("_affected")
 
-    def _allowed_facts(self) -> None:
-        """`_vf`: each affected fact once per purpose view it may appear in, under current consent."""
+    def _allowed_groups(self) -> None:
+        """`_ag`: each affected person's accumulator group once per view it may appear in.
+
+        A group is (identity record, ingestion purpose, jurisdiction). It belongs in the view
+        for purpose P when the person currently consents to P and to the ingestion purpose:
+        their identifiers' latest statement, else the jurisdiction's default.
+        """
         q = self.conn.execute
         self.conn.register("_consent_defaults", self._defaults)
         self.conn.register("_views", pa.table({"scope": list(self.policy.purposes)}))
         try:
             q(
-                f"""CREATE OR REPLACE TEMP TABLE _vf AS
+                f"""CREATE OR REPLACE TEMP TABLE _ag AS
                 WITH ids AS (
                     SELECT DISTINCT person_id, id_type, id_value FROM (
                         UNPIVOT (SELECT person_id, {", ".join(STRONG_FIELDS)} FROM id_records
@@ -245,20 +355,22 @@ class ProfileBuilder:
                 ), latest AS (  -- a person's consent: their identifiers' latest statement
                     SELECT i.person_id, s.purpose, arg_max(s.status, s.ts) AS status
                     FROM ids i JOIN consent_state s USING (id_type, id_value) GROUP BY ALL
+                ), groups AS (
+                    SELECT person_id, record_id, purpose, jurisdiction FROM trait_state
+                    WHERE trait = '{SEEN}' AND bucket = ''
+                      AND person_id IN (SELECT person_id FROM _affected)
                 )
-                SELECT v.scope, f.* FROM facts f CROSS JOIN _views v
-                LEFT JOIN latest lv ON lv.person_id = f.person_id AND lv.purpose = v.scope
+                SELECT v.scope, g.* FROM groups g CROSS JOIN _views v
+                LEFT JOIN latest lv ON lv.person_id = g.person_id AND lv.purpose = v.scope
                 LEFT JOIN _consent_defaults dv
-                       ON dv.jurisdiction = f.jurisdiction AND dv.purpose = v.scope
-                LEFT JOIN latest lp ON lp.person_id = f.person_id AND lp.purpose = f.purpose
+                       ON dv.jurisdiction = g.jurisdiction AND dv.purpose = v.scope
+                LEFT JOIN latest lp ON lp.person_id = g.person_id AND lp.purpose = g.purpose
                 LEFT JOIN _consent_defaults dp
-                       ON dp.jurisdiction = f.jurisdiction AND dp.purpose = f.purpose
-                WHERE f.person_id IN (SELECT person_id FROM _affected)
-                  AND coalesce(lv.status, dv.status, 'denied') = 'granted'
-                  AND (f.purpose IS NULL OR coalesce(lp.status, dp.status, 'denied') = 'granted')
+                       ON dp.jurisdiction = g.jurisdiction AND dp.purpose = g.purpose
+                WHERE coalesce(lv.status, dv.status, 'denied') = 'granted'
+                  AND (g.purpose = '' OR coalesce(lp.status, dp.status, 'denied') = 'granted')
                 UNION ALL BY NAME  -- what is held, consent aside: a subject access request's view
-                SELECT '{SUBJECT_ACCESS}' AS scope, f.* FROM facts f
-                WHERE f.person_id IN (SELECT person_id FROM _affected)"""
+                SELECT '{SUBJECT_ACCESS}' AS scope, g.* FROM groups g"""
             )
         finally:
             self.conn.unregister("_consent_defaults")
@@ -277,57 +389,42 @@ class ProfileBuilder:
                 "SELECT DISTINCT person_id FROM facts WHERE person_id IN (SELECT person_id FROM _affected)"
             ).fetchall()
         }
-        self._allowed_facts()
-        rows = q(
-            """SELECT person_id, scope, count(*), min(ts), max(ts),
-                      count(DISTINCT order_id) FILTER (WHERE kind = 'order_completed'),
-                      count(*) FILTER (WHERE kind = 'order_refunded'),
-                      list(DISTINCT ticket_id) FILTER (WHERE kind = 'ticket_opened'),
-                      list(DISTINCT ticket_id) FILTER (WHERE kind = 'ticket_closed'),
-                      arg_max(score, ts) FILTER (WHERE kind = 'csat_submitted')
-               FROM _vf GROUP BY person_id, scope"""
-        ).fetchall()
+        self._allowed_groups()
+        rolled: dict[tuple[str, str], list[Rolled]] = {}
+        for person, view, *row in q(
+            """SELECT a.person_id, a.scope, s.trait, s.bucket, sum(s.n)::BIGINT, sum(s.amount),
+                      min(s.first_ts), max(s.last_ts), arg_max(s.value, (s.last_ts, s.last_key))
+               FROM trait_state s JOIN _ag a USING (record_id, purpose, jurisdiction)
+               GROUP BY ALL ORDER BY 1, 2, 3, 4"""
+        ).fetchall():
+            rolled.setdefault((person, view), []).append(Rolled(*row))
         views: dict[tuple[str, str], dict[str, Any]] = {}
-        for person, view, events, first, last, orders, refunds, opened, closed, csat in rows:
+        for (person, view), rows in rolled.items():
+            if person not in profiles:
+                continue
+            computed, windows = rollup(self.traits, rows)
             views[(person, view)] = profiles[person]["views"][view] = {
                 "identifiers": {},
                 "traits": {},
-                "computed": {
-                    "event_count": events,
-                    "first_seen": first.isoformat(),
-                    "last_seen": last.isoformat(),
-                    "order_count": orders,
-                    "refund_count": refunds,
-                    "lifetime_value": {},
-                    "open_tickets": len(set(opened or ()) - set(closed or ())),
-                    "last_csat": csat,
-                },
+                "computed": computed,
+                "windows": windows,
             }
-        # Each order counts once (by order_id) however often it was sent; every refund counts.
-        for person, view, currency, value in q(
-            """WITH orders AS (
-                   SELECT person_id, scope, order_id, any_value(currency) AS currency,
-                          any_value(amount) AS amount
-                   FROM _vf WHERE kind = 'order_completed'
-                   GROUP BY person_id, scope, order_id
-               ), refunds AS (
-                   SELECT person_id, scope, currency, -amount AS amount FROM _vf
-                   WHERE kind = 'order_refunded'
-               )
-               SELECT person_id, scope, currency, sum(amount) FROM (
-                   SELECT person_id, scope, currency, amount FROM orders
-                   UNION ALL SELECT * FROM refunds
-               ) GROUP BY ALL ORDER BY person_id, scope, currency"""
-        ).fetchall():
-            views[(person, view)]["computed"]["lifetime_value"][currency] = float(value)
+        stated: dict[tuple[str, str, str], list[tuple[datetime, str, Any]]] = {}
         for person, view, name, value, ts, event_key in q(
-            """SELECT t.person_id, v.scope, t.name, max_by(t.value, (t.ts, t.event_key)), max(t.ts),
-                      max_by(t.event_key, (t.ts, t.event_key))
-               FROM trait_facts t JOIN _vf v USING (event_key)
-               GROUP BY ALL ORDER BY 1, 2, 3"""
+            """SELECT a.person_id, a.scope, t.name, t.value, t.ts, t.event_key
+               FROM trait_facts t JOIN facts f USING (event_key)
+               JOIN _ag a ON a.record_id = f.record_id AND a.purpose = coalesce(f.purpose, '')
+                         AND a.jurisdiction = coalesce(f.jurisdiction, '')
+               WHERE t.person_id IN (SELECT person_id FROM _affected)
+               ORDER BY 1, 2, 3, 5, 6"""
         ).fetchall():
+            stated.setdefault((person, view, name), []).append((ts, event_key, orjson.loads(value)))
+        for (person, view, name), values in stated.items():
+            if (person, view) not in views:
+                continue
+            ts, event_key, _ = max(values, key=lambda v: (v[0], v[1]))
             views[(person, view)]["traits"][name] = {
-                "value": orjson.loads(value),
+                "value": merge_identify_trait(self.traits.strategy(name), values),
                 "ts": ts.isoformat(),
                 "event_key": event_key,
             }
@@ -336,7 +433,7 @@ class ProfileBuilder:
         for person, view, id_type, values in q(
             f"""SELECT person_id, scope, id_type, list(DISTINCT id_value ORDER BY id_value) FROM (
                    UNPIVOT (SELECT r.person_id, v.scope, {", ".join("r." + f for f in STRONG_FIELDS)}
-                            FROM id_records r LEFT JOIN (SELECT DISTINCT record_id, scope FROM _vf) v
+                            FROM id_records r LEFT JOIN (SELECT DISTINCT record_id, scope FROM _ag) v
                             USING (record_id)
                             WHERE r.person_id IN (SELECT person_id FROM _affected))
                    ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value

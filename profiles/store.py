@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,9 +25,14 @@ from consent.ledger import SCHEMA_SQL as LEDGER_SCHEMA_SQL
 from consent.ledger import LedgerEntry, store_entries
 from identity.normalise import Identifier, parse_identifier
 from pipelines import topics
+from profiles.traits import TraitCatalog, at_read, load_traits
 
 SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS profiles (person_id VARCHAR PRIMARY KEY, doc JSON, version BIGINT);
+-- Each changelog document zlib-compressed on its own: a point read decompresses one
+-- document, not the column segment a JSON column would share with its neighbours.
+CREATE TABLE IF NOT EXISTS profile_documents (
+    person_id VARCHAR PRIMARY KEY, doc BLOB, version BIGINT
+);
 CREATE TABLE IF NOT EXISTS profile_identifiers (
     id_type VARCHAR, id_value VARCHAR, person_id VARCHAR, PRIMARY KEY (id_type, id_value)
 );
@@ -44,6 +50,9 @@ CREATE TABLE IF NOT EXISTS quality_rejections (
 );
 CREATE TABLE IF NOT EXISTS quality_batches (batch VARCHAR PRIMARY KEY, checked_at TIMESTAMPTZ, doc JSON);
 CREATE TABLE IF NOT EXISTS erasures (request_id VARCHAR PRIMARY KEY, certificate JSON);
+CREATE TABLE IF NOT EXISTS segment_members (
+    segment VARCHAR, person_id VARCHAR, since TIMESTAMPTZ, PRIMARY KEY (segment, person_id)
+);
 CREATE TABLE IF NOT EXISTS replica_offsets (
     topic VARCHAR, "partition" INTEGER, next_offset BIGINT, PRIMARY KEY (topic, "partition")
 );
@@ -58,6 +67,7 @@ FOLLOWED_TOPICS = (
     topics.IDENTITY_LINKS,
     topics.QUALITY_REPORTS,
     *topics.PRIVACY_OUTPUT_TOPICS,
+    topics.SEGMENT_CHANGES,
 )
 _HISTORY_KINDS = ("person_created", "merge", "split", "conflict", "link_rejected")
 QUALITY_BUCKETS = {"minute", "hour", "day"}
@@ -98,10 +108,15 @@ class ProfileStore:
     """One replica's DuckDB file: written by its follower, read by the API, in one process."""
 
     def __init__(
-        self, path: Path | str, read_only: bool = False, keys: SubjectKeyStore | None = None
+        self,
+        path: Path | str,
+        read_only: bool = False,
+        keys: SubjectKeyStore | None = None,
+        traits: TraitCatalog | None = None,
     ) -> None:
         # Read-only: another process's file opened for audits (it must exist and not be in use).
         self.keys = keys  # opens sealed changelog documents; an erased subject's stay shut
+        self.traits = traits or load_traits()
         self.conn = duckdb.connect(str(path), read_only=read_only)
         self.conn.execute("SET TimeZone = 'UTC'")
         if not read_only:
@@ -135,6 +150,8 @@ class ProfileStore:
         rejections: dict[str, tuple[str | None, str | None, str | None]] = {}
         quality_batches: dict[str, tuple[str | None, str]] = {}
         certificates: list[dict[str, Any]] = []
+        # The latest change per (segment, person): entered (with its time) or not.
+        memberships: dict[tuple[str, str], tuple[bool, str | None]] = {}
         positions: dict[tuple[str, int], int] = {}
         ledger: list[LedgerEntry] = []
         for record in records:
@@ -170,6 +187,12 @@ class ProfileStore:
                 quality_batches[key] = (report.get("checked_at"), record.value.decode())
             elif record.topic == topics.IDENTITY_LINKS and record.value:
                 links.append(orjson.loads(record.value))
+            elif record.topic == topics.SEGMENT_CHANGES and record.value:
+                change = orjson.loads(record.value)
+                memberships[(change["segment"], change["person_id"])] = (
+                    change.get("change") == "entered",
+                    change.get("at"),
+                )
         with self._write_lock:
             cur = self.conn.cursor()
             cur.execute("BEGIN TRANSACTION")
@@ -247,6 +270,7 @@ class ProfileStore:
                     )
                 for certificate in certificates:
                     self._apply_erasure(cur, certificate)
+                self._apply_memberships(cur, memberships)
                 self._upsert(
                     cur,
                     "replica_offsets",
@@ -280,7 +304,8 @@ class ProfileStore:
         counts: dict[str, int] = {}
         try:
             for table, where in (
-                ("profiles", "person_id IN (SELECT person_id FROM _erased_persons)"),
+                ("profile_documents", "person_id IN (SELECT person_id FROM _erased_persons)"),
+                ("segment_members", "person_id IN (SELECT person_id FROM _erased_persons)"),
                 ("profile_identifiers", "person_id IN (SELECT person_id FROM _erased_persons)"),
                 (
                     "person_aliases",
@@ -324,6 +349,38 @@ class ProfileStore:
             cur.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM _replica_rows")
         finally:
             cur.unregister("_replica_rows")
+
+    def _apply_memberships(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        memberships: dict[tuple[str, str], tuple[bool, str | None]],
+    ) -> None:
+        """Segment entries and exits: an exit deletes the member, an entry (re)adds it."""
+        if not memberships:
+            return
+        cur.register(
+            "_replica_segments",
+            pa.table(
+                {
+                    "segment": [s for s, _ in memberships],
+                    "person_id": [p for _, p in memberships],
+                    "since": [_timestamp(at) for _, at in memberships.values()],
+                    "entered": [entered for entered, _ in memberships.values()],
+                }
+            ),
+        )
+        try:
+            cur.execute(
+                """DELETE FROM segment_members USING _replica_segments c
+                   WHERE segment_members.segment = c.segment
+                     AND segment_members.person_id = c.person_id"""
+            )
+            cur.execute(
+                """INSERT INTO segment_members SELECT segment, person_id, since
+                   FROM _replica_segments WHERE entered ORDER BY segment, person_id"""
+            )
+        finally:
+            cur.unregister("_replica_segments")
 
     def _apply_membership(
         self, cur: duckdb.DuckDBPyConnection, links: list[dict[str, Any]]
@@ -427,69 +484,84 @@ class ProfileStore:
     def _apply_profiles(
         self, cur: duckdb.DuckDBPyConnection, profiles: dict[str, bytes | None]
     ) -> None:
+        """Replace each changed person's document and identifier index (None: a tombstone).
+
+        One Arrow batch sorted by person id; DuckDB parses the documents and unnests the
+        identifiers, so no per-profile Python runs here.
+        """
         if not profiles:
             return
-        ids = pa.table({"person_id": list(profiles)})
-        cur.register("_replica_changed", ids)
+        changed = pa.table(
+            {
+                "person_id": list(profiles),
+                "doc": [v.decode() if v is not None else None for v in profiles.values()],
+                "packed": [
+                    zlib.compress(v, 1) if v is not None else None for v in profiles.values()
+                ],
+            }
+        ).sort_by("person_id")
+        cur.register("_replica_changed", changed)
         try:
+            for table in ("profile_documents", "profile_identifiers"):
+                cur.execute(
+                    f"DELETE FROM {table} WHERE person_id IN (SELECT person_id FROM _replica_changed)"
+                )
             cur.execute(
-                "DELETE FROM profiles WHERE person_id IN (SELECT person_id FROM _replica_changed)"
+                """INSERT INTO profile_documents
+                   SELECT person_id, packed, coalesce((doc->>'version')::BIGINT, 0)
+                   FROM _replica_changed WHERE doc IS NOT NULL"""
             )
             cur.execute(
-                "DELETE FROM profile_identifiers WHERE person_id IN (SELECT person_id FROM _replica_changed)"
+                """INSERT OR REPLACE INTO profile_identifiers
+                   SELECT id_type, unnest(id_values) AS id_value, person_id FROM (
+                       SELECT person_id, unnest(map_keys(m)) AS id_type,
+                              unnest(map_values(m)) AS id_values
+                       FROM (SELECT person_id,
+                                    json_transform(doc->'identifiers', '"MAP(VARCHAR, VARCHAR[])"') AS m
+                             FROM _replica_changed WHERE doc IS NOT NULL))
+                   ORDER BY id_type, id_value"""
             )
         finally:
             cur.unregister("_replica_changed")
-        docs = {k: orjson.loads(v) for k, v in profiles.items() if v is not None}
-        if not docs:
-            return
-        self._upsert(
-            cur,
-            "profiles",
-            {
-                "person_id": list(docs),
-                "doc": [orjson.dumps(d).decode() for d in docs.values()],
-                "version": [d.get("version", 0) for d in docs.values()],
-            },
-        )
-        rows = [
-            (id_type, value, person)
-            for person, doc in docs.items()
-            for id_type, values in (doc.get("identifiers") or {}).items()
-            for value in values
-        ]
-        if rows:
-            self._upsert(
-                cur,
-                "profile_identifiers",
-                {
-                    "id_type": [r[0] for r in rows],
-                    "id_value": [r[1] for r in rows],
-                    "person_id": [r[2] for r in rows],
-                },
-            )
 
     # -- reading -----------------------------------------------------------------------------
 
-    def get(self, person_id: str, purpose: str | None = None) -> dict[str, Any] | None:
+    def get(
+        self, person_id: str, purpose: str | None = None, now: datetime | None = None
+    ) -> dict[str, Any] | None:
         """The profile of `person_id` as read for `purpose`, following merges to the survivor.
 
         With a purpose: only that purpose's view (attributes from events the person
-        currently consents to for it), or None when there is none. Without: the whole
-        changelog document (all views), for administrators and audits.
+        currently consents to for it), or None when there is none, with windowed traits
+        evaluated at `now` (default: the wall clock). Without: the whole changelog
+        document (all views, daily buckets included), for administrators and audits.
         """
         doc = self._document(person_id)
         if doc is None or purpose is None:
             return doc
+        return self.view_of(doc, purpose, now)
+
+    def view_of(
+        self, doc: dict[str, Any], purpose: str, now: datetime | None = None
+    ) -> dict[str, Any] | None:
+        """One purpose's view of a changelog document, its computed traits as of `now`."""
         view = (doc.get("views") or {}).get(purpose)
         if view is None:
             return None
+        computed = at_read(
+            self.traits,
+            view.get("computed") or {},
+            view.get("windows") or {},
+            now or datetime.now(UTC),
+        )
         return {
             "person_id": doc["person_id"],
             "purpose": purpose,
             "version": doc.get("version"),
             "merged_from": doc.get("merged_from", []),
-            **view,
+            "identifiers": view.get("identifiers") or {},
+            "traits": view.get("traits") or {},
+            "computed": computed,
         }
 
     def document(self, person_id: str) -> dict[str, Any] | None:
@@ -528,14 +600,60 @@ class ProfileStore:
         names = ("link_id", "kind", "person_id", "other_person_id", "rule", "event_key", "ts")
         return [dict(zip(names, row, strict=True)) for row in rows]
 
+    def get_many(
+        self, person_ids: Sequence[str], purpose: str, now: datetime | None = None
+    ) -> dict[str, dict[str, Any] | None]:
+        """Several profiles read for `purpose`, by requested id (one query; merges followed)."""
+        wanted = [p for p in dict.fromkeys(person_ids) if p.isprintable()]
+        if not wanted:
+            return {}
+        # A literal IN list lets DuckDB probe the primary-key index; a list parameter (or a
+        # joined table) scans every stored document (4 s against 50 ms at 300,000 rows).
+        listed = ", ".join("'" + p.replace("'", "''") + "'" for p in wanted)
+        rows = (
+            self.reader()
+            .execute(f"SELECT person_id, doc FROM profile_documents WHERE person_id IN ({listed})")
+            .fetchall()
+        )
+        docs = {person: orjson.loads(zlib.decompress(doc)) for person, doc in rows}
+        now = now or datetime.now(UTC)
+        found: dict[str, dict[str, Any] | None] = {}
+        for person in wanted:
+            doc = docs.get(person) or self._document(person)
+            found[person] = self.view_of(doc, purpose, now) if doc else None
+        return found
+
+    def members(
+        self, segment: str, limit: int = 100, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], int, str | None]:
+        """A page of a segment's members in person-id order, after the cursor `after`.
+
+        Out: (members with the time they entered, total members, the next page's cursor
+        or None on the last page).
+        """
+        cur = self.reader()
+        rows = cur.execute(
+            """SELECT person_id, since FROM segment_members
+               WHERE segment = ? AND person_id > ? ORDER BY person_id LIMIT ?""",
+            [segment, after or "", limit + 1],
+        ).fetchall()
+        (total,) = cur.execute(
+            "SELECT count(*) FROM segment_members WHERE segment = ?", [segment]
+        ).fetchone()
+        page = [
+            {"person_id": person, "since": since.isoformat() if since else None}
+            for person, since in rows[:limit]
+        ]
+        return page, total, page[-1]["person_id"] if len(rows) > limit else None
+
     def _document(self, person_id: str) -> dict[str, Any] | None:
         cur = self.reader()
         for _ in range(16):  # a merge chain is short; the bound guards against a bad cycle
             rows = cur.execute(
-                "SELECT doc FROM profiles WHERE person_id = ?", [person_id]
+                "SELECT doc FROM profile_documents WHERE person_id = ?", [person_id]
             ).fetchall()
             if rows:
-                return orjson.loads(rows[0][0])
+                return orjson.loads(zlib.decompress(rows[0][0]))
             alias = cur.execute(
                 "SELECT person_id FROM person_aliases WHERE old_id = ?", [person_id]
             ).fetchall()
@@ -581,7 +699,7 @@ class ProfileStore:
             ).fetchall()
         }
         persons, merges, conflicts = cur.execute(
-            """SELECT (SELECT count(*) FROM profiles),
+            """SELECT (SELECT count(*) FROM profile_documents),
                       (SELECT count(*) FROM identity_events WHERE kind = 'merge'),
                       (SELECT count(*) FROM identity_events WHERE kind = 'conflict')"""
         ).fetchall()[0]

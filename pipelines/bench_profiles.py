@@ -1,0 +1,429 @@
+"""Profile API benchmark: lookup latency against a store of N profiles, and its footprint.
+
+Writes (or replaces) the "Profile API" section of BENCHMARKS.md. Steps:
+
+1. Templates: a seeded synthetic stream runs through the real Pipeline; its changelog
+   documents (every view, identifiers, traits, computed traits, daily buckets) are the
+   shapes the stored profiles take.
+2. Load: N documents are made from those templates, each with its own person id and
+   identifiers, and applied in person-id order through `ProfileStore.apply` (the path
+   the replica follower uses), in batches, as changelog records.
+3. Serve: the API runs in its own process on that store file (uvicorn, as `tessera serve`).
+4. Load: another process sends GET /v1/profiles/{id}?purpose=... for random stored ids
+   at a fixed rate (open loop: requests leave on schedule whether or not earlier ones
+   have answered), interleaved with GET /healthz, the trivial endpoint of the same
+   server, so both are measured in the same run under the same load.
+5. Footprint: the store file's size and the server's resident memory after the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipelines import topics
+from pipelines.bench_identity import write_section
+from pipelines.broker import free_port
+
+SECTION = "## Profile API"
+PURPOSE = "personalization"
+READER = "bench-reader"
+CONNECTIONS = 32  # the load generator's keep-alive connections
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
+
+
+# -- 1. templates -------------------------------------------------------------------------
+
+
+def templates(persons: int = 300, events: int = 6000, seed: int = 11) -> list[dict[str, Any]]:
+    """Real changelog documents: a seeded synthetic stream through the real pipeline."""
+    import tempfile
+
+    from pipelines.pipeline import Pipeline, SourceRecord
+    from pipelines.produce import read_lines
+    from synthetic.events import write_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.jsonl"
+        end = datetime(2026, 11, 1, tzinfo=UTC)
+        write_dataset(
+            path, Path(tmp) / "truth.csv", persons=persons, events=events, seed=seed, end=end
+        )
+        lines = list(read_lines(path))
+        pipeline = Pipeline(Path(tmp) / "state.duckdb", quality=False)
+        outputs: list = []
+        batch = [SourceRecord(topics.route(raw)[0], 0, n, raw) for n, raw in enumerate(lines)]
+        for start in range(0, len(batch), 2000):
+            pipeline.process(batch[start : start + 2000], outputs.extend)
+        pipeline.close()
+    latest: dict[bytes, bytes | None] = {}
+    for out in outputs:
+        if out.topic == topics.PROFILES_CHANGELOG:
+            latest[out.key] = out.value
+    docs = [orjson.loads(v) for v in latest.values() if v is not None]
+    return [d for d in docs if PURPOSE in d["views"]] or docs
+
+
+def _template_text(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    """A document as text with its person id and identifier values as numbered slots."""
+    text = orjson.dumps(doc).decode()
+    ids = {v for vs in doc["identifiers"].values() for v in vs} - {doc["person_id"]}
+    values = [doc["person_id"], *sorted(ids)]  # slot 0: the person id
+    for n, value in enumerate(values):  # quoted, so only whole values match
+        text = text.replace(json.dumps(value), f"\x00{n}\x00")
+    return text, values
+
+
+def documents(docs: list[dict[str, Any]], start: int, stop: int) -> tuple[list[bytes], list[bytes]]:
+    """Changelog (key, value) pairs for profiles start..stop-1, in key order, own ids each."""
+    shapes = []
+    for doc in docs:
+        text, slots = _template_text(doc)
+        # Alternating literal text and slot numbers: "...", 0, "...", 2, "..."
+        parts: list[str | int] = []
+        for n, piece in enumerate(text.split("\x00")):
+            parts.append(int(piece) if n % 2 else piece)
+        shapes.append((parts, [json.dumps(v)[:-1] for v in slots]))
+    keys, values = [], []
+    for i in range(start, stop):
+        parts, slots = shapes[i % len(shapes)]
+        person = f"p_{i:016x}"
+        suffix = f'~{i:x}"'
+        text = "".join(
+            p if isinstance(p, str) else (f'"{person}"' if p == 0 else slots[p] + suffix)
+            for p in parts
+        )
+        keys.append(person.encode())
+        values.append(text.encode())
+    return keys, values
+
+
+# -- 2. load ------------------------------------------------------------------------------
+
+
+def load_store(path: Path, count: int, batch: int = 50_000) -> dict[str, float]:
+    """Fill a store file with `count` profiles through ProfileStore.apply, in key order."""
+    from profiles.store import ConsumedRecord, ProfileStore
+
+    docs = templates()
+    store = ProfileStore(path)
+    made = applied = 0.0
+    size = 0
+    for start in range(0, count, batch):  # made and applied a batch at a time: bounded memory
+        t0 = time.perf_counter()
+        keys, values = documents(docs, start, min(count, start + batch))
+        t1 = time.perf_counter()
+        store.apply(
+            [
+                ConsumedRecord(topics.PROFILES_CHANGELOG, 0, start + n, key, value)
+                for n, (key, value) in enumerate(zip(keys, values, strict=True))
+            ]
+        )
+        made, applied = made + t1 - t0, applied + time.perf_counter() - t1
+        size += sum(map(len, values))
+    store.conn.execute("CHECKPOINT")
+    store.close()
+    return {
+        "generate_s": made,
+        "apply_s": applied,
+        "templates": len(docs),
+        "doc_bytes_mean": size / count,
+    }
+
+
+# -- 3. serve -----------------------------------------------------------------------------
+
+
+def serve(db: Path, keys: Path, port: int) -> None:
+    """The API over a store file, as `tessera serve` runs it (no follower)."""
+    import uvicorn
+
+    from profiles.access import load_keyring
+    from profiles.api import create_app
+    from profiles.store import ProfileStore
+
+    store = ProfileStore(db)
+    app = create_app(store, keyring=load_keyring(keys))
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=120,
+    )
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# -- 4. load generator --------------------------------------------------------------------
+
+
+async def _drive(
+    port: int, paths: list[tuple[str, bytes]], rate: float, key: str
+) -> dict[str, list[float]]:
+    """Send each (kind, path) at its scheduled time over keep-alive connections."""
+    # A fixed pool of keep-alive connections, opened before the clock starts; a request
+    # waits for a free one (that wait shows as send lag, reported beside the latencies).
+    idle: asyncio.Queue = asyncio.Queue()
+    for _ in range(CONNECTIONS):
+        idle.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    latencies: dict[str, list[float]] = {}
+    errors: list[str] = []
+    lag: list[float] = []
+
+    request = b" HTTP/1.1\r\nHost: bench\r\nX-API-Key: " + key.encode() + b"\r\n\r\n"
+
+    async def exchange(conn: tuple, path: bytes) -> bytes:
+        reader, writer = conn
+        writer.write(b"GET " + path + request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        return head[9:12]
+
+    async def one(kind: str, path: bytes, scheduled: float) -> None:
+        conn = await idle.get()
+        sent = time.perf_counter()
+        lag.append(sent - scheduled)
+        try:
+            status = await exchange(conn, path)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # The server closed an idle keep-alive connection: the request goes on a new one.
+            conn[1].close()
+            conn = await asyncio.open_connection("127.0.0.1", port)
+            sent = time.perf_counter()
+            status = await exchange(conn, path)
+        latencies.setdefault(kind, []).append(time.perf_counter() - sent)
+        if status != b"200":
+            errors.append(f"{kind} {status.decode()}")
+        idle.put_nowait(conn)
+
+    tasks = []
+    t0 = time.perf_counter() + 0.5
+    for n, (kind, path) in enumerate(paths):
+        due = t0 + n / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(kind, path, due)))
+    await asyncio.gather(*tasks)
+    latencies["_elapsed"] = [time.perf_counter() - t0]
+    latencies["_lag"] = lag
+    latencies["_errors"] = [float(len(errors))]
+    return latencies
+
+
+def drive(
+    port: int, ids_file: Path, rate: float, trivial_rate: float, seconds: float, key: str
+) -> None:
+    """The load process: lookups at `rate`/s and trivial calls at `trivial_rate`/s, mixed."""
+    ids = ids_file.read_text().split()
+    rng = random.Random(7)
+    total = rate + trivial_rate
+    paths: list[tuple[str, bytes]] = []
+    for _ in range(int(total * seconds)):
+        if rng.random() < trivial_rate / total:
+            paths.append(("trivial", b"/healthz"))
+        else:
+            person = rng.choice(ids)
+            paths.append(("lookup", f"/v1/profiles/{person}?purpose={PURPOSE}".encode()))
+    latencies = asyncio.run(_drive(port, paths, total, key))
+    print(json.dumps(latencies))
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def run_profiles_bench(
+    count: int, rates: list[float], seconds: float, workdir: Path
+) -> dict[str, Any]:
+    """Load `count` profiles, serve them, drive lookups at each rate in turn; the figures.
+
+    Each run sends lookups at its rate and trivial calls at a tenth of it, for `seconds`.
+    """
+    from profiles.access import write_keyring
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    db = workdir / "profiles.duckdb"
+    for stale in (db, workdir / "profiles.duckdb.wal"):
+        stale.unlink(missing_ok=True)
+    loaded = load_store(db, count)
+    keys = write_keyring(
+        workdir / "keys.yaml", [{"name": READER, "role": "reader", "purposes": [PURPOSE]}]
+    )
+    rng = random.Random(3)
+    sample = [f"p_{rng.randrange(count):016x}" for _ in range(min(count, 200_000))]
+    (workdir / "ids.txt").write_text("\n".join(sample))
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.bench_profiles",
+            "serve",
+            str(db),
+            str(workdir / "keys.yaml"),
+            str(port),
+        ],
+    )
+    runs = []
+    try:
+        _wait_until_serving(port, server)
+        rss_start = _rss_mb(server.pid)
+        for rate in rates:
+            runs.append(_load_run(port, workdir / "ids.txt", rate, seconds, keys[READER]))
+        rss_end = _rss_mb(server.pid)
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    return {
+        "profiles": count,
+        "seconds": seconds,
+        "store_mb": sum(p.stat().st_size for p in workdir.glob("profiles.duckdb*")) / 2**20,
+        "rss_start_mb": rss_start,
+        "rss_end_mb": rss_end,
+        "runs": runs,
+        **loaded,
+    }
+
+
+def _wait_until_serving(port: int, server: subprocess.Popen) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the API process did not start") from None
+            time.sleep(0.2)
+
+
+def _load_run(port: int, ids: Path, rate: float, seconds: float, key: str) -> dict[str, Any]:
+    """One load process at `rate` lookups/s (and rate/10 trivial calls/s)."""
+    driver = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.bench_profiles",
+            "drive",
+            str(port),
+            str(ids),
+            str(rate),
+            str(rate / 10),
+            str(seconds),
+            key,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if driver.returncode:
+        raise RuntimeError(f"the load process failed:\n{driver.stderr[-2000:]}")
+    latencies = json.loads(driver.stdout)
+    run: dict[str, Any] = {
+        "rate": rate,
+        "errors": int(latencies["_errors"][0]),
+        "lag_p99_ms": _percentile(latencies["_lag"], 0.99) * 1000,
+        "achieved_rps": len(latencies["_lag"]) / latencies["_elapsed"][0],
+        "load_average": os.getloadavg()[0],  # the machine's 1-minute load as the run ended
+    }
+    for kind in ("lookup", "trivial"):
+        values = latencies.get(kind, [])
+        run[kind] = {
+            "n": len(values),
+            "p50_ms": _percentile(values, 0.50) * 1000,
+            "p99_ms": _percentile(values, 0.99) * 1000,
+        }
+    return run
+
+
+def render(f: dict[str, Any], command: str) -> str:
+    """The BENCHMARKS.md section."""
+    rows = []
+    for run in f["runs"]:
+        lookup, trivial = run["lookup"], run["trivial"]
+        rows.append(
+            f"| {run['rate']:,.0f} + {run['rate'] / 10:,.0f} | {run['achieved_rps']:,.0f} "
+            f"| {lookup['p50_ms']:.2f} / {lookup['p99_ms']:.2f} ms "
+            f"| {trivial['p50_ms']:.2f} / {trivial['p99_ms']:.2f} ms "
+            f"| **{lookup['p50_ms'] / trivial['p50_ms']:.2f}× / "
+            f"{lookup['p99_ms'] / trivial['p99_ms']:.2f}×** "
+            f"| {run['lag_p99_ms']:,.1f} ms | {run['errors']} | {run['load_average']:.1f} |"
+        )
+    table = "\n".join(rows)
+    return f"""{SECTION}
+
+Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},
+shared with other jobs during the run (the load average column says how busy), so
+absolute times are noisy; the ratio to the trivial endpoint, measured in the same run
+under the same load, is the figure to read. Run {datetime.now(UTC).date().isoformat()} with
+`{command}`.
+
+{f["profiles"]:,} stored profiles ({f["templates"]} real changelog document shapes from the
+pipeline, {f["doc_bytes_mean"]:,.0f} bytes each on average, every view and daily bucket
+included), loaded through `ProfileStore.apply` in person-id order, 50,000 per
+transaction: documents made in {f["generate_s"]:.0f} s, applied in {f["apply_s"]:.0f} s.
+The API (uvicorn with httptools and uvloop, one process) and the load generator (another
+process, open loop over {CONNECTIONS} keep-alive connections) share the machine.
+`GET /v1/profiles/{{id}}?purpose={PURPOSE}` for random stored ids, interleaved with
+`GET /healthz` (the trivial endpoint) at a tenth of the rate, {f["seconds"]:.0f} s per row.
+
+| offered req/s (lookup + trivial) | achieved req/s | lookup p50 / p99 | trivial p50 / p99 | **ratio** p50 / p99 | send lag p99 | non-200 | load average |
+|---|---|---|---|---|---|---|---|
+{table}
+
+Send lag is how late the generator sent requests against its schedule (waiting for a
+free connection); when the server cannot keep up with the offered rate, requests queue,
+lag grows and both endpoints' latencies are dominated by that queue.
+
+| footprint at {f["profiles"]:,} profiles | value |
+|---|---|
+| store files on disk | {f["store_mb"]:,.0f} MiB |
+| API process RSS after start | {f["rss_start_mb"]:,.0f} MiB |
+| API process RSS after the runs | {f["rss_end_mb"]:,.0f} MiB |
+"""
+
+
+def write_report(path: Path, figure: dict[str, Any], command: str) -> None:
+    """Replace (or append) the Profile API section of BENCHMARKS.md."""
+    write_section(path, render(figure, command), SECTION)
+
+
+if __name__ == "__main__":
+    verb, *args = sys.argv[1:]
+    if verb == "serve":
+        serve(Path(args[0]), Path(args[1]), int(args[2]))
+    elif verb == "drive":
+        drive(int(args[0]), Path(args[1]), float(args[2]), float(args[3]), float(args[4]), args[5])
+    else:
+        raise SystemExit(f"unknown verb {verb!r}")

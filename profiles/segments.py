@@ -1,0 +1,256 @@
+"""Segments (audiences): YAML conditions over the traits of one purpose view.
+
+A segment names the purpose whose view it reads, so consent decides membership too: a
+withdrawal that removes the view is an exit. Membership lives in the worker's state and
+is re-evaluated for every person whose profile a batch changed; each entry and exit is
+an event (`SegmentMembership.update`), which replicas materialise for the members list.
+
+Clock: windowed traits and `days_since` are evaluated at the stream's clock, the latest
+event time the worker has applied (never the wall clock, so a replay and both engines
+give the same changes). A person with no new events is re-evaluated at their next change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import yaml
+
+from profiles.traits import TraitCatalog, at_read
+
+SEGMENTS_PATH = Path(__file__).with_name("segments.yaml")
+OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    "in": lambda a, b: a in b,
+    "contains": lambda a, b: b in a,
+    "exists": lambda a, b: (a is not None) == bool(b),
+}
+ORDERED = (">", ">=", "<", "<=")
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS segment_members (
+    segment VARCHAR, person_id VARCHAR, since TIMESTAMPTZ, PRIMARY KEY (segment, person_id)
+);
+CREATE TABLE IF NOT EXISTS stream_clock (id INTEGER PRIMARY KEY, ts TIMESTAMPTZ);
+"""
+
+
+class SegmentConfigError(ValueError):
+    """The segments file is not usable; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One declared audience: a purpose view and a condition over its traits."""
+
+    name: str
+    purpose: str
+    description: str
+    condition: dict[str, Any]
+
+    def matches(self, traits: dict[str, Any], computed: dict[str, Any]) -> bool:
+        """Whether a view's identify traits (values) and computed traits meet the condition."""
+        return _holds(self.condition, traits, computed)
+
+
+def _value(path: str, traits: dict[str, Any], computed: dict[str, Any]) -> Any:
+    if path.startswith("traits."):
+        return traits.get(path[len("traits.") :])
+    head, _, rest = path.partition(".")
+    value = computed.get(head)
+    return value.get(rest) if rest and isinstance(value, dict) else value
+
+
+def _holds(condition: dict[str, Any], traits: dict[str, Any], computed: dict[str, Any]) -> bool:
+    if "all" in condition:
+        return all(_holds(c, traits, computed) for c in condition["all"])
+    if "any" in condition:
+        return any(_holds(c, traits, computed) for c in condition["any"])
+    if "not" in condition:
+        return not _holds(condition["not"], traits, computed)
+    value = _value(condition["trait"], traits, computed)
+    op = condition["op"]
+    if op != "exists" and value is None:
+        return False
+    try:
+        return OPERATORS[op](value, condition.get("value"))
+    except TypeError:  # a trait of another type than the condition's (a string vs a number)
+        return False
+
+
+def _check(condition: Any, where: str, catalog: TraitCatalog, problems: list[str]) -> None:
+    if not isinstance(condition, dict):
+        problems.append(f"{where}: a condition must be a mapping")
+        return
+    for key in ("all", "any"):
+        if key in condition:
+            if not isinstance(condition[key], list) or not condition[key]:
+                problems.append(f"{where}.{key}: must be a non-empty list of conditions")
+                return
+            for n, child in enumerate(condition[key]):
+                _check(child, f"{where}.{key}[{n}]", catalog, problems)
+            return
+    if "not" in condition:
+        _check(condition["not"], f"{where}.not", catalog, problems)
+        return
+    trait, op = condition.get("trait"), condition.get("op")
+    if not isinstance(trait, str) or not trait:
+        problems.append(f"{where}: needs `trait`, or all/any/not")
+        return
+    if not trait.startswith("traits.") and trait.partition(".")[0] not in catalog.names:
+        problems.append(f"{where}: unknown trait {trait!r} (computed traits: traits.yaml)")
+    if op not in OPERATORS:
+        problems.append(f"{where}: op must be one of {list(OPERATORS)}")
+    elif op != "exists" and "value" not in condition:
+        problems.append(f"{where}: op {op} needs a `value`")
+    elif op in ORDERED and not isinstance(condition["value"], int | float | str):
+        problems.append(f"{where}: op {op} needs a number or a string")
+    elif op == "in" and not isinstance(condition["value"], list):
+        problems.append(f"{where}: op in needs a list")
+
+
+def load_segments(
+    catalog: TraitCatalog, purposes: set[str], path: Path | str | None = None
+) -> dict[str, Segment]:
+    """Read and validate a segments file (default: the packaged profiles/segments.yaml).
+
+    In: the trait catalog and the policy's purposes the conditions may use. Out: segments
+    by name. Raises SegmentConfigError listing every problem.
+    """
+    path = Path(path) if path else SEGMENTS_PATH
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SegmentConfigError(f"cannot read segments {path}: {exc}") from exc
+    entries = doc.get("segments") if isinstance(doc, dict) else None
+    if not isinstance(entries, dict):
+        raise SegmentConfigError(f"{path}: `segments` must be a mapping of name to segment")
+    problems: list[str] = []
+    segments: dict[str, Segment] = {}
+    for name, raw in entries.items():
+        name = str(name)
+        if not isinstance(raw, dict):
+            problems.append(f"{name}: must be a mapping with purpose and condition")
+            continue
+        if not name.replace("_", "").replace("-", "").isalnum() or len(name) > 64:
+            problems.append(f"{name}: names are letters, digits, - and _ (64 at most)")
+        if raw.get("purpose") not in purposes:
+            problems.append(f"{name}: purpose must be one of {sorted(purposes)}")
+        _check(raw.get("condition"), f"{name}.condition", catalog, problems)
+        segments[name] = Segment(
+            name, str(raw.get("purpose")), str(raw.get("description") or ""), raw.get("condition")
+        )
+    if problems:
+        raise SegmentConfigError(f"invalid segments in {path}:\n  - " + "\n  - ".join(problems))
+    return segments
+
+
+def view_matches(
+    segment: Segment, view: dict[str, Any] | None, catalog: TraitCatalog, now: datetime
+) -> bool:
+    """Whether a stored purpose view (with its daily buckets) is in `segment` at `now`."""
+    if view is None:
+        return False
+    computed = at_read(catalog, view.get("computed") or {}, view.get("windows") or {}, now)
+    traits = {name: t.get("value") for name, t in (view.get("traits") or {}).items()}
+    return segment.matches(traits, computed)
+
+
+class SegmentMembership:
+    """Who is in which segment, in the worker's state; a batch's changes become events."""
+
+    def __init__(
+        self, conn: duckdb.DuckDBPyConnection, catalog: TraitCatalog, segments: dict[str, Segment]
+    ) -> None:
+        self.conn = conn
+        self.catalog = catalog
+        self.segments = segments
+        conn.execute(SCHEMA_SQL)
+
+    def clock(self, seen: list[datetime]) -> datetime | None:
+        """Advance the stream clock to the latest event time in `seen`; return it."""
+        rows = self.conn.execute("SELECT ts FROM stream_clock WHERE id = 0").fetchall()
+        current = rows[0][0] if rows else None
+        latest = max(seen, default=None)
+        if latest is not None and (current is None or latest > current):
+            self.conn.execute("INSERT OR REPLACE INTO stream_clock VALUES (0, ?)", [latest])
+            return latest
+        return current
+
+    def update(
+        self, profiles: dict[str, dict[str, Any]], gone: set[str], seen: list[datetime]
+    ) -> list[dict[str, Any]]:
+        """Re-evaluate the changed profiles; persons gone (merged away, erased) exit everything.
+
+        In: the batch's rebuilt changelog documents, the persons it tombstoned, and the
+        event times it applied. Out: one {segment, person_id, change, at, version} per
+        entry or exit, ordered by person then segment.
+        """
+        persons = sorted(set(profiles) | gone)
+        if not persons or not self.segments:
+            return []
+        now = self.clock(seen)
+        self.conn.register("_segment_persons", pa.table({"person_id": persons}))
+        try:
+            current = set(
+                self.conn.execute(
+                    "SELECT person_id, segment FROM segment_members "
+                    "WHERE person_id IN (SELECT person_id FROM _segment_persons)"
+                ).fetchall()
+            )
+        finally:
+            self.conn.unregister("_segment_persons")
+        wanted = {
+            (person, name)
+            for person, doc in profiles.items()
+            for name, segment in self.segments.items()
+            if now is not None
+            and view_matches(
+                segment, (doc.get("views") or {}).get(segment.purpose), self.catalog, now
+            )
+        }
+        changes = [
+            {
+                "segment": name,
+                "person_id": person,
+                "change": "entered" if (person, name) in wanted else "exited",
+                "purpose": self.segments[name].purpose if name in self.segments else None,
+                "at": now.isoformat() if now else None,
+                "version": (profiles.get(person) or {}).get("version"),
+            }
+            for person, name in sorted(wanted ^ current)
+        ]
+        if changes:
+            rows = pa.table(
+                {
+                    "segment": [c["segment"] for c in changes],
+                    "person_id": [c["person_id"] for c in changes],
+                    "entered": [c["change"] == "entered" for c in changes],
+                    "since": [now] * len(changes),
+                }
+            )
+            self.conn.register("_segment_changes", rows)
+            try:
+                self.conn.execute(
+                    """DELETE FROM segment_members USING _segment_changes c
+                       WHERE segment_members.segment = c.segment
+                         AND segment_members.person_id = c.person_id"""
+                )
+                self.conn.execute(
+                    """INSERT INTO segment_members
+                       SELECT segment, person_id, since FROM _segment_changes WHERE entered"""
+                )
+            finally:
+                self.conn.unregister("_segment_changes")
+        return changes

@@ -1,0 +1,469 @@
+"""Computed traits: declared in YAML, maintained incrementally as events arrive.
+
+Each applied event adds to a few accumulator rows, keyed by (person, identity record,
+ingestion purpose, jurisdiction, trait, bucket): a count, an exact amount, the first and
+last event time, and the value of the latest event. A bucket is what a trait needs to
+stay exact when rows are added: a UTC day for windowed traits, an order id for values
+that count each order once, a currency for refunds. Because every row belongs to one
+identity record, a merge or a split moves rows rather than recounting them, and because
+it belongs to one (purpose, jurisdiction), a consent change only changes which rows a
+view adds up. A view is the roll-up of its allowed rows (`rollup`), never a rescan of
+events.
+
+Two clocks, kept apart: buckets are event time (the day an event happened); windows and
+`days_since` are evaluated when read (`at_read`), against the reader's clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+TRAITS_PATH = Path(__file__).with_name("traits.yaml")
+OPS = (
+    "count",
+    "distinct_count",
+    "sum",
+    "mean",
+    "first_time",
+    "last_time",
+    "latest",
+    "top",
+    "open_count",
+    "days_since",
+)
+WINDOWED_OPS = ("count", "distinct_count")
+FIELD_OPS = ("distinct_count", "sum", "mean", "latest", "top", "open_count")
+MERGE_STRATEGIES = ("latest", "first", "max", "sum", "union")
+CENT = Decimal("0.01")
+SESSION_SLOT_S = 30 * 60  # without a context.sessionId, a session is a device's 30-minute slot
+SEEN = "_seen"  # every event: which (record, purpose, jurisdiction) groups a person has
+
+
+class TraitConfigError(ValueError):
+    """The traits file is not usable; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class TraitSpec:
+    """One computed trait as declared."""
+
+    name: str
+    op: str
+    kinds: frozenset[str] = frozenset()
+    fields: tuple[str, ...] = ()
+    group_by: str | None = None
+    distinct_by: str | None = None
+    subtract_kinds: frozenset[str] = frozenset()
+    close_kinds: frozenset[str] = frozenset()
+    window_days: int | None = None
+    k: int = 5
+    of: str | None = None
+
+    def matches(self, kind: str) -> bool:
+        return "*" in self.kinds or kind in self.kinds
+
+
+@dataclass(frozen=True)
+class TraitCatalog:
+    """Every computed trait and how identify traits merge."""
+
+    computed: tuple[TraitSpec, ...]
+    default_strategy: str = "latest"
+    strategies: dict[str, str] = field(default_factory=dict)
+
+    def strategy(self, name: str) -> str:
+        return self.strategies.get(name, self.default_strategy)
+
+    @property
+    def names(self) -> set[str]:
+        return {spec.name for spec in self.computed}
+
+    @property
+    def max_window(self) -> int:
+        return max((s.window_days or 0 for s in self.computed), default=0)
+
+
+def load_traits(
+    path: Path | str | None = None, known_kinds: set[str] | None = None
+) -> TraitCatalog:
+    """Read and validate a traits file (default: the packaged profiles/traits.yaml).
+
+    In: the YAML path and, optionally, the event kinds that exist. Out: a TraitCatalog.
+    Raises TraitConfigError listing every problem, each prefixed by the trait's name.
+    """
+    path = Path(path) if path else TRAITS_PATH
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TraitConfigError(f"cannot read traits {path}: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("computed"), dict):
+        raise TraitConfigError(f"{path}: `computed` must be a mapping of trait name to spec")
+    problems: list[str] = []
+    specs: list[TraitSpec] = []
+    for name, raw in doc["computed"].items():
+        spec = _spec(str(name), raw, known_kinds, problems)
+        if spec is not None:
+            specs.append(spec)
+    names = {s.name for s in specs}
+    for spec in specs:
+        if spec.op == "days_since":
+            target = next((s for s in specs if s.name == spec.of), None)
+            if target is None or target.op not in ("first_time", "last_time"):
+                problems.append(f"{spec.name}: `of` must name a first_time or last_time trait")
+    identify = doc.get("identify_traits") or {}
+    if not isinstance(identify, dict):
+        problems.append("identify_traits: must be a mapping")
+        identify = {}
+    default = identify.get("default", "latest")
+    if default not in MERGE_STRATEGIES:
+        problems.append(f"identify_traits.default: must be one of {MERGE_STRATEGIES}")
+    strategies = identify.get("strategies") or {}
+    if not isinstance(strategies, dict):
+        problems.append("identify_traits.strategies: must be a mapping of trait to strategy")
+        strategies = {}
+    for trait, strategy in strategies.items():
+        if strategy not in MERGE_STRATEGIES:
+            problems.append(
+                f"identify_traits.{trait}: {strategy!r} is not one of {MERGE_STRATEGIES}"
+            )
+    if len(names) != len(specs):
+        problems.append("computed: trait names must be unique")
+    if problems:
+        raise TraitConfigError(f"invalid traits in {path}:\n  - " + "\n  - ".join(problems))
+    return TraitCatalog(tuple(specs), default, {str(k): str(v) for k, v in strategies.items()})
+
+
+def _kinds(value: Any) -> frozenset[str] | None:
+    if value is None:
+        return frozenset()
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return frozenset(value)
+    return None
+
+
+def _spec(
+    name: str, raw: Any, known_kinds: set[str] | None, problems: list[str]
+) -> TraitSpec | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{name}: must be a mapping with an `op`")
+        return None
+    unknown = set(raw) - {
+        "op",
+        "kinds",
+        "field",
+        "group_by",
+        "distinct_by",
+        "subtract_kinds",
+        "close_kinds",
+        "window_days",
+        "k",
+        "of",
+    }
+    if unknown:
+        problems.append(f"{name}: unknown keys {sorted(unknown)}")
+    op = raw.get("op")
+    if op not in OPS:
+        problems.append(f"{name}: op must be one of {OPS}")
+        return None
+    kinds = {key: _kinds(raw.get(key)) for key in ("kinds", "subtract_kinds", "close_kinds")}
+    for key, value in kinds.items():
+        if value is None:
+            problems.append(f"{name}: {key} must be a list of event kinds")
+        elif known_kinds is not None:
+            for kind in sorted(value - known_kinds - {"*"}):
+                problems.append(f"{name}: unknown event kind {kind!r} in {key}")
+    if op != "days_since" and not kinds["kinds"]:
+        problems.append(f"{name}: kinds must name at least one event kind (or '*')")
+    fields = raw.get("field")
+    fields = [fields] if isinstance(fields, str) else fields
+    if op in FIELD_OPS and (not fields or not all(isinstance(f, str) for f in fields)):
+        problems.append(f"{name}: op {op} needs a `field` (a property path or a list of them)")
+    window = raw.get("window_days")
+    if window is not None and (op not in WINDOWED_OPS or not isinstance(window, int) or window < 1):
+        problems.append(f"{name}: window_days must be a positive integer, on {WINDOWED_OPS} only")
+    if op in ("sum", "mean") and not raw.get("group_by"):
+        problems.append(
+            f"{name}: op {op} needs `group_by` (amounts in different currencies never add)"
+        )
+    if op == "open_count" and not kinds["close_kinds"]:
+        problems.append(f"{name}: open_count needs close_kinds")
+    k = raw.get("k", 5)
+    if not isinstance(k, int) or k < 1:
+        problems.append(f"{name}: k must be a positive integer")
+    if op == "days_since" and not raw.get("of"):
+        problems.append(f"{name}: days_since needs `of`")
+    if any(v is None for v in kinds.values()):
+        return None
+    return TraitSpec(
+        name=name,
+        op=op,
+        kinds=kinds["kinds"] or frozenset(),
+        fields=tuple(fields or ()),
+        group_by=raw.get("group_by"),
+        distinct_by=raw.get("distinct_by"),
+        subtract_kinds=kinds["subtract_kinds"] or frozenset(),
+        close_kinds=kinds["close_kinds"] or frozenset(),
+        window_days=window if isinstance(window, int) else None,
+        k=k if isinstance(k, int) else 5,
+        of=raw.get("of"),
+    )
+
+
+# -- accumulating: one event's rows ----------------------------------------------------------
+
+
+@dataclass
+class Accumulator:
+    """The contribution of some events to one (trait, bucket) row."""
+
+    n: int = 0
+    amount: Decimal = Decimal(0)
+    first_ts: datetime | None = None
+    last_ts: datetime | None = None
+    value: str | None = None
+    last_key: str | None = None
+
+    def add(self, ts: datetime, event_key: str, amount: Decimal | None, value: Any) -> None:
+        self.n += 1
+        if amount is not None:
+            self.amount += amount
+        if self.first_ts is None or ts < self.first_ts:
+            self.first_ts = ts
+        if self.last_ts is None or (ts, event_key) > (self.last_ts, self.last_key or ""):
+            self.last_ts, self.last_key = ts, event_key
+            if value is not None:
+                self.value = orjson.dumps(value).decode()
+
+
+def _dig(node: Any, path: list[str]) -> Iterator[Any]:
+    if not path:
+        if node is not None and node != "":
+            yield node
+        return
+    head, rest = path[0], path[1:]
+    if head.endswith("[]"):
+        items = node.get(head[:-2]) if isinstance(node, dict) else None
+        for item in items if isinstance(items, list) else ():
+            yield from _dig(item, rest)
+    elif isinstance(node, dict):
+        yield from _dig(node.get(head), rest)
+
+
+def field_values(event: dict[str, Any], path: str, ts: datetime) -> list[Any]:
+    """The values a property path names in an event (`session`: the event's session key)."""
+    if path == "session":
+        context = event.get("context") if isinstance(event.get("context"), dict) else {}
+        if isinstance(context.get("sessionId"), str | int):
+            return [str(context["sessionId"])]
+        device = event.get("anonymousId") or event.get("userId") or ""
+        return [f"{device}@{int(ts.timestamp()) // SESSION_SLOT_S}"]
+    props = event.get("properties")
+    values = list(_dig(props if isinstance(props, dict) else {}, path.split(".")))
+    return [v for v in values if isinstance(v, str | int | float) and not isinstance(v, bool)]
+
+
+def _amount(value: Any) -> Decimal | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return Decimal(str(value)).quantize(CENT)
+    except InvalidOperation:
+        return None
+
+
+def _first(event: dict[str, Any], path: str | None, ts: datetime) -> str:
+    values = field_values(event, path, ts) if path else []
+    return str(values[0]) if values else ""
+
+
+def accumulate(
+    catalog: TraitCatalog, kind: str, event: dict[str, Any], ts: datetime, event_key: str
+) -> Iterator[tuple[str, str, Decimal | None, Any]]:
+    """The (trait, bucket, amount, latest value) rows one applied event adds to."""
+    day = ts.astimezone(UTC).date().isoformat()
+    yield SEEN, "", None, None
+    for spec in catalog.computed:
+        if spec.op == "days_since":
+            continue
+        if spec.op in ("sum", "mean") and (spec.matches(kind) or kind in spec.subtract_kinds):
+            group = _first(event, spec.group_by, ts)
+            amount = _amount(next(iter(field_values(event, spec.fields[0], ts)), None))
+            if amount is None:
+                continue
+            if spec.matches(kind):
+                yield spec.name, f"+|{group}|{_first(event, spec.distinct_by, ts)}", amount, None
+            elif spec.op == "sum":
+                yield spec.name, f"-|{group}", amount, None
+            continue
+        if spec.op == "open_count" and (spec.matches(kind) or kind in spec.close_kinds):
+            side = "open" if spec.matches(kind) else "close"
+            for value in field_values(event, spec.fields[0], ts):
+                yield spec.name, f"{side}|{value}", None, None
+            continue
+        if not spec.matches(kind):
+            continue
+        if spec.op == "count":
+            yield spec.name, day if spec.window_days else "", None, None
+        elif spec.op in ("first_time", "last_time"):
+            yield spec.name, "", None, None
+        elif spec.op == "latest":
+            values = field_values(event, spec.fields[0], ts)
+            if values:
+                yield spec.name, "", None, values[0]
+        else:  # distinct_count, top: one row per value
+            values = {str(v) for path in spec.fields for v in field_values(event, path, ts)}
+            for value in sorted(values):
+                bucket = f"{day}|{value}" if spec.window_days else value
+                yield spec.name, bucket, None, None
+
+
+# -- rolling up: a view from its allowed rows ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rolled:
+    """One (trait, bucket) row summed over a view's allowed groups."""
+
+    trait: str
+    bucket: str
+    n: int
+    amount: Decimal
+    first_ts: datetime | None
+    last_ts: datetime | None
+    value: str | None
+
+
+def _money(value: Decimal) -> float:
+    return float(value.quantize(CENT))
+
+
+def rollup(catalog: TraitCatalog, rows: Iterable[Rolled]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The computed traits of one view, and the daily buckets its windowed traits read.
+
+    In: the view's rows summed per (trait, bucket). Out: (computed, windows); windowed
+    traits and `days_since` are left to `at_read`. Buckets older than the longest
+    window before the view's last event are dropped: no read at or after it needs them.
+    """
+    by_trait: dict[str, list[Rolled]] = {}
+    for row in rows:
+        by_trait.setdefault(row.trait, []).append(row)
+    seen = by_trait.get(SEEN, [])
+    last_seen = max((r.last_ts for r in seen if r.last_ts), default=None)
+    horizon = (
+        (last_seen.astimezone(UTC).date() - timedelta(days=catalog.max_window)).isoformat()
+        if last_seen
+        else ""
+    )
+    computed: dict[str, Any] = {}
+    windows: dict[str, dict[str, int]] = {}
+    for spec in catalog.computed:
+        mine = by_trait.get(spec.name, [])
+        if spec.op == "days_since":
+            continue
+        if spec.window_days:
+            days: dict[str, int] = {}
+            for row in mine:
+                day = row.bucket.split("|", 1)[0]
+                if day > horizon:
+                    days[day] = days.get(day, 0) + (row.n if spec.op == "count" else 1)
+            windows[spec.name] = dict(sorted(days.items()))
+        elif spec.op == "count":
+            computed[spec.name] = sum(r.n for r in mine)
+        elif spec.op == "distinct_count":
+            computed[spec.name] = len(mine)
+        elif spec.op in ("sum", "mean"):
+            computed[spec.name] = _sum_or_mean(spec, mine)
+        elif spec.op == "first_time":
+            first = min((r.first_ts for r in mine if r.first_ts), default=None)
+            computed[spec.name] = first.isoformat() if first else None
+        elif spec.op == "last_time":
+            last = max((r.last_ts for r in mine if r.last_ts), default=None)
+            computed[spec.name] = last.isoformat() if last else None
+        elif spec.op == "latest":
+            computed[spec.name] = orjson.loads(mine[0].value) if mine and mine[0].value else None
+        elif spec.op == "top":
+            ranked = sorted(mine, key=lambda r: (-r.n, r.bucket))[: spec.k]
+            computed[spec.name] = [r.bucket for r in ranked]
+        elif spec.op == "open_count":
+            opened = {r.bucket[5:] for r in mine if r.bucket.startswith("open|")}
+            closed = {r.bucket[6:] for r in mine if r.bucket.startswith("close|")}
+            computed[spec.name] = len(opened - closed)
+    return computed, windows
+
+
+def _sum_or_mean(spec: TraitSpec, rows: list[Rolled]) -> dict[str, float]:
+    """Per group: each distinct key once (at the mean of its repeats), minus subtractions."""
+    totals: dict[str, Decimal] = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        sign, group, *_ = row.bucket.split("|")
+        if sign == "+":
+            each = row.amount / row.n if spec.distinct_by else row.amount
+            totals[group] = totals.get(group, Decimal(0)) + each
+            counts[group] = counts.get(group, 0) + 1
+        else:
+            totals[group] = totals.get(group, Decimal(0)) - row.amount
+    if spec.op == "mean":
+        return {g: _money(totals[g] / counts[g]) for g in sorted(counts)}
+    return {g: _money(totals[g]) for g in sorted(totals)}
+
+
+def at_read(
+    catalog: TraitCatalog, computed: dict[str, Any], windows: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """The computed traits as of `now`: windows summed over their days, `days_since` counted.
+
+    A window of N days at time T holds the UTC days T-N+1 .. T (event time buckets).
+    """
+    today = now.astimezone(UTC).date()
+    out = dict(computed)
+    for spec in catalog.computed:
+        if spec.window_days:
+            start = (today - timedelta(days=spec.window_days - 1)).isoformat()
+            end = today.isoformat()
+            days = windows.get(spec.name) or {}
+            out[spec.name] = sum(n for day, n in days.items() if start <= day <= end)
+        elif spec.op == "days_since":
+            stamp = computed.get(spec.of or "")
+            out[spec.name] = (
+                (today - datetime.fromisoformat(stamp).astimezone(UTC).date()).days
+                if stamp
+                else None
+            )
+    return out
+
+
+def merge_identify_trait(strategy: str, values: list[tuple[datetime, str, Any]]) -> Any:
+    """One identify trait's value from its events' (ts, event key, value), by strategy."""
+    ordered = sorted(values, key=lambda v: (v[0], v[1]))
+    if strategy == "first":
+        return ordered[0][2]
+    if strategy == "max":
+        numbers = [v[2] for v in ordered if _number(v[2])]
+        return max(numbers) if numbers else max(ordered, key=lambda v: str(v[2]))[2]
+    if strategy == "sum":
+        numbers = [v[2] for v in ordered if _number(v[2])]
+        return sum(numbers) if numbers else ordered[-1][2]
+    if strategy == "union":
+        seen: dict[bytes, Any] = {}
+        for _, _, value in ordered:
+            for item in value if isinstance(value, list) else [value]:
+                seen.setdefault(orjson.dumps(item, option=orjson.OPT_SORT_KEYS), item)
+        return [seen[k] for k in sorted(seen)]
+    return ordered[-1][2]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def day_of(value: date | datetime) -> str:
+    return value.isoformat()[:10]
