@@ -35,7 +35,16 @@ from identity.index import CandidateIndex
 from identity.model import ScoringModel
 from identity.records import RECORD_FIELDS, STRONG_FIELDS, record_id_of
 
-DEFAULT_LIMITS = {"user_id": 1, "customer_id": 1, "email": 5, "phone": 5, "anonymous_id": 50}
+DEFAULT_LIMITS = {
+    "user_id": 1,
+    "customer_id": 1,
+    "email": 5,
+    "phone": 5,
+    "anonymous_id": 50,
+    # A person has a few phones and tablets; a device id held by more is a shared device.
+    "device_id": 5,
+    "advertising_id": 5,
+}
 STRENGTH = {name: rank for rank, name in enumerate(STRONG_FIELDS)}
 
 _FIELD_COLUMNS = ", ".join(f"{f} VARCHAR" for f in RECORD_FIELDS)
@@ -52,6 +61,8 @@ CREATE TABLE IF NOT EXISTS id_edges (
     match_probability DOUBLE, evidence JSON, status VARCHAR, ts TIMESTAMPTZ,
     PRIMARY KEY (record_l, record_r)
 );
+ALTER TABLE id_records ADD COLUMN IF NOT EXISTS device_id VARCHAR;
+ALTER TABLE id_records ADD COLUMN IF NOT EXISTS advertising_id VARCHAR;
 CREATE TABLE IF NOT EXISTS id_settings (name VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS id_cannot_link (
     record_l VARCHAR, record_r VARCHAR, reason VARCHAR, ts TIMESTAMPTZ,
