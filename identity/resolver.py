@@ -127,6 +127,7 @@ class IdentityResolver:
         self._threshold_checked = False
         # This batch's scored pairs above the threshold, with their per-comparison evidence.
         self._scored: dict[tuple[str, str], dict[str, Any]] = {}
+        self._score_view = False
         # Probabilistic candidates from equality rules on one strong identifier are the
         # deterministic links already: only the other rules need scoring.
         self._rules = [
@@ -147,6 +148,7 @@ class IdentityResolver:
         """Drop in-memory state (after a rolled-back batch): the next batch rebuilds it."""
         self._index = None
         self._threshold_checked = False
+        self._score_view = False  # a rolled-back batch may have created it
 
     def apply_threshold(self, key: str, ts: datetime) -> Resolution | None:
         """Once per start: if the model's threshold was raised since the store last ran,
@@ -313,19 +315,26 @@ class IdentityResolver:
         if not open_pairs:
             return []
         scored = self._score(open_pairs)
+        if not scored:
+            return []
         # Links above the threshold are kept (re-clustering reads them); their
         # per-comparison evidence stays here until the links that joined persons are known.
-        self.conn.register("_scored", scored)
-        try:
-            self.conn.execute(
-                """INSERT OR IGNORE INTO id_edges
-                   SELECT record_id_l, record_id_r, 'splink', match_weight, match_probability,
-                          NULL, 'active', NULL FROM _scored"""
-            )
-        finally:
-            self.conn.unregister("_scored")
+        self._insert(
+            "id_edges",
+            {
+                "record_l": [row["record_id_l"] for row in scored],
+                "record_r": [row["record_id_r"] for row in scored],
+                "rule": ["splink"] * len(scored),
+                "match_weight": pa.array([row["match_weight"] for row in scored], pa.float64()),
+                "match_probability": pa.array(
+                    [row["match_probability"] for row in scored], pa.float64()
+                ),
+                "status": ["active"] * len(scored),
+            },
+            verb="INSERT OR IGNORE",
+        )
         edges = []
-        for row in scored.to_pylist():
+        for row in scored:
             edge = _Edge(
                 row["record_id_l"],
                 row["record_id_r"],
@@ -337,7 +346,7 @@ class IdentityResolver:
             edges.append(edge)
         return edges
 
-    def _score(self, pairs: list[tuple[str, str]]) -> pa.Table:
+    def _score(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """Splink's match weights for `pairs`, from the records' fields in the index: the
         pairs at or above the threshold, with each comparison's level and weight."""
         model = self.model
@@ -354,13 +363,6 @@ class IdentityResolver:
             columns[f"tf_{name}"] = pa.array(
                 [index.term_frequency(name, row[at]) for row in rows], pa.float64()
             )
-        weights = [
-            f"mw_{c} + coalesce(mw_tf_adj_{c}, 0) AS w_{c}"
-            if c in model.tf_comparisons
-            else f"mw_{c} AS w_{c}"
-            for c in model.comparisons
-        ]
-        gammas = [f"gamma_{c}" for c in model.comparisons]
         self.conn.register("_pair_recs", pa.table(columns))
         self.conn.register(
             "_open_pairs",
@@ -372,15 +374,36 @@ class IdentityResolver:
             ),
         )
         try:
-            return self.conn.sql(
-                f"""SELECT record_id_l, record_id_r, match_weight, match_probability,
-                           {", ".join(gammas)}, {", ".join(weights)}
-                    FROM ({model.score_sql("_open_pairs", "_pair_recs")})
-                    WHERE match_probability >= {model.threshold}"""
-            ).to_arrow_table()
+            if not self._score_view:
+                self._create_score_view()
+            cursor = self.conn.execute(
+                "SELECT * FROM _identity_scores WHERE match_probability >= ?", [model.threshold]
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
         finally:
             self.conn.unregister("_pair_recs")
             self.conn.unregister("_open_pairs")
+
+    def _create_score_view(self) -> None:
+        """The model's scoring SQL as a view over `_open_pairs` and `_pair_recs`: parsing
+        Splink's SQL costs more than scoring a batch's pairs, so it is parsed once."""
+        model = self.model
+        assert model is not None
+        weights = [
+            f"mw_{c} + coalesce(mw_tf_adj_{c}, 0) AS w_{c}"
+            if c in model.tf_comparisons
+            else f"mw_{c} AS w_{c}"
+            for c in model.comparisons
+        ]
+        gammas = [f"gamma_{c}" for c in model.comparisons]
+        self.conn.execute(
+            f"""CREATE OR REPLACE TEMP VIEW _identity_scores AS
+                SELECT record_id_l, record_id_r, match_weight, match_probability,
+                       {", ".join(gammas)}, {", ".join(weights)}
+                FROM ({model.score_sql("_open_pairs", "_pair_recs")})"""
+        )
+        self._score_view = True
 
     # -- clusters ----------------------------------------------------------------------------
 
