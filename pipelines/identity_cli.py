@@ -276,15 +276,18 @@ def bench(
         write_section,
     )
 
+    command = f"tessera identity bench --records {records} --events {events}"
     figures = []
+
+    def written(result: dict[str, object]) -> None:
+        # Each size is written as it finishes: a long run that is stopped keeps the rest.
+        figures.append(result)
+        write_section(write, render(figures, command))
+
     if events:
         with console.status(f"identity bench on the event stream ({events:,} events)"):
-            figures.append(
-                run_event_stream_bench(max(10, events // 40), events, threshold, batch_size)
-            )
+            written(run_event_stream_bench(max(10, events // 40), events, threshold, batch_size))
     for size in (int(s) for s in records.split(",") if s.strip()):
         with console.status(f"identity bench on ~{size:,} records"):
-            figures.append(run_identity_bench(size, threshold, batch_size))
-    section = render(figures, f"tessera identity bench --records {records} --events {events}")
-    write_section(write, section)
-    out.print(section)
+            written(run_identity_bench(size, threshold, batch_size))
+    out.print(render(figures, command))
