@@ -99,13 +99,17 @@ def _email_comparison() -> Any:
 def _blocking_rules(columns: set[str]) -> list[Any]:
     from splink import block_on
 
+    # Names are blocked on only together with a third field. Two records agreeing on
+    # their names and nothing else cannot reach a linking threshold (names weigh less than
+    # the prior against a match), and most such pairs are namesakes: blocking on names
+    # alone scored a number of pairs that grows with the square of a name's frequency
+    # and linked namesakes through term-frequency boosts.
     candidates = [
         ("email",),
         ("phone",),
         ("user_id",),
         ("customer_id",),
         ("anonymous_id",),
-        ("first_name", "last_name"),
         ("last_name", "dob"),
         ("first_name", "dob"),
         ("postcode", "first_name"),
