@@ -3,19 +3,23 @@
 Each micro-batch of identity records is
 1. deduplicated against the store (records are content-addressed),
 2. blocked against the store and against itself: deterministic candidates share a
-   strong identifier (user_id, customer_id, email, phone, anonymous_id); probabilistic
-   candidates satisfy one of the model's blocking rules,
-3. scored with the model's Splink SQL in this DuckDB, and
+   strong identifier (user_id, customer_id, email, phone, anonymous_id, device ids);
+   probabilistic candidates satisfy one of the model's blocking rules,
+3. scored with the model's Splink SQL (a view, parsed once) in this DuckDB, and
 4. clustered: deterministic links first (strongest identifier first), then probabilistic
    links above the threshold, highest match weight first. A link that would give a
    person more identifiers of a type than the limit allows (two user_ids; a tablet's
-   anonymous id shared by a household), or that an operator rejected, is not made; the
+   anonymous or device id shared by a household), or that an operator rejected, is not made; the
    conflict is logged.
 
 A person's id is the id its first record created, and survives merges as long as that
 record's person is the older one. Re-clustering a component (a link rejected, a record
 erased, a threshold raised) gives every piece the id of the oldest person that founded a
 record in it, so a split restores the ids the persons had before they merged.
+
+A batch reads only the in-memory CandidateIndex (candidates, fields, each record's
+person, each person's records and age); the store is written, never scanned, on the
+batch path. A rolled-back batch drops the index (`forget`) and the next one rebuilds it.
 """
 
 from __future__ import annotations
@@ -788,10 +792,6 @@ def _ordered(edges: list[_Edge]) -> list[_Edge]:
 
 def _person(cluster: _Cluster) -> str | None:
     return min(cluster.persons) if cluster.persons else None
-
-
-def _final(person: str, merged: dict[str, str]) -> str:
-    return merged.get(person, person)
 
 
 class LinkLog(list):
