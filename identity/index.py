@@ -1,25 +1,31 @@
-"""The candidate index: which stored records a new record must be compared with.
+"""The candidate index: which stored records a new record must be compared with, and whose they are.
 
 A cache, in memory, of what the identity store already holds: per strong identifier the
 record that first held each value (deterministic links), per blocking rule the records
-holding each key (probabilistic candidates), and per term-frequency column the count of
-each value. Built from DuckDB on first use, updated as batches resolve, and dropped
-when a batch rolls back (the next batch rebuilds it), so it never disagrees with the
-store for longer than one failed batch. Looking a key up costs the same at a thousand
-records as at a million; a join against the store would read the whole table per batch.
+holding each key (probabilistic candidates), per term-frequency column the count of each
+value, every record's fields, every record's person, every person's records and age, and
+the operators' rejected links. Built from DuckDB on first use, updated as batches
+resolve, and dropped when a batch rolls back (the next batch rebuilds it), so it never
+disagrees with the store for longer than one failed batch. Looking a key up costs the
+same at a thousand records as at a million; a join against the store would read the
+whole table per batch.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from operator import itemgetter
 
 import duckdb
 
-from identity.records import STRONG_FIELDS
+from identity.records import ATTRIBUTE_FIELDS, RECORD_FIELDS, STRONG_FIELDS
 
 Fields = dict[str, str | None]
+_STRONG_AT = [(name, RECORD_FIELDS.index(name)) for name in STRONG_FIELDS]
+_ATTRIBUTE_AT = frozenset(RECORD_FIELDS.index(name) for name in ATTRIBUTE_FIELDS)
 
 
 class CandidateIndex:
@@ -33,24 +39,73 @@ class CandidateIndex:
         self.terms: dict[str, dict[str, int]] = {c: defaultdict(int) for c in tf_columns}
         self.totals: dict[str, int] = dict.fromkeys(tf_columns, 0)
         self._key_getters = [_key_getter(rule) for rule in rules]
+        # record -> its fields (RECORD_FIELDS order); attribute values are interned: a
+        # million records hold a few thousand distinct names, cities and dates.
+        self.fields: dict[str, tuple[str | None, ...]] = {}
+        self.person_of: dict[str, str] = {}  # record -> person
+        self.members: dict[str, set[str]] = {}  # person -> records
+        self.born: dict[str, tuple[datetime, str]] = {}  # person -> (first seen, id): its age
+        self.cannot: set[frozenset[str]] = set()  # record pairs an operator rejected
 
     @classmethod
     def load(
         cls, conn: duckdb.DuckDBPyConnection, rules: list[tuple[str, ...]], tf_columns: list[str]
     ) -> CandidateIndex:
-        """Build the index from the store's records, oldest first."""
+        """Build the index from the store's records, oldest first, and their persons."""
         index = cls(rules, tf_columns)
-        columns = sorted({*STRONG_FIELDS, *tf_columns, *(c for rule in rules for c in rule)})
         cursor = conn.execute(
-            f"SELECT record_id, {', '.join(columns)} FROM id_records ORDER BY first_ts, record_id"
+            f"""SELECT record_id, person_id, {", ".join(RECORD_FIELDS)} FROM id_records
+                ORDER BY first_ts, record_id"""
         )
+        persons: dict[str, str] = {}  # one string object per person id
         while rows := cursor.fetchmany(50_000):
-            index.add((row[0], dict(zip(columns, row[1:], strict=True))) for row in rows)
+            records = []
+            for record_id, person_id, *values in rows:
+                person = persons.setdefault(person_id, person_id)
+                records.append((record_id, dict(zip(RECORD_FIELDS, values, strict=True))))
+                index.assign(record_id, person)
+            index.add(records)
+        for person_id, first_ts in conn.execute(
+            "SELECT person_id, first_ts FROM id_persons"
+        ).fetchall():
+            index.born[persons.get(person_id, person_id)] = (first_ts, person_id)
+        index.cannot = {
+            frozenset(pair)
+            for pair in conn.execute("SELECT record_l, record_r FROM id_cannot_link").fetchall()
+        }
         return index
+
+    def assign(self, record_id: str, person: str) -> None:
+        """Record that `record_id` belongs to `person` now (moving it if it had another)."""
+        old = self.person_of.get(record_id)
+        if old == person:
+            return
+        if old is not None:
+            members = self.members[old]
+            members.discard(record_id)
+            if not members:
+                del self.members[old]
+        self.person_of[record_id] = person
+        self.members.setdefault(person, set()).add(record_id)
+
+    def identifiers(self, records: Iterable[str]) -> dict[str, set[str]]:
+        """The strong identifiers `records` hold between them, by type."""
+        ids: dict[str, set[str]] = {}
+        for record_id in records:
+            values = self.fields[record_id]
+            for name, at in _STRONG_AT:
+                if values[at] is not None:
+                    ids.setdefault(name, set()).add(values[at])  # type: ignore[arg-type]
+        return ids
 
     def add(self, records: Iterable[tuple[str, Fields]]) -> None:
         """Index stored records (in arrival order: the first holder of a value anchors it)."""
+        intern = sys.intern
         for record_id, fields in records:
+            self.fields[record_id] = tuple(
+                intern(value) if at in _ATTRIBUTE_AT and value is not None else value
+                for at, value in enumerate(map(fields.get, RECORD_FIELDS))
+            )
             for name in STRONG_FIELDS:
                 value = fields.get(name)
                 if value is not None:

@@ -30,6 +30,17 @@ BLOCKED_EMAILS = frozenset(
     }
 )
 BLOCKED_IDS = frozenset({"", "null", "none", "undefined", "nan", "0", "n/a", "anonymous", "guest"})
+# Device ids that many unrelated devices report: the all-zero advertising id of a phone
+# with ad tracking limited, emulator and placeholder ids.
+BLOCKED_DEVICE_IDS = frozenset(
+    {
+        "00000000-0000-0000-0000-000000000000",
+        "0000000000000000",
+        "unknown",
+        "emulator",
+        "9774d56d682e549c",  # the Android id of many Android 2.2 devices
+    }
+)
 
 
 class Identifier(NamedTuple):
@@ -82,6 +93,16 @@ def normalise_id(value: Any) -> str | None:
         return None
     text = value.strip()
     return None if text.lower() in BLOCKED_IDS else text
+
+
+def normalise_device_id(value: Any) -> str | None:
+    """A device or advertising id trimmed and lower-cased (IDFA and GAID are
+    case-insensitive UUIDs), or None when empty or a value many devices share."""
+    text = normalise_id(value)
+    if text is None:
+        return None
+    text = text.lower()
+    return None if text in BLOCKED_DEVICE_IDS or not text.strip("0-") else text
 
 
 def parse_identifier(id_type: str, value: str, region: str | None = None) -> Identifier | None:

@@ -1,7 +1,7 @@
 """Identity records: what an event (or a row of a file) says about who its person is.
 
-A record holds normalised identifiers (user_id, anonymous_id, customer_id, email, phone)
-and personal attributes (names, date of birth, address). Records are content-addressed:
+A record holds normalised identifiers (user_id, anonymous_id, customer_id, email, phone,
+and a mobile device's id and advertising id) and personal attributes (names, date of birth, address). Records are content-addressed:
 the same normalised content is the same record however many events carry it, so a
 person's thousand page views from one device are one record, not a thousand.
 """
@@ -14,11 +14,26 @@ import unicodedata
 from datetime import UTC, date, datetime
 from typing import Any
 
-from identity.normalise import normalise_email, normalise_id, normalise_phone, region_hint
+from identity.normalise import (
+    normalise_device_id,
+    normalise_email,
+    normalise_id,
+    normalise_phone,
+    region_hint,
+)
 
 # Identifiers that link records deterministically, strongest first: when two of an event's
-# identifiers point at different persons, the stronger one decides.
-STRONG_FIELDS = ("user_id", "customer_id", "email", "phone", "anonymous_id")
+# identifiers point at different persons, the stronger one decides. Device ids come last:
+# a household shares its tablet, so they link but are held to a per-person limit.
+STRONG_FIELDS = (
+    "user_id",
+    "customer_id",
+    "email",
+    "phone",
+    "anonymous_id",
+    "device_id",
+    "advertising_id",
+)
 ATTRIBUTE_FIELDS = (
     "first_name",
     "last_name",
@@ -30,6 +45,10 @@ ATTRIBUTE_FIELDS = (
     "country",
 )
 RECORD_FIELDS = STRONG_FIELDS + ATTRIBUTE_FIELDS
+# Fields added after records were first stored: they enter a record's content address
+# only when set, so every record stored before keeps its id.
+_LATER_FIELDS = ("device_id", "advertising_id")
+_ADDRESSED_FIELDS = tuple(f for f in RECORD_FIELDS if f not in _LATER_FIELDS)
 
 _SPACES = re.compile(r"\s+")
 _NOT_NAME = re.compile(r"[^a-z' -]")
@@ -120,7 +139,9 @@ def normalise_country(value: Any) -> str | None:
 
 def record_id_of(fields: dict[str, str | None]) -> str:
     """The content address of a normalised record: equal content, equal id."""
-    body = "\x1f".join(fields.get(name) or "" for name in RECORD_FIELDS)
+    body = "\x1f".join(fields.get(name) or "" for name in _ADDRESSED_FIELDS)
+    if any(fields.get(name) for name in _LATER_FIELDS):
+        body += "\x1e" + "\x1f".join(fields.get(name) or "" for name in _LATER_FIELDS)
     return "r_" + hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
 
 
@@ -133,6 +154,8 @@ def normalise_record(raw: dict[str, Any], region: str | None = None) -> dict[str
         "email": normalise_email(raw.get("email")),
         "phone": normalise_phone(_text(raw.get("phone")), region or country),
         "anonymous_id": normalise_id(_text(raw.get("anonymous_id"))),
+        "device_id": normalise_device_id(_text(raw.get("device_id"))),
+        "advertising_id": normalise_device_id(_text(raw.get("advertising_id"))),
         "first_name": normalise_name(raw.get("first_name")),
         "last_name": normalise_name(raw.get("last_name")),
         "dob": normalise_dob(raw.get("dob")),
@@ -167,7 +190,8 @@ def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
 
     In: a contract-valid event. Out: every RECORD_FIELDS key, None where the event is
     silent. Names, birth date and address come from traits (identify), context.traits
-    and properties, first found wins; an alias's previousId is its anonymous id.
+    and properties, first found wins; an alias's previousId is its anonymous id; a mobile
+    device's context.device.id and advertisingId are its device ids.
     """
     context = _dict(event.get("context"))
     sources = [
@@ -180,6 +204,7 @@ def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
         return _first(*(source.get(name) for source in sources for name in names))
 
     address = _dict(pick("address"))
+    device = _dict(context.get("device"))
     anonymous = event.get("anonymousId")
     if event.get("type") == "alias":
         anonymous = _first(event.get("previousId"), anonymous)
@@ -189,6 +214,8 @@ def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
         "email": pick("email"),
         "phone": pick("phone"),
         "anonymous_id": anonymous,
+        "device_id": device.get("id"),
+        "advertising_id": device.get("advertisingId"),
         "first_name": pick("first_name", "firstName"),
         "last_name": pick("last_name", "lastName"),
         "dob": pick("birthday", "dob", "date_of_birth", "dateOfBirth"),

@@ -3,19 +3,23 @@
 Each micro-batch of identity records is
 1. deduplicated against the store (records are content-addressed),
 2. blocked against the store and against itself: deterministic candidates share a
-   strong identifier (user_id, customer_id, email, phone, anonymous_id); probabilistic
-   candidates satisfy one of the model's blocking rules,
-3. scored with the model's Splink SQL in this DuckDB, and
+   strong identifier (user_id, customer_id, email, phone, anonymous_id, device ids);
+   probabilistic candidates satisfy one of the model's blocking rules,
+3. scored with the model's Splink SQL (a view, parsed once) in this DuckDB, and
 4. clustered: deterministic links first (strongest identifier first), then probabilistic
    links above the threshold, highest match weight first. A link that would give a
    person more identifiers of a type than the limit allows (two user_ids; a tablet's
-   anonymous id shared by a household), or that an operator rejected, is not made; the
+   anonymous or device id shared by a household), or that an operator rejected, is not made; the
    conflict is logged.
 
 A person's id is the id its first record created, and survives merges as long as that
 record's person is the older one. Re-clustering a component (a link rejected, a record
 erased, a threshold raised) gives every piece the id of the oldest person that founded a
 record in it, so a split restores the ids the persons had before they merged.
+
+A batch reads only the in-memory CandidateIndex (candidates, fields, each record's
+person, each person's records and age); the store is written, never scanned, on the
+batch path. A rolled-back batch drops the index (`forget`) and the next one rebuilds it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,16 @@ from identity.index import CandidateIndex
 from identity.model import ScoringModel
 from identity.records import RECORD_FIELDS, STRONG_FIELDS, record_id_of
 
-DEFAULT_LIMITS = {"user_id": 1, "customer_id": 1, "email": 5, "phone": 5, "anonymous_id": 50}
+DEFAULT_LIMITS = {
+    "user_id": 1,
+    "customer_id": 1,
+    "email": 5,
+    "phone": 5,
+    "anonymous_id": 50,
+    # A person has a few phones and tablets; a device id held by more is a shared device.
+    "device_id": 5,
+    "advertising_id": 5,
+}
 STRENGTH = {name: rank for rank, name in enumerate(STRONG_FIELDS)}
 
 _FIELD_COLUMNS = ", ".join(f"{f} VARCHAR" for f in RECORD_FIELDS)
@@ -52,6 +65,8 @@ CREATE TABLE IF NOT EXISTS id_edges (
     match_probability DOUBLE, evidence JSON, status VARCHAR, ts TIMESTAMPTZ,
     PRIMARY KEY (record_l, record_r)
 );
+ALTER TABLE id_records ADD COLUMN IF NOT EXISTS device_id VARCHAR;
+ALTER TABLE id_records ADD COLUMN IF NOT EXISTS advertising_id VARCHAR;
 CREATE TABLE IF NOT EXISTS id_settings (name VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS id_cannot_link (
     record_l VARCHAR, record_r VARCHAR, reason VARCHAR, ts TIMESTAMPTZ,
@@ -59,6 +74,7 @@ CREATE TABLE IF NOT EXISTS id_cannot_link (
 );
 """
 _RECORD_SCHEMA = pa.schema([("record_id", pa.string()), *((f, pa.string()) for f in RECORD_FIELDS)])
+_AT = {name: at for at, name in enumerate(RECORD_FIELDS)}
 
 
 def person_id_for(event_key: str) -> str:
@@ -113,6 +129,9 @@ class IdentityResolver:
         conn.execute(SCHEMA_SQL)
         self._index: CandidateIndex | None = None
         self._threshold_checked = False
+        # This batch's scored pairs above the threshold, with their per-comparison evidence.
+        self._scored: dict[tuple[str, str], dict[str, Any]] = {}
+        self._score_view = False
         # Probabilistic candidates from equality rules on one strong identifier are the
         # deterministic links already: only the other rules need scoring.
         self._rules = [
@@ -133,6 +152,7 @@ class IdentityResolver:
         """Drop in-memory state (after a rolled-back batch): the next batch rebuilds it."""
         self._index = None
         self._threshold_checked = False
+        self._score_view = False  # a rolled-back batch may have created it
 
     def apply_threshold(self, key: str, ts: datetime) -> Resolution | None:
         """Once per start: if the model's threshold was raised since the store last ran,
@@ -174,41 +194,39 @@ class IdentityResolver:
 
         In: (event_key, timestamp, normalised record fields) per event. Out: a Resolution
         whose person_of[i] is the person of items[i].
+
+        Everything a batch reads comes from the in-memory index (candidates, fields,
+        persons, their records): the store is only written, so a batch costs the same at
+        a million stored records as at a thousand.
         """
         log: list[dict[str, Any]] = LinkLog()
+        index = self.index
         record_of: list[str] = []
-        fresh: dict[str, tuple[str, datetime, dict[str, str | None]]] = {}
+        new: dict[str, tuple[str, datetime, dict[str, str | None]]] = {}
         for key, ts, fields in items:
             record_id = record_id_of(fields)
             record_of.append(record_id)
-            if record_id not in fresh:
-                fresh[record_id] = (key, ts, fields)
-        known = self._persons_of(list(fresh))
-        new = {r: v for r, v in fresh.items() if r not in known}
+            if record_id not in new and record_id not in index.person_of:
+                new[record_id] = (key, ts, fields)
         if not new:
-            return Resolution([known[r] for r in record_of], {}, {}, set(), log)
+            return Resolution([index.person_of[r] for r in record_of], {}, {}, set(), log)
         fields_of = {r: v[2] for r, v in new.items()}
-        index = self.index
         edges = [
             _Edge(r, a, f"shared:{name}") for r, a, name in index.deterministic_edges(fields_of)
         ]
         pairs = index.candidate_pairs(fields_of)
         index.add(fields_of.items())
         if self.model is not None:
-            self._register_new(new)
-            try:
-                edges += self._probabilistic_edges(pairs)
-            finally:
-                self.conn.unregister("_new")
+            edges += self._probabilistic_edges(pairs, new)
         involved = {e.record_l for e in edges} | {e.record_r for e in edges}
         clusters, member_of = self._load_clusters(
-            {known_person for r, known_person in self._persons_of(list(involved)).items()}
+            {index.person_of[r] for r in involved if r in index.person_of}
         )
         for record_id, (_, _, fields) in new.items():
             cluster = _Cluster({record_id}, _ids_of(fields))
             clusters[record_id] = cluster
             member_of[record_id] = record_id
-        cannot = self._cannot_links(set(member_of))
+        cannot = {pair for pair in index.cannot if any(record in member_of for record in pair)}
         first_event = {r: v[0] for r, v in new.items()}
         when = {v[0]: v[1] for v in new.values()}
         # edge, its kind (record_linked / merge), the persons it brought together
@@ -243,7 +261,7 @@ class IdentityResolver:
                 member_of[record] = keep
             del clusters[gone]
             unions.append((edge, kind, joined))
-        return self._commit(new, known, record_of, clusters, member_of, edges, unions, log)
+        return self._commit(new, record_of, clusters, member_of, edges, unions, log)
 
     def _persons_of(self, record_ids: list[str]) -> dict[str, str]:
         if not record_ids:
@@ -257,24 +275,101 @@ class IdentityResolver:
             self.conn.unregister("_wanted")
         return dict(rows)
 
-    def _register_new(self, new: dict[str, tuple[str, datetime, dict[str, str | None]]]) -> None:
+    def _sql_blocked_pairs(
+        self, new: dict[str, tuple[str, datetime, dict[str, str | None]]]
+    ) -> set[tuple[str, str]]:
+        """Pairs from blocking rules that are not plain equalities (the index cannot serve
+        them): the batch joined against the store and against itself."""
+        model = self.model
+        assert model is not None
         rows = {"record_id": list(new)}
         for name in RECORD_FIELDS:
             rows[name] = [fields.get(name) for _, _, fields in new.values()]
         self.conn.register("_new", pa.table(rows, schema=_RECORD_SCHEMA))
+        try:
+            blocked = " UNION ".join(
+                f"""SELECT least(l.record_id, r.record_id), greatest(l.record_id, r.record_id)
+                    FROM _new l JOIN {side} r ON ({condition}) AND l.record_id <> r.record_id"""
+                for condition in model.other_conditions
+                for side in ("id_records", "_new")
+            )
+            return set(self.conn.execute(blocked).fetchall())
+        finally:
+            self.conn.unregister("_new")
 
-    def _probabilistic_edges(self, pairs: set[tuple[str, str]]) -> list[_Edge]:
+    def _probabilistic_edges(
+        self,
+        pairs: set[tuple[str, str]],
+        new: dict[str, tuple[str, datetime, dict[str, str | None]]],
+    ) -> list[_Edge]:
         model = self.model
         assert model is not None
-        blocked = [
-            f"""SELECT least(l.record_id, r.record_id) AS record_id_l,
-                       greatest(l.record_id, r.record_id) AS record_id_r
-                FROM _new l JOIN {side} r ON ({condition}) AND l.record_id <> r.record_id"""
-            for condition in model.other_conditions
-            for side in ("id_records", "_new")
-        ]
+        self._scored = {}
+        if model.other_conditions:
+            pairs = pairs | self._sql_blocked_pairs(new)
+        # A pair that shares a strong identifier is a deterministic link already (held to
+        # the same limits and operator rejections): scoring it would change nothing.
+        fields = self.index.fields
+        strong = [_AT[c] for c in STRONG_FIELDS if c in model.columns]
+        open_pairs = sorted(
+            (a, b)
+            for a, b in pairs
+            if not any(fields[a][i] is not None and fields[a][i] == fields[b][i] for i in strong)
+        )
+        if not open_pairs:
+            return []
+        scored = self._score(open_pairs)
+        if not scored:
+            return []
+        # Links above the threshold are kept (re-clustering reads them); their
+        # per-comparison evidence stays here until the links that joined persons are known.
+        self._insert(
+            "id_edges",
+            {
+                "record_l": [row["record_id_l"] for row in scored],
+                "record_r": [row["record_id_r"] for row in scored],
+                "rule": ["splink"] * len(scored),
+                "match_weight": pa.array([row["match_weight"] for row in scored], pa.float64()),
+                "match_probability": pa.array(
+                    [row["match_probability"] for row in scored], pa.float64()
+                ),
+                "status": ["active"] * len(scored),
+            },
+            verb="INSERT OR IGNORE",
+        )
+        edges = []
+        for row in scored:
+            edge = _Edge(
+                row["record_id_l"],
+                row["record_id_r"],
+                "splink",
+                row["match_weight"],
+                row["match_probability"],
+            )
+            self._scored[(edge.record_l, edge.record_r)] = row
+            edges.append(edge)
+        return edges
+
+    def _score(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Splink's match weights for `pairs`, from the records' fields in the index: the
+        pairs at or above the threshold, with each comparison's level and weight."""
+        model = self.model
+        assert model is not None
+        index = self.index
+        ids = sorted({r for pair in pairs for r in pair})
+        rows = [index.fields[r] for r in ids]
+        columns: dict[str, pa.Array] = {"record_id": pa.array(ids, pa.string())}
+        for name in model.columns:
+            at = _AT[name]
+            columns[name] = pa.array([row[at] for row in rows], pa.string())
+        for name in model.tf_columns:
+            at = _AT[name]
+            columns[f"tf_{name}"] = pa.array(
+                [index.term_frequency(name, row[at]) for row in rows], pa.float64()
+            )
+        self.conn.register("_pair_recs", pa.table(columns))
         self.conn.register(
-            "_index_pairs",
+            "_open_pairs",
             pa.table(
                 {
                     "record_id_l": pa.array([p[0] for p in pairs], pa.string()),
@@ -283,27 +378,22 @@ class IdentityResolver:
             ),
         )
         try:
-            self.conn.execute(
-                "CREATE OR REPLACE TEMP TABLE _pairs AS "
-                + " UNION ".join(["SELECT * FROM _index_pairs", *blocked])
+            if not self._score_view:
+                self._create_score_view()
+            cursor = self.conn.execute(
+                "SELECT * FROM _identity_scores WHERE match_probability >= ?", [model.threshold]
             )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
         finally:
-            self.conn.unregister("_index_pairs")
-        self._pair_records()
-        # A pair that shares a strong identifier is a deterministic link already (held to
-        # the same limits and operator rejections): scoring it would change nothing.
-        strong = [c for c in STRONG_FIELDS if c in model.columns]
-        shared = " OR ".join(f"l.{c} = r.{c}" for c in strong) or "false"
-        self.conn.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _open_pairs AS
-                SELECT p.* FROM _pairs p
-                JOIN _pair_recs l ON l.record_id = p.record_id_l
-                JOIN _pair_recs r ON r.record_id = p.record_id_r
-                WHERE NOT coalesce({shared}, false)"""
-        )
-        # Links above the threshold are kept (re-clustering reads them); only the four
-        # numbers clustering needs travel to Python, the per-comparison evidence stays in
-        # `_scored` until the links that joined persons are known.
+            self.conn.unregister("_pair_recs")
+            self.conn.unregister("_open_pairs")
+
+    def _create_score_view(self) -> None:
+        """The model's scoring SQL as a view over `_open_pairs` and `_pair_recs`: parsing
+        Splink's SQL costs more than scoring a batch's pairs, so it is parsed once."""
+        model = self.model
+        assert model is not None
         weights = [
             f"mw_{c} + coalesce(mw_tf_adj_{c}, 0) AS w_{c}"
             if c in model.tf_comparisons
@@ -312,45 +402,24 @@ class IdentityResolver:
         ]
         gammas = [f"gamma_{c}" for c in model.comparisons]
         self.conn.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _scored AS
+            f"""CREATE OR REPLACE TEMP VIEW _identity_scores AS
                 SELECT record_id_l, record_id_r, match_weight, match_probability,
                        {", ".join(gammas)}, {", ".join(weights)}
-                FROM ({model.score_sql("_open_pairs", "_pair_recs")})
-                WHERE match_probability >= {model.threshold}"""
+                FROM ({model.score_sql("_open_pairs", "_pair_recs")})"""
         )
-        self.conn.execute(
-            """INSERT OR IGNORE INTO id_edges
-               SELECT record_id_l, record_id_r, 'splink', match_weight, match_probability,
-                      NULL, 'active', NULL FROM _scored"""
-        )
-        rows = self.conn.execute(
-            "SELECT record_id_l, record_id_r, match_weight, match_probability FROM _scored"
-        ).fetchall()
-        self.conn.execute("DROP TABLE _pairs; DROP TABLE _open_pairs; DROP TABLE _pair_recs")
-        return [_Edge(a, b, "splink", w, p) for a, b, w, p in rows]
+        self._score_view = True
 
     # -- clusters ----------------------------------------------------------------------------
 
     def _load_clusters(self, persons: set[str]) -> tuple[dict[str, _Cluster], dict[str, str]]:
+        index = self.index
         clusters: dict[str, _Cluster] = {}
         member_of: dict[str, str] = {}
-        if not persons:
-            return clusters, member_of
-        self.conn.register("_persons", pa.table({"person_id": sorted(persons)}))
-        try:
-            rows = self.conn.execute(
-                f"""SELECT record_id, person_id, {", ".join(STRONG_FIELDS)} FROM id_records
-                    WHERE person_id IN (SELECT person_id FROM _persons)"""
-            ).fetchall()
-        finally:
-            self.conn.unregister("_persons")
-        for record_id, person_id, *values in rows:
-            cluster = clusters.setdefault(person_id, _Cluster(set(), {}, {person_id}))
-            cluster.records.add(record_id)
-            for name, value in zip(STRONG_FIELDS, values, strict=True):
-                if value is not None:
-                    cluster.ids.setdefault(name, set()).add(value)
-            member_of[record_id] = person_id
+        for person in persons:
+            records = index.members[person]
+            clusters[person] = _Cluster(set(records), index.identifiers(records), {person})
+            for record in records:
+                member_of[record] = person
         return clusters, member_of
 
     def _cannot_links(self, records: set[str]) -> set[frozenset[str]]:
@@ -382,14 +451,14 @@ class IdentityResolver:
             self.conn.unregister("_aged")
         return {p: (ts, p) for p, ts in rows}
 
-    def _commit(self, new, known, record_of, clusters, member_of, edges, unions, log) -> Resolution:
-        ages = self._ages({p for c in clusters.values() for p in c.persons})
+    def _commit(self, new, record_of, clusters, member_of, edges, unions, log) -> Resolution:
+        index = self.index
         person_of_root: dict[str, str] = {}
         merged: dict[str, str] = {}
         created: list[tuple[str, datetime, str, str]] = []
         for root, cluster in clusters.items():
             if cluster.persons:
-                survivor = min(cluster.persons, key=lambda p: ages[p])
+                survivor = min(cluster.persons, key=index.born.__getitem__)
                 for loser in cluster.persons - {survivor}:
                     merged[loser] = survivor
             else:
@@ -400,9 +469,15 @@ class IdentityResolver:
                 _log(log, "person_created", survivor, None, "new", key, ts, None, founder)
             person_of_root[root] = survivor
         person = {r: person_of_root[member_of[r]] for r in member_of}
-        self._write(new, person, created, merged, edges, unions)
+        # Every record of a merged-away person moves to the survivor.
+        moved = {r: survivor for loser, survivor in merged.items() for r in index.members[loser]}
+        self._write(new, person, created, moved, edges, unions)
+        for survivor, ts, _, _ in created:
+            index.born[survivor] = (ts, survivor)
+        for record, target in (*((r, person[r]) for r in new), *moved.items()):
+            index.assign(record, target)
         unions = self._with_evidence(unions)
-        self.conn.execute("DROP TABLE IF EXISTS _scored")
+        self._scored = {}
 
         def event_of(edge: _Edge) -> tuple[str, datetime | None]:
             source = new.get(edge.record_l) or new.get(edge.record_r)
@@ -416,83 +491,49 @@ class IdentityResolver:
             _log(log, "merge", survivor, loser, edge.rule, *event_of(edge), edge)
         touched = {person[r] for r in new} | set(merged.values())
         return Resolution(
-            person_of=[person.get(r) or _final(known[r], merged) for r in record_of],
+            person_of=[index.person_of[r] for r in record_of],
             merged=merged,
             moved={},
             touched=touched,
             log=log,
         )
 
-    def _pair_records(self) -> None:
-        """`_pair_recs`: the records of the pairs in `_pairs`, with their term frequencies."""
-        model = self.model
-        assert model is not None
-        cols = ", ".join(["record_id", *model.columns])
-        records = self.conn.sql(
-            f"""WITH wanted AS (SELECT record_id_l AS record_id FROM _pairs
-                                UNION SELECT record_id_r FROM _pairs)
-                SELECT {cols} FROM id_records WHERE record_id IN (SELECT record_id FROM wanted)
-                UNION ALL SELECT {cols} FROM _new WHERE record_id IN (SELECT record_id FROM wanted)"""
-        ).to_arrow_table()
-        index = self.index
-        for column in model.tf_columns:
-            values = records.column(column).to_pylist()
-            records = records.append_column(
-                f"tf_{column}",
-                pa.array([index.term_frequency(column, v) for v in values], pa.float64()),
-            )
-        self.conn.register("_pair_rows", records)
-        try:
-            self.conn.execute("CREATE OR REPLACE TEMP TABLE _pair_recs AS SELECT * FROM _pair_rows")
-        finally:
-            self.conn.unregister("_pair_rows")
-
     def _with_evidence(self, unions: list[tuple[_Edge, str, frozenset[str]]]) -> list:
         """Attach each comparison's level and weight (from this batch's scoring) to the
         Splink links that joined persons: the evidence `explain` shows."""
         model = self.model
-        pairs = [(e.record_l, e.record_r) for e, _, _ in unions if e.rule == "splink"]
-        if not pairs or model is None:
+        if model is None or not self._scored:
             return unions
-        self.conn.register(
-            "_used",
-            pa.table({"record_id_l": [p[0] for p in pairs], "record_id_r": [p[1] for p in pairs]}),
-        )
-        try:
-            rows = self.conn.execute(
-                f"""SELECT record_id_l, record_id_r,
-                           {", ".join(f"gamma_{c}" for c in model.comparisons)},
-                           {", ".join(f"w_{c}" for c in model.comparisons)}
-                    FROM _scored JOIN _used USING (record_id_l, record_id_r)"""
-            ).fetchall()
-        finally:
-            self.conn.unregister("_used")
-        n = len(model.comparisons)
-        found = {
-            (row[0], row[1]): {
-                c: {"level": model.level_label(c, g), "match_weight": w}
-                for c, g, w in zip(model.comparisons, row[2 : 2 + n], row[2 + n :], strict=True)
-                if g != -1
-            }
-            for row in rows
-        }
-        return [
-            (replace(e, evidence=found.get((e.record_l, e.record_r))), kind, joined)
-            for e, kind, joined in unions
-        ]
+        out = []
+        for edge, kind, joined in unions:
+            row = self._scored.get((edge.record_l, edge.record_r))
+            if edge.rule == "splink" and row is not None:
+                evidence = {
+                    c: {
+                        "level": model.level_label(c, row[f"gamma_{c}"]),
+                        "match_weight": row[f"w_{c}"],
+                    }
+                    for c in model.comparisons
+                    if row[f"gamma_{c}"] != -1
+                }
+                edge = replace(edge, evidence=evidence)
+            out.append((edge, kind, joined))
+        return out
 
-    def _write(self, new, person, created, merged, edges, unions) -> None:
+    def _write(self, new, person, created, moved, edges, unions) -> None:
+        # Sorted by key: the primary-key index takes a sorted batch fastest.
+        order = sorted(new)
         rows: dict[str, list[Any]] = {
-            "record_id": list(new),
-            "person_id": [person[r] for r in new],
-            "first_ts": [v[1] for v in new.values()],
-            "first_event": [v[0] for v in new.values()],
+            "record_id": order,
+            "person_id": [person[r] for r in order],
+            "first_ts": [new[r][1] for r in order],
+            "first_event": [new[r][0] for r in order],
         }
         for name in RECORD_FIELDS:
-            rows[name] = [v[2].get(name) for v in new.values()]
+            rows[name] = [new[r][2].get(name) for r in order]
         self._insert("id_records", rows)
         self._add_persons(created)
-        self._repoint("person_id", merged)  # every record of a merged-away person
+        self._repoint(moved)
         # Splink links were stored as they were scored; rule links only where they joined.
         used = {(e.record_l, e.record_r) for e, _, _ in unions}
         stored = [e for e in edges if e.rule != "splink" and (e.record_l, e.record_r) in used]
@@ -531,8 +572,8 @@ class IdentityResolver:
                 verb="INSERT OR IGNORE",
             )
 
-    def _repoint(self, column: str, target: dict[str, str]) -> None:
-        """Give records a new person: those whose `column` is a key of `target`."""
+    def _repoint(self, target: dict[str, str]) -> None:
+        """Give records (the keys of `target`) a new person (its values)."""
         if not target:
             return
         self.conn.register(
@@ -540,8 +581,8 @@ class IdentityResolver:
         )
         try:
             self.conn.execute(
-                f"""UPDATE id_records SET person_id = m.target FROM _repoint m
-                    WHERE id_records.{column} = m.source"""
+                """UPDATE id_records SET person_id = m.target FROM _repoint m
+                   WHERE id_records.record_id = m.source"""
             )
         finally:
             self.conn.unregister("_repoint")
@@ -571,6 +612,8 @@ class IdentityResolver:
         self.conn.execute(
             "INSERT OR REPLACE INTO id_cannot_link VALUES (?, ?, ?, ?)", [left, right, reason, ts]
         )
+        if self._index is not None:
+            self._index.cannot.add(frozenset((left, right)))
         self.conn.execute(
             "UPDATE id_edges SET status = 'rejected' WHERE record_l = ? AND record_r = ?",
             [left, right],
@@ -694,7 +737,12 @@ class IdentityResolver:
                 if old[record] != person:
                     moved[record] = person
         self._add_persons(created)
-        self._repoint("record_id", moved)  # the records a split moved
+        self._repoint(moved)  # the records a split moved
+        if self._index is not None:
+            for person, first_ts, _, _ in created:
+                self._index.born[person] = (first_ts, person)
+            for record, person in moved.items():
+                self._index.assign(record, person)
         pieces: dict[tuple[str, str], list[str]] = {}
         for record, person in sorted(moved.items()):
             pieces.setdefault((old[record], person), []).append(record)
@@ -744,10 +792,6 @@ def _ordered(edges: list[_Edge]) -> list[_Edge]:
 
 def _person(cluster: _Cluster) -> str | None:
     return min(cluster.persons) if cluster.persons else None
-
-
-def _final(person: str, merged: dict[str, str]) -> str:
-    return merged.get(person, person)
 
 
 class LinkLog(list):

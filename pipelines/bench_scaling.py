@@ -207,7 +207,7 @@ def render(runs: list[Run], events: int, command: str) -> str:
         "a fresh embedded broker per configuration; batch 2,000",
         "- timed from the outside on the broker times of the outputs, from a fifth of the "
         "outcomes to the last (start-up, group joins and first batches excluded alike)",
-        "- the machine (2 cores) was shared with other engineers' test runs, and the broker, "
+        "- the machine (2 cores) was shared with other workloads, and the broker, "
         "every worker and the timer run on those same 2 cores",
         "",
         "| configuration | events/s | ratio to 1 worker |",

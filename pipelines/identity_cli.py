@@ -312,22 +312,19 @@ def bench(
         run_identity_bench,
         write_section,
     )
-    from pipelines.cli_output import progress
 
+    command = f"tessera identity bench --records {records} --events {events}"
     figures = []
-    sizes = [int(s) for s in records.split(",") if s.strip()]
-    with progress(console) as bar:
-        task = bar.add_task("identity bench", total=len(sizes) + bool(events))
-        if events:
-            bar.update(task, description=f"identity bench on the event stream ({events:,} events)")
-            figures.append(
-                run_event_stream_bench(max(10, events // 40), events, threshold, batch_size)
-            )
-            bar.advance(task)
-        for size in sizes:
-            bar.update(task, description=f"identity bench on ~{size:,} records")
-            figures.append(run_identity_bench(size, threshold, batch_size))
-            bar.advance(task)
-    section = render(figures, f"tessera identity bench --records {records} --events {events}")
-    write_section(write, section)
-    out.print(section)
+
+    def written(result: dict[str, object]) -> None:
+        # Each size is written as it finishes: a long run that is stopped keeps the rest.
+        figures.append(result)
+        write_section(write, render(figures, command))
+
+    if events:
+        with console.status(f"identity bench on the event stream ({events:,} events)"):
+            written(run_event_stream_bench(max(10, events // 40), events, threshold, batch_size))
+    for size in (int(s) for s in records.split(",") if s.strip()):
+        with console.status(f"identity bench on ~{size:,} records"):
+            written(run_identity_bench(size, threshold, batch_size))
+    out.print(render(figures, command))

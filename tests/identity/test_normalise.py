@@ -35,3 +35,25 @@ def test_identifiers_are_collected_from_every_place_an_event_carries_them():
 def test_alias_previous_id_is_an_anonymous_id():
     ids = extract_identifiers({"type": "alias", "previousId": "anon-9", "userId": "u9"})
     assert Identifier("anonymous_id", "anon-9") in ids
+
+
+def test_segment_device_ids_become_identity_record_fields():
+    from identity.records import record_from_event
+
+    event = {
+        "type": "track",
+        "event": "App Opened",
+        "anonymousId": "anon-1",
+        "context": {
+            "device": {
+                "id": " B5372DB0-C21E-11E4-8DFC-AA07A5B093DB ",
+                "advertisingId": "7A3CBEA0-BDF5-11E4-8DFC-AA07A5B093DB",
+                "type": "ios",
+            }
+        },
+    }
+    record = record_from_event(event)
+    assert record["device_id"] == "b5372db0-c21e-11e4-8dfc-aa07a5b093db"
+    assert record["advertising_id"] == "7a3cbea0-bdf5-11e4-8dfc-aa07a5b093db"
+    event["context"]["device"]["advertisingId"] = "00000000-0000-0000-0000-000000000000"
+    assert record_from_event(event)["advertising_id"] is None

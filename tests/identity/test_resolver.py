@@ -216,3 +216,80 @@ def test_raising_the_threshold_unmerges_what_only_weaker_links_held(model):
         person_id_for("j2")
     )
     assert restarted.apply_threshold("start", T0) is None  # once per start
+
+
+def test_a_mobile_device_id_links_the_anonymous_app_user_to_their_login():
+    r = Resolver()
+    r.feed(
+        rec(anonymous_id="app-install-1", device_id="A1B2C3D4-0000-4000-8000-00000000AAAA"),
+        key="open",
+    )
+    # A reinstall gives the app a new anonymous id; the device is the same.
+    result = r.feed(rec(user_id="u-7", device_id="a1b2c3d4-0000-4000-8000-00000000aaaa"))
+    assert result.person_of == [person_id_for("open")]
+    assert [e["rule"] for e in result.log if e["kind"] == "record_linked"] == ["shared:device_id"]
+
+
+def test_a_household_tablet_device_id_does_not_merge_its_two_users():
+    r = Resolver()
+    r.feed(rec(user_id="alice", device_id="tablet-1", advertising_id="ad-tablet"), key="a")
+    result = r.feed(rec(user_id="bob", device_id="tablet-1", advertising_id="ad-tablet"), key="b")
+    assert result.person_of == [person_id_for("b")]
+    assert not result.merged
+    assert {e["rule"] for e in result.log if e["kind"] == "conflict"} == {"limit:user_id"}
+
+
+def test_the_zero_advertising_id_of_limited_ad_tracking_links_no_one():
+    r = Resolver()
+    zero = "00000000-0000-0000-0000-000000000000"
+    assert rec(advertising_id=zero)["advertising_id"] is None
+    r.feed(rec(email="one@x.com", advertising_id=zero), key="one")
+    result = r.feed(rec(email="two@x.com", advertising_id=zero), key="two")
+    assert result.person_of == [person_id_for("two")]
+    assert not result.log[1:]  # created, nothing linked
+
+
+def test_a_device_shared_by_more_persons_than_the_limit_stops_linking():
+    r = Resolver()
+    r.identity.limits["device_id"] = 2
+    r.feed(rec(anonymous_id="v1", device_id="kiosk", advertising_id="ad-1"), key="first")
+    r.feed(rec(anonymous_id="v2", device_id="phone-2", advertising_id="ad-1"), key="second")
+    result = r.feed(rec(anonymous_id="v3", device_id="phone-3", advertising_id="ad-1"), key="third")
+    assert result.person_of == [person_id_for("third")]
+    assert {e["rule"] for e in result.log if e["kind"] == "conflict"} == {"limit:device_id"}
+
+
+def test_records_without_device_ids_keep_the_content_address_they_always_had():
+    import hashlib
+
+    from identity.records import ATTRIBUTE_FIELDS
+
+    fields = rec(email="old@x.com", first_name="Ada")
+    before = ("user_id", "customer_id", "email", "phone", "anonymous_id", *ATTRIBUTE_FIELDS)
+    body = "\x1f".join(fields.get(name) or "" for name in before)
+    assert record_id_of(fields) == "r_" + hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
+    assert record_id_of(rec(email="old@x.com", first_name="Ada", device_id="d")) != record_id_of(
+        fields
+    )
+
+
+def test_the_index_kept_in_memory_equals_the_index_rebuilt_from_the_store(model):
+    """What a rollback or a restart rebuilds is what the batches maintained."""
+    from identity.index import CandidateIndex
+
+    r = Resolver(model)
+    rows = [normalise_record(raw) for raw in identity_records(150, seed=5)]
+    for start in range(0, len(rows), 60):
+        r.feed(*rows[start : start + 60])
+    r.identity.reject_link(*sorted(r.identity.index.person_of)[:2], "test", "cmd", T0)
+    kept = r.identity.index
+    rebuilt = CandidateIndex.load(r.conn, kept.rules, kept.tf_columns)
+    assert len(set(kept.members)) < len(kept.person_of)  # some records were linked
+    assert rebuilt.person_of == kept.person_of
+    assert rebuilt.members == kept.members
+    assert rebuilt.fields == kept.fields
+    assert rebuilt.anchors == kept.anchors
+    assert rebuilt.cannot == kept.cannot
+    assert {p: b for p, b in rebuilt.born.items()} == kept.born
+    assert [dict(b) for b in rebuilt.blocks] == [dict(b) for b in kept.blocks]
+    assert r.identity.clusters() == kept.person_of
