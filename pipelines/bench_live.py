@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import statistics
 import threading
@@ -134,9 +135,32 @@ class ProbeWatcher(threading.Thread):
 
 
 def _admin_key(folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
     keys = write_keyring(folder / "api-keys.yaml", [{"name": "bench", "role": "admin"}])
     os.environ[KEYS_ENV] = str(folder / "api-keys.yaml")  # read by the API process
     return keys["bench"]
+
+
+def _wait_until_serving(stack: LocalStack, key: str, timeout: float = 300) -> None:
+    """Wait until the worker has joined and a first event is served: start-up excluded."""
+    producer = BatchProducer(stack.bootstrap)
+    raw = probe_event(0)
+    producer.send([OutRecord(*route(raw), raw)])
+    producer.close()
+    deadline = time.monotonic() + timeout
+    params = {"type": "user_id", "value": f"{PROBE_PREFIX}0", "purpose": "subject_access"}
+    while True:
+        response = httpx.get(
+            f"{stack.api_url}/v1/profiles/lookup",
+            params=params,
+            headers={"X-API-Key": key},
+            timeout=5,
+        )
+        if response.status_code == 200:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the stack served no event within {timeout} s")
+        time.sleep(0.2)
 
 
 def freshness(lines: Sequence[bytes], rate: float, folder: Path, seconds: float) -> dict[str, Any]:
@@ -144,6 +168,7 @@ def freshness(lines: Sequence[bytes], rate: float, folder: Path, seconds: float)
     count = min(len(lines), int(rate * seconds))
     key = _admin_key(folder)
     with LocalStack(folder / "stack") as stack:
+        _wait_until_serving(stack, key)
         producer = SteadyProducer(stack.bootstrap, lines[:count], rate, probe_every=0.2)
         watcher = ProbeWatcher(stack.api_url, key, producer)
         started = time.time()
@@ -182,6 +207,7 @@ def backpressure(
     from pipelines.bench import faust_run
 
     result: dict[str, Any] = {}
+    shutil.rmtree(folder / "slow", ignore_errors=True)  # a previous run's state replays all
     with EmbeddedBroker() as broker:
         producer = SteadyProducer(broker.bootstrap, lines, rate)
         producer.start()
@@ -197,13 +223,13 @@ def backpressure(
         if producer.error:
             raise producer.error
     samples = run["samples"]
-    start = samples[0][0]
+    start = run["first_at"]
     produced = producer.timeline
 
     def produced_by(when: float) -> int:
         return max((n for t, n in produced if t <= when), default=0)
 
-    slow_phase = [s for s in samples if s[0] - start <= slow_s and s[2] > 0]
+    slow_phase = [s for s in samples if 0 <= s[0] - start <= slow_s]
     conn = duckdb.connect(str(folder / "slow" / "state.duckdb"), read_only=True)
     try:
         (consumed,) = conn.execute("SELECT sum(next_offset) FROM source_offsets").fetchone()
@@ -263,6 +289,10 @@ def _outcome_stats(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if not k.startswith(("merges", "identity_"))}
 
 
+def _received(stack: LocalStack) -> int:
+    return httpx.get(f"{stack.api_url}/v1/stats", timeout=10).json()["received"]
+
+
 def _stack_run(
     lines: Sequence[bytes], folder: Path, expected: int, kill_every: tuple[float, float] | None
 ) -> tuple[dict[str, Any], int, dict[str, Any]]:
@@ -275,10 +305,15 @@ def _stack_run(
     with LocalStack(folder) as stack:
         produce_events(lines, stack.bootstrap)
         if kill_every is not None:
-            while True:
+            done = 0
+            while done < expected:
+                # Each life of the worker makes some progress (a restart costs a group join),
+                # then dies at a random moment: consuming, staging or emitting.
+                since = done
+                while (done := _received(stack)) <= since:
+                    time.sleep(0.1)
                 time.sleep(rng.uniform(*kill_every))
-                stats = httpx.get(f"{stack.api_url}/v1/stats", timeout=10).json()
-                if stats["received"] >= expected:
+                if _received(stack) >= expected:
                     break
                 stack.stop_process("worker", signal.SIGKILL)
                 kills += 1
@@ -291,7 +326,10 @@ def _stack_run(
 def soak(
     lines: Sequence[bytes], expected: int, folder: Path, kill_every: tuple[float, float]
 ) -> dict[str, Any]:
-    """The same events through a fault-free stack and a repeatedly killed one; compared."""
+    """The same events through a fault-free stack and a repeatedly killed one; compared.
+
+    `kill_every`: after each restart, once the worker has made progress, it is killed
+    with SIGKILL after a random wait in this range (seconds)."""
     clean, _, clean_stats = _stack_run(lines, folder / "clean", expected, None)
     started = time.perf_counter()
     faulty, kills, faulty_stats = _stack_run(lines, folder / "killed", expected, kill_every)
