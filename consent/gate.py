@@ -264,9 +264,7 @@ class ConsentGate:
             )
             for (i, _), r in changed.items()
         ]
-        table = pa.Table.from_pylist(
-            [dict(zip(_STATE_SCHEMA.names, row, strict=True)) for row in rows], schema=_STATE_SCHEMA
-        )
+        table = pa.table([list(column) for column in zip(*rows, strict=True)], schema=_STATE_SCHEMA)
         self.conn.register("_gate_changed", table)
         try:
             self.conn.execute("INSERT OR REPLACE INTO consent_state SELECT * FROM _gate_changed")

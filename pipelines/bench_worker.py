@@ -3,6 +3,11 @@
 `bare` consumes with the same Faust app, agent and batch size as the worker and does
 nothing; `pipeline` runs every stage exactly as `tessera worker` does;
 `pipeline-quality-off` the same without the quality suites.
+
+`slow_ms` > 0 injects a slow profile store: every batch's transaction is held open that
+long before it commits, for `slow_seconds` from the first batch. Every half second the
+run samples its resident memory and how many events it has processed, so the report can
+show memory staying flat while the backlog grows (backpressure) instead of growing with it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,33 +25,68 @@ import orjson
 
 from pipelines.faust_engine import faust_app, source_records
 from pipelines.kafka import BatchProducer
-from pipelines.pipeline import Pipeline
+from pipelines.pipeline import OutRecord, Pipeline
 
 
-def main(bootstrap: str, mode: str, expected: int, data_dir: Path, batch_size: int) -> None:
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def main(
+    bootstrap: str,
+    mode: str,
+    expected: int,
+    data_dir: Path,
+    batch_size: int,
+    slow_ms: int = 0,
+    slow_seconds: float = 0.0,
+) -> None:
     app, inputs = faust_app(bootstrap, data_dir, f"tessera-bench-{mode}-{os.getpid()}", batch_size)
     staged = mode in ("pipeline", "pipeline-quality-off")
     quality = mode == "pipeline"
     pipeline = Pipeline(data_dir / "state.duckdb", quality=quality) if staged else None
     producer = BatchProducer(bootstrap) if staged else None
-    state = {"n": 0, "t0": 0.0, "stage_s": 0.0, "batches": 0}
+    state = {"n": 0, "t0": 0.0, "first_at": 0.0, "stage_s": 0.0, "batches": 0}
+    samples: list[tuple[float, float, int]] = []  # (unix time, RSS MiB, events processed)
+
+    def sample() -> None:
+        while True:
+            samples.append((time.time(), rss_mb(), state["n"]))
+            time.sleep(0.5)
+
+    threading.Thread(target=sample, daemon=True).start()
+
+    def emit(records: list[OutRecord]) -> None:
+        assert producer is not None
+        producer.send(records)
+        if slow_ms and time.time() - state["first_at"] < slow_seconds:
+            time.sleep(slow_ms / 1000)  # the slow store: the batch's commit waits
 
     @app.agent(inputs)
     async def consume(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
         async for events in stream.take_events(batch_size, within=0.2):
             if not state["n"]:
-                state["t0"] = time.perf_counter()
-            if pipeline is not None and producer is not None:
+                state["t0"], state["first_at"] = time.perf_counter(), time.time()
+            if pipeline is not None:
                 batch = source_records(events)
                 began = time.perf_counter()
-                await loop.run_in_executor(None, pipeline.process, batch, producer.send)
+                await loop.run_in_executor(None, pipeline.process, batch, emit)
                 state["stage_s"] += time.perf_counter() - began
                 state["batches"] += 1
             state["n"] += len(events)
             if state["n"] >= expected:
                 elapsed = time.perf_counter() - state["t0"]
-                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                if pipeline is not None:
+                    pipeline.close()
                 result = {
                     "mode": mode,
                     "events": state["n"],
@@ -53,7 +94,9 @@ def main(bootstrap: str, mode: str, expected: int, data_dir: Path, batch_size: i
                     "rate": state["n"] / elapsed,
                     "stage_seconds": state["stage_s"],
                     "batches": state["batches"],
-                    "max_rss_mb": rss,
+                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "samples": samples,
+                    "first_at": state["first_at"],
                 }
                 print(orjson.dumps(result).decode(), flush=True)
                 os._exit(0)
@@ -63,5 +106,54 @@ def main(bootstrap: str, mode: str, expected: int, data_dir: Path, batch_size: i
     ).execute_from_commandline()
 
 
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))
+def cost(persons: int, folder: Path, batch_size: int, probe_events: int) -> None:
+    """Fill a store with `persons` (two events each on average), then time a probe of
+    `probe_events` new events of new persons; print one JSON line."""
+    import duckdb
+
+    from pipelines.bench import END, feed
+    from pipelines.produce import read_lines
+    from synthetic.events import write_dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    warm, probe = folder / "warm.jsonl", folder / "probe.jsonl"
+    write_dataset(warm, None, persons=persons, events=2 * persons, seed=7, end=END)
+    write_dataset(probe, None, persons=probe_events // 50, events=probe_events, seed=8, end=END)
+    state = folder / "state.duckdb"
+    for stale in (state, state.with_name(state.name + ".wal")):
+        stale.unlink(missing_ok=True)
+    pipeline = Pipeline(state)
+    warm_lines = list(read_lines(warm))
+    warm_seconds = feed(pipeline, warm_lines, batch_size)
+    rss_before = rss_mb()
+    probe_seconds = feed(pipeline, list(read_lines(probe)), batch_size, first=len(warm_lines))
+    rss_after = rss_mb()
+    pipeline.close()
+    conn = duckdb.connect(str(state), read_only=True)
+    (stored,) = conn.execute("SELECT count(*) FROM id_persons").fetchone()
+    conn.close()
+    result = {
+        "persons": persons,
+        "persons_stored": stored,
+        "warm_events": len(warm_lines),
+        "warm_rate": len(warm_lines) / warm_seconds,
+        "rate": probe_events / probe_seconds,
+        "rss_before_mb": rss_before,
+        "rss_after_mb": rss_after,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "state_mb": state.stat().st_size / 2**20,
+    }
+    print(orjson.dumps(result).decode(), flush=True)
+
+
+if __name__ == "__main__" and sys.argv[1] == "cost":
+    cost(int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+elif __name__ == "__main__":
+    main(
+        sys.argv[1],
+        sys.argv[2],
+        int(sys.argv[3]),
+        Path(sys.argv[4]),
+        int(sys.argv[5]),
+        *(int(sys.argv[6]), float(sys.argv[7])) if len(sys.argv) > 7 else (),
+    )

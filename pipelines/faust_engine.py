@@ -213,7 +213,7 @@ def open_pipeline(
 def build_app(
     bootstrap: str,
     data_dir: Path,
-    batch_size: int = 2000,
+    batch_size: int = 10_000,
     batch_ms: int = 200,
     app_id: str = "tessera-worker",
     identity_model: ScoringModel | None = None,

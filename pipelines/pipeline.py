@@ -416,7 +416,8 @@ class Pipeline:
         items += command_items + [
             _Item(r.record, r.contract, r.payload_hash, r.key, r.decision) for r in erasures.items
         ]
-        entries = self.ledger.append([self._lineage_entry(i) for i in valid])
+        hashes: dict = {}  # identifier -> its hash: a batch repeats its persons' identifiers
+        entries = self.ledger.append([self._lineage_entry(i, hashes) for i in valid])
         entries += self.privacy.certify(self.ledger)
         self._record_outcomes(items, report)
         self._record_offsets(batch)
@@ -505,7 +506,7 @@ class Pipeline:
         positions = [(i.record.topic, i.record.partition, i.record.offset) for i in items]
         return batch_quality_record(positions, rejected, verdict)
 
-    def _lineage_entry(self, item: _Item) -> dict[str, Any]:
+    def _lineage_entry(self, item: _Item, hashes: dict) -> dict[str, Any]:
         decision = item.decision
         assert decision is not None
         return {
@@ -524,7 +525,10 @@ class Pipeline:
             "jurisdiction": decision.jurisdiction,
             "policy_version": self.policy.version,
             "person_id": item.person_id,
-            "subjects": [identifier_hash(i) for i in item.contract.identifiers],
+            "subjects": [
+                hashes.get(i) or hashes.setdefault(i, identifier_hash(i))
+                for i in item.contract.identifiers
+            ],
             "fields_masked": [],
             # For audits: the consent the event states, and the names (never the values) of
             # the attributes it states about its person.
@@ -554,6 +558,7 @@ class Pipeline:
                 "person_id",
             )
         }
+        columns = [rows[name] for name in rows]  # in the order of the tuple below
         for item in items:
             outcome = self.outcome_of(item)
             report.outcomes[outcome] += 1
@@ -564,18 +569,20 @@ class Pipeline:
                 if outcome == WITHHELD
                 else None  # type: ignore[union-attr]
             )
-            for name, value in (
-                ("event_key", item.key),
-                ("payload_hash", item.payload_hash),
-                ("topic", item.record.topic),
-                ("partition", item.record.partition),
-                ("offset", item.record.offset),
-                ("kind", item.contract.kind),
-                ("outcome", outcome),
-                ("reason", reason),
-                ("person_id", item.person_id),
-            ):
-                rows[name].append(value)
+            record = item.record
+            row = (
+                item.key,
+                item.payload_hash,
+                record.topic,
+                record.partition,
+                record.offset,
+                item.contract.kind,
+                outcome,
+                reason,
+                item.person_id,
+            )
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
         if items:
             self.conn.register("_outcomes", pa.table(rows))
             try:
@@ -591,11 +598,23 @@ class Pipeline:
             next_offsets[position] = max(next_offsets.get(position, 0), record.offset + 1)
         if not next_offsets:
             return
-        self.conn.executemany(
-            """INSERT INTO source_offsets VALUES (?, ?, ?) ON CONFLICT (topic, "partition")
-               DO UPDATE SET next_offset = greatest(source_offsets.next_offset, excluded.next_offset)""",
-            [(t, p, o) for (t, p), o in next_offsets.items()],
+        # One set-based upsert: executemany costs a statement per partition.
+        positions = pa.table(
+            {
+                "topic": [t for t, _ in next_offsets],
+                "partition": pa.array([p for _, p in next_offsets], pa.int32()),
+                "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
+            }
         )
+        self.conn.register("_next_offsets", positions)
+        try:
+            self.conn.execute(
+                """INSERT INTO source_offsets SELECT * FROM _next_offsets
+                   ON CONFLICT (topic, "partition") DO UPDATE
+                   SET next_offset = greatest(source_offsets.next_offset, excluded.next_offset)"""
+            )
+        finally:
+            self.conn.unregister("_next_offsets")
 
     def _sealed(self, letter: OutRecord) -> OutRecord:
         """A dead letter whose original bytes are sealed for the subjects they name."""

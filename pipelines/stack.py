@@ -82,6 +82,7 @@ class LocalStack:
         Two workers given the same `state` share one state directory: the second is a
         standby until the first exits (see pipelines/faust_engine.py).
         """
+        options = {**self.worker_options, **options}  # a restart keeps the stack's options
         extra = [
             arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", value)
         ]

@@ -41,7 +41,10 @@ from profiles.access import KEYS_ENV, write_keyring
 pytestmark = pytest.mark.broker
 
 PERSONS, EVENTS, SEED = 200, 8000, 23
-KILLS = 2  # each restart costs a group join; `tessera bench --soak` kills more often
+KILLS = 2  # each restart costs a group join; `tessera bench` (its soak) kills more often
+# Batches far smaller than the input, so a kill lands mid-stream (the default batch would
+# take all of these events at once).
+SMALL_BATCHES = {"batch_size": "1000"}
 
 
 def cli(*args: str) -> str:
@@ -211,7 +214,7 @@ def api_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def fresh_stack(tmp_path: Path):
     """A fresh broker, worker and API per test: each fault starts from a clean slate."""
-    with LocalStack(tmp_path / "stack") as running:
+    with LocalStack(tmp_path / "stack", worker_options=SMALL_BATCHES) as running:
         yield running
 
 
@@ -276,7 +279,7 @@ def test_api_restarted_and_rebuilt_serves_the_same_profiles(fresh_stack, dataset
 def test_standby_worker_takes_over_when_the_owner_is_killed(tmp_path, dataset):
     # Two partitions per input topic and two workers in one group over one state: the
     # owner processes every partition, the standby waits for the state, then takes over.
-    with LocalStack(tmp_path / "stack", partitions=2) as stack:
+    with LocalStack(tmp_path / "stack", partitions=2, worker_options=SMALL_BATCHES) as stack:
         stack.start_worker("standby", state="worker")
         cli("produce", str(dataset.file), "--bootstrap", stack.bootstrap)
         wait_for_progress(stack, dataset.received // 3)

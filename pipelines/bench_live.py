@@ -1,0 +1,346 @@
+"""Benchmarks of a running stack: freshness, backpressure and a kill -9 soak.
+
+- freshness: events produced at a steady rate through broker, worker and API; probe
+  events among them, and the time from producing each probe to the API serving it;
+- backpressure: a worker whose profile store is made slow while events keep arriving:
+  its memory must stay flat while the backlog grows, and no event may be lost;
+- soak: the same events through a fault-free stack and through one whose worker is
+  killed with SIGKILL again and again; the final state must be the same.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import orjson
+
+from pipelines.broker import EmbeddedBroker
+from pipelines.demo import wait_until_processed
+from pipelines.kafka import BatchProducer
+from pipelines.pipeline import OutRecord
+from pipelines.stack import LocalStack
+from pipelines.topics import route
+from profiles.access import KEYS_ENV, write_keyring
+
+PROBE_PREFIX = "freshness-probe-"
+
+
+def probe_event(number: int) -> bytes:
+    """An identify event of a new person known only by a unique user id, stamped now."""
+    return orjson.dumps(
+        {
+            "type": "identify",
+            "userId": f"{PROBE_PREFIX}{number}",
+            "traits": {"plan": "probe"},
+            "context": {"location": {"country": "US"}},
+            "messageId": str(uuid.uuid4()),
+            "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+    )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by the inclusive method; NaN for no values."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
+
+
+class SteadyProducer(threading.Thread):
+    """Produces `lines` at `rate` events/s in ticks of 50 ms, a probe every `probe_every` s.
+
+    `sent_at` maps each probe number to the time it was handed to the producer.
+    """
+
+    def __init__(
+        self, bootstrap: str, lines: Sequence[bytes], rate: float, probe_every: float = 0.0
+    ) -> None:
+        super().__init__(name="steady-producer", daemon=True)
+        self.producer = BatchProducer(bootstrap, **{"linger.ms": 1})
+        self.lines, self.rate, self.probe_every = lines, rate, probe_every
+        self.sent = 0
+        self.timeline: list[tuple[float, int]] = []  # (unix time, events produced so far)
+        self.sent_at: dict[int, float] = {}
+        self.probes = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # surfaced by the caller, never swallowed
+            self.error = exc
+
+    def _run(self) -> None:
+        tick = 0.05
+        start = time.monotonic()
+        next_probe = start
+        while self.sent < len(self.lines):
+            due = min(len(self.lines), int((time.monotonic() - start + tick) * self.rate))
+            chunk = [OutRecord(*route(raw), raw) for raw in self.lines[self.sent : due]]
+            now = time.monotonic()
+            if self.probe_every and now >= next_probe:
+                self.probes += 1
+                raw = probe_event(self.probes)
+                self.sent_at[self.probes] = time.time()
+                chunk.append(OutRecord(*route(raw), raw))
+                next_probe = now + self.probe_every
+            if chunk:
+                self.producer.send(chunk)
+            self.sent = max(self.sent, due)
+            self.timeline.append((time.time(), self.sent + self.probes))
+            time.sleep(max(0.0, start + (len(self.timeline)) * tick - time.monotonic()))
+        self.producer.close()
+
+
+class ProbeWatcher(threading.Thread):
+    """Polls the API for each probe's profile until it is served; records when."""
+
+    def __init__(self, api_url: str, api_key: str, producer: SteadyProducer) -> None:
+        super().__init__(name="probe-watcher", daemon=True)
+        self.api_url, self.api_key, self.producer = api_url, api_key, producer
+        self.seen_at: dict[int, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        headers = {"X-API-Key": self.api_key}
+        with httpx.Client(base_url=self.api_url, timeout=5, headers=headers) as http:
+            while not self.stop.is_set():
+                for number in sorted(set(self.producer.sent_at) - set(self.seen_at)):
+                    response = http.get(
+                        "/v1/profiles/lookup",
+                        params={
+                            "type": "user_id",
+                            "value": f"{PROBE_PREFIX}{number}",
+                            "purpose": "subject_access",
+                        },
+                    )
+                    if response.status_code == 200:
+                        self.seen_at[number] = time.time()
+                time.sleep(0.02)
+
+
+def _admin_key(folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = write_keyring(folder / "api-keys.yaml", [{"name": "bench", "role": "admin"}])
+    os.environ[KEYS_ENV] = str(folder / "api-keys.yaml")  # read by the API process
+    return keys["bench"]
+
+
+def _wait_until_serving(stack: LocalStack, key: str, timeout: float = 300) -> None:
+    """Wait until the worker has joined and a first event is served: start-up excluded."""
+    producer = BatchProducer(stack.bootstrap)
+    raw = probe_event(0)
+    producer.send([OutRecord(*route(raw), raw)])
+    producer.close()
+    deadline = time.monotonic() + timeout
+    params = {"type": "user_id", "value": f"{PROBE_PREFIX}0", "purpose": "subject_access"}
+    while True:
+        response = httpx.get(
+            f"{stack.api_url}/v1/profiles/lookup",
+            params=params,
+            headers={"X-API-Key": key},
+            timeout=5,
+        )
+        if response.status_code == 200:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the stack served no event within {timeout} s")
+        time.sleep(0.2)
+
+
+def freshness(lines: Sequence[bytes], rate: float, folder: Path, seconds: float) -> dict[str, Any]:
+    """Produce `rate` events/s for `seconds` into a fresh stack; probe latency to the API."""
+    count = min(len(lines), int(rate * seconds))
+    key = _admin_key(folder)
+    with LocalStack(folder / "stack") as stack:
+        _wait_until_serving(stack, key)
+        producer = SteadyProducer(stack.bootstrap, lines[:count], rate, probe_every=0.2)
+        watcher = ProbeWatcher(stack.api_url, key, producer)
+        started = time.time()
+        producer.start()
+        watcher.start()
+        producer.join()
+        produced_for = time.time() - started
+        if producer.error:
+            raise producer.error
+        deadline = time.monotonic() + 600
+        while len(watcher.seen_at) < producer.probes and time.monotonic() < deadline:
+            time.sleep(0.1)
+        watcher.stop.set()
+        watcher.join()
+        drained_for = time.time() - started
+    latencies = sorted(
+        watcher.seen_at[n] - producer.sent_at[n] for n in watcher.seen_at if n in producer.sent_at
+    )
+    return {
+        "rate": rate,
+        "achieved_rate": count / produced_for,
+        "events": count,
+        "probes": producer.probes,
+        "seen": len(latencies),
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "max": latencies[-1] if latencies else float("nan"),
+        "drain_rate": (count + producer.probes) / drained_for,
+    }
+
+
+def backpressure(
+    lines: Sequence[bytes], folder: Path, batch_size: int, rate: float, slow_ms: int, slow_s: float
+) -> dict[str, Any]:
+    """A worker with a slow store while events keep coming: memory, backlog, losses."""
+    from pipelines.bench import faust_run
+
+    result: dict[str, Any] = {}
+    shutil.rmtree(folder / "slow", ignore_errors=True)  # a previous run's state replays all
+    with EmbeddedBroker() as broker:
+        producer = SteadyProducer(broker.bootstrap, lines, rate)
+        producer.start()
+        run = faust_run(
+            broker.bootstrap,
+            "pipeline",
+            len(lines),
+            folder / "slow",
+            batch_size,
+            slow=(slow_ms, slow_s),
+        )
+        producer.join()
+        if producer.error:
+            raise producer.error
+    samples = run["samples"]
+    start = run["first_at"]
+    produced = producer.timeline
+
+    def produced_by(when: float) -> int:
+        return max((n for t, n in produced if t <= when), default=0)
+
+    slow_phase = [s for s in samples if 0 <= s[0] - start <= slow_s]
+    conn = duckdb.connect(str(folder / "slow" / "state.duckdb"), read_only=True)
+    try:
+        (consumed,) = conn.execute("SELECT sum(next_offset) FROM source_offsets").fetchone()
+        (outcomes,) = conn.execute("SELECT count(*) FROM outcomes").fetchone()
+    finally:
+        conn.close()
+    rss = [s[1] for s in slow_phase] or [0.0]
+    lags = [produced_by(t) - n for t, _, n in slow_phase] or [0]
+    result.update(
+        events=len(lines),
+        rate=rate,
+        slow_ms=slow_ms,
+        slow_seconds=slow_s,
+        rss_first=rss[0],
+        rss_max=max(rss),
+        rss_last=rss[-1],
+        lag_first=lags[0],
+        lag_max=max(lags),
+        lag_last=lags[-1],
+        processed_in_slow_phase=slow_phase[-1][2] if slow_phase else 0,
+        consumed=consumed,
+        outcomes=outcomes,
+        max_rss_mb=run["max_rss_mb"],
+        input_mb=sum(len(raw) for raw in lines) / 2**20,
+    )
+    return result
+
+
+def _state_digest(state: Path) -> dict[str, Any]:
+    """What a final state holds, independent of person ids and batch boundaries: every
+    event's outcome and reason, and which applied events make up each profile."""
+    conn = duckdb.connect(str(state), read_only=True)
+    try:
+        outcomes = dict(
+            (key, (outcome, reason))
+            for key, outcome, reason in conn.execute(
+                "SELECT event_key, outcome, reason FROM outcomes"
+            ).fetchall()
+        )
+        profiles = {
+            tuple(events)
+            for (events,) in conn.execute(
+                "SELECT list(event_key ORDER BY event_key) FROM facts GROUP BY person_id"
+            ).fetchall()
+        }
+        facts = conn.execute(
+            "SELECT event_key, kind, ts, order_id, amount, currency FROM facts ORDER BY event_key"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {"outcomes": outcomes, "profiles": profiles, "facts": facts}
+
+
+def _outcome_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The API's counts that must not change under faults. Identity-log counts may: a batch
+    killed after its outputs but before its commit logs its links again when replayed."""
+    return {k: v for k, v in stats.items() if not k.startswith(("merges", "identity_"))}
+
+
+def _received(stack: LocalStack) -> int:
+    return httpx.get(f"{stack.api_url}/v1/stats", timeout=10).json()["received"]
+
+
+def _stack_run(
+    lines: Sequence[bytes], folder: Path, expected: int, kill_every: tuple[float, float] | None
+) -> tuple[dict[str, Any], int, dict[str, Any]]:
+    """Produce `lines` into a fresh stack, optionally SIGKILL the worker at random intervals
+    until every event has an outcome; returns the state digest, kills and API stats."""
+    from pipelines.produce import produce_events
+
+    kills = 0
+    rng = random.Random(11)
+    with LocalStack(folder) as stack:
+        produce_events(lines, stack.bootstrap)
+        if kill_every is not None:
+            done = 0
+            while done < expected:
+                # Each life of the worker makes some progress (a restart costs a group join),
+                # then dies at a random moment: consuming, staging or emitting.
+                since = done
+                while (done := _received(stack)) <= since:
+                    time.sleep(0.1)
+                time.sleep(rng.uniform(*kill_every))
+                if _received(stack) >= expected:
+                    break
+                stack.stop_process("worker", signal.SIGKILL)
+                kills += 1
+                stack.start_worker()
+        stats = wait_until_processed(stack.api_url, expected, timeout=3600)
+        stack.stop_process("worker")
+        return _state_digest(folder / "worker" / "state.duckdb"), kills, stats
+
+
+def soak(
+    lines: Sequence[bytes], expected: int, folder: Path, kill_every: tuple[float, float]
+) -> dict[str, Any]:
+    """The same events through a fault-free stack and a repeatedly killed one; compared.
+
+    `kill_every`: after each restart, once the worker has made progress, it is killed
+    with SIGKILL after a random wait in this range (seconds)."""
+    clean, _, clean_stats = _stack_run(lines, folder / "clean", expected, None)
+    started = time.perf_counter()
+    faulty, kills, faulty_stats = _stack_run(lines, folder / "killed", expected, kill_every)
+    return {
+        "events": len(lines),
+        "kills": kills,
+        "seconds": time.perf_counter() - started,
+        "outcomes_equal": clean["outcomes"] == faulty["outcomes"],
+        "profiles_equal": clean["profiles"] == faulty["profiles"],
+        "facts_equal": clean["facts"] == faulty["facts"],
+        "stats_equal": _outcome_stats(clean_stats) == _outcome_stats(faulty_stats),
+        "profiles": len(clean["profiles"]),
+        "received": faulty_stats["received"],
+    }
