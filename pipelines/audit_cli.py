@@ -69,7 +69,7 @@ def _audit(store: Path) -> Iterator[Any]:
         }
         if "lineage" not in tables:
             _fail(f"{store} holds no lineage ledger")
-        yield Audit(opened.conn, opened if "profiles" in tables else None)
+        yield Audit(opened.conn, opened if "profile_documents" in tables else None)
     finally:
         opened.close()
 

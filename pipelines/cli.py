@@ -106,6 +106,9 @@ def worker(
     ] = None,
 ) -> None:
     """Run the stream worker: contract, consent, identity and profiles over the input topics."""
+    # A stop asked for while still starting (nothing consumed yet) is a clean stop too; the
+    # engine replaces this with its own handler, which finishes the batch in flight.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     from identity.model import ScoringModel, load_model
     from pipelines.broker import ensure_reachable
 

@@ -317,6 +317,60 @@ async function replayDeadLetter() {
 
 // -- wiring --------------------------------------------------------------------------------
 
+// -- audit (auditor and admin keys): ledger, consent timeline, provenance, certificates ---------
+
+function auditFailed(error) {
+  $("audit-error").textContent = error.status === 403 ? `${error.message} (audits are for auditor and admin keys)` : error.message;
+}
+
+async function verifyLedger() {
+  $("audit-error").textContent = "";
+  try {
+    const report = await api("/v1/audit/verify");
+    $("audit-verify-status").textContent = report.ok
+      ? `intact: ${report.entries} entries`
+      : `BROKEN at entry ${report.first_broken_seq} (${report.event_key}): ${report.problem}`;
+    $("audit-verify-status").className = report.ok ? "ok" : "error";
+  } catch (error) { auditFailed(error); }
+}
+
+async function subjectTimeline(event) {
+  event.preventDefault();
+  $("audit-error").textContent = "";
+  const identifier = $("audit-identifier").value.trim();
+  try {
+    const found = await api(`/v1/audit/subjects/${encodeURIComponent(identifier)}`);
+    fillTable($("audit-consent"), ["purpose", "status", "since", "source", "policy", "jurisdiction"],
+      Object.entries(found.current_consent).map(([purpose, c]) => [purpose, c.status, c.since, c.source, c.policy_version, c.jurisdiction]));
+    fillTable($("audit-timeline"), ["at", "category", "kind", "purpose", "outcome", "event", "ledger seq"],
+      found.timeline.map((row) => [row.at, row.category, row.kind, row.purpose, row.outcome, row.event_key, row.seq]));
+  } catch (error) { auditFailed(error); }
+}
+
+async function attributeProvenance(event) {
+  event.preventDefault();
+  $("audit-error").textContent = "";
+  const person = encodeURIComponent($("audit-person").value.trim());
+  const name = encodeURIComponent($("audit-attribute").value.trim());
+  try {
+    const found = await api(`/v1/audit/profiles/${person}/attributes/${name}`);
+    fillTable($("audit-views"), ["purpose", "in the view", "source event", "admitted as", "consent in force"],
+      found.views.map((v) => [v.purpose, v.present ? "yes" : "no", v.source_event, v.admitted ? `${v.admitted.decision} (${v.admitted.basis})` : "",
+        v.consent_in_force ? `${v.consent_in_force.status} since ${v.consent_in_force.since}` : "policy default"]));
+    fillTable($("audit-events"), ["event", "kind", "at", "decision", "purpose", "basis", "policy"],
+      found.events.map((e) => [e.event_key, e.kind, e.at, e.decision, e.purpose, e.basis, e.policy_version]));
+  } catch (error) { auditFailed(error); }
+}
+
+async function erasureCertificate(event) {
+  event.preventDefault();
+  $("audit-error").textContent = "";
+  try {
+    const certificate = await api(`/v1/privacy/erasures/${encodeURIComponent($("audit-request").value.trim())}`);
+    $("audit-certificate").textContent = JSON.stringify(certificate, null, 2);
+  } catch (error) { auditFailed(error); }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   for (const button of document.querySelectorAll("#tabs button")) button.addEventListener("click", () => show(button.dataset.panel));
   $("key-form").addEventListener("submit", (event) => { event.preventDefault(); useKey($("api-key").value.trim()); });
@@ -326,6 +380,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("reject-form").addEventListener("submit", rejectLink);
   $("dlq-form").addEventListener("submit", listDeadLetters);
   $("dlq-replay").addEventListener("click", replayDeadLetter);
+  $("audit-verify").addEventListener("click", verifyLedger);
+  $("audit-subject-form").addEventListener("submit", subjectTimeline);
+  $("audit-attribute-form").addEventListener("submit", attributeProvenance);
+  $("audit-erasure-form").addEventListener("submit", erasureCertificate);
   if (state.key) { $("api-key").value = state.key; useKey(state.key); }
   show((location.hash || "#overview").slice(1));
   refreshOverview();

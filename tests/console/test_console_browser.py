@@ -154,3 +154,32 @@ def test_dead_letter_browser_shows_reasons_and_the_payload_as_text(browser, scen
     assert page.locator("#dlq-payload script").count() == 0
     shot(page, "dead-letters")
     page.close()
+
+
+def test_an_auditor_verifies_the_ledger_and_reads_a_subjects_timeline(browser, scenario):
+    page = open_console(browser, scenario, "auditor")
+    page.click("#tabs button[data-panel=audit]")
+    page.click("#audit-verify")
+    entries = scenario.get("/v1/audit/verify").json()["entries"]
+    expect(page.locator("#audit-verify-status")).to_contain_text(f"intact: {entries} entries")
+
+    page.fill("#audit-identifier", "email:cy@example.org")
+    page.click("#audit-subject-form button[type=submit]")
+    timeline = scenario.get("/v1/audit/subjects/email:cy@example.org").json()["timeline"]
+    # Header row plus one row per timeline entry, each naming its event.
+    expect(page.locator("#audit-timeline tr")).to_have_count(len(timeline) + 1)
+    expect(page.locator("#audit-timeline")).to_contain_text("applied")
+    shot(page, "audit")
+
+    page.fill("#audit-request", "no-such-request")
+    page.click("#audit-erasure-form button[type=submit]")
+    expect(page.locator("#audit-error")).to_contain_text("404")
+    page.close()
+
+
+def test_a_reader_is_refused_the_audit_views(browser, scenario):
+    page = open_console(browser, scenario, "web")
+    page.click("#tabs button[data-panel=audit]")
+    page.click("#audit-verify")
+    expect(page.locator("#audit-error")).to_contain_text("auditor and admin")
+    page.close()
