@@ -106,16 +106,20 @@ def instrument(metrics: WorkerMetrics) -> None:
     quarantine = Pipeline._quarantine
     emit_seconds = metrics.stage_seconds.labels("emit").observe
 
-    def _process_once(self: Pipeline, batch: Any, emit: Callable[..., None]) -> BatchReport:
+    def _process_once(
+        self: Pipeline, batch: Any, emit: Callable[..., None], *rest: Any
+    ) -> BatchReport:
         started = time.perf_counter()
-        report = process_once(self, batch, _timed(emit, emit_seconds))
+        report = process_once(self, batch, _timed(emit, emit_seconds), *rest)
         metrics.batch_seconds.observe(time.perf_counter() - started)
         metrics.batch_size.observe(len(batch))
         metrics.count(report)
         return report
 
-    def _quarantine(self: Pipeline, record: Any, error: Any, emit: Callable) -> BatchReport:
-        report = quarantine(self, record, error, emit)
+    def _quarantine(
+        self: Pipeline, record: Any, error: Any, emit: Callable, *rest: Any
+    ) -> BatchReport:
+        report = quarantine(self, record, error, emit, *rest)
         metrics.count(report)
         return report
 
