@@ -21,6 +21,8 @@ from pipelines.pipeline import OutRecord
 from profiles.access import SUBJECT_ACCESS, ApiKey, Keyring
 from profiles.audit_api import audit_router
 from profiles.operator_api import mount_console, operator_router
+from profiles.responses import error_response as _error
+from profiles.responses import json_response as _json
 from profiles.segments import Segment, load_segments
 from profiles.store import QUALITY_BUCKETS, ProfileStore
 
@@ -29,14 +31,6 @@ MAX_TRAITS = 64  # names per ?traits= selection
 MAX_PAGE = 1000  # members per page
 
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key (see README)")
-
-
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
-
-
-def _error(status: int, code: str, detail: str) -> Response:
-    return _json({"error": code, "detail": detail}, status)
 
 
 class ErasureRequestBody(BaseModel):

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-import orjson
 import pyarrow as pa
 from fastapi import APIRouter, Query, Security
 from fastapi.responses import Response
@@ -14,6 +13,8 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
 from consent.audit import EXPORT_FORMATS, Audit, parse_subject, write_export
+from profiles.responses import error_response as _error
+from profiles.responses import json_response as _json
 from profiles.store import ProfileStore
 
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key (see README)")
@@ -129,14 +130,6 @@ class AttributeProvenance(BaseModel):
     views: list[AttributeView]
     events: list[Admission] = Field(..., description="every event that produced it, oldest first")
     truncated: bool
-
-
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
-
-
-def _error(status: int, code: str, detail: str) -> Response:
-    return _json({"error": code, "detail": detail}, status)
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

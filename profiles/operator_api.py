@@ -13,7 +13,6 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, FastAPI, Query, Security
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -22,18 +21,12 @@ from pydantic import BaseModel, Field
 
 from profiles.access import ApiKey
 from profiles.metrics import CachedLag, api_registry
+from profiles.responses import error_response as _error
+from profiles.responses import json_response as _json
 from profiles.store import ProfileStore
 
 Authorize = Callable[..., "ApiKey | Response"]
 CONSOLE_FILES = Path(str(files("profiles").joinpath("console")))
-
-
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
-
-
-def _error(status: int, code: str, detail: str) -> Response:
-    return _json({"error": code, "detail": detail}, status)
 
 
 class DeadLetterReplay(BaseModel):
