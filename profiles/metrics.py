@@ -24,7 +24,7 @@ log = logging.getLogger("tessera.metrics")
 
 # Tables whose row counts are exported as store sizes.
 STORE_TABLES = (
-    "profiles",
+    "profile_documents",
     "profile_identifiers",
     "event_outcomes",
     "identity_events",
