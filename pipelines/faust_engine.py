@@ -3,7 +3,8 @@
 Faust owns consumption and the consumer group; the Pipeline owns every decision, its
 state and the offsets that state reflects. Outputs are produced (and acknowledged)
 before the state commits, with the next offsets in the same DuckDB transaction, so a
-crash replays at most the batch in flight and event keys make the replay a no-op.
+crash replays at most the batch in flight, cut exactly as it was (pipelines/replay.py),
+and event keys make the replay a no-op.
 
 Why the worker seeks to the offsets stored in DuckDB rather than Faust's committed ones:
 Faust commits what it has acknowledged on its own timer, independently of our DuckDB
@@ -43,6 +44,7 @@ from pipelines import topics
 from pipelines.bundles import decode_bundle
 from pipelines.kafka import BatchProducer, faust_credentials
 from pipelines.pipeline import BatchReport, Pipeline, SourceRecord
+from pipelines.replay import ReplayCut, Unit
 
 log = logging.getLogger("tessera.worker")
 
@@ -54,6 +56,8 @@ class StageRunner:
     def __init__(self, pipeline: Pipeline, producer: BatchProducer) -> None:
         self.pipeline = pipeline
         self.producer = producer
+        # After a crash between a batch's outputs and its commit: replay it as it was cut.
+        self.replay = ReplayCut(pipeline.interrupted_extent())
         self._lock = threading.Lock()
         self._closed = False
 
@@ -166,8 +170,22 @@ def source_records(events: list[EventT]) -> list[SourceRecord]:
     ]
 
 
+def consumed_units(events: list[EventT], bundled: bool) -> list[Unit]:
+    """What was consumed, position by position: each record itself, or a bundle and the
+    records it carries."""
+    if not bundled:
+        return [Unit(r, (r,)) for r in source_records(events)]
+    return [
+        Unit(
+            SourceRecord(e.message.topic, e.message.partition, e.message.offset, None),
+            decode_bundle(e.message.value),
+        )
+        for e in events
+    ]
+
+
 def bundled_batches(
-    events: list[EventT], batch_size: int
+    units: Sequence[Unit], batch_size: int
 ) -> list[tuple[list[SourceRecord], list[SourceRecord]]]:
     """Bundles from ingest workers as batches of whole bundles of about `batch_size`
     records each: (records, the bundles' own positions) per batch, in bundle order.
@@ -178,10 +196,9 @@ def bundled_batches(
     batches: list[tuple[list[SourceRecord], list[SourceRecord]]] = []
     records: list[SourceRecord] = []
     positions: list[SourceRecord] = []
-    for event in events:
-        message = event.message
-        records += decode_bundle(message.value)
-        positions.append(SourceRecord(message.topic, message.partition, message.offset, None))
+    for unit in units:
+        records += unit.records
+        positions.append(unit.position)
         if len(records) >= batch_size:
             batches.append((records, positions))
             records, positions = [], []
@@ -245,9 +262,15 @@ def build_app(
     async def run_stages(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
         async for events in stream.take_events(take, within=batch_ms / 1000):
-            batches = (
-                bundled_batches(events, batch_size) if bundled else [(source_records(events), [])]
-            )
+            batches = [
+                batch
+                for run in runner.replay.cut(consumed_units(events, bundled))
+                for batch in (
+                    bundled_batches(run, batch_size)
+                    if bundled
+                    else [([r for u in run for r in u.records], [])]
+                )
+            ]
             for batch, consumed in batches:
                 # DuckDB and the producer block: keep the event loop free for heartbeats.
                 # On SIGTERM this await is cancelled, but the thread finishes the batch and

@@ -23,6 +23,10 @@ and waits for the broker's acknowledgement *before* the DuckDB state commits. A 
 between the two replays the batch from the last checkpoint; the event keys recorded in
 DuckDB make the replay a no-op (nothing doubled), and a checkpoint never covers a record
 that is neither processed nor in the checkpointed buffer (nothing lost).
+Not yet here: the Faust engine replays an interrupted batch cut exactly as it was
+(pipelines/replay.py), so a person the interrupted attempt minted and published cannot
+be minted under another id by the replay; this operator refills its batch from the
+checkpointed buffer and whatever arrives next, which can cut it differently.
 
 Order within a batch does not depend on the engine: Pipeline.process sorts each batch
 by (topic, partition, offset). Given the same batches, the Faust and Flink engines

@@ -54,7 +54,11 @@ CREATE TABLE IF NOT EXISTS outcomes (
 CREATE TABLE IF NOT EXISTS source_offsets (
     topic VARCHAR, "partition" INTEGER, next_offset BIGINT, PRIMARY KEY (topic, "partition")
 );
+CREATE TABLE IF NOT EXISTS batch_journal (slot INTEGER PRIMARY KEY, extent VARCHAR);
 """
+
+# Where a batch was read: (topic, partition) -> (first offset, last offset), both included.
+Extent = dict[tuple[str, int], tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,31 @@ class Pipeline:
         rows = self.conn.execute('SELECT topic, "partition", next_offset FROM source_offsets')
         return {(t, p): o for t, p, o in rows.fetchall()}
 
+    def interrupted_extent(self) -> Extent:
+        """The part of the last journalled batch the state does not hold: empty unless the
+        process stopped between that batch's outputs and its commit."""
+        rows = self.conn.execute("SELECT extent FROM batch_journal WHERE slot = 0").fetchall()
+        if not rows:
+            return {}
+        committed = self.committed_offsets()
+        pending: Extent = {}
+        for topic, partition, first, last in orjson.loads(rows[0][0]):
+            done = committed.get((topic, partition), 0)
+            if done <= last:
+                pending[(topic, partition)] = (max(first, done), last)
+        return pending
+
+    def _journal(self, positions: Sequence[SourceRecord]) -> None:
+        """Record where this batch was read, before it runs, in a commit of its own."""
+        extent: dict[tuple[str, int], list[int]] = {}
+        for record in positions:
+            span = extent.setdefault((record.topic, record.partition), [record.offset] * 2)
+            span[0], span[1] = min(span[0], record.offset), max(span[1], record.offset)
+        rows = [[t, p, first, last] for (t, p), (first, last) in sorted(extent.items())]
+        self.conn.execute(
+            "INSERT OR REPLACE INTO batch_journal VALUES (0, ?)", [orjson.dumps(rows).decode()]
+        )
+
     def process(
         self,
         batch: Sequence[SourceRecord],
@@ -229,11 +258,24 @@ class Pipeline:
         The batch is processed in (topic, partition, offset) order, so how an engine
         interleaved the partitions it consumed changes nothing (engine parity).
 
+        Before anything runs, the batch's extent is journalled (committed on its own): if
+        the process dies after emitting and before the commit, `interrupted_extent` tells
+        the engine which batch to replay, exactly (pipelines/replay.py).
+
         A stage that raises on some event's content would fail every retry of the batch
         and stall its partition: the batch is split until the event that fails alone is
         found, and that event is dead-lettered with `internal_error`; the rest proceed.
         """
         batch = sorted(batch, key=source_position)
+        self._journal(consumed or batch)
+        return self._process_split(batch, emit, consumed)
+
+    def _process_split(
+        self,
+        batch: Sequence[SourceRecord],
+        emit: Callable[[list[OutRecord]], None],
+        consumed: Sequence[SourceRecord] = (),
+    ) -> BatchReport:
         try:
             return self._process_once(batch, emit, consumed)
         except _StageFailure as failure:
@@ -242,8 +284,8 @@ class Pipeline:
             log.warning("a stage failed on a batch of %d; isolating the event", len(batch))
             half = len(batch) // 2
             # `consumed` is done only when the last part is: it commits with that part.
-            first = self.process(batch[:half], emit)
-            return first.merged(self.process(batch[half:], emit, consumed))
+            first = self._process_split(batch[:half], emit)
+            return first.merged(self._process_split(batch[half:], emit, consumed))
 
     def _process_once(
         self,
