@@ -18,6 +18,9 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from consent.keys import KEY_STORE_ENV, SubjectKeyStore
+from pipelines import topics
+from pipelines.kafka import read_topic
 from pipelines.produce import produce_events, read_lines
 from pipelines.stack import LocalStack
 from profiles.access import KEYS_ENV, write_keyring
@@ -124,6 +127,9 @@ def run_demo(
         ],
     )
     os.environ[KEYS_ENV] = str(keys_file)
+    # Per-subject keys shared by the producer, the worker and the API (they inherit the
+    # variable): what reaches the topics is sealed, so an erasure can shred it there too.
+    os.environ[KEY_STORE_ENV] = str(data_dir / "subject-keys.sqlite")
     headers = {"X-API-Key": keys["admin"]}
     with console.status("starting the embedded broker, the worker and the profile API"):
         stack = LocalStack(
@@ -139,7 +145,11 @@ def run_demo(
         expected = Counter(row["expected_outcome"] for row in truth)
         started = time.monotonic()
         with console.status("producing to Kafka"):
-            per_topic = produce_events(read_lines(events_file), stack.bootstrap)
+            per_topic = produce_events(
+                read_lines(events_file),
+                stack.bootstrap,
+                keys=SubjectKeyStore(os.environ[KEY_STORE_ENV]),
+            )
         produced_s = time.monotonic() - started
         with console.status("waiting for every event to reach an outcome"):
             stats = wait_until_processed(stack.api_url, len(truth) - expected["duplicate"])
@@ -152,6 +162,8 @@ def run_demo(
         shown = _example_user_ids(events_file, 3)
         _print_profiles(console, stack.api_url, shown, headers)
         _print_explanation(console, stack.api_url, shown[0] if shown else None, headers)
+        if len(shown) > 1:
+            _print_compliance(console, stack, shown[-1], headers, {"X-API-Key": keys["auditor"]})
         console.print(f"\nfiles: {events_file}  {truth_file}  logs: {data_dir / 'stack' / 'logs'}")
         if keep_running:
             console.print(f"\nThe stack is up. Broker {stack.bootstrap}")
@@ -280,6 +292,92 @@ def _print_explanation(
     console.print(
         f"{len(body['records'])} identity records, {len(body['links'])} links, "
         f"{sum(1 for h in body['history'] if h['kind'] == 'merge')} merges in its history"
+    )
+
+
+def _poll(
+    fetch: Callable[[], httpx.Response], status: int = 200, timeout: float = 120
+) -> httpx.Response:
+    """`fetch` until it answers `status` (or the timeout passes): the last answer."""
+    deadline = time.monotonic() + timeout
+    while (response := fetch()).status_code != status and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return response
+
+
+def _print_compliance(
+    console: Console,
+    stack: LocalStack,
+    user_id: str,
+    admin: dict[str, str],
+    auditor: dict[str, str],
+) -> None:
+    """What an auditor asks: is the ledger intact, what happened to this subject, and the
+    proof that an erasure left nothing readable behind."""
+    api = stack.api_url
+    console.rule("Compliance: the lineage ledger, a subject's timeline, an erasure")
+    verify = httpx.get(f"{api}/v1/audit/verify", headers=auditor, timeout=60).json()
+    chain = "intact" if verify["ok"] else f"BROKEN at entry {verify['first_broken_seq']}"
+    console.print(
+        f"ledger (GET /v1/audit/verify): {verify['entries']:,} hash-chained entries, chain {chain}"
+    )
+    timeline = httpx.get(
+        f"{api}/v1/audit/subjects/user_id:{user_id}", headers=auditor, timeout=30
+    ).json()
+    counts = ", ".join(f"{kind} {n}" for kind, n in timeline.get("counts", {}).items())
+    console.print(f"user {user_id}'s timeline (GET /v1/audit/subjects/…): {counts}")
+
+    answer = httpx.post(
+        f"{api}/v1/privacy/erasures",
+        json={"type": "user_id", "value": user_id, "requested_by": "demo"},
+        headers=admin,
+        timeout=30,
+    ).json()
+    certificate = _poll(
+        lambda: httpx.get(
+            f"{api}/v1/privacy/erasures/{answer['request_id']}", headers=auditor, timeout=10
+        )
+    )
+    if certificate.status_code != 200:
+        console.print(f"erasure {answer['request_id']}: no certificate yet ({certificate.text})")
+        return
+    cert = certificate.json()
+    table = Table(title=f"Erasure certificate {cert['request_id']} (no PII in it)")
+    table.add_column("where")
+    table.add_column("erased", justify="right")
+    for where, counts in cert["erased"].items():
+        for name, count in counts.items():
+            if count:
+                table.add_row(f"{where}: {name}", f"{count:,}")
+    console.print(table)
+    ledger = cert.get("ledger") or {}
+    console.print(
+        f"persons erased {cert['persons_erased']}, split off {cert['persons_split_off']}; "
+        f"ledger entry {ledger.get('seq')} ({str(ledger.get('hash'))[:16]}…)"
+    )
+    gone = _poll(
+        lambda: httpx.get(
+            f"{api}/v1/profiles/lookup",
+            params={"type": "user_id", "value": user_id, "purpose": "subject_access"},
+            headers=admin,
+            timeout=10,
+        ),
+        status=404,
+        timeout=30,
+    )
+    needle = user_id.encode()
+    found = {
+        topic: sum(
+            needle in b"".join([key or b"", value or b"", *(v for _, v in headers)])
+            for _, _, key, value, headers in read_topic(stack.bootstrap, topic, timeout=10)
+        )
+        for topic in (spec.name for spec in topics.topic_specs())
+    }
+    plaintext = {topic: n for topic, n in found.items() if n}
+    console.print(
+        f"lookup by user_id now: HTTP {gone.status_code}; a scan of all {len(found)} topics "
+        f"finds the user id in plaintext "
+        + (f"in {plaintext}" if plaintext else "nowhere (sealed copies are unreadable)")
     )
 
 
