@@ -30,13 +30,18 @@ from synthetic.events import write_dataset
 def wait_until_processed(
     api_url: str, expected: int, timeout: float = 600, stall: float = 120
 ) -> dict[str, Any]:
-    """Poll /v1/stats until `expected` events have an outcome. Raises TimeoutError on a stall."""
+    """Poll /v1/stats until `expected` events have an outcome and the API's replica has
+    applied everything on the topics (the changelog of the last batch can arrive after its
+    outcomes): seen at the end twice in a row. Raises TimeoutError on a stall."""
     deadline = time.monotonic() + timeout
     last, last_change = -1, time.monotonic()
+    settled = 0
     while True:
         stats = httpx.get(f"{api_url}/v1/stats", timeout=10).json()
         if stats["received"] >= expected:
-            return stats
+            settled = settled + 1 if stats.get("replica", {}).get("at_end", True) else 0
+            if settled >= 2:
+                return stats
         now = time.monotonic()
         if stats["received"] != last:
             last, last_change = stats["received"], now

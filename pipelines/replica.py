@@ -30,6 +30,8 @@ class ReplicaFollower:
         # Partitions read to their end at least once since start. End of partition comes from
         # fetch responses' high-water mark, which Tansu reports correctly (ListOffsets it does not).
         self._at_end: set[tuple[str, int]] = set()
+        # Partitions with records applied since their last end-of-partition: not at the end.
+        self._behind: set[tuple[str, int]] = set()
         self._assigned: set[tuple[str, int]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -48,6 +50,14 @@ class ReplicaFollower:
     def caught_up(self) -> bool:
         """True once every followed partition has been read to its end since start."""
         return bool(self._assigned) and self._assigned <= self._at_end
+
+    @property
+    def at_end(self) -> bool:
+        """True when every followed partition's last fetch found nothing more to read and
+        all that came before it is applied: the store holds everything on the topics as
+        of that fetch. (Counts on one topic can be complete before another topic's records
+        of the same batch, say the changelog's, are applied: wait for this, not for them.)"""
+        return self.caught_up and not self._behind
 
     @property
     def alive(self) -> bool:
@@ -88,15 +98,18 @@ class ReplicaFollower:
             while not self._stop.is_set():
                 messages = consumer.consume(num_messages=self.batch_size, timeout=0.2)
                 records = []
+                # In consumed order: a partition is at its end if its last word was EOF.
+                ended: dict[tuple[str, int], bool] = {}
                 for message in messages:
                     error = message.error()
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
-                            self._at_end.add((message.topic(), message.partition()))
+                            ended[(message.topic(), message.partition())] = True
                         else:
                             self.last_error = str(error)
                             log.warning("replica consume error: %s", error)
                         continue
+                    ended[(message.topic(), message.partition())] = False
                     records.append(
                         ConsumedRecord(
                             message.topic(),
@@ -110,6 +123,12 @@ class ReplicaFollower:
                 if records:
                     self.store.apply(records)
                     self.applied += len(records)
+                for position, at_end in ended.items():  # only once applied
+                    if at_end:
+                        self._at_end.add(position)
+                        self._behind.discard(position)
+                    else:
+                        self._behind.add(position)
         except Exception as exc:  # surfaced on /healthz; the thread must not die silently
             self.last_error = repr(exc)
             log.exception("replica follower stopped")

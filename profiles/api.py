@@ -181,7 +181,11 @@ def create_app(
 
     @app.get("/v1/stats", summary="Counts of every outcome, persons and merges")
     def stats() -> Response:
-        return _json(store.stats())
+        counts = store.stats()
+        if follower is not None:
+            # at_end: the counts include everything on the topics as of the last fetch.
+            counts["replica"] = {"caught_up": follower.caught_up, "at_end": follower.at_end}
+        return _json(counts)
 
     @app.get("/v1/quality", summary="Rejections per time bucket, source and reason; alerts")
     def quality(
