@@ -259,19 +259,28 @@ def drive(
 
 
 def run_profiles_bench(
-    count: int, rates: list[float], seconds: float, workdir: Path
+    count: int, rates: list[float], seconds: float, workdir: Path, reuse: bool = False
 ) -> dict[str, Any]:
     """Load `count` profiles, serve them, drive lookups at each rate in turn; the figures.
 
     Each run sends lookups at its rate and trivial calls at a tenth of it, for `seconds`.
+    Before it, a calibration run sends only trivial calls at the same total rate: what the
+    load generator and the bare server achieve together. `reuse`: keep a store of `count`
+    profiles that an earlier run left in `workdir` (building 1M takes tens of minutes).
     """
     from profiles.access import write_keyring
 
     workdir.mkdir(parents=True, exist_ok=True)
     db = workdir / "profiles.duckdb"
-    for stale in (db, workdir / "profiles.duckdb.wal"):
-        stale.unlink(missing_ok=True)
-    loaded = load_store(db, count)
+    marker = workdir / "store.json"  # what the store file holds, so a later run can reuse it
+    built = orjson.loads(marker.read_bytes()) if reuse and marker.exists() else {}
+    if built.get("profiles") == count and db.exists():
+        loaded = {k: v for k, v in built.items() if k != "profiles"}
+    else:
+        for stale in (db, workdir / "profiles.duckdb.wal", marker):
+            stale.unlink(missing_ok=True)
+        loaded = load_store(db, count)
+        marker.write_bytes(orjson.dumps({"profiles": count, **loaded}))
     keys = write_keyring(
         workdir / "keys.yaml", [{"name": READER, "role": "reader", "purposes": [PURPOSE]}]
     )
@@ -295,7 +304,11 @@ def run_profiles_bench(
         _wait_until_serving(port, server)
         rss_start = _rss_mb(server.pid)
         for rate in rates:
-            runs.append(_load_run(port, workdir / "ids.txt", rate, seconds, keys[READER]))
+            run = _load_run(port, workdir / "ids.txt", rate, seconds, keys[READER])
+            run["calibration"] = _load_run(
+                port, workdir / "ids.txt", 0, min(seconds, 20), keys[READER], rate * 1.1
+            )
+            runs.append(run)
         rss_end = _rss_mb(server.pid)
     finally:
         server.terminate()
@@ -329,8 +342,11 @@ def _wait_until_serving(port: int, server: subprocess.Popen) -> None:
             time.sleep(0.2)
 
 
-def _load_run(port: int, ids: Path, rate: float, seconds: float, key: str) -> dict[str, Any]:
-    """One load process at `rate` lookups/s (and rate/10 trivial calls/s)."""
+def _load_run(
+    port: int, ids: Path, rate: float, seconds: float, key: str, trivial: float | None = None
+) -> dict[str, Any]:
+    """One load process at `rate` lookups/s and `trivial` calls/s (default: rate/10)."""
+    trivial = rate / 10 if trivial is None else trivial
     driver = subprocess.run(
         [
             sys.executable,
@@ -340,7 +356,7 @@ def _load_run(port: int, ids: Path, rate: float, seconds: float, key: str) -> di
             str(port),
             str(ids),
             str(rate),
-            str(rate / 10),
+            str(trivial),
             str(seconds),
             key,
         ],
