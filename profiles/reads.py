@@ -16,8 +16,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from starlette.concurrency import run_in_threadpool
-
 T = TypeVar("T")
 
 
@@ -80,42 +78,44 @@ class DocumentCache:
 
 
 class CoalescedReads(Generic[T]):
-    """Keyed reads for an event loop: one query in flight, and the reads that arrive while
-    it runs share the next one (at most `max_batch` keys).
+    """Keyed reads for an event loop: the reads that reach the loop together share one
+    `fetch` (at most `max_batch` keys per call).
 
-    A lone read on an idle server gets a query of its own at once; under load the cost
-    of a query is shared by every request waiting for it. `fetch` runs in the thread
-    pool (DuckDB releases the GIL while it works, so the loop keeps serving meanwhile)
-    and maps each key it was given to its value (absent: None).
+    A read registers its key and yields; the fetch runs once the loop has given every
+    request that arrived with it its turn, so a lone read on an idle server waits for
+    nothing, and under load one query serves every request that queued meanwhile.
+    `fetch` maps each key it was given to its value (absent: None). It runs on the loop
+    itself: a hop to a worker thread costs more than the point query it would overlap.
     """
 
     def __init__(self, fetch: Callable[[list[str]], dict[str, T | None]], max_batch: int = 100):
         self._fetch = fetch
         self._max_batch = max_batch
         self._pending: dict[str, list[asyncio.Future]] = {}
-        self._draining: asyncio.Task | None = None
 
     async def get(self, key: str) -> T | None:
         """The value for `key`, read together with whatever else is waiting."""
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._drain)
         self._pending.setdefault(key, []).append(future)
-        if self._draining is None or self._draining.done():
-            self._draining = asyncio.create_task(self._drain())
         return await future
 
-    async def _drain(self) -> None:
-        while self._pending:
-            keys = list(self._pending)[: self._max_batch]
-            waiters = [(key, self._pending.pop(key)) for key in keys]
+    def _drain(self) -> None:
+        waiting = list(self._pending.items())
+        self._pending.clear()
+        for start in range(0, len(waiting), self._max_batch):
+            batch = waiting[start : start + self._max_batch]
             try:
-                found = await run_in_threadpool(self._fetch, keys)
+                found = self._fetch([key for key, _ in batch])
             except Exception as exc:  # every waiter of this query sees the failure
-                for _, futures in waiters:
+                for _, futures in batch:
                     for future in futures:
                         if not future.done():
                             future.set_exception(exc)
                 continue
-            for key, futures in waiters:
+            for key, futures in batch:
                 for future in futures:
                     if not future.done():  # a caller that hung up was cancelled
                         future.set_result(found.get(key))
