@@ -12,7 +12,9 @@ Writes (or replaces) the "Profile API" section of BENCHMARKS.md. Steps:
 4. Load: another process sends GET /v1/profiles/{id}?purpose=... for random stored ids
    at a fixed rate (open loop: requests leave on schedule whether or not earlier ones
    have answered), interleaved with GET /healthz, the trivial endpoint of the same
-   server, so both are measured in the same run under the same load.
+   server, so both are measured in the same run under the same load. After each rate,
+   a calibration run sends only trivial calls at the same total rate: whether the
+   generator itself (and the bare server) keeps up on the machine as it is.
 5. Footprint: the store file's size and the server's resident memory after the run.
 """
 

@@ -131,6 +131,7 @@ class ProfileStore:
         # Point reads keep one cursor per thread: opening one costs as much as a lookup.
         self._cursors = threading.local()
         self._opened: list[duckdb.DuckDBPyConnection] = []
+        self._opened_lock = threading.Lock()  # not the write lock: a read must not wait for a write
 
     def close(self) -> None:
         for cur in self._opened:
@@ -146,7 +147,7 @@ class ProfileStore:
         cur = getattr(self._cursors, "cur", None)
         if cur is None:
             cur = self._cursors.cur = self.conn.cursor()
-            with self._write_lock:
+            with self._opened_lock:
                 self._opened.append(cur)
         return cur
 
