@@ -284,7 +284,7 @@ def run_profiles_bench(
     marker = workdir / "store.json"  # what the store file holds, so a later run can reuse it
     built = orjson.loads(marker.read_bytes()) if reuse and marker.exists() else {}
     if built.get("profiles") == count and db.exists():
-        loaded = {k: v for k, v in built.items() if k != "profiles"}
+        loaded = {k: v for k, v in built.items() if k != "profiles"} | {"reused": True}
     else:
         for stale in (db, workdir / "profiles.duckdb.wal", marker):
             stale.unlink(missing_ok=True)
@@ -412,6 +412,7 @@ def render(f: dict[str, Any], command: str) -> str:
             f"{alone['trivial']['p99_ms']:.2f} ms |"
         )
     table = "\n".join(rows)
+    reused = " (by an earlier run: this one reused its store)" if f.get("reused") else ""
     return f"""{SECTION}
 
 Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},
@@ -423,7 +424,7 @@ under the same load, is the figure to read. Run {datetime.now(UTC).date().isofor
 {f["profiles"]:,} stored profiles ({f["templates"]} real changelog document shapes from the
 pipeline, {f["doc_bytes_mean"]:,.0f} bytes each on average, every view and daily bucket
 included), loaded through `ProfileStore.apply` in person-id order, 50,000 per
-transaction: documents made in {f["generate_s"]:.0f} s, applied in {f["apply_s"]:.0f} s.
+transaction: documents made in {f["generate_s"]:.0f} s, applied in {f["apply_s"]:.0f} s{reused}.
 The API (uvicorn with httptools and uvloop, one process) and the load generator (another
 process on uvloop, open loop over {CONNECTIONS} keep-alive connections) share the machine.
 `GET /v1/profiles/{{id}}?purpose={PURPOSE}` for random ids among {f["sampled_ids"]:,} drawn
