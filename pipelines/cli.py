@@ -211,7 +211,16 @@ def serve(
             keyring=keyring,
             bootstrap=bootstrap,
         )
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        # The request path of a web page: uvloop, the C HTTP parser, no access log.
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            log_level="warning",
+            access_log=False,
+        )
     finally:
         follower.stop()
         producer.close()

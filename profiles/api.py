@@ -21,6 +21,7 @@ from pipelines.pipeline import OutRecord
 from profiles.access import SUBJECT_ACCESS, ApiKey, Keyring
 from profiles.audit_api import audit_router
 from profiles.operator_api import mount_console, operator_router
+from profiles.reads import CoalescedReads
 from profiles.responses import error_response as _error
 from profiles.responses import json_response as _json
 from profiles.segments import Segment, load_segments
@@ -114,6 +115,8 @@ def create_app(
     if segments is None:
         segments = load_segments(store.traits, purposes)
     purposes = purposes | {SUBJECT_ACCESS}
+    # Lookups by person id that arrive together share one query (see profiles/reads.py).
+    documents = CoalescedReads(store.documents)
 
     def authorize(secret: str | None, *roles: str) -> ApiKey | Response:
         """The caller's key if it has one of `roles`; else the 401 or 403 to answer with."""
@@ -336,7 +339,8 @@ def create_app(
             return names
         if len(person_id) > 128:
             return _error(400, "invalid_person_id", "person ids are at most 128 characters")
-        profile = store.get(person_id, purpose)
+        doc = await documents.get(person_id)
+        profile = store.view_of(doc, purpose) if doc else None  # type: ignore[arg-type]
         if profile is None:
             return _error(404, "not_found", f"no {purpose} profile {person_id!r}")
         return _etagged(select_traits(profile, names), if_none_match)

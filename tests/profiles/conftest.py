@@ -21,6 +21,19 @@ class Served:
     url: str
     run: object
     keys: dict[str, str]
+    store: ProfileStore
+    applied: int  # pipeline outputs the store holds
+
+    def catch_up(self) -> None:
+        """Apply the pipeline's outputs the store has not seen yet, as the follower would."""
+        self.store.apply(
+            [
+                ConsumedRecord(o.topic, 0, offset, o.key, o.value, o.headers)
+                for offset, o in enumerate(self.run.outputs)
+                if offset >= self.applied
+            ]
+        )
+        self.applied = len(self.run.outputs)
 
     def get(self, path: str, key: str | None = "web", **params):
         headers = {"X-API-Key": self.keys[key]} if key else {}
@@ -89,7 +102,7 @@ def served(tmp_path, run, make_event):
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    yield Served(f"http://127.0.0.1:{port}", run, keys)
+    yield Served(f"http://127.0.0.1:{port}", run, keys, store, len(run.outputs))
     server.should_exit = True
     thread.join(5)
     store.close()
