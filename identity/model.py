@@ -299,14 +299,15 @@ class ScoringModel:
             cols for cols in map(equality_columns, self.blocking_conditions) if cols
         ]
         self.other_conditions = [c for c in self.blocking_conditions if not equality_columns(c)]
-        self.columns = sorted(
+        # The record columns the comparisons read; `columns` adds the term-frequency ones.
+        self.model_columns = sorted(
             {
                 col.unquote().name
                 for c in settings.comparisons
                 for col in c._input_columns_used_by_case_statement
             }
-            | set(self.tf_columns)
         )
+        self.columns = sorted(set(self.model_columns) | set(self.tf_columns))
         self._labels = {
             c.output_column_name: {
                 level.comparison_vector_value: level.label_for_charts
@@ -371,17 +372,6 @@ class ScoringModel:
                 SELECT {UNIQUE_ID}_l, {UNIQUE_ID}_r, {cases} FROM __splink__blocked
             """
         return self._sql[key]
-
-    @property
-    def model_columns(self) -> list[str]:
-        """The record columns the comparisons read (term-frequency columns aside)."""
-        return sorted(
-            {
-                col.unquote().name
-                for c in self._settings.comparisons
-                for col in c._input_columns_used_by_case_statement
-            }
-        )
 
     def weigh(
         self, gammas: dict[str, int], tf_l: dict[str, float | None], tf_r: dict[str, float | None]
