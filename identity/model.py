@@ -2,9 +2,11 @@
 
 Training is Splink's own (u by random sampling, m by expectation maximisation, term
 frequencies); the model is Splink's settings JSON. At stream time the model's SQL is
-generated once (comparison vectors, match weights, term-frequency adjustments) and run
-in the identity store's own DuckDB over each micro-batch's candidate pairs: Splink's
-per-call set-up costs more than scoring a whole batch, so it is paid once per model.
+generated once and run in the identity store's own DuckDB over each micro-batch's
+candidate pairs: Splink's per-call set-up costs more than scoring a whole batch, so it is
+paid once per model. The stream runs only the comparison levels as SQL (binding Splink's
+whole prediction SQL cost more than running it) and applies Splink's arithmetic for match
+weights and term-frequency adjustments to the levels (`weigh`), with the same result.
 """
 
 from __future__ import annotations
@@ -265,6 +267,8 @@ class ScoringModel:
     `score_sql(pairs, records)` reads a relation of (`record_id_l`, `record_id_r`) pairs
     and a relation of records that carries RECORD_FIELDS plus `tf_<col>` columns, and
     yields Splink's match_weight, match_probability and per-comparison weights.
+    `gamma_sql` yields the comparison levels alone, and `weigh` turns one pair's levels
+    into the same weights.
     """
 
     def __init__(self, model: dict[str, Any], threshold: float = DEFAULT_THRESHOLD) -> None:

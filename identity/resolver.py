@@ -5,7 +5,8 @@ Each micro-batch of identity records is
 2. blocked against the store and against itself: deterministic candidates share a
    strong identifier (user_id, customer_id, email, phone, anonymous_id, device ids);
    probabilistic candidates satisfy one of the model's blocking rules,
-3. scored with the model's Splink SQL (a view, parsed once) in this DuckDB, and
+3. scored: Splink's comparison-level SQL (a view, parsed once) in this DuckDB, then
+   Splink's match-weight arithmetic over the levels and the index's term frequencies, and
 4. clustered: deterministic links first (strongest identifier first), then probabilistic
    links above the threshold, highest match weight first. A link that would give a
    person more identifiers of a type than the limit allows (two user_ids; a tablet's
