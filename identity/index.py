@@ -25,7 +25,6 @@ from identity.records import ATTRIBUTE_FIELDS, RECORD_FIELDS, STRONG_FIELDS
 
 Fields = dict[str, str | None]
 _STRONG_AT = [(name, RECORD_FIELDS.index(name)) for name in STRONG_FIELDS]
-_ATTRIBUTE_AT = frozenset(RECORD_FIELDS.index(name) for name in ATTRIBUTE_FIELDS)
 
 
 class CandidateIndex:
@@ -39,7 +38,7 @@ class CandidateIndex:
         self.terms: dict[str, dict[str, int]] = {c: defaultdict(int) for c in tf_columns}
         self.totals: dict[str, int] = dict.fromkeys(tf_columns, 0)
         self._key_getters = [_key_getter(rule) for rule in rules]
-        # record -> its fields (RECORD_FIELDS order); attribute values are interned: a
+        # record -> its fields (RECORD_FIELDS order: STRONG_FIELDS, then ATTRIBUTE_FIELDS); attribute values are interned: a
         # million records hold a few thousand distinct names, cities and dates.
         self.fields: dict[str, tuple[str | None, ...]] = {}
         self.person_of: dict[str, str] = {}  # record -> person
@@ -101,24 +100,30 @@ class CandidateIndex:
     def add(self, records: Iterable[tuple[str, Fields]]) -> None:
         """Index stored records (in arrival order: the first holder of a value anchors it)."""
         intern = sys.intern
+        store = self.fields
+        anchors = [(name, self.anchors[name]) for name in STRONG_FIELDS]
+        blocks = list(zip(self._key_getters, self.blocks, strict=True))
+        terms = [(column, self.terms[column]) for column in self.tf_columns]
+        totals = self.totals
         for record_id, fields in records:
-            self.fields[record_id] = tuple(
-                intern(value) if at in _ATTRIBUTE_AT and value is not None else value
-                for at, value in enumerate(map(fields.get, RECORD_FIELDS))
+            get = fields.get
+            store[record_id] = (
+                *map(get, STRONG_FIELDS),
+                *(None if v is None else intern(v) for v in map(get, ATTRIBUTE_FIELDS)),
             )
-            for name in STRONG_FIELDS:
-                value = fields.get(name)
-                if value is not None:
-                    self.anchors[name].setdefault(value, record_id)
-            for key_of, block in zip(self._key_getters, self.blocks, strict=True):
+            for name, anchor in anchors:
+                value = get(name)
+                if value is not None and value not in anchor:
+                    anchor[value] = record_id
+            for key_of, block in blocks:
                 key = key_of(fields)
                 if None not in key:
                     block[key].append(record_id)
-            for column in self.tf_columns:
-                value = fields.get(column)
+            for column, counts in terms:
+                value = get(column)
                 if value is not None:
-                    self.terms[column][value] += 1
-                    self.totals[column] += 1
+                    counts[value] += 1
+                    totals[column] += 1
 
     def deterministic_edges(self, new: dict[str, Fields]) -> list[tuple[str, str, str]]:
         """(new record, anchor, identifier type): each new record to the first record that

@@ -2,14 +2,17 @@
 
 Training is Splink's own (u by random sampling, m by expectation maximisation, term
 frequencies); the model is Splink's settings JSON. At stream time the model's SQL is
-generated once (comparison vectors, match weights, term-frequency adjustments) and run
-in the identity store's own DuckDB over each micro-batch's candidate pairs: Splink's
-per-call set-up costs more than scoring a whole batch, so it is paid once per model.
+generated once and run in the identity store's own DuckDB over each micro-batch's
+candidate pairs: Splink's per-call set-up costs more than scoring a whole batch, so it is
+paid once per model. The stream runs only the comparison levels as SQL (binding Splink's
+whole prediction SQL cost more than running it) and applies Splink's arithmetic for match
+weights and term-frequency adjustments to the levels (`weigh`), with the same result.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -264,6 +267,8 @@ class ScoringModel:
     `score_sql(pairs, records)` reads a relation of (`record_id_l`, `record_id_r`) pairs
     and a relation of records that carries RECORD_FIELDS plus `tf_<col>` columns, and
     yields Splink's match_weight, match_probability and per-comparison weights.
+    `gamma_sql` yields the comparison levels alone, and `weigh` turns one pair's levels
+    into the same weights.
     """
 
     def __init__(self, model: dict[str, Any], threshold: float = DEFAULT_THRESHOLD) -> None:
@@ -298,14 +303,15 @@ class ScoringModel:
             cols for cols in map(equality_columns, self.blocking_conditions) if cols
         ]
         self.other_conditions = [c for c in self.blocking_conditions if not equality_columns(c)]
-        self.columns = sorted(
+        # The record columns the comparisons read; `columns` adds the term-frequency ones.
+        self.model_columns = sorted(
             {
                 col.unquote().name
                 for c in settings.comparisons
                 for col in c._input_columns_used_by_case_statement
             }
-            | set(self.tf_columns)
         )
+        self.columns = sorted(set(self.model_columns) | set(self.tf_columns))
         self._labels = {
             c.output_column_name: {
                 level.comparison_vector_value: level.label_for_charts
@@ -315,6 +321,7 @@ class ScoringModel:
         }
         self._settings = settings
         self._sql: dict[tuple[str, str], str] = {}
+        self._weights = _MatchWeights(settings, model["probability_two_random_records_match"])
 
     def level_label(self, comparison: str, gamma: int) -> str:
         """The chart label of comparison level `gamma` (e.g. 'Exact match on email')."""
@@ -345,6 +352,101 @@ class ScoringModel:
             __splink__df_match_weight_parts AS ({parts["sql"]})
             {predict["sql"]}
         """
+
+    def gamma_sql(self, pairs: str, records: str) -> str:
+        """SQL giving each pair in relation `pairs` its comparison levels (`gamma_<c>`).
+
+        The records relation needs RECORD_FIELDS only (no term frequencies): `weigh`
+        turns the levels into match weights. Binding this query costs a third of binding
+        Splink's whole prediction SQL, which is most of what scoring a batch costs.
+        """
+        key = ("gamma", pairs, records)
+        if key not in self._sql:
+            columns = ", ".join(
+                f'l."{c}" AS "{c}_l", r."{c}" AS "{c}_r"' for c in self.model_columns
+            )
+            cases = ", ".join(c._case_statement for c in self._settings.comparisons)
+            self._sql[key] = f"""
+                WITH __splink__blocked AS (
+                    SELECT p.{UNIQUE_ID}_l, p.{UNIQUE_ID}_r, {columns}
+                    FROM {pairs} p
+                    JOIN {records} l ON l.{UNIQUE_ID} = p.{UNIQUE_ID}_l
+                    JOIN {records} r ON r.{UNIQUE_ID} = p.{UNIQUE_ID}_r
+                )
+                SELECT {UNIQUE_ID}_l, {UNIQUE_ID}_r, {cases} FROM __splink__blocked
+            """
+        return self._sql[key]
+
+    def weigh(
+        self, gammas: dict[str, int], tf_l: dict[str, float | None], tf_r: dict[str, float | None]
+    ) -> tuple[float, float, dict[str, float]]:
+        """Splink's match weight and probability of one pair from its comparison levels and
+        the term frequencies of both records' values; with each comparison's weight
+        (level weight plus term-frequency adjustment), as Splink's prediction SQL computes
+        them, term by term in the same order."""
+        return self._weights.weigh(gammas, tf_l, tf_r)
+
+
+class _MatchWeights:
+    """The arithmetic of Splink's prediction SQL (`predict_from_comparison_vectors_sqls`)
+    over a pair's comparison levels: per level its match weight, plus for exact-match levels
+    with term-frequency adjustment `weight * (log2(u_exact) - log2(max(tf_l, tf_r, u_min)))`."""
+
+    def __init__(self, settings: Any, prior: float) -> None:
+        from splink.internals.misc import prob_to_match_weight
+
+        self.prior = prob_to_match_weight(prior)
+        # comparison -> (level -> match weight, level -> (tf column, weight, log2 u, min u))
+        self.comparisons: list[tuple[str, dict[int, float], dict[int, tuple]]] = []
+        for comparison in settings.comparisons:
+            weights, adjustments = {}, {}
+            levels = comparison.comparison_levels
+            for level in levels:
+                value = level.comparison_vector_value
+                weights[value] = level._match_weight
+                if (
+                    value != -1
+                    and level._has_tf_adjustments
+                    and level._tf_adjustment_weight != 0
+                    and not level._is_else_level
+                ):
+                    adjustments[value] = (
+                        level._tf_adjustment_input_column.unquote().name,
+                        float(level._tf_adjustment_weight),
+                        math.log2(level._u_probability_corresponding_to_exact_match(levels)),
+                        float(level._tf_minimum_u_value),
+                    )
+            has_tf = comparison._has_tf_adjustments
+            self.comparisons.append(
+                (comparison.output_column_name, weights, adjustments if has_tf else None)
+            )
+
+    def weigh(
+        self, gammas: dict[str, int], tf_l: dict[str, float | None], tf_r: dict[str, float | None]
+    ) -> tuple[float, float, dict[str, float]]:
+        total = self.prior
+        parts: dict[str, float] = {}
+        for name, weights, adjustments in self.comparisons:
+            gamma = gammas[name]
+            weight = weights[gamma]
+            total = total + weight
+            if adjustments is not None:
+                adjustment = 0.0
+                rule = adjustments.get(gamma)
+                if rule is not None:
+                    column, scale, log2_u, min_u = rule
+                    left, right = tf_l.get(column), tf_r.get(column)
+                    if left is not None or right is not None:
+                        tf = max(v for v in (left, right, min_u) if v is not None)
+                        adjustment = scale * (log2_u - math.log2(tf))
+                total = total + adjustment
+                weight = weight + adjustment
+            parts[name] = weight
+        if total >= 0:
+            probability = 1.0 / (1.0 + 2.0 ** (-total))
+        else:
+            probability = 2.0**total / (1.0 + 2.0**total)
+        return total, probability, parts
 
 
 _EQUALITY = re.compile(r'^\(?l\."?(\w+)"? = r\."?(\w+)"?\)?$')

@@ -5,7 +5,8 @@ Each micro-batch of identity records is
 2. blocked against the store and against itself: deterministic candidates share a
    strong identifier (user_id, customer_id, email, phone, anonymous_id, device ids);
    probabilistic candidates satisfy one of the model's blocking rules,
-3. scored with the model's Splink SQL (a view, parsed once) in this DuckDB, and
+3. scored: Splink's comparison-level SQL (a view, parsed once) in this DuckDB, then
+   Splink's match-weight arithmetic over the levels and the index's term frequencies, and
 4. clustered: deterministic links first (strongest identifier first), then probabilistic
    links above the threshold, highest match weight first. A link that would give a
    person more identifiers of a type than the limit allows (two user_ids; a tablet's
@@ -52,9 +53,14 @@ DEFAULT_LIMITS = {
 STRENGTH = {name: rank for rank, name in enumerate(STRONG_FIELDS)}
 
 _FIELD_COLUMNS = ", ".join(f"{f} VARCHAR" for f in RECORD_FIELDS)
+# id_records and id_edges carry no key index: every batch appends to both, and keeping an
+# index on them cost more than the rest of the write (and its memory grows with the
+# store). Each row is written once by construction: a record only while it is new to the
+# CandidateIndex, an edge only with a new record at one end. Stores created with keys
+# keep them; the writes below are plain inserts either way.
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS id_records (
-    record_id VARCHAR PRIMARY KEY, person_id VARCHAR NOT NULL, first_ts TIMESTAMPTZ,
+    record_id VARCHAR NOT NULL, person_id VARCHAR NOT NULL, first_ts TIMESTAMPTZ,
     first_event VARCHAR, {_FIELD_COLUMNS}
 );
 CREATE TABLE IF NOT EXISTS id_persons (
@@ -62,8 +68,7 @@ CREATE TABLE IF NOT EXISTS id_persons (
 );
 CREATE TABLE IF NOT EXISTS id_edges (
     record_l VARCHAR, record_r VARCHAR, rule VARCHAR, match_weight DOUBLE,
-    match_probability DOUBLE, evidence JSON, status VARCHAR, ts TIMESTAMPTZ,
-    PRIMARY KEY (record_l, record_r)
+    match_probability DOUBLE, evidence JSON, status VARCHAR, ts TIMESTAMPTZ
 );
 ALTER TABLE id_records ADD COLUMN IF NOT EXISTS device_id VARCHAR;
 ALTER TABLE id_records ADD COLUMN IF NOT EXISTS advertising_id VARCHAR;
@@ -189,11 +194,16 @@ class IdentityResolver:
 
     # -- the batch path ----------------------------------------------------------------------
 
-    def resolve(self, items: list[tuple[str, datetime, dict[str, str | None]]]) -> Resolution:
+    def resolve(
+        self,
+        items: list[tuple[str, datetime, dict[str, str | None]]],
+        record_ids: list[str] | None = None,
+    ) -> Resolution:
         """Resolve a batch of records, in order, inside the caller's transaction.
 
-        In: (event_key, timestamp, normalised record fields) per event. Out: a Resolution
-        whose person_of[i] is the person of items[i].
+        In: (event_key, timestamp, normalised record fields) per event, and optionally each
+        item's record id (`record_id_of` its fields) when the caller has it already. Out: a
+        Resolution whose person_of[i] is the person of items[i].
 
         Everything a batch reads comes from the in-memory index (candidates, fields,
         persons, their records): the store is only written, so a batch costs the same at
@@ -201,13 +211,12 @@ class IdentityResolver:
         """
         log: list[dict[str, Any]] = LinkLog()
         index = self.index
-        record_of: list[str] = []
+        record_of = [record_id_of(i[2]) for i in items] if record_ids is None else record_ids
+        known = index.person_of
         new: dict[str, tuple[str, datetime, dict[str, str | None]]] = {}
-        for key, ts, fields in items:
-            record_id = record_id_of(fields)
-            record_of.append(record_id)
-            if record_id not in new and record_id not in index.person_of:
-                new[record_id] = (key, ts, fields)
+        for record_id, item in zip(record_of, items, strict=True):
+            if record_id not in known and record_id not in new:
+                new[record_id] = item
         if not new:
             return Resolution([index.person_of[r] for r in record_of], {}, {}, set(), log)
         fields_of = {r: v[2] for r, v in new.items()}
@@ -321,22 +330,9 @@ class IdentityResolver:
         scored = self._score(open_pairs)
         if not scored:
             return []
-        # Links above the threshold are kept (re-clustering reads them); their
-        # per-comparison evidence stays here until the links that joined persons are known.
-        self._insert(
-            "id_edges",
-            {
-                "record_l": [row["record_id_l"] for row in scored],
-                "record_r": [row["record_id_r"] for row in scored],
-                "rule": ["splink"] * len(scored),
-                "match_weight": pa.array([row["match_weight"] for row in scored], pa.float64()),
-                "match_probability": pa.array(
-                    [row["match_probability"] for row in scored], pa.float64()
-                ),
-                "status": ["active"] * len(scored),
-            },
-            verb="INSERT OR IGNORE",
-        )
+        # Links above the threshold are kept (re-clustering reads them; `_write` stores
+        # them); their per-comparison evidence stays here until the links that joined
+        # persons are known.
         edges = []
         for row in scored:
             edge = _Edge(
@@ -352,21 +348,20 @@ class IdentityResolver:
 
     def _score(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """Splink's match weights for `pairs`, from the records' fields in the index: the
-        pairs at or above the threshold, with each comparison's level and weight."""
+        pairs at or above the threshold, with each comparison's level and weight.
+
+        DuckDB compares the fields (Splink's comparison-level SQL, bound once per batch);
+        the weights are Splink's arithmetic over the levels and the index's term
+        frequencies, done here for the pairs DuckDB returns."""
         model = self.model
         assert model is not None
         index = self.index
+        fields = index.fields
         ids = sorted({r for pair in pairs for r in pair})
-        rows = [index.fields[r] for r in ids]
         columns: dict[str, pa.Array] = {"record_id": pa.array(ids, pa.string())}
-        for name in model.columns:
+        for name in model.model_columns:
             at = _AT[name]
-            columns[name] = pa.array([row[at] for row in rows], pa.string())
-        for name in model.tf_columns:
-            at = _AT[name]
-            columns[f"tf_{name}"] = pa.array(
-                [index.term_frequency(name, row[at]) for row in rows], pa.float64()
-            )
+            columns[name] = pa.array([fields[r][at] for r in ids], pa.string())
         self.conn.register("_pair_recs", pa.table(columns))
         self.conn.register(
             "_open_pairs",
@@ -379,35 +374,47 @@ class IdentityResolver:
         )
         try:
             if not self._score_view:
-                self._create_score_view()
-            cursor = self.conn.execute(
-                "SELECT * FROM _identity_scores WHERE match_probability >= ?", [model.threshold]
-            )
+                self.conn.execute(
+                    "CREATE OR REPLACE TEMP VIEW _identity_gammas AS "
+                    + model.gamma_sql("_open_pairs", "_pair_recs")
+                )
+                self._score_view = True
+            cursor = self.conn.execute("SELECT * FROM _identity_gammas")
             names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            rows = cursor.fetchall()
         finally:
             self.conn.unregister("_pair_recs")
             self.conn.unregister("_open_pairs")
+        comparisons = model.comparisons
+        tf_at = [(name, _AT[name]) for name in model.tf_columns]
+        frequency = index.term_frequency
+        tf_cache: dict[str, dict[str, float | None]] = {}
 
-    def _create_score_view(self) -> None:
-        """The model's scoring SQL as a view over `_open_pairs` and `_pair_recs`: parsing
-        Splink's SQL costs more than scoring a batch's pairs, so it is parsed once."""
-        model = self.model
-        assert model is not None
-        weights = [
-            f"mw_{c} + coalesce(mw_tf_adj_{c}, 0) AS w_{c}"
-            if c in model.tf_comparisons
-            else f"mw_{c} AS w_{c}"
-            for c in model.comparisons
-        ]
-        gammas = [f"gamma_{c}" for c in model.comparisons]
-        self.conn.execute(
-            f"""CREATE OR REPLACE TEMP VIEW _identity_scores AS
-                SELECT record_id_l, record_id_r, match_weight, match_probability,
-                       {", ".join(gammas)}, {", ".join(weights)}
-                FROM ({model.score_sql("_open_pairs", "_pair_recs")})"""
-        )
-        self._score_view = True
+        def tf_of(record: str) -> dict[str, float | None]:
+            tf = tf_cache.get(record)
+            if tf is None:
+                values = fields[record]
+                tf = tf_cache[record] = {n: frequency(n, values[at]) for n, at in tf_at}
+            return tf
+
+        scored = []
+        threshold = model.threshold
+        for row in rows:
+            gammas = dict(zip(comparisons, row[2:], strict=True))
+            weight, probability, parts = model.weigh(gammas, tf_of(row[0]), tf_of(row[1]))
+            if probability < threshold:
+                continue
+            out = {
+                "record_id_l": row[0],
+                "record_id_r": row[1],
+                "match_weight": weight,
+                "match_probability": probability,
+            }
+            out.update((f"gamma_{c}", g) for c, g in gammas.items())
+            out.update((f"w_{c}", w) for c, w in parts.items())
+            scored.append(out)
+        assert names[2:] == [f"gamma_{c}" for c in comparisons]
+        return scored
 
     # -- clusters ----------------------------------------------------------------------------
 
@@ -534,9 +541,10 @@ class IdentityResolver:
         self._insert("id_records", rows)
         self._add_persons(created)
         self._repoint(moved)
-        # Splink links were stored as they were scored; rule links only where they joined.
+        # Every Splink link above the threshold is kept; rule links only where they joined
+        # (the rule itself finds the others again when a component is re-clustered).
         used = {(e.record_l, e.record_r) for e, _, _ in unions}
-        stored = [e for e in edges if e.rule != "splink" and (e.record_l, e.record_r) in used]
+        stored = [e for e in edges if e.rule == "splink" or (e.record_l, e.record_r) in used]
         if stored:
             first_ts = {r: v[1] for r, v in new.items()}
             self._insert(
@@ -549,13 +557,18 @@ class IdentityResolver:
                     "match_probability": pa.array(
                         [e.match_probability for e in stored], pa.float64()
                     ),
-                    "evidence": [
-                        orjson.dumps(e.evidence).decode() if e.evidence else None for e in stored
-                    ],
+                    "evidence": pa.array(
+                        [orjson.dumps(e.evidence).decode() if e.evidence else None for e in stored],
+                        pa.string(),
+                    ),
                     "status": ["active"] * len(stored),
-                    "ts": [first_ts.get(e.record_l, first_ts.get(e.record_r)) for e in stored],
+                    "ts": [
+                        None
+                        if e.rule == "splink"
+                        else first_ts.get(e.record_l, first_ts.get(e.record_r))
+                        for e in stored
+                    ],
                 },
-                verb="INSERT OR IGNORE",
             )
 
     def _add_persons(self, created: list[tuple[str, datetime, str, str]]) -> None:
@@ -864,26 +877,33 @@ def replay(
     Each batch is one transaction, exactly as the pipeline runs it; the input id plays the
     event key. Out: every input id's person after the whole stream, and batch latencies.
     """
-    conn = conn or duckdb.connect()
+    if conn is None:
+        conn = duckdb.connect()
+        # A batch's queries are small: DuckDB's worker threads cost more in hand-offs than
+        # they save, and on a busy machine each waits for a core.
+        conn.execute("SET threads = 1")
     conn.execute("SET TimeZone = 'UTC'")
     resolver = IdentityResolver(conn, model)
     clock = datetime(2000, 1, 1, tzinfo=UTC)
     record_of: dict[str, str] = {}
     seconds: list[float] = []
     batch: list[tuple[str, datetime, dict[str, str | None]]] = []
+    batch_ids: list[str] = []
 
     def flush() -> None:
         started = time.perf_counter()
         conn.execute("BEGIN TRANSACTION")
-        resolver.resolve(batch)
+        resolver.resolve(batch, batch_ids)
         conn.execute("COMMIT")
         seconds.append(time.perf_counter() - started)
         batch.clear()
+        batch_ids.clear()
 
     for count, (input_id, fields) in enumerate(rows):
         # File order is arrival order: a record's time is its position.
         batch.append((input_id, clock + timedelta(microseconds=count), fields))
-        record_of[input_id] = record_id_of(fields)
+        record_of[input_id] = record_id = record_id_of(fields)
+        batch_ids.append(record_id)
         if len(batch) >= batch_size:
             flush()
     if batch:

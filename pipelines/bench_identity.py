@@ -7,6 +7,7 @@ per-batch latency of the streaming resolver, and the process's peak RSS.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -69,13 +70,16 @@ def compare(
     started = time.perf_counter()
     model, _ = train_model(table)
     train_s = time.perf_counter() - started
+    load_before = os.getloadavg()[0]
     started, cpu = time.perf_counter(), time.process_time()
     streamed = replay(rows, ScoringModel(model, threshold), batch_size=batch_size)
     stream_s = time.perf_counter() - started
     stream_cpu_s = time.process_time() - cpu
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     batch_of_record = splink_batch_clusters(table, model, threshold)
     batch_s = time.perf_counter() - started
+    batch_cpu_s = time.process_time() - cpu
+    load_after = os.getloadavg()[0]
     batch = {i: batch_of_record[record_id_of(fields)] for i, fields in rows}
     return {
         "records": len(rows),
@@ -86,6 +90,8 @@ def compare(
         "stream_s": stream_s,
         "stream_cpu_s": stream_cpu_s,
         "batch_s": batch_s,
+        "batch_cpu_s": batch_cpu_s,
+        "load": (load_before, load_after),
         "stream": accuracy(streamed.person_of, truth),
         "ceiling": evidence_ceiling(rows, truth),
         "batch": accuracy(batch, truth),
@@ -113,6 +119,16 @@ def _ceiling(f: dict[str, object]) -> list[str]:
     ]
 
 
+def _load(f: dict[str, object]) -> str:
+    before, after = f.get("load") or (0.0, 0.0)  # type: ignore[misc]
+    return (
+        f"machine load (1-minute load average on {os.cpu_count()} cores) {before:.1f} before "
+        f"streaming, {after:.1f} after the batch run: the machine was shared with other test "
+        "suites, so wall-clock rates include waiting for a core; CPU-second rates are steadier "
+        "(they count DuckDB's threads too)"
+    )
+
+
 def render(figures: list[dict[str, object]], command: str) -> str:
     """The BENCHMARKS.md section for one or more sizes."""
     lines = [
@@ -134,6 +150,8 @@ def render(figures: list[dict[str, object]], command: str) -> str:
         records = int(f["records"])  # type: ignore[call-overload]
         stream_rate = records / float(f["stream_s"])  # type: ignore[arg-type]
         batch_rate = records / float(f["batch_s"])  # type: ignore[arg-type]
+        stream_cpu = records / float(f["stream_cpu_s"])  # type: ignore[arg-type]
+        batch_cpu = records / float(f.get("batch_cpu_s") or f["batch_s"])  # type: ignore[arg-type]
         what = (
             f"{records:,} records of {f['persons']:,} persons"
             if f["data"] == "identity set"
@@ -151,12 +169,13 @@ def render(figures: list[dict[str, object]], command: str) -> str:
             "",
             *_ceiling(f),
             f"- streaming F1 − batch F1: **{stream.f1 - batch.f1:+.4f}** (target ≥ −0.005)",
-            f"- streaming: {stream_rate:,.0f} records/s; per batch p50 {f['p50_ms']:.0f} ms, "
-            f"p99 {f['p99_ms']:.0f} ms; {records / float(f['stream_cpu_s']):,.0f} records per "  # type: ignore[arg-type]
-            "CPU-second of the process (the machine was shared: wall-clock rates include waiting "
-            "for a core)",
-            f"- Splink batch (predict + cluster, all at once): {batch_rate:,.0f} records/s; "
-            f"ratio streaming / batch: {stream_rate / batch_rate:.2f}",
+            f"- streaming: {stream_rate:,.0f} records/s wall-clock, {stream_cpu:,.0f} records "
+            f"per CPU-second of the process; per batch p50 {f['p50_ms']:.0f} ms, "
+            f"p99 {f['p99_ms']:.0f} ms",
+            f"- Splink batch (predict + cluster, all at once): {batch_rate:,.0f} records/s "
+            f"wall-clock, {batch_cpu:,.0f} per CPU-second; ratio streaming / batch: "
+            f"{stream_rate / batch_rate:.2f} wall-clock, {stream_cpu / batch_cpu:.2f} per CPU-second",
+            f"- {_load(f)}",
             f"- training (u by sampling, m by EM): {f['train_s']:.1f} s; peak RSS of the run: "
             f"{f['peak_rss_mb']:,.0f} MB",
             "",

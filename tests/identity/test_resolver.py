@@ -293,3 +293,59 @@ def test_the_index_kept_in_memory_equals_the_index_rebuilt_from_the_store(model)
     assert {p: b for p, b in rebuilt.born.items()} == kept.born
     assert [dict(b) for b in rebuilt.blocks] == [dict(b) for b in kept.blocks]
     assert r.identity.clusters() == kept.person_of
+
+
+def test_weights_from_comparison_levels_equal_splinks_prediction_sql(model):
+    """The resolver scores a batch from Splink's comparison levels and does Splink's
+    arithmetic itself: every candidate pair must get the weight Splink's own SQL gives."""
+    import duckdb
+    import pyarrow as pa
+
+    from identity.index import CandidateIndex
+
+    records = {}
+    for raw in identity_records(300, seed=5):
+        fields = normalise_record(raw)
+        records[record_id_of(fields)] = fields
+    index = CandidateIndex(
+        [("last_name",), ("postcode",), ("phone",)], model.tf_columns
+    )  # broad blocks: many levels of every comparison
+    index.add(records.items())
+    pairs = sorted(index.candidate_pairs(dict(records.items())))
+    ids = sorted(records)
+    tf = {r: {c: index.term_frequency(c, records[r].get(c)) for c in model.tf_columns} for r in ids}
+    table = {"record_id": ids}
+    table |= {c: [records[r].get(c) for r in ids] for c in model.columns}
+    table |= {f"tf_{c}": pa.array([tf[r][c] for r in ids], pa.float64()) for c in model.tf_columns}
+    conn = duckdb.connect()
+    conn.register("_recs", pa.table(table))
+    conn.register(
+        "_pairs",
+        pa.table({"record_id_l": [p[0] for p in pairs], "record_id_r": [p[1] for p in pairs]}),
+    )
+    parts = ", ".join(
+        f"mw_{c} + coalesce(mw_tf_adj_{c}, 0)" if c in model.tf_comparisons else f"mw_{c}"
+        for c in model.comparisons
+    )
+    splink = {
+        (row[0], row[1]): row[2:]
+        for row in conn.execute(
+            f"SELECT record_id_l, record_id_r, match_weight, match_probability, {parts} "
+            f"FROM ({model.score_sql('_pairs', '_recs')})"
+        ).fetchall()
+    }
+    levels = conn.execute(model.gamma_sql("_pairs", "_recs")).fetchall()
+    assert len(levels) == len(pairs) > 1000
+    linked = 0
+    for left, right, *gammas in levels:
+        weight, probability, by_comparison = model.weigh(
+            dict(zip(model.comparisons, gammas, strict=True)), tf[left], tf[right]
+        )
+        expected = splink[(left, right)]
+        assert weight == pytest.approx(expected[0], abs=1e-9)
+        assert probability == pytest.approx(expected[1], abs=1e-12)
+        assert [by_comparison[c] for c in model.comparisons] == pytest.approx(
+            list(expected[2:]), abs=1e-9
+        )
+        linked += probability >= model.threshold
+    assert 0 < linked < len(pairs)  # both sides of the threshold were compared
