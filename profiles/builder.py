@@ -34,6 +34,7 @@ from profiles.traits import (
     accumulate,
     load_traits,
     merge_identify_trait,
+    rolled_columns,
     rollup,
 )
 
@@ -171,6 +172,7 @@ class ProfileBuilder:
         self.policy = policy
         self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
+        self._rolled_columns = rolled_columns(self.traits)
         # What silence means, per jurisdiction and purpose: the fallback of every view.
         self._defaults = pa.table(
             {
@@ -391,11 +393,18 @@ class ProfileBuilder:
         }
         self._allowed_groups()
         rolled: dict[tuple[str, str], list[Rolled]] = {}
+        # Amounts, times and values only for the traits whose rollup reads them: turning
+        # every row's timestamps and decimals into Python objects cost more than the query.
         for person, view, *row in q(
-            """SELECT a.person_id, a.scope, s.trait, s.bucket, sum(s.n)::BIGINT, sum(s.amount),
-                      min(s.first_ts), max(s.last_ts), arg_max(s.value, (s.last_ts, s.last_key))
+            """SELECT a.person_id, a.scope, s.trait, s.bucket, sum(s.n)::BIGINT,
+                      CASE WHEN list_contains($amounts, s.trait) THEN sum(s.amount) END,
+                      CASE WHEN list_contains($firsts, s.trait) THEN min(s.first_ts) END,
+                      CASE WHEN list_contains($lasts, s.trait) THEN max(s.last_ts) END,
+                      CASE WHEN list_contains($values, s.trait)
+                           THEN arg_max(s.value, (s.last_ts, s.last_key)) END
                FROM trait_state s JOIN _ag a USING (record_id, purpose, jurisdiction)
-               GROUP BY ALL ORDER BY 1, 2, 3, 4"""
+               GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
+            self._rolled_columns,
         ).fetchall():
             rolled.setdefault((person, view), []).append(Rolled(*row))
         views: dict[tuple[str, str], dict[str, Any]] = {}
