@@ -42,12 +42,20 @@ SPANS: list[tuple[str, str, str]] = [
     ("identity records", "module:pipelines.pipeline", "record_from_event"),
     ("identity resolve", "self.identity", "resolve"),
     ("profile facts (add)", "self.builder", "add"),
+    ("profile facts: accumulators", "self.builder", "_accumulate"),
+    ("profile facts: inserts", "self.builder", "_insert"),
     ("profile rebuild", "self", "_rebuild"),
+    ("profile rebuild: trait rollup", "module:profiles.builder", "rollup"),
+    ("profile rebuild: allowed groups", "self.builder", "_allowed_groups"),
     ("segments", "self.segments", "update"),
     ("lineage entries", "self", "_lineage_entry"),
     ("lineage chain (ledger)", "self.ledger", "append"),
     ("outcomes table", "self", "_record_outcomes"),
     ("output records", "self", "_outputs"),
+    ("batch journal + offsets", "self", "_journal"),
+    ("batch journal + offsets", "self", "_record_offsets"),
+    ("erasures + identity threshold", "self.privacy", "erase"),
+    ("erasures + identity threshold", "self.identity", "apply_threshold"),
 ]
 
 
@@ -182,7 +190,7 @@ def report(after: dict, before: dict | None, command: str, batch_size: int) -> s
     )
     lines += ["", "| stage (exclusive CPU) | before s/10k | share | after s/10k | share |"]
     lines.append("|---|---:|---:|---:|---:|")
-    labels = [label for label, _, _ in SPANS] + ["other (batch plumbing, sorting, journal)"]
+    labels = [*dict.fromkeys(label for label, _, _ in SPANS), "other (commit, plumbing)"]
 
     def spans(result: dict) -> dict[str, float]:
         measured = dict(result["spans"])
