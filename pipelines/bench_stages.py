@@ -8,8 +8,9 @@ stage called inside another is counted once, in the inner one.
 
 `--baseline DIR` runs the same events through the code of another checkout (e.g. the
 main branch, `git worktree add DIR main`) in the same run, so the ratio is measured on
-the same machine under the same load. `--profile FILE` writes a pyinstrument text
-profile of this checkout's run; `--write` replaces this section of BENCHMARKS.md.
+the same machine under the same load. `--profile FILE` adds a run under pyinstrument
+and writes its text profile (not timed: the profiler's hook slows every Python call);
+`--write` replaces this section of BENCHMARKS.md.
 
 Each run is its own process (the code under test is chosen by PYTHONPATH), and the
 first batch, which warms caches and imports, is timed like the others.
@@ -253,8 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     before = None
     if args.baseline is not None:
         before = _measure(args.baseline.resolve(), events_file, args.batch_size, workdir, None)
-    profile = args.profile.resolve() if args.profile else None
-    after = _measure(here, events_file, args.batch_size, workdir, profile)
+    after = _measure(here, events_file, args.batch_size, workdir, None)
+    if args.profile is not None:
+        # A run of its own: the profiler's hook on every call would inflate the figures.
+        _measure(here, events_file, args.batch_size, workdir, args.profile.resolve())
     command = "python -m pipelines.bench_stages " + " ".join(
         a if not a.startswith("/") else Path(a).name for a in (argv or sys.argv[1:])
     )
