@@ -10,10 +10,12 @@ No Kafka or engine import lives here: Faust and Flink adapters call `process`.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -164,6 +166,21 @@ class _StageFailure(Exception):
 _ENVIRONMENT_ERRORS = (OSError, MemoryError, duckdb.IOException, duckdb.OutOfMemoryException)
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a batch runs: a batch allocates millions of
+    objects that live until it ends, and each automatic pass re-scanned them (measured on
+    the profile accumulators: 40% of their Python time). Reference counting still frees
+    as usual; cycles wait for the next collection after the batch."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def source_position(record: SourceRecord) -> tuple[str, int, int]:
     """Where a record sits in its topic: the order batches are processed in."""
     return (record.topic, record.partition, record.offset)
@@ -268,7 +285,8 @@ class Pipeline:
         """
         batch = sorted(batch, key=source_position)
         self._journal(consumed or batch)
-        return self._process_split(batch, emit, consumed)
+        with _collector_paused():
+            return self._process_split(batch, emit, consumed)
 
     def _process_split(
         self,

@@ -34,6 +34,7 @@ from profiles.traits import (
     accumulate,
     load_traits,
     merge_identify_trait,
+    rolled_columns,
     rollup,
 )
 
@@ -60,6 +61,7 @@ CREATE TABLE IF NOT EXISTS trait_state (
 """
 _STATE_UPSERT = """
 INSERT INTO trait_state BY NAME SELECT * FROM _trait_delta
+ORDER BY record_id, purpose, jurisdiction, trait, bucket  -- upserts run faster in key order
 ON CONFLICT (record_id, purpose, jurisdiction, trait, bucket) DO UPDATE SET
     person_id = excluded.person_id,
     n = trait_state.n + excluded.n,
@@ -171,6 +173,7 @@ class ProfileBuilder:
         self.policy = policy
         self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
+        self._rolled_columns = rolled_columns(self.traits)
         # What silence means, per jurisdiction and purpose: the fallback of every view.
         self._defaults = pa.table(
             {
@@ -238,7 +241,8 @@ class ProfileBuilder:
         return {person for _, person, *_ in applied}
 
     def _accumulate(self, events: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
-        """Add events to the accumulator rows they touch: one upsert per batch, sorted by key."""
+        """Add events to the accumulator rows they touch: one upsert per batch, sorted by key
+        (by DuckDB: sorting the Python tuples cost more than the upsert)."""
         deltas: dict[tuple[str, str, str, str, str], tuple[str, Accumulator]] = {}
         for fact, event in events:
             group = (fact["record_id"], fact["purpose"] or "", fact["jurisdiction"] or "")
@@ -251,7 +255,7 @@ class ProfileBuilder:
                 deltas[key][1].add(fact["ts"], fact["event_key"], amount, value)
         if not deltas:
             return
-        rows = sorted(deltas.items())
+        rows = list(deltas.items())
         columns = {
             "person_id": [person for _, (person, _) in rows],
             "record_id": [k[0] for k, _ in rows],
@@ -391,11 +395,18 @@ class ProfileBuilder:
         }
         self._allowed_groups()
         rolled: dict[tuple[str, str], list[Rolled]] = {}
+        # Amounts, times and values only for the traits whose rollup reads them: turning
+        # every row's timestamps and decimals into Python objects cost more than the query.
         for person, view, *row in q(
-            """SELECT a.person_id, a.scope, s.trait, s.bucket, sum(s.n)::BIGINT, sum(s.amount),
-                      min(s.first_ts), max(s.last_ts), arg_max(s.value, (s.last_ts, s.last_key))
+            """SELECT a.person_id, a.scope, s.trait, s.bucket, sum(s.n)::BIGINT,
+                      CASE WHEN list_contains($amounts, s.trait) THEN sum(s.amount) END,
+                      CASE WHEN list_contains($firsts, s.trait) THEN min(s.first_ts) END,
+                      CASE WHEN list_contains($lasts, s.trait) THEN max(s.last_ts) END,
+                      CASE WHEN list_contains($values, s.trait)
+                           THEN arg_max(s.value, (s.last_ts, s.last_key)) END
                FROM trait_state s JOIN _ag a USING (record_id, purpose, jurisdiction)
-               GROUP BY ALL ORDER BY 1, 2, 3, 4"""
+               GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
+            self._rolled_columns,
         ).fetchall():
             rolled.setdefault((person, view), []).append(Rolled(*row))
         views: dict[tuple[str, str], dict[str, Any]] = {}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import yaml
@@ -328,17 +328,35 @@ def accumulate(
 # -- rolling up: a view from its allowed rows ------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Rolled:
-    """One (trait, bucket) row summed over a view's allowed groups."""
+class Rolled(NamedTuple):
+    """One (trait, bucket) row summed over a view's allowed groups.
+
+    A tuple, not a dataclass: a rebuild makes one per stored (trait, bucket) row. Amount,
+    times and value may be None where `rollup` does not read them (`rolled_columns`).
+    """
 
     trait: str
     bucket: str
     n: int
-    amount: Decimal
+    amount: Decimal | None
     first_ts: datetime | None
     last_ts: datetime | None
     value: str | None
+
+
+def rolled_columns(catalog: TraitCatalog) -> dict[str, list[str]]:
+    """Which traits `rollup` reads each optional Rolled column of: amount, first and last
+    time, value (the seen rows' last time dates the window horizon)."""
+
+    def named(*ops: str) -> list[str]:
+        return sorted(spec.name for spec in catalog.computed if spec.op in ops)
+
+    return {
+        "amounts": named("sum", "mean"),
+        "firsts": named("first_time"),
+        "lasts": sorted([SEEN, *named("last_time")]),
+        "values": named("latest"),
+    }
 
 
 def _money(value: Decimal) -> float:

@@ -1,0 +1,277 @@
+"""Stage hot spots: CPU seconds per 10,000 events of each stage, no Kafka.
+
+`python -m pipelines.bench_stages --events 50000 --batch-size 10000` generates the
+synthetic stream (seed 7, the throughput benchmark's events), runs it through
+`Pipeline.process` in batches from empty state, and reports the process's CPU time per
+10,000 events and each stage's share of it. A stage's time is its own (exclusive): a
+stage called inside another is counted once, in the inner one.
+
+`--baseline DIR` runs the same events through the code of another checkout (e.g. the
+main branch, `git worktree add DIR main`) in the same run, so the ratio is measured on
+the same machine under the same load. `--profile FILE` adds a run under pyinstrument
+and writes its text profile (not timed: the profiler's hook slows every Python call);
+`--write` replaces this section of BENCHMARKS.md.
+
+Each run is its own process (the code under test is chosen by PYTHONPATH), and the
+first batch, which warms caches and imports, is timed like the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+HEADING = "## Stage hot spots"
+# (label, owner, attribute): owner is a module path (a function the pipeline imported) or
+# an attribute path from the Pipeline instance. Missing ones are skipped, so an older
+# checkout that lacks a name is still measured.
+SPANS: list[tuple[str, str, str]] = [
+    ("contract checks", "module:pipelines.pipeline", "check_contract"),
+    ("dedup + classify", "self", "_classify"),
+    ("quality suites (GX)", "self", "_check_quality"),
+    ("consent gate", "self.gate", "decide"),
+    ("consent re-scope query", "self.builder", "persons_holding"),
+    ("identity records", "module:pipelines.pipeline", "record_from_event"),
+    ("identity resolve", "self.identity", "resolve"),
+    ("profile facts (add)", "self.builder", "add"),
+    ("profile facts: accumulators", "self.builder", "_accumulate"),
+    ("profile facts: inserts", "self.builder", "_insert"),
+    ("profile rebuild", "self", "_rebuild"),
+    ("profile rebuild: trait rollup", "module:profiles.builder", "rollup"),
+    ("profile rebuild: allowed groups", "self.builder", "_allowed_groups"),
+    ("segments", "self.segments", "update"),
+    ("lineage entries", "self", "_lineage_entry"),
+    ("lineage chain (ledger)", "self.ledger", "append"),
+    ("outcomes table", "self", "_record_outcomes"),
+    ("output records", "self", "_outputs"),
+    ("batch journal + offsets", "self", "_journal"),
+    ("batch journal + offsets", "self", "_record_offsets"),
+    ("erasures + identity threshold", "self.privacy", "erase"),
+    ("erasures + identity threshold", "self.identity", "apply_threshold"),
+]
+
+
+class SpanClock:
+    """Exclusive CPU time per span: a span's time minus the spans it called."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._stack: list[list[float]] = []
+
+    def wrap(self, label: str, func: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            frame = [time.process_time(), 0.0]  # start, children's time
+            self._stack.append(frame)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self._stack.pop()
+                spent = time.process_time() - frame[0]
+                self.seconds[label] += spent - frame[1]
+                self.calls[label] += 1
+                if self._stack:
+                    self._stack[-1][1] += spent
+
+        return timed
+
+
+def _instrument(pipeline: Any, clock: SpanClock) -> None:
+    import importlib
+
+    for label, owner, name in SPANS:
+        if owner.startswith("module:"):
+            target: Any = importlib.import_module(owner.removeprefix("module:"))
+        else:
+            target = pipeline
+            for part in owner.split(".")[1:]:
+                target = getattr(target, part, None)
+        func = getattr(target, name, None) if target is not None else None
+        if func is not None:
+            setattr(target, name, clock.wrap(label, func))
+
+
+def run_stages(events_file: Path, batch_size: int, state: Path, profile: Path | None) -> dict:
+    """One measured run of this interpreter's code over `events_file`; returns its figures."""
+    from pipelines.bench import feed
+    from pipelines.pipeline import Pipeline
+    from pipelines.produce import read_lines
+
+    lines = list(read_lines(events_file))
+    for stale in (state, state.with_name(state.name + ".wal")):
+        stale.unlink(missing_ok=True)
+    pipeline = Pipeline(state)  # quality suites on, built before the clock starts
+    clock = SpanClock()
+    _instrument(pipeline, clock)
+    profiler = None
+    if profile is not None:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.002)
+        profiler.start()
+    cpu0 = time.process_time()
+    wall = feed(pipeline, lines, batch_size)
+    cpu = time.process_time() - cpu0
+    if profiler is not None:
+        profiler.stop()
+        profile.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+    outcomes = dict(
+        pipeline.conn.execute("SELECT outcome, count(*) FROM outcomes GROUP BY 1").fetchall()
+    )
+    pipeline.close()
+    return {
+        "events": len(lines),
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "spans": dict(clock.seconds),
+        "outcomes": outcomes,
+    }
+
+
+def _measure(tree: Path, events_file: Path, batch_size: int, workdir: Path, profile: Path | None):
+    """Run the stages of the checkout at `tree` in a process of their own."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    args = [sys.executable, "-P", __file__, "--run", str(events_file), str(batch_size)]
+    args += [str(workdir / f"state-{tree.name}.duckdb"), str(profile or "")]
+    done = subprocess.run(args, env=env, cwd=tree, capture_output=True, timeout=3 * 3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"stage run in {tree} failed:\n{done.stderr.decode()[-3000:]}")
+    return orjson.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+def report(after: dict, before: dict | None, command: str, batch_size: int) -> str:
+    """The BENCHMARKS.md section of one run."""
+    from pipelines.bench import machine
+
+    def per10k(result: dict, seconds: float) -> float:
+        return seconds / result["events"] * 10_000
+
+    lines = [
+        HEADING,
+        "",
+        f"- machine: {machine()} (shared with other work while it ran)",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- command: `{command}`",
+        f"- {after['events']:,} synthetic events (seed 7), batches of {batch_size:,}, quality "
+        "suites on, empty state, no Kafka; CPU seconds of the process (`time.process_time`)",
+        "",
+        "| figure | before | after | after / before |",
+        "|---|---:|---:|---:|",
+    ]
+    b = before or {}
+
+    def row(name: str, old: float | None, new: float, digits: int = 3) -> str:
+        ratio = f"{new / old:.2f}" if old else ""
+        shown = f"{old:.{digits}f}" if old is not None else ""
+        return f"| {name} | {shown} | {new:.{digits}f} | {ratio} |"
+
+    lines.append(
+        row(
+            "CPU s per 10k events, all stages",
+            per10k(b, b["cpu_s"]) if b else None,
+            per10k(after, after["cpu_s"]),
+        )
+    )
+    lines.append(
+        row(
+            "events per CPU-second",
+            b["events"] / b["cpu_s"] if b else None,
+            after["events"] / after["cpu_s"],
+            0,
+        )
+    )
+    lines += ["", "| stage (exclusive CPU) | before s/10k | share | after s/10k | share |"]
+    lines.append("|---|---:|---:|---:|---:|")
+    labels = [*dict.fromkeys(label for label, _, _ in SPANS), "other (commit, plumbing)"]
+
+    def spans(result: dict) -> dict[str, float]:
+        measured = dict(result["spans"])
+        measured[labels[-1]] = result["cpu_s"] - sum(measured.values())
+        return measured
+
+    old, new = (spans(b) if b else {}), spans(after)
+    order = sorted(labels, key=lambda label: -old.get(label, new.get(label, 0.0)))
+
+    def cell(label: str, result: dict, measured: dict) -> str:
+        if label not in measured:
+            return " | "
+        seconds = measured[label]
+        return f"{per10k(result, seconds):.3f} | {seconds / result['cpu_s']:.0%}"
+
+    for label in order:
+        lines.append(f"| {label} | {cell(label, b, old)} | {cell(label, after, new)} |")
+    same = b.get("outcomes") == after["outcomes"] if b else None
+    lines += [
+        "",
+        f"- outcomes after: {after['outcomes']}"
+        + (f"; equal to before: {same}" if same is not None else ""),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(path: Path, section: str) -> None:
+    """Put `section` in BENCHMARKS.md in place of its former self (or at the end)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    parts = text.split("\n## ")
+    kept = [parts[0].rstrip()] + ["## " + p.rstrip() for p in parts[1:]]
+    for index, part in enumerate(kept):
+        if part.split("\n", 1)[0] == HEADING:
+            kept[index] = section.rstrip()
+            break
+    else:
+        kept.append(section.rstrip())
+    path.write_text("\n\n".join(kept) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument("--baseline", type=Path, help="checkout whose stages are 'before'")
+    parser.add_argument("--profile", type=Path, help="pyinstrument text profile of this run")
+    parser.add_argument("--workdir", type=Path, default=Path(".tessera/bench-stages"))
+    parser.add_argument("--write", action="store_true", help="replace the BENCHMARKS.md section")
+    args = parser.parse_args(argv)
+
+    from pipelines.bench import END
+    from synthetic.events import write_dataset
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    events_file = (args.workdir / "events.jsonl").resolve()
+    persons = max(10, int(args.events * 0.02))
+    write_dataset(events_file, None, persons=persons, events=args.events, seed=7, end=END)
+    here = Path(__file__).resolve().parent.parent
+    workdir = args.workdir.resolve()
+    before = None
+    if args.baseline is not None:
+        before = _measure(args.baseline.resolve(), events_file, args.batch_size, workdir, None)
+    after = _measure(here, events_file, args.batch_size, workdir, None)
+    if args.profile is not None:
+        # A run of its own: the profiler's hook on every call would inflate the figures.
+        _measure(here, events_file, args.batch_size, workdir, args.profile.resolve())
+    command = "python -m pipelines.bench_stages " + " ".join(
+        a if not a.startswith("/") else Path(a).name for a in (argv or sys.argv[1:])
+    )
+    section = report(after, before, command, args.batch_size)
+    print(section)
+    if args.write:
+        replace_section(here / "BENCHMARKS.md", section)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--run":
+    _events, _batch, _state, _profile = sys.argv[2:6]
+    figures = run_stages(
+        Path(_events), int(_batch), Path(_state), Path(_profile) if _profile else None
+    )
+    print(orjson.dumps(figures).decode(), flush=True)
+elif __name__ == "__main__":
+    main()
