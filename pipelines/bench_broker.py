@@ -1,0 +1,139 @@
+"""Broker storage bench: the embedded broker on S3 storage (a loopback moto server) against
+memory storage, on the same produce and consume workload.
+
+Writes (or replaces) the "Broker storage" section of BENCHMARKS.md. Run with
+`python -m pipelines.bench_broker --records N`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from pipelines import topics
+from pipelines.bench import machine
+from pipelines.bench_identity import write_section
+from pipelines.broker import EmbeddedBroker, LocalS3
+from pipelines.kafka import BatchProducer
+from pipelines.pipeline import OutRecord
+
+SECTION = "## Broker storage"
+TOPIC = topics.BEHAVIORAL
+
+
+def records(count: int, size: int) -> Iterator[OutRecord]:
+    """`count` keyed records of `size` bytes each."""
+    for i in range(count):
+        key = f"event-{i:09d}".encode()
+        yield OutRecord(TOPIC, key, key.ljust(size, b"x"))
+
+
+def consume_all(bootstrap: str, count: int, timeout: float = 120) -> int:
+    """Read the topic from the start until `count` records arrived; returns how many did."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "tessera-bench-broker",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    consumer.assign([TopicPartition(TOPIC, 0, OFFSET_BEGINNING)])
+    seen = 0
+    deadline = time.monotonic() + timeout
+    try:
+        while seen < count and time.monotonic() < deadline:
+            for message in consumer.consume(num_messages=10_000, timeout=1):
+                error = message.error()
+                if error is None:
+                    seen += 1
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    raise RuntimeError(f"consume failed: {error}")
+    finally:
+        consumer.close()
+    return seen
+
+
+def measure(broker: EmbeddedBroker, count: int, size: int) -> dict[str, float]:
+    """Produce `count` records (acknowledged, as the worker produces) and read them back;
+    then restart the broker and time from its start until every record read back (S3 only)."""
+    with broker:
+        producer = BatchProducer(broker.bootstrap)
+        started = time.perf_counter()
+        producer.send(records(count, size), timeout=600)
+        produced = time.perf_counter() - started
+        producer.close()
+        started = time.perf_counter()
+        seen = consume_all(broker.bootstrap, count)
+        consumed = time.perf_counter() - started
+        if seen != count:
+            raise RuntimeError(f"read back {seen} of {count} records")
+        figures = {"produce": count / produced, "consume": count / consumed}
+        if broker.storage is not None:
+            broker.stop()
+            started = time.perf_counter()
+            broker.start(create=False)
+            if consume_all(broker.bootstrap, count) != count:
+                raise RuntimeError("records lost across a broker restart")
+            figures["restart_read_s"] = time.perf_counter() - started
+    return figures
+
+
+def run(count: int, size: int) -> dict[str, dict[str, float]]:
+    """Figures for memory storage (the baseline) and S3 storage, one after the other."""
+    figures = {"memory": measure(EmbeddedBroker(), count, size)}
+    with LocalS3() as store:
+        figures["s3"] = measure(EmbeddedBroker(storage=store.storage), count, size)
+    return figures
+
+
+def render(figures: dict[str, dict[str, float]], count: int, size: int, command: str) -> str:
+    memory, s3 = figures["memory"], figures["s3"]
+    rows = [
+        f"| {what} | {s3[key]:,.0f} records/s | memory storage: {memory[key]:,.0f} | "
+        f"{s3[key] / memory[key]:.2f} |"
+        for what, key in (("produce, acknowledged", "produce"), ("consume", "consume"))
+    ]
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine()} "
+            "(shared with other work while it ran)",
+            f"- command: `{command}`; {count:,} keyed records of {size} B on one partition, "
+            "produced with the worker's producer (idempotent, flushed) and read back with "
+            "confluent-kafka; a fresh embedded broker per storage",
+            "- S3 storage: a loopback moto server (`LocalS3`), the storage the broker-restart "
+            "fault test runs on; memory storage is the default and the baseline",
+            "",
+            "| figure (S3 storage) | value | baseline | ratio |",
+            "|---|---:|---|---:|",
+            *rows,
+            "",
+            f"After a restart on S3 storage, {s3['restart_read_s']:.1f} s passed from starting "
+            "the broker to every record read back.",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--size", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    args = parser.parse_args()
+    figures = run(args.records, args.size)
+    command = f"python -m pipelines.bench_broker --records {args.records} --size {args.size}"
+    section = render(figures, args.records, args.size, command)
+    write_section(args.out, section, SECTION)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
