@@ -61,7 +61,8 @@ def consume_all(bootstrap: str, count: int, timeout: float = 120) -> int:
 
 def measure(broker: EmbeddedBroker, count: int, size: int) -> dict[str, float]:
     """Produce `count` records (acknowledged, as the worker produces) and read them back;
-    then restart the broker and time from its start until every record read back (S3 only)."""
+    on S3 storage, then restart the broker and time from its start until every record
+    read back. Out: records/s produced and consumed, and that time in seconds."""
     with broker:
         producer = BatchProducer(broker.bootstrap)
         started = time.perf_counter()
@@ -84,15 +85,26 @@ def measure(broker: EmbeddedBroker, count: int, size: int) -> dict[str, float]:
     return figures
 
 
-def run(count: int, size: int) -> dict[str, dict[str, float]]:
-    """Figures for memory storage (the baseline) and S3 storage, one after the other."""
-    figures = {"memory": measure(EmbeddedBroker(), count, size)}
-    with LocalS3() as store:
-        figures["s3"] = measure(EmbeddedBroker(storage=store.storage), count, size)
-    return figures
+def run(count: int, size: int, rounds: int) -> dict[str, dict[str, float]]:
+    """The best of `rounds` alternating runs on memory storage (the baseline) and on S3
+    storage: alternating keeps a change in the shared machine's load from favouring one."""
+    runs: dict[str, list[dict[str, float]]] = {"memory": [], "s3": []}
+    for _ in range(rounds):
+        runs["memory"].append(measure(EmbeddedBroker(), count, size))
+        with LocalS3() as store:  # an empty bucket each time, as memory starts empty
+            runs["s3"].append(measure(EmbeddedBroker(storage=store.storage), count, size))
+    best = {"produce": max, "consume": max, "restart_read_s": min}
+    return {
+        storage: {
+            key: pick(r[key] for r in results) for key, pick in best.items() if key in results[0]
+        }
+        for storage, results in runs.items()
+    }
 
 
-def render(figures: dict[str, dict[str, float]], count: int, size: int, command: str) -> str:
+def render(
+    figures: dict[str, dict[str, float]], count: int, size: int, rounds: int, command: str
+) -> str:
     memory, s3 = figures["memory"], figures["s3"]
     rows = [
         f"| {what} | {s3[key]:,.0f} records/s | memory storage: {memory[key]:,.0f} | "
@@ -107,7 +119,8 @@ def render(figures: dict[str, dict[str, float]], count: int, size: int, command:
             "(shared with other work while it ran)",
             f"- command: `{command}`; {count:,} keyed records of {size} B on one partition, "
             "produced with the worker's producer (idempotent, flushed) and read back with "
-            "confluent-kafka; a fresh embedded broker per storage",
+            f"confluent-kafka; a fresh embedded broker per run; best of {rounds} runs per "
+            "storage, alternating",
             "- S3 storage: a loopback moto server (`LocalS3`), the storage the broker-restart "
             "fault test runs on; memory storage is the default and the baseline",
             "",
@@ -126,11 +139,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--size", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     args = parser.parse_args()
-    figures = run(args.records, args.size)
-    command = f"python -m pipelines.bench_broker --records {args.records} --size {args.size}"
-    section = render(figures, args.records, args.size, command)
+    figures = run(args.records, args.size, args.rounds)
+    command = (
+        f"python -m pipelines.bench_broker --records {args.records} --size {args.size} "
+        f"--rounds {args.rounds}"
+    )
+    section = render(figures, args.records, args.size, args.rounds, command)
     write_section(args.out, section, SECTION)
     print(section)
 
