@@ -13,13 +13,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-
 from pipelines import topics
 from pipelines.bench import machine
 from pipelines.bench_identity import write_section
 from pipelines.broker import EmbeddedBroker, LocalS3
-from pipelines.kafka import BatchProducer
+from pipelines.kafka import BatchProducer, read_topic
 from pipelines.pipeline import OutRecord
 
 SECTION = "## Broker storage"
@@ -33,32 +31,6 @@ def records(count: int, size: int) -> Iterator[OutRecord]:
         yield OutRecord(TOPIC, key, key.ljust(size, b"x"))
 
 
-def consume_all(bootstrap: str, count: int, timeout: float = 120) -> int:
-    """Read the topic from the start until `count` records arrived; returns how many did."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "tessera-bench-broker",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
-    consumer.assign([TopicPartition(TOPIC, 0, OFFSET_BEGINNING)])
-    seen = 0
-    deadline = time.monotonic() + timeout
-    try:
-        while seen < count and time.monotonic() < deadline:
-            for message in consumer.consume(num_messages=10_000, timeout=1):
-                error = message.error()
-                if error is None:
-                    seen += 1
-                elif error.code() != KafkaError._PARTITION_EOF:
-                    raise RuntimeError(f"consume failed: {error}")
-    finally:
-        consumer.close()
-    return seen
-
-
 def measure(broker: EmbeddedBroker, count: int, size: int) -> dict[str, float]:
     """Produce `count` records (acknowledged, as the worker produces) and read them back;
     on S3 storage, then restart the broker and time from its start until every record
@@ -70,7 +42,7 @@ def measure(broker: EmbeddedBroker, count: int, size: int) -> dict[str, float]:
         produced = time.perf_counter() - started
         producer.close()
         started = time.perf_counter()
-        seen = consume_all(broker.bootstrap, count)
+        seen = len(read_topic(broker.bootstrap, TOPIC))
         consumed = time.perf_counter() - started
         if seen != count:
             raise RuntimeError(f"read back {seen} of {count} records")
@@ -79,7 +51,7 @@ def measure(broker: EmbeddedBroker, count: int, size: int) -> dict[str, float]:
             broker.stop()
             started = time.perf_counter()
             broker.start(create=False)
-            if consume_all(broker.bootstrap, count) != count:
+            if len(read_topic(broker.bootstrap, TOPIC)) != count:
                 raise RuntimeError("records lost across a broker restart")
             figures["restart_read_s"] = time.perf_counter() - started
     return figures

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -85,6 +86,32 @@ def create_topics(
                 raise BrokerError(f"cannot create topic {name} on {bootstrap}: {exc}") from exc
 
 
+class LocalService:
+    """A local process with `start()` and `stop()`; as a context manager it is started on
+    entry and always stopped on exit, also when starting failed half-way."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 @dataclass(frozen=True)
 class S3Storage:
     """Where a Tansu broker keeps its topics when they must outlive the process: a bucket
@@ -123,7 +150,7 @@ def _stop_process(
         process.wait()
 
 
-class LocalS3:
+class LocalS3(LocalService):
     """A loopback S3-protocol server (moto) with one bucket, in its own process so it
     outlives the brokers that use it; a context manager that always cleans up.
 
@@ -177,23 +204,8 @@ class LocalS3:
             _stop_process(self.process)
             self.process = None
 
-    def __enter__(self) -> LocalS3:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class EmbeddedBroker:
+class EmbeddedBroker(LocalService):
     """A Tansu broker process on a loopback port; a context manager that always cleans up.
 
     `storage`: None keeps topics in memory; an `S3Storage` keeps them in its bucket, so
@@ -254,17 +266,6 @@ class EmbeddedBroker:
             _stop_process(self.process, sig=sig)
             self.process = None
 
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _listening(bootstrap: str, timeout: float) -> list[str]:
     """Why no bootstrap address accepts a TCP connection (empty: at least one does)."""
@@ -315,6 +316,7 @@ __all__ = [
     "BrokerError",
     "EmbeddedBroker",
     "LocalS3",
+    "LocalService",
     "S3Storage",
     "create_topics",
     "ensure_reachable",

@@ -12,11 +12,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 
-from pipelines.broker import EmbeddedBroker, LocalS3, free_port
+from pipelines.broker import EmbeddedBroker, LocalS3, LocalService, free_port
 
 
 class StackError(RuntimeError):
@@ -30,7 +29,7 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-class LocalStack:
+class LocalStack(LocalService):
     """Broker + `tessera worker` + `tessera serve`, with logs under `data_dir/logs`.
 
     `durable_broker`: the broker keeps its topics on a loopback S3 server (pipelines/broker.py)
@@ -182,18 +181,3 @@ class LocalStack:
         self.broker.stop()
         if self.object_store is not None:
             self.object_store.stop()
-
-    def __enter__(self) -> LocalStack:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
