@@ -8,6 +8,13 @@ topics live in an S3 bucket instead and outlive the broker process, so the broke
 stopped and started again on the same port and storage (the fault tests restart it
 mid-stream). `LocalS3` runs a loopback S3-protocol server (moto) for that; this Tansu
 build has only the memory and S3 engines compiled in.
+
+Known Tansu 0.6 defect on S3 storage: when the broker process dies (SIGKILL, or SIGTERM,
+which it ignores while clients are connected until `stop()` kills it after 5 s) during
+an idempotent produce request, the producer's retry to the restarted broker is answered
+as a duplicate (no error, base offset -1) although the records were never stored: an
+acknowledged batch is lost. Without idempotence the retry is stored (a duplicate at
+worst). So a broker restart loses nothing only while no produce request is in flight.
 """
 
 from __future__ import annotations
