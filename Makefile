@@ -60,6 +60,7 @@ bench: setup flink-setup
 	$(BIN)/tessera identity bench --records $(or $(IDENTITY_RECORDS),100000)
 	$(BIN)/python -m pipelines.bench_erasure --events $(or $(ERASURE_EVENTS),100000)
 	$(BIN)/python -m pipelines.bench_scaling --events $(or $(SCALING_EVENTS),100000)
+	$(BIN)/python -m pipelines.bench_broker --records $(or $(BROKER_RECORDS),50000)
 	$(BIN)/tessera profiles bench --profiles $(or $(PROFILES),1000000)
 
 clean:

@@ -42,7 +42,7 @@ from consent.keys import configured_key_store
 from identity.model import ScoringModel
 from pipelines import topics
 from pipelines.bundles import decode_bundle
-from pipelines.kafka import BatchProducer, faust_credentials
+from pipelines.kafka import BatchProducer, DeliveryError, faust_credentials
 from pipelines.pipeline import BatchReport, Pipeline, SourceRecord
 from pipelines.replay import ReplayCut, Unit
 
@@ -53,9 +53,12 @@ class StageRunner:
     """The pipeline and its producer behind one lock: a batch, an offsets read or the
     shutdown runs alone, so shutdown waits for the batch in flight to commit or roll back."""
 
-    def __init__(self, pipeline: Pipeline, producer: BatchProducer) -> None:
+    def __init__(
+        self, pipeline: Pipeline, producer: BatchProducer, retry_pause: float = 1.0
+    ) -> None:
         self.pipeline = pipeline
         self.producer = producer
+        self.retry_pause = retry_pause
         # After a crash between a batch's outputs and its commit: replay it as it was cut.
         self.replay = ReplayCut(pipeline.interrupted_extent())
         self._lock = threading.Lock()
@@ -67,11 +70,24 @@ class StageRunner:
         """Run one batch through the stages; None once closed (the batch replays on restart).
 
         `consumed`: the bundle positions the batch was read from, when it was forwarded.
+        A batch whose outputs the broker did not acknowledge (it is away) rolled back whole;
+        it runs again every `retry_pause` seconds until it commits or the runner closes.
+        Letting the error escape would lose it: Faust restarts a crashed agent on the
+        events after the batch, and the next commit would store offsets past it.
         """
-        with self._lock:
-            if self._closed:
-                return None
-            return self.pipeline.process(batch, self.producer.send, consumed)
+        while True:
+            with self._lock:
+                if self._closed:
+                    return None
+                try:
+                    return self.pipeline.process(batch, self.producer.send, consumed)
+                except DeliveryError as exc:
+                    log.warning(
+                        "batch of %d rolled back, outputs not acknowledged (%s); retrying",
+                        len(batch),
+                        exc,
+                    )
+            time.sleep(self.retry_pause)  # outside the lock: a shutdown may close meanwhile
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         """The next offset per (topic, partition) as of the last committed batch."""

@@ -12,11 +12,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 
-from pipelines.broker import EmbeddedBroker, free_port
+from pipelines.broker import EmbeddedBroker, LocalS3, LocalService, free_port
 
 
 class StackError(RuntimeError):
@@ -30,8 +29,13 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-class LocalStack:
-    """Broker + `tessera worker` + `tessera serve`, with logs under `data_dir/logs`."""
+class LocalStack(LocalService):
+    """Broker + `tessera worker` + `tessera serve`, with logs under `data_dir/logs`.
+
+    `durable_broker`: the broker keeps its topics on a loopback S3 server (pipelines/broker.py)
+    instead of in memory, so `stop_broker()` then `start_broker()` restarts it without
+    losing them.
+    """
 
     def __init__(
         self,
@@ -39,14 +43,20 @@ class LocalStack:
         api_port: int | None = None,
         partitions: int = 1,
         worker_options: dict[str, str] | None = None,
+        durable_broker: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.object_store = LocalS3() if durable_broker else None
         self.worker_options = dict(worker_options or {})
         self.api_port = api_port or free_port()
         # The first worker serves Prometheus metrics here; restarts and standbys do not, so
         # two workers never contend for the port.
         self.worker_metrics_port = free_port()
-        self.broker = EmbeddedBroker(partitions=partitions)
+        self.broker = EmbeddedBroker(
+            partitions=partitions,
+            storage=self.object_store.storage if self.object_store else None,
+            log=self.data_dir / "logs" / "broker.log",
+        )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -134,6 +144,8 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.object_store is not None:
+            self.object_store.start()
         self.broker.start()
         self.start_worker(**{"metrics_port": str(self.worker_metrics_port), **self.worker_options})
         self.start_api()
@@ -151,22 +163,21 @@ class LocalStack:
             process.kill()
             return process.wait()
 
+    def stop_broker(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the broker process with `sig` (SIGKILL: a crash); the worker and API keep
+        running and retry until `start_broker()`."""
+        self.broker.stop(sig)
+
+    def start_broker(self) -> None:
+        """Start the broker again on the same port and storage. Needs `durable_broker`: a
+        memory broker would come back without any topic."""
+        if self.object_store is None:
+            raise StackError("a memory-storage broker restarts empty; use durable_broker=True")
+        self.broker.start()
+
     def stop(self) -> None:
         for name in list(self.processes):
             self.stop_process(name)
         self.broker.stop()
-
-    def __enter__(self) -> LocalStack:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        if self.object_store is not None:
+            self.object_store.stop()
