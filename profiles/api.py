@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -20,6 +21,7 @@ from pipelines.identity_commands import reject_link_command
 from pipelines.pipeline import OutRecord
 from profiles.access import SUBJECT_ACCESS, ApiKey, Keyring
 from profiles.audit_api import audit_router
+from profiles.direct_route import DirectRoute
 from profiles.operator_api import mount_console, operator_router
 from profiles.reads import CoalescedReads
 from profiles.responses import error_response as _error
@@ -42,16 +44,25 @@ class ErasureRequestBody(BaseModel):
     requested_by: str = Field("api", min_length=1, max_length=128)
 
 
-def _etagged(payload: Any, if_none_match: str | None) -> Response:
-    """A 200 with an ETag over the body, or a 304 when the client's copy is that one."""
+def _tagged(payload: Any) -> tuple[bytes, str]:
+    """A JSON body and its ETag."""
     body = orjson.dumps(payload)
-    tag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    return body, '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+def _answer(body: bytes, tag: str, if_none_match: str | None) -> Response:
+    """A 200 with its ETag, or a 304 when the client's copy is that one."""
     headers = {"ETag": tag, "Cache-Control": "private, no-cache"}
     if if_none_match:
         offered = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
         if tag in offered or "*" in offered:
             return Response(status_code=304, headers=headers)
     return Response(body, media_type="application/json", headers=headers)
+
+
+def _etagged(payload: Any, if_none_match: str | None) -> Response:
+    """A 200 with an ETag over the body, or a 304 when the client's copy is that one."""
+    return _answer(*_tagged(payload), if_none_match)
 
 
 def parse_selection(traits: str | None) -> set[str] | Response | None:
@@ -326,7 +337,8 @@ def create_app(
             if_none_match,
         )
 
-    @app.get("/v1/profiles/{person_id}", summary="The unified profile of a person")
+    cache = store.cache
+
     async def get_profile(
         person_id: str,
         purpose: str | None = Query(None, description="the purpose of the read"),
@@ -339,11 +351,32 @@ def create_app(
             return names
         if len(person_id) > 128:
             return _error(400, "invalid_person_id", "person ids are at most 128 characters")
+        # Computed traits are evaluated per UTC day, so an answer holds for the day it was
+        # rendered on, until a write to the person drops it.
+        now = datetime.now(UTC)
+        today = now.date()
+        shape = (purpose, None if names is None else frozenset(names))
+        generation = cache.generation  # before the read: a write after it refuses the answer
+        kept = cache.answer(person_id, shape)
+        if kept is not None and kept[0] == today:
+            return _answer(kept[1], kept[2], if_none_match)
         doc = await documents.get(person_id)
-        profile = store.view_of(doc, purpose) if doc else None  # type: ignore[arg-type]
+        profile = store.view_of(doc, purpose, now) if doc else None  # type: ignore[arg-type]
         if profile is None:
             return _error(404, "not_found", f"no {purpose} profile {person_id!r}")
-        return _etagged(select_traits(profile, names), if_none_match)
+        body, tag = _tagged(select_traits(profile, names))
+        if profile["person_id"] == person_id:  # a merged-away id's answer is its survivor's
+            cache.keep_answer(person_id, shape, (today, body, tag), generation)
+        return _answer(body, tag, if_none_match)
+
+    # The hot read: its string parameters reach it without per-request validation.
+    app.router.add_api_route(
+        "/v1/profiles/{person_id}",
+        get_profile,
+        methods=["GET"],
+        summary="The unified profile of a person",
+        route_class_override=DirectRoute,
+    )
 
     @app.get("/v1/identity/{person_id}/explain", summary="Why these records are one person")
     def explain(person_id: str, secret: str | None = Security(API_KEY)) -> Response:

@@ -5,7 +5,9 @@ plan, run), against tens of microseconds per extra id probed through the primary
 index in the same query. At a thousand lookups a second the per-request query, not the
 lookup, saturates the API; so concurrent reads share queries (`CoalescedReads`), and
 documents read recently are kept, compressed as stored, until a write changes them
-(`DocumentCache`).
+(`DocumentCache`). The answers the API rendered from them (a purpose's view, a trait
+selection, its ETag) are kept beside them under the same rule, so a repeated read costs
+neither decompression, nor the purpose view, nor JSON encoding.
 """
 
 from __future__ import annotations
@@ -13,25 +15,31 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class DocumentCache:
-    """Stored (compressed) documents by person id, least recently read dropped first.
+    """Stored (compressed) documents by person id, and answers rendered from them by
+    person id and request shape; least recently read dropped first.
 
     Writers call `invalidate` after they commit; a reader records `generation` before its
-    query and offers what it read with `put`, which refuses it when any write committed
-    meanwhile, so a document read before a change can never be kept after it.
+    query and offers what it read with `put` (or what it rendered with `keep_answer`),
+    which refuses it when any write committed meanwhile, so nothing read before a change
+    can be kept after it.
     """
 
-    def __init__(self, capacity: int = 50_000) -> None:
+    def __init__(self, capacity: int = 50_000, answer_capacity: int = 50_000) -> None:
         self.capacity = capacity
+        self.answer_capacity = answer_capacity  # persons whose answers are kept
         self.hits = 0
         self.misses = 0
+        self.answer_hits = 0
         self._entries: OrderedDict[str, bytes] = OrderedDict()
+        # person id -> request shape -> answer: a write to the person drops them all.
+        self._answers: OrderedDict[str, dict[Hashable, Any]] = OrderedDict()
         self._generation = 0
         self._lock = threading.Lock()
 
@@ -66,12 +74,41 @@ class DocumentCache:
                 self._entries.popitem(last=False)
             return True
 
+    def answer(self, person_id: str, shape: Hashable) -> Any | None:
+        """The answer kept for `person_id` read in `shape`, or None."""
+        with self._lock:
+            shapes = self._answers.get(person_id)
+            found = shapes.get(shape) if shapes is not None else None
+            if found is not None:
+                self._answers.move_to_end(person_id)
+                self.answer_hits += 1
+            return found
+
+    def keep_answer(self, person_id: str, shape: Hashable, answer: Any, generation: int) -> bool:
+        """Keep an answer rendered from `person_id`'s document as read when `generation`
+        was current; False (nothing kept) when a write has committed since."""
+        if self.answer_capacity <= 0:
+            return False
+        with self._lock:
+            if generation != self._generation:
+                return False
+            shapes = self._answers.get(person_id)
+            if shapes is None:
+                shapes = self._answers[person_id] = {}
+            else:
+                self._answers.move_to_end(person_id)
+            shapes[shape] = answer
+            while len(self._answers) > self.answer_capacity:
+                self._answers.popitem(last=False)
+            return True
+
     def invalidate(self, person_ids: Iterable[str]) -> None:
-        """Forget these persons' documents; refuse every read still in flight."""
+        """Forget these persons' documents and answers; refuse every read still in flight."""
         with self._lock:
             self._generation += 1
             for person_id in person_ids:
                 self._entries.pop(person_id, None)
+                self._answers.pop(person_id, None)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -119,8 +119,9 @@ class ProfileStore:
         # Read-only: another process's file opened for audits (it must exist and not be in use).
         self.keys = keys  # opens sealed changelog documents; an erased subject's stay shut
         self.traits = traits or load_traits()
-        # Recently read documents (about 1 KB each, compressed), dropped when a write changes them.
-        self.cache = DocumentCache(cache_entries)
+        # Recently read documents (about 1 KB each, compressed) and the API's answers rendered
+        # from them, dropped when a write changes them.
+        self.cache = DocumentCache(cache_entries, answer_capacity=cache_entries)
         self.conn = duckdb.connect(str(path), read_only=read_only)
         self.conn.execute("SET TimeZone = 'UTC'")
         if not read_only:

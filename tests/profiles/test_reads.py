@@ -1,15 +1,19 @@
-"""The lookup path: cached documents never outlive a change, and concurrent reads share queries."""
+"""The lookup path: cached documents and answers never outlive a change, never leak
+between purposes or trait selections, and concurrent reads share queries."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 import httpx
 import pytest
+from fastapi import FastAPI, Query
 
 from pipelines import topics
 from pipelines.bench_profiles import documents, templates
+from profiles.direct_route import DirectRoute
 from profiles.reads import CoalescedReads, DocumentCache
 from profiles.store import ConsumedRecord, ProfileStore
 
@@ -29,9 +33,9 @@ def test_a_cached_profile_is_never_served_after_a_change_or_a_withdrawal(served,
     person = served.get("/v1/profiles/lookup", type="user_id", value="u-7").json()["person_id"]
     first = _read(served, person)
     assert first.json()["traits"]["first_name"]["value"] == "Ada"
-    hits = served.store.cache.hits
+    answered = served.store.cache.answer_hits
     assert _read(served, person, first.headers["etag"]).status_code == 304
-    assert served.store.cache.hits == hits + 1  # the second read came from the cache
+    assert served.store.cache.answer_hits == answered + 1  # the second read came from the cache
 
     served.run.feed(
         make_event("identify", userId="u-7", traits={"first_name": "Adele"}, context=US)
@@ -66,6 +70,110 @@ def test_a_read_overtaken_by_a_write_is_not_cached():
     assert cache.put([("p1", b"new"), ("p2", b"b"), ("p3", b"c")], cache.generation)
     assert cache.get("p1") is None and cache.get("p3") == b"c"  # least recently used left
     assert len(cache) == 2
+
+
+def test_a_write_drops_the_persons_answers_and_refuses_answers_in_flight():
+    cache = DocumentCache(capacity=4, answer_capacity=2)
+    before = cache.generation
+    assert cache.keep_answer("p1", ("personalization", None), "a1", before)
+    assert cache.keep_answer("p2", ("personalization", None), "a2", before)
+    cache.invalidate(["p1"])
+    assert cache.answer("p1", ("personalization", None)) is None
+    assert cache.answer("p2", ("personalization", None)) == "a2"  # another person's stays
+    # Rendered from a read that began before the write: refused.
+    assert cache.keep_answer("p1", ("personalization", None), "stale", before) is False
+    assert cache.answer("p1", ("personalization", None)) is None
+    now = cache.generation
+    assert cache.keep_answer("p3", ("analytics", None), "a3", now)
+    assert cache.keep_answer("p4", ("analytics", None), "a4", now)
+    assert cache.answer("p2", ("personalization", None)) is None  # least recently used left
+    assert cache.answer("p3", ("analytics", None)) == "a3"
+    assert cache.answer("p3", ("personalization", None)) is None  # shapes are kept apart
+
+
+def _selected(served, person, key="web", purpose="personalization", traits=None, tag=None):
+    headers = {"X-API-Key": served.keys[key]} | ({"If-None-Match": tag} if tag else {})
+    params = {"purpose": purpose} | ({"traits": traits} if traits else {})
+    return httpx.get(f"{served.url}/v1/profiles/{person}", params=params, headers=headers)
+
+
+def test_cached_answers_never_leak_across_purposes_selections_or_keys(served):
+    person = served.get("/v1/profiles/lookup", type="user_id", value="u-7").json()["person_id"]
+    narrow = _selected(served, person, traits="first_name")
+    assert list(narrow.json()["traits"]) == ["first_name"] and narrow.json()["computed"] == {}
+    assert _selected(served, person, traits="first_name").json() == narrow.json()  # cached
+    whole = _selected(served, person)
+    assert set(whole.json()["traits"]) > {"first_name"} and whole.json()["computed"]
+    # The same names in another order are the same selection: one answer, one ETag.
+    both = _selected(served, person, traits="first_name,order_count")
+    assert (
+        _selected(served, person, traits="order_count,first_name").headers["etag"]
+        == (both.headers["etag"])
+    )
+    # Another purpose's cached answer is never served for this one, nor to a key without it.
+    analytics = _selected(served, person, key="bi", purpose="analytics")
+    assert analytics.status_code == 200 and analytics.json()["purpose"] == "analytics"
+    assert _selected(served, person, key="web", purpose="analytics").status_code == 403
+    assert _selected(served, person, key="auditor").status_code == 403
+    assert _selected(served, person).json()["purpose"] == "personalization"
+    # A cached answer is not a pass: a client's ETag from it still needs a key.
+    missing_key = httpx.get(
+        f"{served.url}/v1/profiles/{person}",
+        params={"purpose": "personalization"},
+        headers={"If-None-Match": whole.headers["etag"]},
+    )
+    assert missing_key.status_code == 401
+
+
+def test_an_answer_rendered_on_another_day_is_not_served(served):
+    person = served.get("/v1/profiles/lookup", type="user_id", value="u-7").json()["person_id"]
+    fresh = _selected(served, person)
+    yesterday = datetime.now(UTC).date() - timedelta(days=1)
+    # As if rendered yesterday: windowed traits and days-since counts may differ today.
+    served.store.cache.keep_answer(
+        person,
+        ("personalization", None),
+        (yesterday, b'{"stale":true}', '"old"'),
+        served.store.cache.generation,
+    )
+    again = _selected(served, person, tag='"old"')
+    assert again.status_code == 200 and again.json() == fresh.json()
+    assert again.headers["etag"] == fresh.headers["etag"]
+
+
+def test_a_merged_away_id_reads_its_survivors_latest_answer(served, make_event):
+    profile = served.get("/v1/profiles/lookup", type="user_id", value="u-7").json()
+    (old,) = profile["merged_from"]
+    first = _selected(served, old)
+    assert first.json()["person_id"] == profile["person_id"]
+    served.run.feed(
+        make_event("identify", userId="u-7", traits={"first_name": "Adele"}, context=US)
+    )
+    served.catch_up()  # a write to the survivor, which the old id's answer comes from
+    changed = _selected(served, old, tag=first.headers["etag"])
+    assert changed.status_code == 200
+    assert changed.json()["traits"]["first_name"]["value"] == "Adele"
+
+
+def test_a_direct_route_publishes_its_parameters_and_refuses_constrained_ones(served):
+    spec = httpx.get(f"{served.url}/openapi.json").json()
+    operation = spec["paths"]["/v1/profiles/{person_id}"]["get"]
+    published = {(p["in"], p["name"]) for p in operation["parameters"]}
+    assert published >= {
+        ("path", "person_id"),
+        ("query", "purpose"),
+        ("query", "traits"),
+        ("header", "if-none-match"),
+    }
+    assert operation["security"] == [{"APIKeyHeader": []}]
+
+    async def limited(name: str, q: str | None = Query(None, max_length=5)) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="unconstrained str"):
+        FastAPI().router.add_api_route(
+            "/x/{name}", limited, methods=["GET"], route_class_override=DirectRoute
+        )
 
 
 @pytest.fixture(scope="module")
