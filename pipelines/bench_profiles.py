@@ -154,15 +154,17 @@ def load_store(path: Path, count: int, batch: int = 50_000) -> dict[str, float]:
 # -- 3. serve -----------------------------------------------------------------------------
 
 
-def serve(db: Path, keys: Path, port: int) -> None:
-    """The API over a store file, as `tessera serve` runs it (no follower)."""
+def serve(db: Path, keys: Path, port: int, cache_entries: int) -> None:
+    """The API over a store file, as `tessera serve --cache-entries N --warm` runs it (no
+    follower): documents loaded into memory before it listens."""
     import uvicorn
 
     from profiles.access import load_keyring
     from profiles.api import create_app
     from profiles.store import ProfileStore
 
-    store = ProfileStore(db)
+    store = ProfileStore(db, cache_entries=cache_entries)
+    store.warm()
     app = create_app(store, keyring=load_keyring(keys))
     uvicorn.run(
         app,
@@ -306,12 +308,15 @@ def run_profiles_bench(
             str(db),
             str(workdir / "keys.yaml"),
             str(port),
+            str(count),  # room for every stored document
         ],
     )
     runs = []
     calibration = min(seconds, CALIBRATION_SECONDS)
     try:
+        started = time.perf_counter()
         _wait_until_serving(port, server)
+        start_s = time.perf_counter() - started
         rss_start = _rss_mb(server.pid)
         for rate in rates:
             run = _load_run(port, workdir / "ids.txt", rate, seconds, keys[READER])
@@ -333,6 +338,7 @@ def run_profiles_bench(
         "calibration_seconds": calibration,
         "sampled_ids": len(sample),
         "store_mb": sum(p.stat().st_size for p in workdir.glob("profiles.duckdb*")) / 2**20,
+        "start_s": start_s,
         "rss_start_mb": rss_start,
         "rss_end_mb": rss_end,
         "runs": runs,
@@ -343,7 +349,7 @@ def run_profiles_bench(
 def _wait_until_serving(port: int, server: subprocess.Popen) -> None:
     import httpx
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # loading 1M documents at start takes a while
     while True:
         try:
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
@@ -460,7 +466,7 @@ def write_report(path: Path, figure: dict[str, Any], command: str) -> None:
 if __name__ == "__main__":
     verb, *args = sys.argv[1:]
     if verb == "serve":
-        serve(Path(args[0]), Path(args[1]), int(args[2]))
+        serve(Path(args[0]), Path(args[1]), int(args[2]), int(args[3]))
     elif verb == "drive":
         drive(int(args[0]), Path(args[1]), float(args[2]), float(args[3]), float(args[4]), args[5])
     else:

@@ -177,6 +177,12 @@ def serve(
     keys: Annotated[
         Path | None, typer.Option(help="API keys YAML (default: $TESSERA_API_KEYS)")
     ] = None,
+    cache_entries: Annotated[
+        int, typer.Option(min=0, help="profile documents kept in memory (about 1 KB each)")
+    ] = 50_000,
+    warm: Annotated[
+        bool, typer.Option(help="load stored documents into memory before serving")
+    ] = False,
 ) -> None:
     """Serve the profile API from this process's own replica of the output topics."""
     import uvicorn
@@ -200,7 +206,12 @@ def serve(
     from consent.keys import configured_key_store
 
     # TESSERA_KEY_STORE: the worker's per-subject keys, to open sealed changelog documents.
-    store = ProfileStore(data_dir / "profiles.duckdb", keys=configured_key_store())
+    store = ProfileStore(
+        data_dir / "profiles.duckdb", keys=configured_key_store(), cache_entries=cache_entries
+    )
+    if warm:
+        # A store that fits in memory answers every lookup without a query.
+        store.warm()
     follower = ReplicaFollower(store, bootstrap).start()
     producer = BatchProducer(bootstrap)
     try:

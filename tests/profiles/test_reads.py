@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import duckdb
 import httpx
+import orjson
 import pytest
 from fastapi import FastAPI, Query
 
@@ -212,6 +213,30 @@ def test_concurrent_reads_share_queries_and_each_gets_its_own_document(stored):
     queries.clear()
     assert asyncio.run(reads.get(persons[7]))["person_id"] == persons[7]
     assert queries == [[persons[7]]]
+
+
+def test_warming_fills_the_cache_and_a_write_still_replaces_a_warmed_document(stored, tmp_path):
+    source, persons = stored
+    changelog = [
+        ConsumedRecord(
+            topics.PROFILES_CHANGELOG, 0, n, p.encode(), orjson.dumps(source.document(p))
+        )
+        for n, p in enumerate(persons)
+    ]
+    store = ProfileStore(tmp_path / "warm.duckdb", cache_entries=100)
+    store.apply(changelog)
+    store.cache.invalidate(persons)  # start cold, as a freshly opened store does
+    assert store.warm(chunk=30) == 100  # 150 stored, room for 100
+    warmed = next(p for p in persons if store.cache.get(p) is not None)
+    misses = store.cache.misses
+    assert store.document(warmed)["person_id"] == warmed
+    assert store.cache.misses == misses  # answered from memory, no query
+    changed = source.document(warmed) | {"version": 99}
+    store.apply(
+        [ConsumedRecord(topics.PROFILES_CHANGELOG, 0, 150, warmed.encode(), orjson.dumps(changed))]
+    )
+    assert store.document(warmed)["version"] == 99
+    store.close()
 
 
 def test_a_failed_query_fails_every_read_waiting_on_it(tmp_path):
