@@ -360,7 +360,8 @@ def create_app(
         kept = cache.answer(person_id, shape)
         if kept is not None and kept[0] == today:
             return _answer(kept[1], kept[2], if_none_match)
-        doc = await documents.get(person_id)
+        # A document in memory is read at once; only a query waits to share with others.
+        doc = store.cached_document(person_id) or await documents.get(person_id)
         profile = store.view_of(doc, purpose, now) if doc else None  # type: ignore[arg-type]
         if profile is None:
             return _error(404, "not_found", f"no {purpose} profile {person_id!r}")

@@ -49,15 +49,20 @@ class DocumentCache:
         return self._generation
 
     def get(self, person_id: str) -> bytes | None:
-        """The cached document of `person_id`, or None."""
+        """The cached document of `person_id`, or None (the reader counts its misses with
+        `missed` when it queries for them)."""
         with self._lock:
             blob = self._entries.get(person_id)
             if blob is None:
-                self.misses += 1
                 return None
             self._entries.move_to_end(person_id)
             self.hits += 1
             return blob
+
+    def missed(self, count: int) -> None:
+        """Count documents that had to be read from the store."""
+        with self._lock:
+            self.misses += count
 
     def put(self, rows: Iterable[tuple[str, bytes]], generation: int) -> bool:
         """Keep (person id, document) pairs read when `generation` was current; False
