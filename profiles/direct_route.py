@@ -40,10 +40,11 @@ class DirectRoute(APIRoute):
         path_names = [_plain(self.path, f, required_ok=True) for f in dependant.path_params]
         queries = [(_plain(self.path, f), f.alias) for f in dependant.query_params]
         headers = [(_plain(self.path, f), _header_name(f)) for f in dependant.header_params]
+        keys = []  # API-key headers: an empty one is no key, as APIKeyHeader reads it
         for sub in dependant.dependencies:
-            if not isinstance(sub.call, APIKeyHeader) or sub.call.auto_error or not sub.name:
+            if type(sub.call) is not APIKeyHeader or sub.call.auto_error or not sub.name:
                 raise TypeError(f"{self.path}: a DirectRoute depends only on API-key headers")
-            headers.append((sub.name, sub.call.model.name))
+            keys.append((sub.name, sub.call.model.name))
 
         async def handle(request: Request) -> Response:
             values: dict[str, Any] = {name: request.path_params[name] for name in path_names}
@@ -53,6 +54,8 @@ class DirectRoute(APIRoute):
             head = request.headers
             for name, key in headers:
                 values[name] = head.get(key)
+            for name, key in keys:
+                values[name] = head.get(key) or None
             return await endpoint(**values)
 
         return handle

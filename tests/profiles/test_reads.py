@@ -167,6 +167,20 @@ def test_a_direct_route_publishes_its_parameters_and_refuses_constrained_ones(se
         ("header", "if-none-match"),
     }
     assert operation["security"] == [{"APIKeyHeader": []}]
+    # Parameters read as FastAPI reads them: a repeated query parameter's last value, an
+    # empty key header as no key.
+    person = served.get("/v1/profiles/lookup", type="user_id", value="u-7").json()["person_id"]
+    repeated = httpx.get(
+        f"{served.url}/v1/profiles/{person}?purpose=analytics&purpose=personalization",
+        headers={"X-API-Key": served.keys["web"]},
+    )
+    assert repeated.status_code == 200 and repeated.json()["purpose"] == "personalization"
+    empty = httpx.get(
+        f"{served.url}/v1/profiles/{person}",
+        params={"purpose": "personalization"},
+        headers={"X-API-Key": ""},
+    )
+    assert empty.status_code == 401
 
     async def limited(name: str, q: str | None = Query(None, max_length=5)) -> None:
         return None
