@@ -23,10 +23,10 @@ and waits for the broker's acknowledgement *before* the DuckDB state commits. A 
 between the two replays the batch from the last checkpoint; the event keys recorded in
 DuckDB make the replay a no-op (nothing doubled), and a checkpoint never covers a record
 that is neither processed nor in the checkpointed buffer (nothing lost).
-Not yet here: the Faust engine replays an interrupted batch cut exactly as it was
-(pipelines/replay.py), so a person the interrupted attempt minted and published cannot
-be minted under another id by the replay; this operator refills its batch from the
-checkpointed buffer and whatever arrives next, which can cut it differently.
+A batch interrupted between its outputs and its commit replays cut exactly as it was
+(pipelines/replay.py), as in the Faust engine: the operator keeps buffering until the
+batch's journalled extent is whole again, then runs that extent alone before the rest,
+so a person the interrupted attempt minted and published is minted under the same id.
 
 Order within a batch does not depend on the engine: Pipeline.process sorts each batch
 by (topic, partition, offset). Given the same batches, the Faust and Flink engines
@@ -142,6 +142,7 @@ class StageOperator(KeyedProcessFunction):
         from identity.model import ScoringModel, load_model
         from pipelines.kafka import BatchProducer
         from pipelines.pipeline import Pipeline
+        from pipelines.replay import ReplayCut
 
         Path(self.state_path).parent.mkdir(parents=True, exist_ok=True)
         model = (
@@ -153,6 +154,8 @@ class StageOperator(KeyedProcessFunction):
             self.state_path, identity_model=model, key_store=configured_key_store()
         )
         self.producer = BatchProducer(self.bootstrap)
+        # After a crash between a batch's outputs and its commit: replay it as it was cut.
+        self.replay = ReplayCut(self.pipeline.interrupted_extent())
         self.buffer = runtime_context.get_list_state(
             ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY())
         )
@@ -166,39 +169,61 @@ class StageOperator(KeyedProcessFunction):
         self.first_seen = self.first_seen or time.time()
         self.buffer.add((value[0], value[1], value[2], value[3], value[4]))
         count = (self.count.value() or 0) + 1
-        if count >= self.batch_size:
+        self.count.update(count)
+        # While an interrupted batch is awaited the buffer grows past the batch size: look
+        # again at each further batch size's worth, not at every record.
+        if count >= self.batch_size and count % self.batch_size == 0:
             deadline = self.deadline.value()
             if deadline is not None:  # this batch's window timer is no longer needed
                 ctx.timer_service().delete_processing_time_timer(deadline)
-            yield from self._flush()
+                self.deadline.clear()
+            yield from self._flush(ctx)
             return
-        self.count.update(count)
-        if count == 1:
+        if self.deadline.value() is None:
             # The batch window starts with its first record, as in Faust's take().
-            deadline = ctx.timer_service().current_processing_time() + self.batch_ms
-            ctx.timer_service().register_processing_time_timer(deadline)
-            self.deadline.update(deadline)
+            self._arm(ctx)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[str]:
-        yield from self._flush()
+        self.deadline.clear()
+        yield from self._flush(ctx)
 
-    def _flush(self) -> Iterator[str]:
+    def _arm(self, ctx: KeyedProcessFunction.Context) -> None:
+        deadline = ctx.timer_service().current_processing_time() + self.batch_ms
+        ctx.timer_service().register_processing_time_timer(deadline)
+        self.deadline.update(deadline)
+
+    def _flush(self, ctx: KeyedProcessFunction.Context) -> Iterator[str]:
         from pipelines.pipeline import SourceRecord
+        from pipelines.replay import Unit
 
         rows = list(self.buffer.get() or [])
         if not rows:
             return
         batch = [SourceRecord(t, p, o, v, k) for t, p, o, k, v in rows]
-        report = self.pipeline.process(batch, self.producer.send)
+        # Everything buffered since the restart goes to the cut each time, and stays in
+        # the checkpointed buffer until it runs: nothing is held outside Flink's state.
+        runs = self.replay.split([Unit(record, (record,)) for record in batch])
+        if not runs:  # the interrupted batch is not whole yet: keep buffering, look again
+            if self.deadline.value() is None:
+                self._arm(ctx)
+            return
+        reports = [
+            self.pipeline.process([unit.position for unit in run], self.producer.send)
+            for run in runs
+        ]
         self.buffer.clear()
         self.count.clear()
-        self.deadline.clear()
-        self.handed += len(batch)
-        yield (
-            f"batch of {len(batch)}: {dict(sorted(report.outcomes.items()))}, "
-            f"{report.duplicates} duplicates, {report.profiles_changed} profiles changed; "
-            f"{self.handed} records since {self.first_seen:.3f}, committed at {time.time():.3f}"
-        )
+        if self.deadline.value() is not None:
+            ctx.timer_service().delete_processing_time_timer(self.deadline.value())
+            self.deadline.clear()
+        for run, report in zip(runs, reports, strict=True):
+            self.handed += len(run)
+            yield (
+                f"batch of {len(run)}: {dict(sorted(report.outcomes.items()))}, "
+                f"{report.duplicates} duplicates, {report.profiles_changed} profiles changed; "
+                f"{self.handed} records since {self.first_seen:.3f}, "
+                f"committed at {time.time():.3f}"
+            )
 
     def close(self) -> None:
         producer = getattr(self, "producer", None)

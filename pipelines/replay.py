@@ -50,9 +50,7 @@ class ReplayCut:
 
     def __init__(self, extent: Extent, patience: float = 120.0) -> None:
         self.extent = dict(extent)
-        self._seen: set[tuple[str, int]] = set()
-        self._held: list[Unit] = []
-        self._rest: list[Unit] = []
+        self._pending: list[Unit] = []
         self._deadline = time.monotonic() + patience
         if self.extent:
             log.warning(
@@ -66,25 +64,42 @@ class ReplayCut:
         return bool(self.extent)
 
     def cut(self, units: Sequence[Unit]) -> list[list[Unit]]:
+        """The runs to process now, given what was consumed since the last call; the cut
+        keeps what it holds back."""
         if not self.extent:
             return [list(units)] if units else []
+        self._pending.extend(units)
+        runs = self.split(self._pending)
+        if runs:
+            self._pending = []
+        return runs
+
+    def split(self, units: Sequence[Unit]) -> list[list[Unit]]:
+        """The runs to process now, given everything consumed since the restart (an
+        engine that keeps what it consumed in its own state, like Flink's operator, passes
+        all of it each time): [] while the extent is incomplete, else the extent and the
+        rest, after which the cut passes everything through."""
+        if not self.extent:
+            return [list(units)] if units else []
+        held: list[Unit] = []
+        rest: list[Unit] = []
+        seen: set[tuple[str, int]] = set()
         for unit in units:
             where = (unit.position.topic, unit.position.partition)
             span = self.extent.get(where)
             if span is not None and span[0] <= unit.position.offset <= span[1]:
-                self._held.append(unit)
+                held.append(unit)
                 if unit.position.offset == span[1]:
-                    self._seen.add(where)
+                    seen.add(where)
             else:
-                self._rest.append(unit)
-        complete = self._seen >= self.extent.keys()
+                rest.append(unit)
+        complete = seen >= self.extent.keys()
         if not complete and time.monotonic() < self._deadline:
             return []
         if not complete:
             log.warning(
                 "the interrupted batch did not come back whole (%s missing); going on",
-                sorted(self.extent.keys() - self._seen),
+                sorted(self.extent.keys() - seen),
             )
-        runs = [run for run in (self._held, self._rest) if run]
-        self.extent, self._held, self._rest = {}, [], []
-        return runs
+        self.extent = {}
+        return [run for run in (held, rest) if run]

@@ -39,7 +39,7 @@ from pathlib import Path
 import duckdb
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from pipelines import topics
 from pipelines.broker import EmbeddedBroker
@@ -410,3 +410,60 @@ def test_a_killed_flink_job_restarts_without_losing_or_doubling(dataset, tmp_pat
     }
     for topic, count in want.items():
         assert len({key for key, _value, _headers in outputs[topic]}) == count, topic
+
+
+class Crash(Exception):
+    """The process dying after the broker acknowledged a batch's outputs, before its commit."""
+
+
+def test_a_flink_job_replays_an_interrupted_batch_as_it_was_cut(tmp_path, make_event):
+    """A state that journalled a batch whose outputs reached the broker, then died.
+
+    One person's first event (partition 1) was the interrupted batch; a later event of
+    theirs sits on partition 0. Consumed together and cut into one batch, the stages would
+    meet partition 0 first and mint the person from it, under another id than the one the
+    interrupted attempt published: an orphan on the compacted changelog
+    (tests/pipelines/test_replay.py shows it). The job must run the extent alone first.
+    """
+    from pipelines.kafka import BatchProducer
+    from pipelines.pipeline import Pipeline, SourceRecord
+
+    log, data_dir = tmp_path / "flink.log", tmp_path / "flink"
+    data_dir.mkdir()
+    us = {"location": {"country": "US"}}
+    seen_first = orjson.dumps(make_event("identify", userId="u1", context=us))
+    seen_later = orjson.dumps(make_event("page", userId="u1", context=us))
+    with EmbeddedBroker(partitions=2) as broker:
+        producer = Producer({"bootstrap.servers": broker.bootstrap})
+        producer.produce(topics.BEHAVIORAL, seen_later, partition=0)
+        producer.produce(topics.BEHAVIORAL, seen_first, partition=1)
+        assert producer.flush(30) == 0
+        sender = BatchProducer(broker.bootstrap)
+
+        def send_then_die(outputs) -> None:
+            sender.send(outputs)
+            raise Crash
+
+        pipeline = Pipeline(data_dir / "state.duckdb")
+        with pytest.raises(Crash):
+            pipeline.process([SourceRecord(topics.BEHAVIORAL, 1, 0, seen_first)], send_then_die)
+        pipeline.close()
+        sender.close()
+        # The batch size takes both events at once: only the replay cut separates them.
+        with worker_process("flink", broker.bootstrap, data_dir, 2, log) as worker:
+            # The interrupted attempt's entry, then both events' entries from the job.
+            wait_for_outcomes(broker.bootstrap, {topics.LINEAGE: 3}, worker, log)
+        changelog = read_topic(broker.bootstrap, topics.PROFILES_CHANGELOG)
+    handed = [int(n) for n in re.findall(r"batch of (\d+):", log.read_text())]
+    assert handed == [1, 1], log.read_text()[-4000:]
+    latest = {key: value for key, value, _headers in changelog}
+    published = {key.decode() for key, value in latest.items() if value is not None}
+    state = duckdb.connect(str(data_dir / "state.duckdb"), read_only=True)
+    try:
+        persons = {row[0] for row in state.execute("SELECT person_id FROM id_persons").fetchall()}
+        outcomes = state.execute("SELECT outcome FROM outcomes").fetchall()
+    finally:
+        state.close()
+    assert sorted(outcomes) == [("applied",), ("applied",)]
+    assert len(persons) == 1
+    assert published == persons  # no profile left under an id the stages do not hold
