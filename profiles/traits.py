@@ -7,8 +7,9 @@ stay exact when rows are added: a UTC day for windowed traits, an order id for v
 that count each order once, a currency for refunds. Because every row belongs to one
 identity record, a merge or a split moves rows rather than recounting them, and because
 it belongs to one (purpose, jurisdiction), a consent change only changes which rows a
-view adds up. A view is the roll-up of its allowed rows (`rollup`), never a rescan of
-events.
+view adds up. A view is the roll-up of its allowed rows, never a rescan of events: DuckDB
+sums the rows per trait (per day for windowed traits), `rollup` turns those totals into
+the view's traits, and views of a person that allow the same rows share one roll-up.
 
 Two clocks, kept apart: buckets are event time (the day an event happened); windows and
 `days_since` are evaluated when read (`at_read`), against the reader's clock.
