@@ -369,7 +369,11 @@ class ProfileBuilder:
         return persons
 
     def build(self, persons: set[str]) -> dict[str, dict[str, Any]]:
-        """Aggregate the current profile of each person from their facts and identifiers."""
+        """Aggregate the current profile of each person from their facts and identifiers.
+
+        Views of a person that allow the same rows share their traits, computed and windows
+        objects: a built profile is read (published, matched to segments), never changed.
+        """
         if not persons:
             return {}
         self.conn.register("_affected", pa.table({"person_id": sorted(persons)}))
@@ -485,13 +489,21 @@ class ProfileBuilder:
             by_name = stated.setdefault((person, view), {})
             by_name.setdefault(name, []).append((ts, event_key, orjson.loads(value)))
         views: dict[tuple[str, str], dict[str, Any]] = {}
+        rolled: dict[tuple[str, str], tuple[dict, dict, dict]] = {}
         for (person, view), of in sorted(shared.items()):
             if person not in profiles or (person, of) not in totals:
                 continue
-            computed, windows = rollup(self.traits, totals[(person, of)])
+            if (person, of) not in rolled:
+                computed, windows = rollup(self.traits, totals[(person, of)])
+                rolled[(person, of)] = (
+                    self._stated(stated.get((person, of), {})),
+                    computed,
+                    windows,
+                )
+            traits, computed, windows = rolled[(person, of)]
             views[(person, view)] = profiles[person]["views"][view] = {
                 "identifiers": {},
-                "traits": self._stated(stated.get((person, of), {})),
+                "traits": traits,
                 "computed": computed,
                 "windows": windows,
             }
