@@ -422,7 +422,7 @@ class ProfileBuilder:
                 SELECT '{SUBJECT_ACCESS}' AS scope, g.* FROM groups g"""
             )
             # Views of a person that allow the same groups add up the same rows (consent
-            # mostly agrees across purposes): each set is rolled up once, for its first view.
+            # mostly agrees across purposes): each set is rolled up once, for its first scope.
             q(
                 """CREATE OR REPLACE TEMP TABLE _shared_views AS
                 SELECT person_id, scope, min(scope) OVER (PARTITION BY person_id, groups) AS shared
