@@ -29,7 +29,7 @@ from identity.records import STRONG_FIELDS, record_id_of
 from profiles.traits import (
     SEEN,
     Accumulator,
-    Rolled,
+    Totals,
     TraitCatalog,
     accumulate,
     load_traits,
@@ -75,6 +75,46 @@ ON CONFLICT (record_id, purpose, jurisdiction, trait, bucket) DO UPDATE SET
     last_key = CASE WHEN excluded.last_ts > trait_state.last_ts OR (excluded.last_ts = trait_state.last_ts
                          AND excluded.last_key > trait_state.last_key)
                     THEN excluded.last_key ELSE trait_state.last_key END
+"""
+
+# A view's computed traits summed per trait in SQL (`Totals`): per (view, trait, bucket)
+# first, then per trait, or per day after the view's horizon for windowed traits. Only the
+# columns a trait's rollup reads are filled: turning every stored row's times and amounts
+# into Python objects cost more than the query. Lists come in no order (`rollup` sorts
+# them), and only for one view of each set of views that allow the same groups.
+_ROLLUP = f"""
+WITH horizons AS (  -- windows keep the days after the view's last event less the longest window
+    SELECT a.person_id, a.scope,
+           strftime(timezone('UTC', max(s.last_ts))::DATE - $max_window, '%Y-%m-%d') AS horizon
+    FROM trait_state s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
+    WHERE s.trait = '{SEEN}' AND s.bucket = '' GROUP BY ALL
+), buckets AS (
+    SELECT a.person_id, a.scope, s.trait, s.bucket, sum(s.n)::BIGINT AS n,
+           CASE WHEN list_contains($windowed, s.trait) THEN split_part(s.bucket, '|', 1) END AS day,
+           sum(s.amount) FILTER (WHERE list_contains($amounts, s.trait)) AS amount,
+           min(s.first_ts) FILTER (WHERE list_contains($firsts, s.trait)) AS first_ts,
+           max(s.last_ts) FILTER (WHERE list_contains($lasts, s.trait)) AS last_ts,
+           arg_max(s.value, (s.last_ts, s.last_key))
+               FILTER (WHERE list_contains($values, s.trait)) AS value
+    FROM trait_state s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
+    LEFT JOIN horizons h ON h.person_id = a.person_id AND h.scope = a.scope
+    WHERE NOT list_contains($windowed, s.trait)
+       OR split_part(s.bucket, '|', 1) > coalesce(h.horizon, '')
+    GROUP BY ALL
+), days AS (
+    SELECT person_id, scope, trait, day,
+           sum(CASE WHEN list_contains($day_sums, trait) THEN n ELSE 1 END)::BIGINT AS n
+    FROM buckets WHERE day IS NOT NULL GROUP BY ALL
+)
+SELECT person_id, scope, trait, sum(n)::BIGINT AS n, count(*)::BIGINT AS buckets,
+       min(first_ts) AS first_ts, max(last_ts) AS last_ts,
+       any_value(value) AS value,  -- a latest trait has one bucket, ''
+       list(bucket) FILTER (WHERE list_contains($keyed, trait)) AS keys,
+       list(n) FILTER (WHERE list_contains($keyed, trait)) AS counts,
+       list(amount) FILTER (WHERE list_contains($amounts, trait)) AS amounts
+FROM buckets WHERE day IS NULL GROUP BY ALL
+UNION ALL BY NAME
+SELECT person_id, scope, trait, list(day) AS keys, list(n) AS counts FROM days GROUP BY ALL
 """
 
 _FACTS = pa.schema(
@@ -329,7 +369,11 @@ class ProfileBuilder:
         return persons
 
     def build(self, persons: set[str]) -> dict[str, dict[str, Any]]:
-        """Aggregate the current profile of each person from their facts and identifiers."""
+        """Aggregate the current profile of each person from their facts and identifiers.
+
+        Views of a person that allow the same rows share their traits, computed and windows
+        objects: a built profile is read (published, matched to segments), never changed.
+        """
         if not persons:
             return {}
         self.conn.register("_affected", pa.table({"person_id": sorted(persons)}))
@@ -339,7 +383,8 @@ class ProfileBuilder:
             self.conn.unregister("_affected")
 
     def _allowed_groups(self) -> None:
-        """`_ag`: each affected person's accumulator group once per view it may appear in.
+        """`_ag`: each affected person's accumulator group once per view it may appear in;
+        `_shared_views`: the view whose roll-up each view shares; `_ag_shared`: `_ag` of those.
 
         A group is (identity record, ingestion purpose, jurisdiction). It belongs in the view
         for purpose P when the person currently consents to P and to the ingestion purpose:
@@ -376,9 +421,37 @@ class ProfileBuilder:
                 UNION ALL BY NAME  -- what is held, consent aside: a subject access request's view
                 SELECT '{SUBJECT_ACCESS}' AS scope, g.* FROM groups g"""
             )
+            # Views of a person that allow the same groups add up the same rows (consent
+            # mostly agrees across purposes): each set is rolled up once, for its first scope.
+            q(
+                """CREATE OR REPLACE TEMP TABLE _shared_views AS
+                SELECT person_id, scope, min(scope) OVER (PARTITION BY person_id, groups) AS shared
+                FROM (SELECT person_id, scope,
+                             list_sort(list((record_id, purpose, jurisdiction))) AS groups
+                      FROM _ag GROUP BY ALL)"""
+            )
+            q(
+                """CREATE OR REPLACE TEMP TABLE _ag_shared AS
+                SELECT a.* FROM _ag a SEMI JOIN _shared_views v
+                ON v.person_id = a.person_id AND v.scope = a.scope AND v.shared = a.scope"""
+            )
         finally:
             self.conn.unregister("_consent_defaults")
             self.conn.unregister("_views")
+
+    def _stated(
+        self, by_name: dict[str, list[tuple[datetime, str, Any]]]
+    ) -> dict[str, dict[str, Any]]:
+        """A view's identify traits from their allowed (ts, event key, value), by strategy."""
+        traits = {}
+        for name, values in by_name.items():
+            ts, event_key, _ = max(values, key=lambda v: (v[0], v[1]))
+            traits[name] = {
+                "value": merge_identify_trait(self.traits.strategy(name), values),
+                "ts": ts.isoformat(),
+                "event_key": event_key,
+            }
+        return traits
 
     def _build(self) -> dict[str, dict[str, Any]]:
         q = self.conn.execute
@@ -394,50 +467,45 @@ class ProfileBuilder:
             ).fetchall()
         }
         self._allowed_groups()
-        rolled: dict[tuple[str, str], list[Rolled]] = {}
-        # Amounts, times and values only for the traits whose rollup reads them: turning
-        # every row's timestamps and decimals into Python objects cost more than the query.
-        for person, view, *row in q(
-            """SELECT a.person_id, a.scope, s.trait, s.bucket, sum(s.n)::BIGINT,
-                      CASE WHEN list_contains($amounts, s.trait) THEN sum(s.amount) END,
-                      CASE WHEN list_contains($firsts, s.trait) THEN min(s.first_ts) END,
-                      CASE WHEN list_contains($lasts, s.trait) THEN max(s.last_ts) END,
-                      CASE WHEN list_contains($values, s.trait)
-                           THEN arg_max(s.value, (s.last_ts, s.last_key)) END
-               FROM trait_state s JOIN _ag a USING (record_id, purpose, jurisdiction)
-               GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
-            self._rolled_columns,
-        ).fetchall():
-            rolled.setdefault((person, view), []).append(Rolled(*row))
-        views: dict[tuple[str, str], dict[str, Any]] = {}
-        for (person, view), rows in rolled.items():
-            if person not in profiles:
-                continue
-            computed, windows = rollup(self.traits, rows)
-            views[(person, view)] = profiles[person]["views"][view] = {
-                "identifiers": {},
-                "traits": {},
-                "computed": computed,
-                "windows": windows,
-            }
-        stated: dict[tuple[str, str, str], list[tuple[datetime, str, Any]]] = {}
+        shared = dict(
+            (
+                ((person, view), of)
+                for person, view, of in q("SELECT * FROM _shared_views").fetchall()
+            )
+        )
+        totals: dict[tuple[str, str], dict[str, Totals]] = {}
+        for person, view, trait, *row in q(_ROLLUP, self._rolled_columns).fetchall():
+            totals.setdefault((person, view), {})[trait] = Totals(*row)
+        stated: dict[tuple[str, str], dict[str, list[tuple[datetime, str, Any]]]] = {}
         for person, view, name, value, ts, event_key in q(
             """SELECT a.person_id, a.scope, t.name, t.value, t.ts, t.event_key
                FROM trait_facts t JOIN facts f USING (event_key)
-               JOIN _ag a ON a.record_id = f.record_id AND a.purpose = coalesce(f.purpose, '')
-                         AND a.jurisdiction = coalesce(f.jurisdiction, '')
+               JOIN _ag_shared a ON a.record_id = f.record_id
+                                AND a.purpose = coalesce(f.purpose, '')
+                                AND a.jurisdiction = coalesce(f.jurisdiction, '')
                WHERE t.person_id IN (SELECT person_id FROM _affected)
                ORDER BY 1, 2, 3, 5, 6"""
         ).fetchall():
-            stated.setdefault((person, view, name), []).append((ts, event_key, orjson.loads(value)))
-        for (person, view, name), values in stated.items():
-            if (person, view) not in views:
+            by_name = stated.setdefault((person, view), {})
+            by_name.setdefault(name, []).append((ts, event_key, orjson.loads(value)))
+        views: dict[tuple[str, str], dict[str, Any]] = {}
+        rolled: dict[tuple[str, str], tuple[dict, dict, dict]] = {}
+        for (person, view), of in sorted(shared.items()):
+            if person not in profiles or (person, of) not in totals:
                 continue
-            ts, event_key, _ = max(values, key=lambda v: (v[0], v[1]))
-            views[(person, view)]["traits"][name] = {
-                "value": merge_identify_trait(self.traits.strategy(name), values),
-                "ts": ts.isoformat(),
-                "event_key": event_key,
+            if (person, of) not in rolled:
+                computed, windows = rollup(self.traits, totals[(person, of)])
+                rolled[(person, of)] = (
+                    self._stated(stated.get((person, of), {})),
+                    computed,
+                    windows,
+                )
+            traits, computed, windows = rolled[(person, of)]
+            views[(person, view)] = profiles[person]["views"][view] = {
+                "identifiers": {},
+                "traits": traits,
+                "computed": computed,
+                "windows": windows,
             }
         # All identifiers index the profile for lookups; a view shows only those of records
         # that contributed an allowed event to it.

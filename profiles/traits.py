@@ -7,8 +7,9 @@ stay exact when rows are added: a UTC day for windowed traits, an order id for v
 that count each order once, a currency for refunds. Because every row belongs to one
 identity record, a merge or a split moves rows rather than recounting them, and because
 it belongs to one (purpose, jurisdiction), a consent change only changes which rows a
-view adds up. A view is the roll-up of its allowed rows (`rollup`), never a rescan of
-events.
+view adds up. A view is the roll-up of its allowed rows, never a rescan of events: DuckDB
+sums the rows per trait (per day for windowed traits), `rollup` turns those totals into
+the view's traits, and views of a person that allow the same rows share one roll-up.
 
 Two clocks, kept apart: buckets are event time (the day an event happened); windows and
 `days_since` are evaluated when read (`at_read`), against the reader's clock.
@@ -328,25 +329,29 @@ def accumulate(
 # -- rolling up: a view from its allowed rows ------------------------------------------------
 
 
-class Rolled(NamedTuple):
-    """One (trait, bucket) row summed over a view's allowed groups.
+class Totals(NamedTuple):
+    """One trait of one view, summed by SQL over the view's allowed accumulator rows.
 
-    A tuple, not a dataclass: a rebuild makes one per stored (trait, bucket) row. Amount,
-    times and value may be None where `rollup` does not read them (`rolled_columns`).
+    n: the events counted; buckets: how many distinct buckets; first_ts / last_ts: the
+    earliest and latest event time; value: the latest value (JSON). keys, counts, amounts:
+    per bucket (sum, mean, top, open_count), or per UTC day after the view's window
+    horizon (windowed traits; a count sums events, a distinct count counts buckets), in
+    no particular order. Columns a trait's op does not read are None (`rolled_columns`).
     """
 
-    trait: str
-    bucket: str
-    n: int
-    amount: Decimal | None
+    n: int | None
+    buckets: int | None
     first_ts: datetime | None
     last_ts: datetime | None
     value: str | None
+    keys: list[str] | None
+    counts: list[int] | None
+    amounts: list[Decimal] | None
 
 
-def rolled_columns(catalog: TraitCatalog) -> dict[str, list[str]]:
-    """Which traits `rollup` reads each optional Rolled column of: amount, first and last
-    time, value (the seen rows' last time dates the window horizon)."""
+def rolled_columns(catalog: TraitCatalog) -> dict[str, Any]:
+    """The SQL parameters of a roll-up: which traits each optional Totals column is read
+    for, which traits keep daily buckets and the longest window (`ProfileBuilder`)."""
 
     def named(*ops: str) -> list[str]:
         return sorted(spec.name for spec in catalog.computed if spec.op in ops)
@@ -354,8 +359,14 @@ def rolled_columns(catalog: TraitCatalog) -> dict[str, list[str]]:
     return {
         "amounts": named("sum", "mean"),
         "firsts": named("first_time"),
-        "lasts": sorted([SEEN, *named("last_time")]),
+        "lasts": named("last_time"),
         "values": named("latest"),
+        "keyed": named("sum", "mean", "top", "open_count"),
+        "windowed": sorted(spec.name for spec in catalog.computed if spec.window_days),
+        "day_sums": sorted(
+            spec.name for spec in catalog.computed if spec.window_days and spec.op == "count"
+        ),
+        "max_window": catalog.max_window,
     }
 
 
@@ -363,72 +374,63 @@ def _money(value: Decimal) -> float:
     return float(value.quantize(CENT))
 
 
-def rollup(catalog: TraitCatalog, rows: Iterable[Rolled]) -> tuple[dict[str, Any], dict[str, Any]]:
+def rollup(
+    catalog: TraitCatalog, totals: dict[str, Totals]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The computed traits of one view, and the daily buckets its windowed traits read.
 
-    In: the view's rows summed per (trait, bucket). Out: (computed, windows); windowed
-    traits and `days_since` are left to `at_read`. Buckets older than the longest
-    window before the view's last event are dropped: no read at or after it needs them.
+    In: the view's Totals per trait name. Out: (computed, windows); windowed traits and
+    `days_since` are left to `at_read`. Days no later than the longest window before the
+    view's last event are already dropped: no read at or after it needs them.
     """
-    by_trait: dict[str, list[Rolled]] = {}
-    for row in rows:
-        by_trait.setdefault(row.trait, []).append(row)
-    seen = by_trait.get(SEEN, [])
-    last_seen = max((r.last_ts for r in seen if r.last_ts), default=None)
-    horizon = (
-        (last_seen.astimezone(UTC).date() - timedelta(days=catalog.max_window)).isoformat()
-        if last_seen
-        else ""
-    )
     computed: dict[str, Any] = {}
     windows: dict[str, dict[str, int]] = {}
     for spec in catalog.computed:
-        mine = by_trait.get(spec.name, [])
+        row = totals.get(spec.name)
         if spec.op == "days_since":
             continue
+        keys = (row.keys or []) if row else []
+        counts = (row.counts or []) if row else []
         if spec.window_days:
-            days: dict[str, int] = {}
-            for row in mine:
-                day = row.bucket.split("|", 1)[0]
-                if day > horizon:
-                    days[day] = days.get(day, 0) + (row.n if spec.op == "count" else 1)
-            windows[spec.name] = dict(sorted(days.items()))
+            windows[spec.name] = dict(sorted(zip(keys, counts, strict=True)))
         elif spec.op == "count":
-            computed[spec.name] = sum(r.n for r in mine)
+            computed[spec.name] = row.n if row else 0
         elif spec.op == "distinct_count":
-            computed[spec.name] = len(mine)
+            computed[spec.name] = row.buckets if row else 0
         elif spec.op in ("sum", "mean"):
-            computed[spec.name] = _sum_or_mean(spec, mine)
-        elif spec.op == "first_time":
-            first = min((r.first_ts for r in mine if r.first_ts), default=None)
-            computed[spec.name] = first.isoformat() if first else None
-        elif spec.op == "last_time":
-            last = max((r.last_ts for r in mine if r.last_ts), default=None)
-            computed[spec.name] = last.isoformat() if last else None
+            amounts = (row.amounts or []) if row else []
+            computed[spec.name] = _sum_or_mean(
+                spec, sorted(zip(keys, counts, amounts, strict=True), key=lambda r: r[0])
+            )
+        elif spec.op in ("first_time", "last_time"):
+            stamp = (row.first_ts if spec.op == "first_time" else row.last_ts) if row else None
+            computed[spec.name] = stamp.isoformat() if stamp else None
         elif spec.op == "latest":
-            computed[spec.name] = orjson.loads(mine[0].value) if mine and mine[0].value else None
+            computed[spec.name] = orjson.loads(row.value) if row and row.value else None
         elif spec.op == "top":
-            ranked = sorted(mine, key=lambda r: (-r.n, r.bucket))[: spec.k]
-            computed[spec.name] = [r.bucket for r in ranked]
+            ranked = sorted(zip(keys, counts, strict=True), key=lambda r: (-r[1], r[0]))
+            computed[spec.name] = [bucket for bucket, _ in ranked[: spec.k]]
         elif spec.op == "open_count":
-            opened = {r.bucket[5:] for r in mine if r.bucket.startswith("open|")}
-            closed = {r.bucket[6:] for r in mine if r.bucket.startswith("close|")}
+            opened = {k[5:] for k in keys if k.startswith("open|")}
+            closed = {k[6:] for k in keys if k.startswith("close|")}
             computed[spec.name] = len(opened - closed)
     return computed, windows
 
 
-def _sum_or_mean(spec: TraitSpec, rows: list[Rolled]) -> dict[str, float]:
-    """Per group: each distinct key once (at the mean of its repeats), minus subtractions."""
+def _sum_or_mean(spec: TraitSpec, rows: Iterable[tuple[str, int, Decimal]]) -> dict[str, float]:
+    """Per group: each distinct key once (at the mean of its repeats), minus subtractions.
+
+    In: (bucket, events, amount) per bucket, in bucket order."""
     totals: dict[str, Decimal] = {}
     counts: dict[str, int] = {}
-    for row in rows:
-        sign, group, *_ = row.bucket.split("|")
+    for bucket, n, amount in rows:
+        sign, group, *_ = bucket.split("|")
         if sign == "+":
-            each = row.amount / row.n if spec.distinct_by else row.amount
+            each = amount / n if spec.distinct_by else amount
             totals[group] = totals.get(group, Decimal(0)) + each
             counts[group] = counts.get(group, 0) + 1
         else:
-            totals[group] = totals.get(group, Decimal(0)) - row.amount
+            totals[group] = totals.get(group, Decimal(0)) - amount
     if spec.op == "mean":
         return {g: _money(totals[g] / counts[g]) for g in sorted(counts)}
     return {g: _money(totals[g]) for g in sorted(totals)}
