@@ -25,6 +25,7 @@ batch path. A rolled-back batch drops the index (`forget`) and the next one rebu
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
 from collections.abc import Iterable
@@ -493,8 +494,14 @@ class IdentityResolver:
         for edge, kind, _ in unions:
             if kind == "record_linked":
                 _log(log, kind, person[edge.record_l], None, edge.rule, *event_of(edge), edge)
+        # The first merge that joined each merged-away person, found in one pass.
+        merged_by: dict[str, _Edge] = {}
+        for edge, kind, joined in unions:
+            if kind == "merge":
+                for joined_person in joined:
+                    merged_by.setdefault(joined_person, edge)
         for loser, survivor in sorted(merged.items()):
-            edge = next(e for e, kind, joined in unions if kind == "merge" and loser in joined)
+            edge = merged_by[loser]
             _log(log, "merge", survivor, loser, edge.rule, *event_of(edge), edge)
         touched = {person[r] for r in new} | set(merged.values())
         return Resolution(
@@ -895,18 +902,30 @@ def replay(
         conn.execute("BEGIN TRANSACTION")
         resolver.resolve(batch, batch_ids)
         conn.execute("COMMIT")
-        seconds.append(time.perf_counter() - started)
         batch.clear()
         batch_ids.clear()
+        # What the index gained lives as long as the replay: keep full collections from
+        # scanning it again after every batch (they cost a fifth of the replay's time).
+        gc.freeze()
+        seconds.append(time.perf_counter() - started)
 
-    for count, (input_id, fields) in enumerate(rows):
-        # File order is arrival order: a record's time is its position.
-        batch.append((input_id, clock + timedelta(microseconds=count), fields))
-        record_of[input_id] = record_id = record_id_of(fields)
-        batch_ids.append(record_id)
-        if len(batch) >= batch_size:
+    # The input and everything imported outlive the replay too. Frozen objects are still
+    # freed by reference counting; unfreezing at the end hands any cyclic garbage of the
+    # batches back to the collector.
+    frozen = gc.get_freeze_count()
+    gc.freeze()
+    try:
+        for count, (input_id, fields) in enumerate(rows):
+            # File order is arrival order: a record's time is its position.
+            batch.append((input_id, clock + timedelta(microseconds=count), fields))
+            record_of[input_id] = record_id = record_id_of(fields)
+            batch_ids.append(record_id)
+            if len(batch) >= batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
+    finally:
+        if not frozen:
+            gc.unfreeze()
     clusters = resolver.clusters()
     return ReplayResult({i: clusters[r] for i, r in record_of.items()}, seconds, len(record_of))
