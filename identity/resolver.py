@@ -152,6 +152,10 @@ class IdentityResolver:
         if self._index is None:
             tf_columns = self.model.tf_columns if self.model else []
             self._index = CandidateIndex.load(self.conn, self._rules, tf_columns)
+            # The loaded index lives until `forget`: keep full collections from scanning it
+            # after every batch. It holds no reference cycles, so reference counting still
+            # frees it once dropped.
+            gc.freeze()
         return self._index
 
     def forget(self) -> None:
