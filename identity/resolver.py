@@ -601,7 +601,7 @@ class IdentityResolver:
         if not target:
             return
         self.conn.register(
-            "_repoint", pa.table({"source": list(target), "target": list(target.values())})
+            "_repoint", _table({"source": list(target), "target": list(target.values())})
         )
         try:
             self.conn.execute(
@@ -612,7 +612,7 @@ class IdentityResolver:
             self.conn.unregister("_repoint")
 
     def _insert(self, table: str, columns: dict[str, Any], verb: str = "INSERT") -> None:
-        self.conn.register("_identity_rows", pa.table(columns))
+        self.conn.register("_identity_rows", _table(columns))
         try:
             self.conn.execute(f"{verb} INTO {table} BY NAME SELECT * FROM _identity_rows")
         finally:
@@ -800,6 +800,18 @@ class IdentityResolver:
     def clusters(self) -> dict[str, str]:
         """Every record's person (record_id -> person_id)."""
         return dict(self.conn.execute("SELECT record_id, person_id FROM id_records").fetchall())
+
+
+def _table(columns: dict[str, Any]) -> pa.Table:
+    """An Arrow table from columns of Python values (or Arrow arrays), each column typed
+    as `pa.array` infers it: the same table `pa.table` makes from the lists, a few times
+    faster than handing it the lists."""
+    return pa.table(
+        {
+            name: values if isinstance(values, pa.Array) else pa.array(values)
+            for name, values in columns.items()
+        }
+    )
 
 
 def _ids_of(fields: dict[str, str | None]) -> dict[str, set[str]]:
