@@ -24,7 +24,6 @@ import duckdb
 from identity.records import ATTRIBUTE_FIELDS, RECORD_FIELDS, STRONG_FIELDS
 
 Fields = dict[str, str | None]
-_STRONG_AT = [(name, RECORD_FIELDS.index(name)) for name in STRONG_FIELDS]
 
 
 class CandidateIndex:
@@ -90,11 +89,16 @@ class CandidateIndex:
     def identifiers(self, records: Iterable[str]) -> dict[str, set[str]]:
         """The strong identifiers `records` hold between them, by type."""
         ids: dict[str, set[str]] = {}
+        fields = self.fields
         for record_id in records:
-            values = self.fields[record_id]
-            for name, at in _STRONG_AT:
-                if values[at] is not None:
-                    ids.setdefault(name, set()).add(values[at])  # type: ignore[arg-type]
+            # A record's fields start with its strong identifiers, in STRONG_FIELDS order.
+            for name, value in zip(STRONG_FIELDS, fields[record_id], strict=False):
+                if value is not None:
+                    held = ids.get(name)
+                    if held is None:
+                        ids[name] = {value}
+                    else:
+                        held.add(value)
         return ids
 
     def add(self, records: Iterable[tuple[str, Fields]]) -> None:

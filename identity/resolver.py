@@ -430,8 +430,7 @@ class IdentityResolver:
         for person in persons:
             records = index.members[person]
             clusters[person] = _Cluster(set(records), index.identifiers(records), {person})
-            for record in records:
-                member_of[record] = person
+            member_of.update(dict.fromkeys(records, person))
         return clusters, member_of
 
     def _cannot_links(self, records: set[str]) -> set[frozenset[str]]:
@@ -547,8 +546,9 @@ class IdentityResolver:
             "first_ts": [new[r][1] for r in order],
             "first_event": [new[r][0] for r in order],
         }
+        fields = [new[r][2] for r in order]
         for name in RECORD_FIELDS:
-            rows[name] = [new[r][2].get(name) for r in order]
+            rows[name] = [f.get(name) for f in fields]
         self._insert("id_records", rows)
         self._add_persons(created)
         self._repoint(moved)
