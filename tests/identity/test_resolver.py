@@ -349,3 +349,36 @@ def test_weights_from_comparison_levels_equal_splinks_prediction_sql(model):
         )
         linked += probability >= model.threshold
     assert 0 < linked < len(pairs)  # both sides of the threshold were compared
+
+
+def test_replay_leaves_nothing_frozen_from_the_collector(model):
+    """Replay keeps its long-lived objects out of full collections while it runs and hands
+    them (and any cyclic garbage of its batches) back to the collector when it ends."""
+    import gc
+
+    from identity.resolver import replay
+
+    gc.unfreeze()
+    rows = [(raw["record_id"], normalise_record(raw)) for raw in identity_records(40, seed=3)]
+    result = replay(rows, model, batch_size=25)
+    assert gc.get_freeze_count() == 0
+    assert result.records == len(rows)
+    assert len(result.batch_seconds) == -(-len(rows) // 25)
+
+
+def test_arrow_batches_for_the_store_have_the_types_pyarrow_infers():
+    """The store's batches are built column by column: the table is the one pa.table makes."""
+    import pyarrow as pa
+
+    from identity.resolver import _table
+
+    columns = {
+        "record_id": ["a", "b", "c"],
+        "first_ts": [T0, T0 + timedelta(seconds=1), None],
+        "match_weight": [1.5, None, -2.0],
+        "empty": [None, None, None],
+        "given": pa.array([None, "x", None], pa.string()),
+    }
+    built = _table(columns)
+    assert built.equals(pa.table(columns))
+    assert built.schema == pa.table(columns).schema
