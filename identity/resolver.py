@@ -154,7 +154,8 @@ class IdentityResolver:
             self._index = CandidateIndex.load(self.conn, self._rules, tf_columns)
             # The loaded index lives until `forget`: keep full collections from scanning it
             # after every batch. It holds no reference cycles, so reference counting still
-            # frees it once dropped.
+            # frees it once dropped; collecting first freezes no garbage with it.
+            gc.collect()
             gc.freeze()
         return self._index
 
