@@ -25,6 +25,8 @@ batch path. A rolled-back batch drops the index (`forget`) and the next one rebu
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gc
 import hashlib
 import time
@@ -157,6 +159,7 @@ class IdentityResolver:
             # frees it once dropped; collecting first freezes no garbage with it.
             gc.collect()
             gc.freeze()
+            _unfreeze_at_exit()
         return self._index
 
     def forget(self) -> None:
@@ -801,6 +804,13 @@ class IdentityResolver:
     def clusters(self) -> dict[str, str]:
         """Every record's person (record_id -> person_id)."""
         return dict(self.conn.execute("SELECT record_id, person_id FROM id_records").fetchall())
+
+
+@functools.cache
+def _unfreeze_at_exit() -> None:
+    """Hand frozen objects back to the collector when the interpreter exits, so the
+    shutdown frees them as usual (extension types report frozen ones as leaked)."""
+    atexit.register(gc.unfreeze)
 
 
 def _table(columns: dict[str, Any]) -> pa.Table:
