@@ -37,8 +37,9 @@ class CandidateIndex:
         self.terms: dict[str, dict[str, int]] = {c: defaultdict(int) for c in tf_columns}
         self.totals: dict[str, int] = dict.fromkeys(tf_columns, 0)
         self._key_getters = [_key_getter(rule) for rule in rules]
-        # record -> its fields (RECORD_FIELDS order: STRONG_FIELDS, then ATTRIBUTE_FIELDS); attribute values are interned: a
-        # million records hold a few thousand distinct names, cities and dates.
+        # record -> its fields (RECORD_FIELDS order: STRONG_FIELDS, then ATTRIBUTE_FIELDS);
+        # attribute values are interned: a million records hold a few thousand distinct
+        # names, cities and dates.
         self.fields: dict[str, tuple[str | None, ...]] = {}
         self.person_of: dict[str, str] = {}  # record -> person
         self.members: dict[str, set[str]] = {}  # person -> records

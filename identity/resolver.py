@@ -390,6 +390,7 @@ class IdentityResolver:
                 self._score_view = True
             cursor = self.conn.execute("SELECT * FROM _identity_gammas")
             names = [d[0] for d in cursor.description]
+            assert names[2:] == [f"gamma_{c}" for c in model.comparisons]
             rows = cursor.fetchall()
         finally:
             self.conn.unregister("_pair_recs")
@@ -422,7 +423,6 @@ class IdentityResolver:
             out.update((f"gamma_{c}", g) for c, g in gammas.items())
             out.update((f"w_{c}", w) for c, w in parts.items())
             scored.append(out)
-        assert names[2:] == [f"gamma_{c}" for c in comparisons]
         return scored
 
     # -- clusters ----------------------------------------------------------------------------

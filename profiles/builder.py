@@ -467,12 +467,9 @@ class ProfileBuilder:
             ).fetchall()
         }
         self._allowed_groups()
-        shared = dict(
-            (
-                ((person, view), of)
-                for person, view, of in q("SELECT * FROM _shared_views").fetchall()
-            )
-        )
+        shared = {
+            (person, view): of for person, view, of in q("SELECT * FROM _shared_views").fetchall()
+        }
         totals: dict[tuple[str, str], dict[str, Totals]] = {}
         for person, view, trait, *row in q(_ROLLUP, self._rolled_columns).fetchall():
             totals.setdefault((person, view), {})[trait] = Totals(*row)
