@@ -146,15 +146,16 @@ class S3Storage:
         }
 
 
-def _stop_process(
-    process: subprocess.Popen[bytes], timeout: float = 5, sig: int = signal.SIGTERM
-) -> None:
+def stop_process(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 5
+) -> int:
+    """Stop a process with `sig`, SIGKILL it if it lingers `timeout` seconds; its exit code."""
     process.send_signal(sig)
     try:
-        process.wait(timeout=timeout)
+        return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
-        process.wait()
+        return process.wait()
 
 
 class LocalS3(LocalService):
@@ -208,7 +209,7 @@ class LocalS3(LocalService):
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop_process(self.process)
+            stop_process(self.process)
             self.process = None
 
 
@@ -270,7 +271,7 @@ class EmbeddedBroker(LocalService):
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop the broker with `sig` (SIGKILL: a crash); SIGKILL it if it lingers 5 s."""
         if self.process is not None:
-            _stop_process(self.process, sig=sig)
+            stop_process(self.process, sig)
             self.process = None
 
 
@@ -328,4 +329,5 @@ __all__ = [
     "create_topics",
     "ensure_reachable",
     "free_port",
+    "stop_process",
 ]

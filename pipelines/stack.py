@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from pipelines.broker import EmbeddedBroker, LocalS3, LocalService, free_port
+from pipelines.broker import EmbeddedBroker, LocalS3, LocalService, free_port, stop_process
 
 
 class StackError(RuntimeError):
@@ -156,12 +156,7 @@ class LocalStack(LocalService):
         process = self.processes.pop(name, None)
         if process is None or process.poll() is not None:
             return None if process is None else process.returncode
-        process.send_signal(sig)
-        try:
-            return process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+        return stop_process(process, sig, timeout)
 
     def stop_broker(self, sig: int = signal.SIGTERM) -> None:
         """Stop the broker process with `sig` (SIGKILL: a crash); the worker and API keep
