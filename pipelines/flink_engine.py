@@ -173,11 +173,7 @@ class StageOperator(KeyedProcessFunction):
         # While an interrupted batch is awaited the buffer grows past the batch size: look
         # again at each further batch size's worth, not at every record.
         if count >= self.batch_size and count % self.batch_size == 0:
-            deadline = self.deadline.value()
-            if deadline is not None:  # this batch's window timer is no longer needed
-                ctx.timer_service().delete_processing_time_timer(deadline)
-                self.deadline.clear()
-            yield from self._flush(ctx)
+            yield from self._flush(ctx)  # it cancels the batch's window timer once it runs
             return
         if self.deadline.value() is None:
             # The batch window starts with its first record, as in Faust's take().

@@ -66,8 +66,6 @@ class ReplayCut:
     def cut(self, units: Sequence[Unit]) -> list[list[Unit]]:
         """The runs to process now, given what was consumed since the last call; the cut
         keeps what it holds back."""
-        if not self.extent:
-            return [list(units)] if units else []
         self._pending.extend(units)
         runs = self.split(self._pending)
         if runs:
