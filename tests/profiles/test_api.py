@@ -49,6 +49,9 @@ def test_stats_account_for_every_event(served):
         ),
         ("/v1/profiles/p_does_not_exist", {}, 404, "not_found"),
         ("/v1/profiles/" + "x" * 200, {}, 400, "invalid_person_id"),
+        # Hostile ids on the hot route: a quote inside the keyed query, a control character.
+        ("/v1/profiles/p_x' OR '1'='1", {}, 404, "not_found"),
+        ("/v1/profiles/p_%00x", {}, 404, "not_found"),
         ("/v1/profiles/p_x", {"purpose": ""}, 400, "purpose_required"),
     ],
 )
