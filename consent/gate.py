@@ -165,19 +165,20 @@ class ConsentGate:
         state = self._load({i for *_, ids in items for i in ids})
         changed: dict[tuple[Identifier, str], ConsentRecord] = {}
 
-        def remember(ids: list[Identifier], record: ConsentRecord) -> None:
-            for identifier in ids:
-                key = (identifier, record.purpose)
-                current = state.get(key)
-                # An older statement loses. A restatement keeps the newer time: a statement
-                # older than it but newer than the first must still lose (out of order).
-                if current is not None and (
-                    record.ts < current.ts
-                    or (current.status == record.status and record.ts <= current.ts)
-                ):
-                    continue
-                state[key] = record
-                changed[key] = record
+        def remember(ids: list[Identifier], records: list[ConsentRecord]) -> None:
+            for record in records:
+                purpose, ts, status = record.purpose, record.ts, record.status
+                for identifier in ids:
+                    key = (identifier, purpose)
+                    current = state.get(key)
+                    # An older statement loses. A restatement keeps the newer time: a statement
+                    # older than it but newer than the first must still lose (out of order).
+                    if current is not None and (
+                        ts < current.ts or (current.status == status and ts <= current.ts)
+                    ):
+                        continue
+                    state[key] = record
+                    changed[key] = record
 
         decisions: list[GateDecision] = []
         purpose_of = self.policy.event_purposes.get
@@ -193,7 +194,7 @@ class ConsentGate:
                 continue
             if kind == "consent_change":
                 record = ConsentRecord(ts=ts, event_key=event_key, **stated_consent(kind, event)[0])
-                remember(ids, record)
+                remember(ids, [record])
                 decisions.append(
                     GateDecision(
                         CONSENT_RECORDED,
@@ -207,10 +208,21 @@ class ConsentGate:
             # The preferences the event carries are its consent statements (as in
             # `stated_consent`), remembered before the event itself is decided.
             prefs = carried_preferences(event)
-            for stated, granted in prefs.items():
-                status = "granted" if granted else "denied"
+            if prefs:
                 remember(
-                    ids, ConsentRecord(stated, status, ts, "event-context", None, None, event_key)
+                    ids,
+                    [
+                        ConsentRecord(
+                            stated,
+                            "granted" if granted else "denied",
+                            ts,
+                            "event-context",
+                            None,
+                            None,
+                            event_key,
+                        )
+                        for stated, granted in prefs.items()
+                    ],
                 )
             purpose = purpose_of(kind)
             if purpose is None:
