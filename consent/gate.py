@@ -91,7 +91,12 @@ def event_country(event: dict[str, Any]) -> str | None:
 
 def carried_preferences(event: dict[str, Any]) -> dict[str, bool]:
     """The consent preferences an event carries in `context.consent.categoryPreferences`."""
-    prefs = _dict(_dict(_dict(event.get("context")).get("consent")).get("categoryPreferences"))
+    # Asked twice an event (the gate, its lineage entry): plain lookups, no helper calls.
+    context = event.get("context")
+    consent = context.get("consent") if isinstance(context, dict) else None
+    prefs = consent.get("categoryPreferences") if isinstance(consent, dict) else None
+    if not isinstance(prefs, dict):
+        return {}
     return {k: v for k, v in prefs.items() if isinstance(v, bool)}
 
 
