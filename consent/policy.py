@@ -6,7 +6,7 @@ never halfway through a stream.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,16 @@ class PurposePolicy:
     purposes: dict[str, str]
     event_purposes: dict[str, str | None]
     jurisdictions: dict[str, Jurisdiction]
+    # Country code -> the first jurisdiction naming it: asked once per event by the gate
+    # and the profile builder, so a lookup rather than a walk over every jurisdiction.
+    _by_country: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_country: dict[str, str] = {}
+        for jurisdiction in self.jurisdictions.values():
+            for code in jurisdiction.countries:
+                by_country.setdefault(code, jurisdiction.name)
+        object.__setattr__(self, "_by_country", by_country)
 
     def purpose_for(self, kind: str) -> str | None:
         """The purpose an event kind is ingested for; None when it needs no consent."""
@@ -43,10 +53,7 @@ class PurposePolicy:
     def jurisdiction_of(self, country: str | None) -> str:
         """The jurisdiction whose defaults apply to a country code (`default` when unknown)."""
         if country:
-            code = country.strip().upper()
-            for jurisdiction in self.jurisdictions.values():
-                if code in jurisdiction.countries:
-                    return jurisdiction.name
+            return self._by_country.get(country.strip().upper(), "default")
         return "default"
 
     def default_status(self, jurisdiction: str, purpose: str) -> str:

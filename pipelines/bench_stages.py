@@ -10,7 +10,10 @@ stage called inside another is counted once, in the inner one.
 main branch, `git worktree add DIR main`) in the same run, so the ratio is measured on
 the same machine under the same load. `--profile FILE` adds a run under pyinstrument
 and writes its text profile (not timed: the profiler's hook slows every Python call);
-`--write` replaces this section of BENCHMARKS.md.
+`--write` replaces this section of BENCHMARKS.md. `--compare-outputs` keeps every output
+record of each run and every table of its final state, and reports whether the two
+checkouts agree (the wall-clock fields, a dead letter's `rejected_at` and a quality
+report's `checked_at` and `gx_seconds`, left out).
 
 Each run is its own process (the code under test is chosen by PYTHONPATH), and the
 first batch, which warms caches and imports, is timed like the others.
@@ -100,8 +103,91 @@ def _instrument(pipeline: Any, clock: SpanClock) -> None:
             setattr(target, name, clock.wrap(label, func))
 
 
-def run_stages(events_file: Path, batch_size: int, state: Path, profile: Path | None) -> dict:
-    """One measured run of this interpreter's code over `events_file`; returns its figures."""
+# Output fields that read the wall clock: they differ between any two runs.
+CLOCK_HEADERS = frozenset({"tessera.rejected_at"})
+CLOCK_FIELDS = ("checked_at", "gx_seconds")
+
+
+def output_lines(outputs: list[Any]) -> list[bytes]:
+    """Output records as comparable JSON lines, wall-clock fields left out."""
+    from pipelines.topics import QUALITY_REPORTS
+
+    lines = []
+    for out in outputs:
+        value = out.value
+        if out.topic == QUALITY_REPORTS and value is not None:
+            doc = orjson.loads(value)
+            value = orjson.dumps({k: v for k, v in doc.items() if k not in CLOCK_FIELDS})
+        record = {
+            "topic": out.topic,
+            "key": None if out.key is None else out.key.decode("utf-8", "backslashreplace"),
+            "value": None if value is None else value.decode("utf-8", "backslashreplace"),
+            "headers": [
+                [name, data.decode("utf-8", "backslashreplace")]
+                for name, data in out.headers
+                if name not in CLOCK_HEADERS
+            ],
+        }
+        lines.append(orjson.dumps(record))
+    return lines
+
+
+def table_digests(conn: Any) -> dict[str, str]:
+    """Each table of a state database: its row count and a digest of its sorted rows."""
+    digests = {}
+    for (name,) in conn.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
+    ).fetchall():
+        count, digest = conn.execute(
+            f"SELECT count(*), md5(coalesce(string_agg(t::VARCHAR, chr(10) ORDER BY t::VARCHAR), '')) FROM \"{name}\" t"
+        ).fetchone()
+        digests[name] = f"{count}:{digest}"
+    return digests
+
+
+def compare_outputs(after: dict, before: dict) -> str:
+    """One line saying whether two runs' output records and state tables are equal."""
+    old = Path(before["outputs_file"]).read_bytes().splitlines()
+    new = Path(after["outputs_file"]).read_bytes().splitlines()
+    if old == new:
+        records = f"all {len(new):,} output records equal"
+    else:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
+            min(len(old), len(new)),
+        )
+        differing = sum(a != b for a, b in zip(old, new, strict=False)) + abs(len(old) - len(new))
+        topic = orjson.loads((new + old)[first if first < len(new) else len(new)])["topic"]
+        records = (
+            f"output records DIFFER: {differing:,} of {len(new):,} (before {len(old):,}), "
+            f"first at #{first} on {topic}"
+        )
+    tables = after["tables"]
+    unequal = sorted(
+        n for n in {*tables, *before["tables"]} if tables.get(n) != before["tables"].get(n)
+    )
+    state = (
+        f"all {len(tables)} state tables equal"
+        if not unequal
+        else "state tables differing: " + ", ".join(unequal)
+    )
+    return (
+        f"- {records} (wall-clock fields left out: {', '.join(sorted(CLOCK_HEADERS))}, "
+        f"{', '.join(CLOCK_FIELDS)}); {state}"
+    )
+
+
+def run_stages(
+    events_file: Path,
+    batch_size: int,
+    state: Path,
+    profile: Path | None,
+    outputs_file: Path | None = None,
+) -> dict:
+    """One measured run of this interpreter's code over `events_file`; returns its figures.
+
+    With `outputs_file`, the run also writes its output records there (`output_lines`)
+    and returns a digest of every table of its final state."""
     from pipelines.bench import feed
     from pipelines.pipeline import Pipeline
     from pipelines.produce import read_lines
@@ -112,6 +198,14 @@ def run_stages(events_file: Path, batch_size: int, state: Path, profile: Path | 
     pipeline = Pipeline(state)  # quality suites on, built before the clock starts
     clock = SpanClock()
     _instrument(pipeline, clock)
+    kept: list[Any] = []
+    if outputs_file is not None:
+        process = pipeline.process
+
+        def keeping(batch: Any, emit: Callable[[list[Any]], None], consumed: Any = ()) -> Any:
+            return process(batch, lambda outputs: (kept.extend(outputs), emit(outputs)), consumed)
+
+        pipeline.process = keeping
     profiler = None
     if profile is not None:
         from pyinstrument import Profiler
@@ -127,28 +221,43 @@ def run_stages(events_file: Path, batch_size: int, state: Path, profile: Path | 
     outcomes = dict(
         pipeline.conn.execute("SELECT outcome, count(*) FROM outcomes GROUP BY 1").fetchall()
     )
-    pipeline.close()
-    return {
+    figures = {
         "events": len(lines),
         "cpu_s": cpu,
         "wall_s": wall,
         "spans": dict(clock.seconds),
         "outcomes": outcomes,
     }
+    if outputs_file is not None:
+        outputs_file.write_bytes(b"".join(line + b"\n" for line in output_lines(kept)))
+        figures["outputs_file"] = str(outputs_file)
+        figures["tables"] = table_digests(pipeline.conn)
+    pipeline.close()
+    return figures
 
 
-def _measure(tree: Path, events_file: Path, batch_size: int, workdir: Path, profile: Path | None):
+def _measure(
+    tree: Path,
+    events_file: Path,
+    batch_size: int,
+    workdir: Path,
+    profile: Path | None,
+    outputs: bool = False,
+):
     """Run the stages of the checkout at `tree` in a process of their own."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     args = [sys.executable, "-P", __file__, "--run", str(events_file), str(batch_size)]
     args += [str(workdir / f"state-{tree.name}.duckdb"), str(profile or "")]
+    args.append(str(workdir / f"outputs-{tree.name}.jsonl") if outputs else "")
     done = subprocess.run(args, env=env, cwd=tree, capture_output=True, timeout=3 * 3600)
     if done.returncode != 0:
         raise RuntimeError(f"stage run in {tree} failed:\n{done.stderr.decode()[-3000:]}")
     return orjson.loads(done.stdout.decode().strip().splitlines()[-1])
 
 
-def report(after: dict, before: dict | None, command: str, batch_size: int) -> str:
+def report(
+    after: dict, before: dict | None, command: str, batch_size: int, outputs: str | None = None
+) -> str:
     """The BENCHMARKS.md section of one run."""
     from pipelines.bench import machine
 
@@ -215,6 +324,8 @@ def report(after: dict, before: dict | None, command: str, batch_size: int) -> s
         f"- outcomes after: {after['outcomes']}"
         + (f"; equal to before: {same}" if same is not None else ""),
     ]
+    if outputs:
+        lines.append(outputs)
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=Path, help="pyinstrument text profile of this run")
     parser.add_argument("--workdir", type=Path, default=Path(".tessera/bench-stages"))
     parser.add_argument("--write", action="store_true", help="replace the BENCHMARKS.md section")
+    parser.add_argument(
+        "--compare-outputs",
+        action="store_true",
+        help="with --baseline: compare every output record and state table of the two runs",
+    )
     args = parser.parse_args(argv)
 
     from pipelines.bench import END
@@ -252,25 +368,33 @@ def main(argv: list[str] | None = None) -> None:
     here = Path(__file__).resolve().parent.parent
     workdir = args.workdir.resolve()
     before = None
+    keep = args.compare_outputs and args.baseline is not None
     if args.baseline is not None:
-        before = _measure(args.baseline.resolve(), events_file, args.batch_size, workdir, None)
-    after = _measure(here, events_file, args.batch_size, workdir, None)
+        before = _measure(
+            args.baseline.resolve(), events_file, args.batch_size, workdir, None, keep
+        )
+    after = _measure(here, events_file, args.batch_size, workdir, None, keep)
     if args.profile is not None:
         # A run of its own: the profiler's hook on every call would inflate the figures.
         _measure(here, events_file, args.batch_size, workdir, args.profile.resolve())
     command = "python -m pipelines.bench_stages " + " ".join(
         a if not a.startswith("/") else Path(a).name for a in (argv or sys.argv[1:])
     )
-    section = report(after, before, command, args.batch_size)
+    outputs = compare_outputs(after, before) if keep and before is not None else None
+    section = report(after, before, command, args.batch_size, outputs)
     print(section)
     if args.write:
         replace_section(here / "BENCHMARKS.md", section)
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--run":
-    _events, _batch, _state, _profile = sys.argv[2:6]
+    _events, _batch, _state, _profile, _outputs = sys.argv[2:7]
     figures = run_stages(
-        Path(_events), int(_batch), Path(_state), Path(_profile) if _profile else None
+        Path(_events),
+        int(_batch),
+        Path(_state),
+        Path(_profile) if _profile else None,
+        Path(_outputs) if _outputs else None,
     )
     print(orjson.dumps(figures).decode(), flush=True)
 elif __name__ == "__main__":

@@ -33,3 +33,19 @@ def test_a_bad_policy_lists_every_problem(tmp_path):
 def test_unreadable_policy_says_which_file(tmp_path):
     with pytest.raises(PolicyError, match="cannot read purpose policy"):
         load_policy(tmp_path / "absent.yaml")
+
+
+def test_a_country_named_twice_belongs_to_the_first_jurisdiction(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "purposes: {analytics: x}\n"
+        "events: {page: analytics}\n"
+        "jurisdictions:\n"
+        "  EU: {countries: [DE, CH], defaults: {analytics: denied}}\n"
+        "  DACH: {countries: [CH, AT], defaults: {analytics: granted}}\n"
+        "  default: {defaults: {analytics: denied}}\n"
+    )
+    policy = load_policy(path)
+    assert policy.jurisdiction_of(" ch ") == "EU"
+    assert policy.jurisdiction_of("at") == "DACH"
+    assert policy.jurisdiction_of("ZZ") == policy.jurisdiction_of("") == "default"

@@ -7,7 +7,14 @@ import gc
 import orjson
 
 from pipelines.bench import END
-from pipelines.bench_stages import HEADING, SPANS, replace_section, report, run_stages
+from pipelines.bench_stages import (
+    HEADING,
+    SPANS,
+    compare_outputs,
+    replace_section,
+    report,
+    run_stages,
+)
 from pipelines.pipeline import OutRecord, Pipeline, SourceRecord
 from pipelines.produce import read_lines
 from pipelines.topics import route
@@ -66,3 +73,29 @@ def test_a_batch_runs_without_cyclic_collection_and_restores_it(tmp_path, make_e
     pipeline.process([SourceRecord("tessera.events.behavioral", 0, 0, raw)], emit)
     assert seen == [False] and gc.isenabled()
     pipeline.close()
+
+
+def test_outputs_compare_equal_runs_and_name_the_first_difference(tmp_path):
+    events = tmp_path / "events.jsonl"
+    write_dataset(events, None, persons=6, events=120, seed=7, end=END)
+    runs = []
+    for name in ("before", "after"):
+        outputs = tmp_path / f"outputs-{name}.jsonl"
+        runs.append(run_stages(events, 40, tmp_path / f"{name}.duckdb", None, outputs))
+    before, after = runs
+    lines = (tmp_path / "outputs-after.jsonl").read_bytes().splitlines()
+    # Two runs read the wall clock at different times: those fields are left out.
+    assert all(b"rejected_at" not in line and b"gx_seconds" not in line for line in lines)
+    assert compare_outputs(after, before).startswith(f"- all {len(lines):,} output records equal")
+    assert compare_outputs(after, before).endswith(f"all {len(after['tables'])} state tables equal")
+    assert {"lineage", "consent_state", "outcomes"} <= set(after["tables"])
+
+    changed = orjson.loads(lines[3])
+    changed["value"] = (changed["value"] or "") + " "
+    lines[3] = orjson.dumps(changed)
+    (tmp_path / "outputs-after.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    tables = dict(after["tables"])
+    tables["lineage"] = "0:changed"
+    line = compare_outputs({**after, "tables": tables}, before)
+    assert f"output records DIFFER: 1 of {len(lines):,}" in line and "first at #3" in line
+    assert line.endswith("state tables differing: lineage")
