@@ -10,7 +10,9 @@ stage called inside another is counted once, in the inner one.
 main branch, `git worktree add DIR main`) in the same run, so the ratio is measured on
 the same machine under the same load. `--profile FILE` adds a run under pyinstrument
 and writes its text profile (not timed: the profiler's hook slows every Python call);
-`--write` replaces this section of BENCHMARKS.md.
+`--compare` (with `--baseline`) runs both checkouts once more, untimed, and checks their
+output records (clock fields aside) and state tables are equal; `--write` replaces this
+section of BENCHMARKS.md.
 
 Each run is its own process (the code under test is chosen by PYTHONPATH), and the
 first batch, which warms caches and imports, is timed like the others.
@@ -25,6 +27,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +103,72 @@ def _instrument(pipeline: Any, clock: SpanClock) -> None:
             setattr(target, name, clock.wrap(label, func))
 
 
+# Fields that read the wall clock, not the events: left out when two runs are compared.
+CLOCK_HEADERS = {"tessera.rejected_at"}
+CLOCK_FIELDS = {"checked_at", "gx_seconds"}
+# The state tables every applied event writes, compared row by row between two runs.
+STATE_TABLES = ("facts", "trait_facts", "trait_state", "profile_versions", "outcomes")
+
+
+def _comparable(record: Any) -> bytes:
+    """One output record as a line, without its wall-clock fields."""
+    from pipelines.topics import QUALITY_REPORTS
+
+    value = record.value
+    if value is not None and record.topic == QUALITY_REPORTS:
+        doc = orjson.loads(value)
+        value = orjson.dumps({k: v for k, v in doc.items() if k not in CLOCK_FIELDS})
+    headers = [(k, v.decode("latin-1")) for k, v in record.headers if k not in CLOCK_HEADERS]
+    return orjson.dumps(
+        [
+            record.topic,
+            (record.key or b"").decode("latin-1"),
+            None if value is None else value.decode("latin-1"),
+            headers,
+        ]
+    )
+
+
+def write_outputs(events_file: Path, batch_size: int, state: Path, outputs: Path) -> int:
+    """Run this interpreter's code over `events_file` (not timed) and write every output
+    record and every row of STATE_TABLES to `outputs`, one line each; returns the lines."""
+    from pipelines.pipeline import Pipeline, SourceRecord
+    from pipelines.produce import read_lines
+    from pipelines.topics import route
+
+    for stale in (state, state.with_name(state.name + ".wal")):
+        stale.unlink(missing_ok=True)
+    lines = list(read_lines(events_file))
+    records = [SourceRecord(route(raw)[0], 0, i, raw) for i, raw in enumerate(lines)]
+    pipeline = Pipeline(state)
+    written = 0
+    with outputs.open("wb") as sink:
+        for start in range(0, len(records), batch_size):
+            produced: list[Any] = []
+            pipeline.process(records[start : start + batch_size], produced.extend)
+            for record in produced:
+                sink.write(_comparable(record) + b"\n")
+            written += len(produced)
+        for table in STATE_TABLES:
+            rows = pipeline.conn.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
+            for row in rows:
+                sink.write(orjson.dumps([table, *row], default=str) + b"\n")
+            written += len(rows)
+    pipeline.close()
+    return written
+
+
+def first_difference(before: Path, after: Path) -> str | None:
+    """None when two `write_outputs` files are equal, else where they first differ."""
+    with before.open("rb") as old, after.open("rb") as new:
+        for number, (a, b) in enumerate(zip_longest(old, new), 1):
+            if a is None or b is None:
+                return f"line {number}: one has more lines: {(a or b or b'')[:300]!r}"
+            if a != b:
+                return f"line {number}: {a[:300]!r} != {b[:300]!r}"
+        return None
+
+
 def run_stages(events_file: Path, batch_size: int, state: Path, profile: Path | None) -> dict:
     """One measured run of this interpreter's code over `events_file`; returns its figures."""
     from pipelines.bench import feed
@@ -137,10 +206,18 @@ def run_stages(events_file: Path, batch_size: int, state: Path, profile: Path | 
     }
 
 
-def _measure(tree: Path, events_file: Path, batch_size: int, workdir: Path, profile: Path | None):
-    """Run the stages of the checkout at `tree` in a process of their own."""
+def _measure(
+    tree: Path,
+    events_file: Path,
+    batch_size: int,
+    workdir: Path,
+    profile: Path | None,
+    mode: str = "--run",
+):
+    """Run the stages of the checkout at `tree` in a process of their own (`--outputs`:
+    write its outputs to compare, `profile` naming the file)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    args = [sys.executable, "-P", __file__, "--run", str(events_file), str(batch_size)]
+    args = [sys.executable, "-P", __file__, mode, str(events_file), str(batch_size)]
     args += [str(workdir / f"state-{tree.name}.duckdb"), str(profile or "")]
     done = subprocess.run(args, env=env, cwd=tree, capture_output=True, timeout=3 * 3600)
     if done.returncode != 0:
@@ -240,6 +317,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=Path, help="pyinstrument text profile of this run")
     parser.add_argument("--workdir", type=Path, default=Path(".tessera/bench-stages"))
     parser.add_argument("--write", action="store_true", help="replace the BENCHMARKS.md section")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="with --baseline: also check both checkouts' output records and state tables are equal",
+    )
     args = parser.parse_args(argv)
 
     from pipelines.bench import END
@@ -262,12 +344,31 @@ def main(argv: list[str] | None = None) -> None:
         a if not a.startswith("/") else Path(a).name for a in (argv or sys.argv[1:])
     )
     section = report(after, before, command, args.batch_size)
+    if args.compare and args.baseline is not None:
+        files = []
+        for tree in (args.baseline.resolve(), here):
+            out = workdir / f"outputs-{tree.name}.jsonl"
+            lines = _measure(tree, events_file, args.batch_size, workdir, out, "--outputs")
+            files.append((out, lines))
+        difference = first_difference(files[0][0], files[1][0])
+        section += (
+            f"- output records and {', '.join(STATE_TABLES)} rows: {files[1][1]:,} lines, "
+            + (
+                "equal to before\n"
+                if difference is None
+                else f"DIFFERENT from before, {difference}\n"
+            )
+        )
     print(section)
     if args.write:
         replace_section(here / "BENCHMARKS.md", section)
 
 
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--run":
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--outputs":
+    _events, _batch, _state, _outputs = sys.argv[2:6]
+    count = write_outputs(Path(_events), int(_batch), Path(_state), Path(_outputs))
+    print(orjson.dumps(count).decode(), flush=True)
+elif __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--run":
     _events, _batch, _state, _profile = sys.argv[2:6]
     figures = run_stages(
         Path(_events), int(_batch), Path(_state), Path(_profile) if _profile else None

@@ -7,7 +7,15 @@ import gc
 import orjson
 
 from pipelines.bench import END
-from pipelines.bench_stages import HEADING, SPANS, replace_section, report, run_stages
+from pipelines.bench_stages import (
+    HEADING,
+    SPANS,
+    first_difference,
+    replace_section,
+    report,
+    run_stages,
+    write_outputs,
+)
 from pipelines.pipeline import OutRecord, Pipeline, SourceRecord
 from pipelines.produce import read_lines
 from pipelines.topics import route
@@ -66,3 +74,23 @@ def test_a_batch_runs_without_cyclic_collection_and_restores_it(tmp_path, make_e
     pipeline.process([SourceRecord("tessera.events.behavioral", 0, 0, raw)], emit)
     assert seen == [False] and gc.isenabled()
     pipeline.close()
+
+
+def test_two_runs_of_one_checkout_write_equal_outputs_and_a_change_is_found(tmp_path):
+    events = tmp_path / "events.jsonl"
+    write_dataset(events, None, persons=8, events=240, seed=7, end=END)
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    count = write_outputs(events, 100, tmp_path / "a.duckdb", first)
+    assert write_outputs(events, 100, tmp_path / "b.duckdb", second) == count
+    lines = first.read_bytes().splitlines()
+    assert len(lines) == count
+    topics = {orjson.loads(line)[0] for line in lines}
+    # Dead letters and quality reports carry wall-clock fields: still equal without them.
+    assert {"tessera.events.rejected", "tessera.quality.reports", "facts", "trait_state"} <= topics
+    assert first_difference(first, second) is None
+
+    second.write_bytes(b"\n".join(lines[:-1]) + b"\n")
+    assert "more lines" in first_difference(first, second)
+    lines[7] = lines[7].replace(b"tessera", b"changed", 1)
+    second.write_bytes(b"\n".join(lines) + b"\n")
+    assert first_difference(first, second).startswith("line 8:")
