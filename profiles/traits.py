@@ -221,29 +221,6 @@ def _spec(
 # -- accumulating: one event's rows ----------------------------------------------------------
 
 
-@dataclass
-class Accumulator:
-    """The contribution of some events to one (trait, bucket) row."""
-
-    n: int = 0
-    amount: Decimal = Decimal(0)
-    first_ts: datetime | None = None
-    last_ts: datetime | None = None
-    value: str | None = None
-    last_key: str | None = None
-
-    def add(self, ts: datetime, event_key: str, amount: Decimal | None, value: Any) -> None:
-        self.n += 1
-        if amount is not None:
-            self.amount += amount
-        if self.first_ts is None or ts < self.first_ts:
-            self.first_ts = ts
-        if self.last_ts is None or (ts, event_key) > (self.last_ts, self.last_key or ""):
-            self.last_ts, self.last_key = ts, event_key
-            if value is not None:
-                self.value = orjson.dumps(value).decode()
-
-
 def _dig(node: Any, path: list[str]) -> Iterator[Any]:
     if not path:
         if node is not None and node != "":
