@@ -14,7 +14,7 @@ withdrawal republishes the profile without the withdrawn data.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -28,7 +28,6 @@ from identity.normalise import Identifier
 from identity.records import STRONG_FIELDS, record_id_of
 from profiles.traits import (
     SEEN,
-    Accumulator,
     Totals,
     TraitCatalog,
     accumulate,
@@ -59,8 +58,19 @@ CREATE TABLE IF NOT EXISTS trait_state (
     PRIMARY KEY (record_id, purpose, jurisdiction, trait, bucket)
 );
 """
+# One batch's accumulator rows summed per key (`ProfileBuilder._accumulate`): the events
+# counted, their amount (0 without one), first and last time, the key and value of the
+# latest (time, key) event, and the person of the batch's first event on that key; then
+# added to the stored rows.
 _STATE_UPSERT = """
-INSERT INTO trait_state BY NAME SELECT * FROM _trait_delta
+INSERT INTO trait_state BY NAME
+SELECT arg_min(e.person_id, e.event) AS person_id, e.record_id, e.purpose, e.jurisdiction,
+       r.trait, r.bucket, count(*) AS n, coalesce(sum(r.amount), 0) AS amount,
+       min(e.ts) AS first_ts, max(e.ts) AS last_ts,
+       arg_max(r.value, (e.ts, e.event_key)) AS value,
+       arg_max(e.event_key, (e.ts, e.event_key)) AS last_key
+FROM _trait_rows r JOIN _trait_events e USING (event)
+GROUP BY e.record_id, e.purpose, e.jurisdiction, r.trait, r.bucket
 ORDER BY record_id, purpose, jurisdiction, trait, bucket  -- upserts run faster in key order
 ON CONFLICT (record_id, purpose, jurisdiction, trait, bucket) DO UPDATE SET
     person_id = excluded.person_id,
@@ -141,22 +151,6 @@ _TRAITS = pa.schema(
         ("name", pa.string()),
         ("value", pa.string()),
         ("ts", pa.timestamp("us", tz="UTC")),
-    ]
-)
-_STATE = pa.schema(
-    [
-        ("person_id", pa.string()),
-        ("record_id", pa.string()),
-        ("purpose", pa.string()),
-        ("jurisdiction", pa.string()),
-        ("trait", pa.string()),
-        ("bucket", pa.string()),
-        ("n", pa.int64()),
-        ("amount", pa.decimal128(18, 2)),
-        ("first_ts", pa.timestamp("us", tz="UTC")),
-        ("last_ts", pa.timestamp("us", tz="UTC")),
-        ("value", pa.string()),
-        ("last_key", pa.string()),
     ]
 )
 CENT = Decimal("0.01")
@@ -252,7 +246,10 @@ class ProfileBuilder:
         persons whose profiles changed. An event already recorded adds nothing again.
         """
         facts, traits = [], []
-        for event_key, person_id, kind, event, ts, record in applied:
+        for event_key, person_id, kind, event, stated_ts, record in applied:
+            # The same instant with datetime.UTC itself: pyarrow converts datetimes of any
+            # other tzinfo object (the contract's own UTC included) ~60x slower.
+            ts = stated_ts.astimezone(UTC)
             record_id = record_id_of(record)
             fact = fact_of(event_key, person_id, kind, event, ts, record_id)
             fact["purpose"] = self.policy.purpose_for(kind)
@@ -281,40 +278,52 @@ class ProfileBuilder:
         return {person for _, person, *_ in applied}
 
     def _accumulate(self, events: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
-        """Add events to the accumulator rows they touch: one upsert per batch, sorted by key
-        (by DuckDB: sorting the Python tuples cost more than the upsert)."""
-        deltas: dict[tuple[str, str, str, str, str], tuple[str, Accumulator]] = {}
+        """Add events to the accumulator rows they touch: one upsert per batch.
+
+        Python lists each event's (trait, bucket, amount, value) rows; DuckDB sums them per
+        key and sorts them (summing and sorting Python tuples cost more than the upsert).
+        """
+        rows: list[tuple[str, str, Decimal | None, Any]] = []
+        counts: list[int] = []
         for fact, event in events:
-            group = (fact["record_id"], fact["purpose"] or "", fact["jurisdiction"] or "")
-            for trait, bucket, amount, value in accumulate(
-                self.traits, fact["kind"], event, fact["ts"], fact["event_key"]
-            ):
-                key = (*group, trait, bucket)
-                if key not in deltas:
-                    deltas[key] = (fact["person_id"], Accumulator())
-                deltas[key][1].add(fact["ts"], fact["event_key"], amount, value)
-        if not deltas:
+            before = len(rows)
+            rows.extend(accumulate(self.traits, fact["kind"], event, fact["ts"], fact["event_key"]))
+            counts.append(len(rows) - before)
+        if not rows:
             return
-        rows = list(deltas.items())
-        columns = {
-            "person_id": [person for _, (person, _) in rows],
-            "record_id": [k[0] for k, _ in rows],
-            "purpose": [k[1] for k, _ in rows],
-            "jurisdiction": [k[2] for k, _ in rows],
-            "trait": [k[3] for k, _ in rows],
-            "bucket": [k[4] for k, _ in rows],
-            "n": [a.n for _, (_, a) in rows],
-            "amount": [a.amount for _, (_, a) in rows],
-            "first_ts": [a.first_ts for _, (_, a) in rows],
-            "last_ts": [a.last_ts for _, (_, a) in rows],
-            "value": [a.value for _, (_, a) in rows],
-            "last_key": [a.last_key for _, (_, a) in rows],
-        }
-        self.conn.register("_trait_delta", pa.table(columns, schema=_STATE))
+        traits, buckets, amounts, values = zip(*rows, strict=True)
+        facts = [fact for fact, _ in events]
+        trait_events = pa.table(
+            {
+                "event": pa.array(range(len(facts)), pa.int32()),
+                "person_id": [f["person_id"] for f in facts],
+                "record_id": [f["record_id"] for f in facts],
+                "purpose": [f["purpose"] or "" for f in facts],
+                "jurisdiction": [f["jurisdiction"] or "" for f in facts],
+                "ts": pa.array([f["ts"] for f in facts], pa.timestamp("us", tz="UTC")),
+                "event_key": [f["event_key"] for f in facts],
+            }
+        )
+        trait_rows = pa.table(
+            {
+                "event": pa.array(
+                    [event for event, count in enumerate(counts) for _ in range(count)], pa.int32()
+                ),
+                "trait": pa.array(traits, pa.string()),
+                "bucket": pa.array(buckets, pa.string()),
+                "amount": pa.array(amounts, pa.decimal128(18, 2)),
+                "value": pa.array(
+                    [None if v is None else orjson.dumps(v).decode() for v in values], pa.string()
+                ),
+            }
+        )
+        self.conn.register("_trait_events", trait_events)
+        self.conn.register("_trait_rows", trait_rows)
         try:
             self.conn.execute(_STATE_UPSERT)
         finally:
-            self.conn.unregister("_trait_delta")
+            self.conn.unregister("_trait_events")
+            self.conn.unregister("_trait_rows")
 
     def repoint(self, merged: dict[str, str]) -> None:
         """Move the facts of merged-away persons to the persons they merged into."""

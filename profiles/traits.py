@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -79,6 +80,9 @@ class TraitCatalog:
     computed: tuple[TraitSpec, ...]
     default_strategy: str = "latest"
     strategies: dict[str, str] = field(default_factory=dict)
+    _by_kind: dict[str, tuple[TraitSpec, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def strategy(self, name: str) -> str:
         return self.strategies.get(name, self.default_strategy)
@@ -90,6 +94,18 @@ class TraitCatalog:
     @property
     def max_window(self) -> int:
         return max((s.window_days or 0 for s in self.computed), default=0)
+
+    def specs_for(self, kind: str) -> tuple[TraitSpec, ...]:
+        """The computed traits an event of `kind` may add to, worked out once per kind."""
+        specs = self._by_kind.get(kind)
+        if specs is None:
+            specs = self._by_kind[kind] = tuple(
+                spec
+                for spec in self.computed
+                if spec.op != "days_since"
+                and (spec.matches(kind) or kind in spec.subtract_kinds or kind in spec.close_kinds)
+            )
+        return specs
 
 
 def load_traits(
@@ -221,30 +237,7 @@ def _spec(
 # -- accumulating: one event's rows ----------------------------------------------------------
 
 
-@dataclass
-class Accumulator:
-    """The contribution of some events to one (trait, bucket) row."""
-
-    n: int = 0
-    amount: Decimal = Decimal(0)
-    first_ts: datetime | None = None
-    last_ts: datetime | None = None
-    value: str | None = None
-    last_key: str | None = None
-
-    def add(self, ts: datetime, event_key: str, amount: Decimal | None, value: Any) -> None:
-        self.n += 1
-        if amount is not None:
-            self.amount += amount
-        if self.first_ts is None or ts < self.first_ts:
-            self.first_ts = ts
-        if self.last_ts is None or (ts, event_key) > (self.last_ts, self.last_key or ""):
-            self.last_ts, self.last_key = ts, event_key
-            if value is not None:
-                self.value = orjson.dumps(value).decode()
-
-
-def _dig(node: Any, path: list[str]) -> Iterator[Any]:
+def _dig(node: Any, path: tuple[str, ...]) -> Iterator[Any]:
     if not path:
         if node is not None and node != "":
             yield node
@@ -258,6 +251,11 @@ def _dig(node: Any, path: list[str]) -> Iterator[Any]:
         yield from _dig(node.get(head), rest)
 
 
+@cache
+def _steps(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
 def field_values(event: dict[str, Any], path: str, ts: datetime) -> list[Any]:
     """The values a property path names in an event (`session`: the event's session key)."""
     if path == "session":
@@ -267,7 +265,7 @@ def field_values(event: dict[str, Any], path: str, ts: datetime) -> list[Any]:
         device = event.get("anonymousId") or event.get("userId") or ""
         return [f"{device}@{int(ts.timestamp()) // SESSION_SLOT_S}"]
     props = event.get("properties")
-    values = list(_dig(props if isinstance(props, dict) else {}, path.split(".")))
+    values = list(_dig(props if isinstance(props, dict) else {}, _steps(path)))
     return [v for v in values if isinstance(v, str | int | float) and not isinstance(v, bool)]
 
 
@@ -291,9 +289,7 @@ def accumulate(
     """The (trait, bucket, amount, latest value) rows one applied event adds to."""
     day = ts.astimezone(UTC).date().isoformat()
     yield SEEN, "", None, None
-    for spec in catalog.computed:
-        if spec.op == "days_since":
-            continue
+    for spec in catalog.specs_for(kind):
         if spec.op in ("sum", "mean") and (spec.matches(kind) or kind in spec.subtract_kinds):
             group = _first(event, spec.group_by, ts)
             amount = _amount(next(iter(field_values(event, spec.fields[0], ts)), None))

@@ -99,3 +99,24 @@ def test_outputs_compare_equal_runs_and_name_the_first_difference(tmp_path):
     line = compare_outputs({**after, "tables": tables}, before)
     assert f"output records DIFFER: 1 of {len(lines):,}" in line and "first at #3" in line
     assert line.endswith("state tables differing: lineage")
+
+
+def test_a_batch_leaves_no_cycle_holding_its_events(tmp_path, make_event):
+    # Quality suites on: their parser leaves reference cycles behind on every batch.
+    pipeline = Pipeline(tmp_path / "state.duckdb")
+    raws = [orjson.dumps(make_event("page")) for _ in range(40)]
+    batches = [
+        [SourceRecord("tessera.events.behavioral", 0, i, raw) for i, raw in enumerate(raws)][s::2]
+        for s in (0, 1)
+    ]
+    pipeline.process(batches[0], lambda _outputs: None)
+    gc.collect()
+    gc.disable()
+    try:
+        pipeline.process(batches[1], lambda _outputs: None)
+        # Freed as the batch ended (reference counting), not left for the collector.
+        left = [o for o in gc.get_objects() if type(o).__name__ in ("_Item", "LedgerEntry")]
+    finally:
+        gc.enable()
+    pipeline.close()
+    assert left == []

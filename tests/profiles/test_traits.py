@@ -268,3 +268,63 @@ def test_incremental_traits_equal_the_aggregate_of_consented_facts(ops, data):
         personal = got_personal[ids] or {"event_count": 0, "page_views_7d": 0}
         assert personal["event_count"] == want["personalized_events"], ids
         assert personal["page_views_7d"] == want["page_views_7d"], ids
+
+
+def _trait_state(events: list[dict[str, Any]], cuts: list[int]) -> list[tuple]:
+    pipeline = Pipeline(":memory:", quality=False)
+    offsets = itertools.count()
+    start = 0
+    for cut in [*cuts, len(events)]:
+        batch = [
+            SourceRecord(topic_of(e), 0, next(offsets), orjson.dumps(e)) for e in events[start:cut]
+        ]
+        pipeline.process(batch, lambda _outputs: None)
+        start = cut
+    # Person ids aside: which event founds a person depends on how the events were batched.
+    rows = pipeline.conn.execute(
+        "SELECT * EXCLUDE (person_id) FROM trait_state ORDER BY ALL"
+    ).fetchall()
+    pipeline.close()
+    return rows
+
+
+def test_a_batch_adds_to_the_accumulators_as_its_events_one_batch_each_would():
+    who = {"userId": "u-acc", "context": US}
+    events = [
+        event(
+            "CSAT Submitted", 30, properties={"ticket_id": "T1", "score": 3}, messageId="a1", **who
+        ),
+        event(
+            "CSAT Submitted", 10, properties={"ticket_id": "T1", "score": 5}, messageId="a2", **who
+        ),
+        # Same time as the first: the larger event key is the latest.
+        event(
+            "CSAT Submitted", 30, properties={"ticket_id": "T2", "score": 4}, messageId="a3", **who
+        ),
+        event("page", 20, **who),
+        event("page", 5, **who),
+        event(
+            "Order Completed",
+            40,
+            properties={"order_id": "O1", "total": 12.5, "currency": "USD"},
+            **who,
+        ),
+        event(
+            "Order Completed",
+            15,
+            properties={"order_id": "O1", "total": 12.5, "currency": "USD"},
+            **who,
+        ),
+    ]
+    together = _trait_state(events, [])
+    one_by_one = _trait_state(events, list(range(1, len(events))))
+    assert together == one_by_one
+    by_trait = {row[3]: row[5:] for row in together if row[4] in ("", "+|USD|O1")}
+    n, amount, first_ts, last_ts, value, last_key = by_trait["last_csat"]
+    assert (n, amount, last_key, orjson.loads(value)) == (3, 0, "a3", 4)
+    assert (first_ts, last_ts) == (START + timedelta(minutes=10), START + timedelta(minutes=30))
+    assert by_trait["lifetime_value"][:2] == (2, Decimal("25.00"))
+    # One row per ingestion purpose: pages, orders and surveys are ingested for different ones.
+    assert sum(row[5] for row in together if row[3] == "event_count") == 7
+    assert min(row[7] for row in together if row[3] == "first_seen") == START + timedelta(minutes=5)
+    assert max(row[8] for row in together if row[3] == "last_seen") == START + timedelta(minutes=40)
