@@ -754,7 +754,7 @@ class ProfileStore:
         with self._write_lock:
             self.identifiers.begin()
             cur.execute("BEGIN TRANSACTION")
-            (count,) = cur.execute("SELECT count(*) FROM profile_identifiers").fetchone()
+            ((count,),) = cur.execute("SELECT count(*) FROM profile_identifiers").fetchall()
         try:
             if count > self.identifiers.capacity:
                 log.warning(
@@ -764,7 +764,7 @@ class ProfileStore:
                 )
                 self.identifiers.abandon()
                 return
-            table = cur.execute(
+            table = cur.sql(
                 f"SELECT {IdentifierIndex.KEY_SQL} AS key, person_id FROM profile_identifiers"
             ).to_arrow_table()
         finally:
