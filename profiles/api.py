@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -170,7 +171,14 @@ def create_app(
         denied = authorize_read(secret, purpose)
         return denied if isinstance(denied, Response) else parse_selection(traits)
 
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if store.frozen:  # warmed: what was built since (this app, the server) lives as long
+            store.freeze()
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Tessera profile API",
         version="0.1.0",
         description="Unified, consent-scoped customer profiles, resolved across identifiers.",

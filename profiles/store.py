@@ -133,6 +133,7 @@ class ProfileStore:
         # Which person holds each identifier, once `warm` has loaded it (at most
         # `identifier_entries`, about 20 bytes each); until then lookups query the table.
         self.identifiers = IdentifierIndex(identifier_entries)
+        self.frozen = False  # warmed with the collector's long-lived objects frozen
         self.conn = duckdb.connect(str(path), read_only=read_only)
         self.conn.execute("SET TimeZone = 'UTC'")
         if not read_only:
@@ -741,10 +742,16 @@ class ProfileStore:
         held = self._warm_documents(chunk, attempts)
         self._load_identifiers()
         if freeze:
-            gc.collect()
-            gc.freeze()
-            _unfreeze_at_exit()
+            self.freeze()
         return held
+
+    def freeze(self) -> None:
+        """Move every object alive to the collector's permanent generation (the API calls
+        it again once it serves, for what it built after warming)."""
+        gc.collect()
+        gc.freeze()
+        self.frozen = True
+        _unfreeze_at_exit()
 
     def _load_identifiers(self) -> None:
         """Load the identifier index from a snapshot, writes since then recorded."""
