@@ -10,7 +10,9 @@ parameters, security scheme and responses are published in the OpenAPI document.
 
 A required query or header parameter, or one with a `max_length`, is checked by a
 comparison; a request that lacks it or exceeds the length is handed to FastAPI's own
-handler, so its 422 answer is FastAPI's, word for word.
+handler, so its 422 answer is FastAPI's, word for word. So is a JSON body: parsed with
+orjson and validated by its pydantic model, or, when either fails or the request is not
+`application/json`, handed to FastAPI.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import orjson
 from annotated_types import MaxLen
 from fastapi import Request, Response, params
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ValidationError
 
 _PLAIN = (str, str | None)
 
@@ -30,7 +34,7 @@ _PLAIN = (str, str | None)
 class DirectRoute(APIRoute):
     """An async endpoint whose path, query and header parameters are `str` (required, or
     `str | None` defaulting to None), constrained at most by a `max_length`, and whose
-    only dependencies are API-key headers.
+    only dependencies are API-key headers; and at most one body, a pydantic model.
 
     Anything else is refused when the route is built, so a route that needs
     validation cannot silently lose it.
@@ -41,8 +45,15 @@ class DirectRoute(APIRoute):
         endpoint = self.endpoint
         if not inspect.iscoroutinefunction(endpoint):
             raise TypeError(f"{self.path}: a DirectRoute endpoint must be async")
-        if dependant.body_params or dependant.cookie_params:
-            raise TypeError(f"{self.path}: a DirectRoute takes no body and no cookies")
+        if dependant.cookie_params:
+            raise TypeError(f"{self.path}: a DirectRoute takes no cookies")
+        body: tuple[str, type[BaseModel]] | None = None
+        if dependant.body_params:
+            (field, *more) = dependant.body_params
+            model = field.field_info.annotation
+            if more or not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise TypeError(f"{self.path}: a DirectRoute's body is one pydantic model")
+            body = (field.name, model)
         path_names = [_plain(self.path, f, in_path=True)[0] for f in dependant.path_params]
         queries = [(*_plain(self.path, f), f.alias) for f in dependant.query_params]
         headers = [(*_plain(self.path, f), _header_name(f)) for f in dependant.header_params]
@@ -68,6 +79,13 @@ class DirectRoute(APIRoute):
             head = request.headers
             for name, key in keys:
                 values[name] = head.get(key) or None
+            if body is not None:
+                if head.get("content-type") != "application/json":
+                    return await validated(request)
+                try:
+                    values[body[0]] = body[1].model_validate(orjson.loads(await request.body()))
+                except (orjson.JSONDecodeError, ValidationError):
+                    return await validated(request)
             return await endpoint(**values)
 
         return handle
