@@ -4,10 +4,12 @@ A DuckDB query costs about half a millisecond of CPU whatever it reads (parse, b
 plan, run), against tens of microseconds per extra id probed through the primary-key
 index in the same query. At a thousand lookups a second the per-request query, not the
 lookup, saturates the API; so concurrent reads share queries (`CoalescedReads`), and
-documents read recently are kept, compressed as stored, until a write changes them
-(`DocumentCache`). The answers the API rendered from them (a purpose's view, a trait
-selection, its ETag) are kept beside them under the same rule, so a repeated read costs
-neither decompression, nor the purpose view, nor JSON encoding.
+documents read recently are kept, compressed as stored (`DocumentCache`): a write puts
+the person's new document in place of the old one. The answers the API rendered from
+them (a purpose's view, a trait selection, its ETag) are kept beside them until a write
+to the person drops them, so a repeated read costs neither decompression, nor the purpose
+view, nor JSON encoding. Which person holds each identifier is kept in memory too once
+loaded (`IdentifierIndex`), so a lookup by identifier costs no query either.
 """
 
 from __future__ import annotations
