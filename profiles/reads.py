@@ -222,15 +222,15 @@ class IdentifierIndex:
         with self._lock:
             self._keys, self._slots, self._persons = keys[order], slots[order], persons.dictionary
             self.loaded = True
-            if len(self._overlay) >= self.overlay_limit:
-                self._merge()
+        self._fold()
         return True
 
     def changed(
         self, removed: Iterable[tuple[str, str]], added: Iterable[tuple[str, str, str]]
     ) -> None:
         """A committed write: identifiers (type, value) no longer held by their person, then
-        identifiers (type, value, person id) now held, in that order."""
+        identifiers (type, value, person id) now held, in that order. One writer at a time
+        (the store calls it under its write lock)."""
         with self._lock:
             if not self._recording:
                 return
@@ -238,29 +238,20 @@ class IdentifierIndex:
                 self._overlay[self.key(id_type, value)] = None
             for id_type, value, person in added:
                 self._overlay[self.key(id_type, value)] = person
-            if self.loaded and len(self._overlay) >= self.overlay_limit:
-                self._merge()
+        self._fold()
 
-    def _merge(self) -> None:
-        """Fold the overlay into the sorted arrays (under the lock)."""
-        changed = np.array(sorted(self._overlay), dtype="S16")
-        at = np.minimum(self._keys.searchsorted(changed), max(len(self._keys) - 1, 0))
-        keep = np.ones(len(self._keys), dtype=bool)
-        if len(self._keys):
-            keep[at[self._keys[at] == changed]] = False
-        # Persons no longer referenced leave the person array.
-        used, slots = np.unique(self._slots[keep], return_inverse=True)
-        live = [(k, p) for k, p in sorted(self._overlay.items()) if p is not None]
-        new_keys = np.array([k for k, _ in live], dtype="S16")
-        new_slots = np.arange(len(used), len(used) + len(live), dtype=np.int32)
-        kept_keys = self._keys[keep]
-        where = kept_keys.searchsorted(new_keys)
-        self._keys = np.insert(kept_keys, where, new_keys)
-        self._slots = np.insert(slots.astype(np.int32), where, new_slots)
-        self._persons = pa.concat_arrays(
-            [self._persons.take(pa.array(used)), pa.array([p for _, p in live], pa.string())]
-        )
-        self._overlay = {}
+    def _fold(self) -> None:
+        """Fold a full overlay into the sorted arrays. The new arrays are built outside
+        the lock (readers go on with the old ones and the overlay) and swapped in; no
+        write can come meanwhile, as only the one writer calls this."""
+        with self._lock:
+            if not self.loaded or len(self._overlay) < self.overlay_limit:
+                return
+            keys, slots, persons, overlay = self._keys, self._slots, self._persons, self._overlay
+        merged = _merged(keys, slots, persons, overlay)
+        with self._lock:
+            self._keys, self._slots, self._persons = merged
+            self._overlay = {}
 
     def __len__(self) -> int:
         with self._lock:
@@ -274,6 +265,31 @@ class IdentifierIndex:
             # A dict slot, a 16-byte key object and a person id string per pending write.
             held += overlay * 160
             return {"identifiers": len(self._keys), "pending_writes": overlay, "bytes": held}
+
+
+def _merged(
+    keys: np.ndarray, slots: np.ndarray, persons: pa.Array, overlay: dict[bytes, str | None]
+) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Sorted keys, person slots and persons with the overlay's changes applied."""
+    changed = np.array(sorted(overlay), dtype="S16")
+    at = np.minimum(keys.searchsorted(changed), max(len(keys) - 1, 0))
+    keep = np.ones(len(keys), dtype=bool)
+    if len(keys):
+        keep[at[keys[at] == changed]] = False
+    # Persons no longer referenced leave the person array.
+    used, kept_slots = np.unique(slots[keep], return_inverse=True)
+    live = [(k, p) for k, p in sorted(overlay.items()) if p is not None]
+    new_keys = np.array([k for k, _ in live], dtype="S16")
+    new_slots = np.arange(len(used), len(used) + len(live), dtype=np.int32)
+    kept_keys = keys[keep]
+    where = kept_keys.searchsorted(new_keys)
+    return (
+        np.insert(kept_keys, where, new_keys),
+        np.insert(kept_slots.astype(np.int32), where, new_slots),
+        pa.concat_arrays(
+            [persons.take(pa.array(used)), pa.array([p for _, p in live], pa.string())]
+        ),
+    )
 
 
 def _key_order(keys: np.ndarray) -> np.ndarray:

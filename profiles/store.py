@@ -322,9 +322,9 @@ class ProfileStore:
             self.identifiers.changed(held, now_held)
             self.identifiers.changed(erased_held, ())
             erased = [p for c in certificates for p in c.get("persons_erased") or []]
-            self.cache.invalidate([*profiles, *erased], packed)
-            for person in erased:  # an erasure's tombstone may come later: forget it now
-                self.cache.invalidate([person])
+            self.cache.invalidate(profiles, packed)
+            if erased:  # after the profiles: an erased person's new document goes too
+                self.cache.invalidate(erased)
 
     def _open(self, value: bytes | None) -> bytes | None:
         """A changelog value as JSON bytes; a sealed one whose key is gone reads as deleted."""
