@@ -181,6 +181,12 @@ def serve(db: Path, keys: Path, port: int, cache_entries: int) -> None:
     )
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -330,10 +336,12 @@ def run_profiles_bench(
         rss_start = _rss_mb(server.pid)
         index = _identifier_index(port)
         for rate in rates:
-            run = _load_run(port, by_person, rate, seconds, keys[READER])
-            run["by_identifier"] = _load_run(port, by_identifier, rate, seconds, keys[READER])
+            run = _load_run(port, by_person, rate, seconds, keys[READER], server=server.pid)
+            run["by_identifier"] = _load_run(
+                port, by_identifier, rate, seconds, keys[READER], server=server.pid
+            )
             run["calibration"] = _load_run(
-                port, by_person, 0, calibration, keys[READER], rate * 1.1
+                port, by_person, 0, calibration, keys[READER], rate * 1.1, server=server.pid
             )
             runs.append(run)
         rss_end = _rss_mb(server.pid)
@@ -401,10 +409,18 @@ def _wait_until_serving(port: int, server: subprocess.Popen) -> None:
 
 
 def _load_run(
-    port: int, ids: Path, rate: float, seconds: float, key: str, trivial: float | None = None
+    port: int,
+    ids: Path,
+    rate: float,
+    seconds: float,
+    key: str,
+    trivial: float | None = None,
+    server: int | None = None,
 ) -> dict[str, Any]:
-    """One load process at `rate` lookups/s and `trivial` calls/s (default: rate/10)."""
+    """One load process at `rate` lookups/s and `trivial` calls/s (default: rate/10);
+    with the `server`'s pid, the CPU time it spent per request too."""
     trivial = rate / 10 if trivial is None else trivial
+    cpu = _cpu_seconds(server) if server else float("nan")
     driver = subprocess.run(
         [
             sys.executable,
@@ -431,6 +447,10 @@ def _load_run(
         "achieved_rps": len(latencies["_lag"]) / latencies["_elapsed"][0],
         "load_average": os.getloadavg()[0],  # the machine's 1-minute load as the run ended
     }
+    if server:
+        # Load-independent: the server's own CPU per request, whatever else runs beside it.
+        spent = _cpu_seconds(server) - cpu
+        run["server_cpu_ms_per_request"] = spent * 1000 / max(1, len(latencies["_lag"]))
     for kind in ("lookup", "trivial"):
         values = latencies.get(kind, [])
         run[kind] = {
@@ -456,6 +476,14 @@ PREVIOUS = (
 )
 
 
+def _cpu(run: dict[str, Any]) -> str:
+    return (
+        f"{run['server_cpu_ms_per_request']:.2f} ms"
+        if "server_cpu_ms_per_request" in run
+        else "n/a"
+    )
+
+
 def _row(run: dict[str, Any], rate: float, what: str, alone: str) -> str:
     lookup, trivial = run["lookup"], run["trivial"]
     return (
@@ -465,7 +493,7 @@ def _row(run: dict[str, Any], rate: float, what: str, alone: str) -> str:
         f"| **{lookup['p50_ms'] / trivial['p50_ms']:.2f}× / "
         f"{lookup['p99_ms'] / trivial['p99_ms']:.2f}×** "
         f"| {run['lag_p99_ms']:,.1f} ms | {run['errors']} | {run['load_average']:.1f} "
-        f"| {alone} |"
+        f"| {_cpu(run)} | {alone} |"
     )
 
 
@@ -476,7 +504,7 @@ def render(f: dict[str, Any], command: str) -> str:
         alone = run["calibration"]
         calibrated = (
             f"{alone['achieved_rps']:,.0f} req/s, {alone['trivial']['p50_ms']:.2f} / "
-            f"{alone['trivial']['p99_ms']:.2f} ms"
+            f"{alone['trivial']['p99_ms']:.2f} ms, CPU {_cpu(alone)}"
         )
         rows.append(_row(run, run["rate"], "person id", "as below"))
         if "by_identifier" in run:
@@ -527,8 +555,8 @@ made even the trivial endpoint's p99 rise when lookups ran beside it.
 
 {PREVIOUS}
 
-| lookup by | offered req/s (lookup + trivial) | achieved req/s | lookup p50 / p99 | trivial p50 / p99 | **ratio** p50 / p99 | send lag p99 | non-200 | load average | trivial alone at the same total rate: achieved, p50 / p99 |
-|---|---|---|---|---|---|---|---|---|---|
+| lookup by | offered req/s (lookup + trivial) | achieved req/s | lookup p50 / p99 | trivial p50 / p99 | **ratio** p50 / p99 | send lag p99 | non-200 | load average | server CPU per request | trivial alone at the same total rate: achieved, p50 / p99, server CPU per request |
+|---|---|---|---|---|---|---|---|---|---|---|
 {table}
 
 Send lag is how late the generator sent requests against its schedule (waiting for a
@@ -536,7 +564,10 @@ free connection); when the server cannot keep up with the offered rate, requests
 lag grows and both endpoints' latencies are dominated by that queue. The last column is a
 calibration run right after each row ({f["calibration_seconds"]:.0f} s): the same generator
 sends only trivial calls at the row's total rate, so it shows what the generator and the
-bare server achieve together on the machine as it was then.
+bare server achieve together on the machine as it was then. Server CPU per request is the
+API process's own CPU time (user + system) over the row divided by the requests sent: it
+depends far less than latency on what else runs on the machine, so beside the
+calibration's it says what a lookup costs more than a trivial call.
 
 | footprint at {f["profiles"]:,} profiles | value |
 |---|---|
