@@ -128,7 +128,7 @@ class ProfileStore:
         self.keys = keys  # opens sealed changelog documents; an erased subject's stay shut
         self.traits = traits or load_traits()
         # Recently read documents (about 1 KB each, compressed) and the API's answers rendered
-        # from them, dropped when a write changes them.
+        # from them: a write replaces the person's document and drops their answers.
         self.cache = DocumentCache(cache_entries, answer_capacity=cache_entries)
         # Which person holds each identifier, once `warm` has loaded it (at most
         # `identifier_entries`, about 20 bytes each); until then lookups query the table.
