@@ -539,7 +539,7 @@ documents; listening {f.get("start_s", float("nan")):.0f} s after the process st
 lookup costs no DuckDB query: a query costs about half a millisecond of CPU whatever it
 reads, more than the rest of a lookup. The answers rendered from a document (a purpose's
 view, a trait selection, its ETag) are kept beside it per UTC day; a write to the person
-drops both (`profiles/reads.py`). The lookup route hands its string parameters straight to
+drops them and puts its new document in place of the old (`profiles/reads.py`). The lookup route hands its string parameters straight to
 the endpoint (`profiles/direct_route.py`) instead of FastAPI's per-request validation and
 dependency resolution, and an API key is found by one hash lookup. A document not in
 memory is read by a keyed DuckDB query shared with the lookups that reach the server
@@ -547,8 +547,7 @@ together. A lookup by identifier normalises it as ingestion does and finds its p
 an in-memory identifier index loaded with the documents ({index.get("identifiers", 0):,}
 identifiers, {index.get("bytes", 0) / 2**20:,.0f} MiB: sorted 16-byte SHA-256 keys and
 person ids in NumPy and Arrow arrays, a binary search per lookup), which the replica's
-writes keep exact; then it is a lookup by person id. A write keeps the person's new
-document in the cache instead of dropping it. Once warm, the server moves every object
+writes keep exact; then it is a lookup by person id. Once warm, the server moves every object
 alive to the collector's permanent generation (`gc.freeze`): a full collection walking
 the million-entry cache took 0.1 to 0.5 s with the event loop stalled, which is what
 made even the trivial endpoint's p99 rise when lookups ran beside it.
