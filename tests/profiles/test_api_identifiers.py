@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import time
 
+import duckdb
 import httpx
 import orjson
+import pyarrow as pa
 import pytest
 
 from consent.erasure import erasure_request
@@ -140,11 +142,9 @@ def test_the_index_follows_merges_changes_splits_and_erasures(run, make_event, t
             store.close()
 
 
-def test_the_index_keys_identifiers_as_duckdb_does(tmp_path):
+def test_the_index_keys_identifiers_as_duckdb_does():
     """The SQL the index is loaded with and the Python it is read with agree, non-ASCII
     and colons included; keys whose bytes end in NUL are found too."""
-    import duckdb
-
     conn = duckdb.connect()
     for id_type, value in [("email", "zoë@exämple.org"), ("user_id", "a:b:c"), ("phone", "+1")]:
         (sql,) = conn.execute(
@@ -157,8 +157,6 @@ def test_the_index_keys_identifiers_as_duckdb_does(tmp_path):
     # Find values whose key ends in a NUL byte: NumPy's S16 strips it on reading.
     nul = [f"u{n}" for n in range(5000) if IdentifierIndex.key("user_id", f"u{n}")[-1] == 0][:2]
     assert nul
-    import pyarrow as pa
-
     values = [*nul, "x", "y"]
     index.load(
         pa.table(
