@@ -181,7 +181,10 @@ def serve(
         int, typer.Option(min=0, help="profile documents kept in memory (about 1 KB each)")
     ] = 50_000,
     warm: Annotated[
-        bool, typer.Option(help="load stored documents into memory before serving")
+        bool,
+        typer.Option(
+            help="load stored documents and the identifier index into memory before serving"
+        ),
     ] = False,
 ) -> None:
     """Serve the profile API from this process's own replica of the output topics."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -128,6 +130,9 @@ def create_app(
     purposes = purposes | {SUBJECT_ACCESS}
     # Lookups by person id that arrive together share one query (see profiles/reads.py).
     documents = CoalescedReads(store.documents)
+    # Until the identifier index is loaded (`--warm`), lookups by identifier query the
+    # store, and those that arrive together share the turn.
+    holders = CoalescedReads(store.persons_holding)
 
     def authorize(secret: str | None, *roles: str) -> ApiKey | Response:
         """The caller's key if it has one of `roles`; else the 401 or 403 to answer with."""
@@ -167,7 +172,14 @@ def create_app(
         denied = authorize_read(secret, purpose)
         return denied if isinstance(denied, Response) else parse_selection(traits)
 
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if store.frozen:  # warmed: what was built since (this app, the server) lives as long
+            store.freeze()
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Tessera profile API",
         version="0.1.0",
         description="Unified, consent-scoped customer profiles, resolved across identifiers.",
@@ -196,6 +208,10 @@ def create_app(
     @app.get("/v1/stats", summary="Counts of every outcome, persons and merges")
     def stats() -> Response:
         counts = store.stats()
+        counts["identifier_index"] = {
+            "loaded": store.identifiers.loaded,
+            **store.identifiers.footprint(),
+        }
         if follower is not None:
             # at_end: the counts include everything on the topics as of the last fetch.
             counts["replica"] = {"caught_up": follower.caught_up, "at_end": follower.at_end}
@@ -209,8 +225,7 @@ def create_app(
             return _error(400, "invalid_bucket", f"bucket must be one of {sorted(QUALITY_BUCKETS)}")
         return _json(store.quality(bucket))
 
-    @app.get("/v1/profiles/lookup", summary="The profile holding an identifier")
-    def lookup(
+    async def lookup(
         type: str = Query(..., description=f"identifier type: one of {', '.join(ID_TYPES)}"),
         value: str = Query(
             ..., max_length=512, description="identifier value, as the source wrote it"
@@ -220,13 +235,9 @@ def create_app(
         secret: str | None = Security(API_KEY),
         if_none_match: str | None = Header(None),
     ) -> Response:
-        return identified(type, value, purpose, traits, secret, if_none_match)
+        return await identified(type, value, purpose, traits, secret, if_none_match)
 
-    @app.get(
-        "/v1/profiles/by-identifier/{identifier:path}",
-        summary="The profile holding an identifier written as type:value",
-    )
-    def by_identifier(
+    async def by_identifier(
         identifier: str,
         purpose: str | None = Query(None, description="the purpose of the read"),
         traits: str | None = Query(None, description="only these traits: a,b,c"),
@@ -239,9 +250,23 @@ def create_app(
             if isinstance(denied, Response):
                 return denied
             return _error(400, "invalid_identifier_format", "write the identifier as type:value")
-        return identified(id_type, value, purpose, traits, secret, if_none_match)
+        return await identified(id_type, value, purpose, traits, secret, if_none_match)
 
-    def identified(
+    # Lookups by identifier on the hot path too: plain strings, no per-request validation
+    # (a missing or over-long type or value gets FastAPI's own 422).
+    for path, endpoint, summary in (
+        ("/v1/profiles/lookup", lookup, "The profile holding an identifier"),
+        (
+            "/v1/profiles/by-identifier/{identifier:path}",
+            by_identifier,
+            "The profile holding an identifier written as type:value",
+        ),
+    ):
+        app.router.add_api_route(
+            path, endpoint, methods=["GET"], summary=summary, route_class_override=DirectRoute
+        )
+
+    async def identified(
         id_type: str,
         value: str,
         purpose: str | None,
@@ -254,15 +279,19 @@ def create_app(
             return names
         if id_type not in ID_TYPES:
             return _error(400, "unknown_identifier_type", f"type must be one of {list(ID_TYPES)}")
-        if parse_identifier(id_type, value) is None:
+        identifier = parse_identifier(id_type, value)
+        if identifier is None:
             return _error(400, "invalid_identifier", f"{value!r} is not a valid {id_type}")
-        profile = store.lookup(id_type, value, purpose)
-        if profile is None:
+        if store.identifiers.loaded:
+            person = store.identifiers.person(identifier.type, identifier.value)
+        else:
+            person = await holders.get(f"{identifier.type}:{identifier.value}")
+        answer = await rendered(person, purpose, names, if_none_match) if person else None
+        if answer is None:
             return _error(404, "not_found", f"no {purpose} profile holds {id_type} {value!r}")
-        return _etagged(select_traits(profile, names), if_none_match)
+        return answer
 
-    @app.post("/v1/profiles/batch", summary="Up to 100 profiles in one call")
-    def batch(
+    async def batch(
         request: BatchLookup,
         purpose: str | None = Query(None, description="the purpose of the read"),
         traits: str | None = Query(None, description="only these traits: a,b,c"),
@@ -281,7 +310,18 @@ def create_app(
             )
         if any(not p or len(p) > 128 or not p.isprintable() for p in request.person_ids):
             return _error(400, "invalid_person_id", "person ids are 1 to 128 printable characters")
-        found = store.get_many(request.person_ids, purpose)  # type: ignore[arg-type]
+        # As `store.get_many` reads them, from memory when it can; queries shared.
+        wanted = list(dict.fromkeys(request.person_ids))
+        docs = [store.cached_document(p) for p in wanted]
+        gaps = [n for n, doc in enumerate(docs) if doc is None]
+        read = await asyncio.gather(*(documents.get(wanted[n]) for n in gaps))
+        for n, doc in zip(gaps, read, strict=True):
+            docs[n] = doc
+        now = datetime.now(UTC)
+        found = {
+            person: store.view_of(doc, purpose, now) if doc else None  # type: ignore[arg-type]
+            for person, doc in zip(wanted, docs, strict=True)
+        }
         return _json(
             {
                 "purpose": purpose,
@@ -292,6 +332,16 @@ def create_app(
                 "missing": [person for person, profile in found.items() if profile is None],
             }
         )
+
+    # Batch lookups on the hot path too: a JSON body valid for its model, and plain strings,
+    # skip FastAPI's per-request machinery (anything else gets FastAPI's own answer).
+    app.router.add_api_route(
+        "/v1/profiles/batch",
+        batch,
+        methods=["POST"],
+        summary="Up to 100 profiles in one call",
+        route_class_override=DirectRoute,
+    )
 
     @app.get("/v1/segments", summary="The declared segments and their purposes")
     def list_segments(secret: str | None = Security(API_KEY)) -> Response:
@@ -339,6 +389,30 @@ def create_app(
 
     cache = store.cache
 
+    async def rendered(
+        person_id: str, purpose: str, names: set[str] | None, if_none_match: str | None
+    ) -> Response | None:
+        """The answer for a person's `purpose` view, or None when there is none."""
+        # Computed traits are evaluated per UTC day, so an answer holds for the day it was
+        # rendered on, until a write to the person drops it.
+        now = datetime.now(UTC)
+        today = now.date()
+        # Strings, tuples and None only: the cache's entries stay untracked by the collector.
+        shape = (purpose, None if names is None else tuple(sorted(names)))
+        generation = cache.generation  # before the read: a write after it refuses the answer
+        kept = cache.answer(person_id, shape)
+        if kept is not None and kept[0] == today:
+            return _answer(kept[1], kept[2], if_none_match)
+        # A document in memory is read at once; only a query waits to share with others.
+        doc = store.cached_document(person_id) or await documents.get(person_id)
+        profile = store.view_of(doc, purpose, now) if doc else None
+        if profile is None:
+            return None
+        body, tag = _tagged(select_traits(profile, names))
+        if profile["person_id"] == person_id:  # a merged-away id's answer is its survivor's
+            cache.keep_answer(person_id, shape, (today, body, tag), generation)
+        return _answer(body, tag, if_none_match)
+
     async def get_profile(
         person_id: str,
         purpose: str | None = Query(None, description="the purpose of the read"),
@@ -351,24 +425,10 @@ def create_app(
             return names
         if len(person_id) > 128:
             return _error(400, "invalid_person_id", "person ids are at most 128 characters")
-        # Computed traits are evaluated per UTC day, so an answer holds for the day it was
-        # rendered on, until a write to the person drops it.
-        now = datetime.now(UTC)
-        today = now.date()
-        shape = (purpose, None if names is None else frozenset(names))
-        generation = cache.generation  # before the read: a write after it refuses the answer
-        kept = cache.answer(person_id, shape)
-        if kept is not None and kept[0] == today:
-            return _answer(kept[1], kept[2], if_none_match)
-        # A document in memory is read at once; only a query waits to share with others.
-        doc = store.cached_document(person_id) or await documents.get(person_id)
-        profile = store.view_of(doc, purpose, now) if doc else None  # type: ignore[arg-type]
-        if profile is None:
+        answer = await rendered(person_id, purpose, names, if_none_match)  # type: ignore[arg-type]
+        if answer is None:
             return _error(404, "not_found", f"no {purpose} profile {person_id!r}")
-        body, tag = _tagged(select_traits(profile, names))
-        if profile["person_id"] == person_id:  # a merged-away id's answer is its survivor's
-            cache.keep_answer(person_id, shape, (today, body, tag), generation)
-        return _answer(body, tag, if_none_match)
+        return answer
 
     # The hot read: its string parameters reach it without per-request validation.
     app.router.add_api_route(

@@ -7,6 +7,12 @@ reads those strings from the request and calls the endpoint with them, as FastAP
 (the same names, aliases and defaults; the last value of a repeated query parameter,
 the first of a repeated header), while the route stays a FastAPI route: its
 parameters, security scheme and responses are published in the OpenAPI document.
+
+A required query or header parameter, or one with a `max_length`, is checked by a
+comparison; a request that lacks it or exceeds the length is handed to FastAPI's own
+handler, so its 422 answer is FastAPI's, word for word. So is a JSON body: parsed with
+orjson and validated by its pydantic model, or, when either fails or the request is not
+`application/json`, handed to FastAPI.
 """
 
 from __future__ import annotations
@@ -15,16 +21,20 @@ import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import orjson
+from annotated_types import MaxLen
 from fastapi import Request, Response, params
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ValidationError
 
 _PLAIN = (str, str | None)
 
 
 class DirectRoute(APIRoute):
-    """An async endpoint whose path, query and header parameters are unconstrained `str`
-    (or `str | None` with a default) and whose only dependencies are API-key headers.
+    """An async endpoint whose path, query and header parameters are `str` (required, or
+    `str | None` defaulting to None), constrained at most by a `max_length`, and whose
+    only dependencies are API-key headers; and at most one body, a pydantic model.
 
     Anything else is refused when the route is built, so a route that needs
     validation cannot silently lose it.
@@ -35,40 +45,66 @@ class DirectRoute(APIRoute):
         endpoint = self.endpoint
         if not inspect.iscoroutinefunction(endpoint):
             raise TypeError(f"{self.path}: a DirectRoute endpoint must be async")
-        if dependant.body_params or dependant.cookie_params:
-            raise TypeError(f"{self.path}: a DirectRoute takes no body and no cookies")
-        path_names = [_plain(self.path, f, required_ok=True) for f in dependant.path_params]
-        queries = [(_plain(self.path, f), f.alias) for f in dependant.query_params]
-        headers = [(_plain(self.path, f), _header_name(f)) for f in dependant.header_params]
+        if dependant.cookie_params:
+            raise TypeError(f"{self.path}: a DirectRoute takes no cookies")
+        body: tuple[str, type[BaseModel]] | None = None
+        if dependant.body_params:
+            (field, *more) = dependant.body_params
+            model = field.field_info.annotation
+            if more or not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise TypeError(f"{self.path}: a DirectRoute's body is one pydantic model")
+            body = (field.name, model)
+        path_names = [_plain(self.path, f, in_path=True)[0] for f in dependant.path_params]
+        queries = [(*_plain(self.path, f), f.alias) for f in dependant.query_params]
+        headers = [(*_plain(self.path, f), _header_name(f)) for f in dependant.header_params]
         keys = []  # API-key headers: an empty one is no key, as APIKeyHeader reads it
         for sub in dependant.dependencies:
             if type(sub.call) is not APIKeyHeader or sub.call.auto_error or not sub.name:
                 raise TypeError(f"{self.path}: a DirectRoute depends only on API-key headers")
             keys.append((sub.name, sub.call.model.name))
 
+        validated = super().get_route_handler()  # FastAPI's, for the requests it refuses
+
         async def handle(request: Request) -> Response:
             values: dict[str, Any] = {name: request.path_params[name] for name in path_names}
-            query = request.query_params
-            for name, key in queries:
-                values[name] = query.get(key)
+            for found, fields in ((request.query_params, queries), (request.headers, headers)):
+                for name, required, limit, key in fields:
+                    value = found.get(key)
+                    if value is None:
+                        if required:
+                            return await validated(request)
+                    elif limit is not None and len(value) > limit:
+                        return await validated(request)
+                    values[name] = value
             head = request.headers
-            for name, key in headers:
-                values[name] = head.get(key)
             for name, key in keys:
                 values[name] = head.get(key) or None
+            if body is not None:
+                if head.get("content-type") != "application/json":
+                    return await validated(request)
+                try:
+                    values[body[0]] = body[1].model_validate(orjson.loads(await request.body()))
+                except (orjson.JSONDecodeError, ValidationError):
+                    return await validated(request)
             return await endpoint(**values)
 
         return handle
 
 
-def _plain(path: str, field: Any, required_ok: bool = False) -> str:
-    """The parameter's name, if it is a plain string FastAPI would pass through unchanged."""
+def _plain(path: str, field: Any, in_path: bool = False) -> tuple[str, bool, int | None]:
+    """The parameter's name, whether it is required and its maximum length, if it is a
+    string FastAPI would pass through unchanged once those hold."""
     info = field.field_info
-    if info.annotation not in _PLAIN or info.metadata:
-        raise TypeError(f"{path}: {field.name} must be an unconstrained str for a DirectRoute")
-    if not required_ok and (info.is_required() or info.get_default() is not None):
-        raise TypeError(f"{path}: {field.name} must default to None for a DirectRoute")
-    return field.name
+    limits = [m.max_length for m in info.metadata if type(m) is MaxLen]
+    if info.annotation not in _PLAIN or len(limits) != len(info.metadata) or (in_path and limits):
+        raise TypeError(
+            f"{path}: {field.name} must be a str constrained at most by max_length "
+            "for a DirectRoute"
+        )
+    required = info.is_required()
+    if not in_path and not required and info.get_default() is not None:
+        raise TypeError(f"{path}: {field.name} must be required or default to None")
+    return field.name, required, limits[0] if limits else None
 
 
 def _header_name(field: Any) -> str:

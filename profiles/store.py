@@ -7,6 +7,8 @@ are stored in the same transaction as the rows they produced.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import threading
 import zlib
@@ -25,7 +27,7 @@ from consent.ledger import SCHEMA_SQL as LEDGER_SCHEMA_SQL
 from consent.ledger import LedgerEntry, store_entries
 from identity.normalise import Identifier, parse_identifier
 from pipelines import topics
-from profiles.reads import DocumentCache
+from profiles.reads import DocumentCache, IdentifierIndex
 from profiles.traits import TraitCatalog, at_read, load_traits
 
 SCHEMA_SQL = """
@@ -120,13 +122,18 @@ class ProfileStore:
         keys: SubjectKeyStore | None = None,
         traits: TraitCatalog | None = None,
         cache_entries: int = 50_000,
+        identifier_entries: int = 20_000_000,
     ) -> None:
         # Read-only: another process's file opened for audits (it must exist and not be in use).
         self.keys = keys  # opens sealed changelog documents; an erased subject's stay shut
         self.traits = traits or load_traits()
         # Recently read documents (about 1 KB each, compressed) and the API's answers rendered
-        # from them, dropped when a write changes them.
+        # from them: a write replaces the person's document and drops their answers.
         self.cache = DocumentCache(cache_entries, answer_capacity=cache_entries)
+        # Which person holds each identifier, once `warm` has loaded it (at most
+        # `identifier_entries`, about 20 bytes each); until then lookups query the table.
+        self.identifiers = IdentifierIndex(identifier_entries)
+        self.frozen = False  # warmed with the collector's long-lived objects frozen
         self.conn = duckdb.connect(str(path), read_only=read_only)
         self.conn.execute("SET TimeZone = 'UTC'")
         if not read_only:
@@ -222,7 +229,7 @@ class ProfileStore:
             cur = self.conn.cursor()
             cur.execute("BEGIN TRANSACTION")
             try:
-                self._apply_profiles(cur, profiles)
+                packed, held, now_held = self._apply_profiles(cur, profiles)
                 store_entries(cur, ledger, replace=True)
                 if outcomes:
                     self._upsert(
@@ -293,8 +300,9 @@ class ProfileStore:
                             "doc": [b[1] for b in quality_batches.values()],
                         },
                     )
+                erased_held: list[tuple[str, str]] = []
                 for certificate in certificates:
-                    self._apply_erasure(cur, certificate)
+                    erased_held += self._apply_erasure(cur, certificate)
                 self._apply_memberships(cur, memberships)
                 self._upsert(
                     cur,
@@ -309,10 +317,14 @@ class ProfileStore:
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
-            # After the commit, so no read of the old documents can be cached again.
-            self.cache.invalidate(
-                [*profiles, *(p for c in certificates for p in c.get("persons_erased") or [])]
-            )
+            # After the commit, so no read of the old documents can be cached again; in
+            # commit order, the profiles' identifiers before the erasures'.
+            self.identifiers.changed(held, now_held)
+            self.identifiers.changed(erased_held, ())
+            erased = [p for c in certificates for p in c.get("persons_erased") or []]
+            self.cache.invalidate(profiles, packed)
+            if erased:  # after the profiles: an erased person's new document goes too
+                self.cache.invalidate(erased)
 
     def _open(self, value: bytes | None) -> bytes | None:
         """A changelog value as JSON bytes; a sealed one whose key is gone reads as deleted."""
@@ -323,14 +335,17 @@ class ProfileStore:
             return None
         return self.keys.open(value)  # type: ignore[arg-type]
 
-    def _apply_erasure(self, cur: duckdb.DuckDBPyConnection, certificate: dict[str, Any]) -> None:
+    def _apply_erasure(
+        self, cur: duckdb.DuckDBPyConnection, certificate: dict[str, Any]
+    ) -> list[tuple[str, str]]:
         """Delete what this replica derived about the erased persons; keep the certificate
-        with this replica's counts added."""
+        with this replica's counts added. Out: the identifiers (type, value) they held."""
         persons = pa.table(
             {"person_id": pa.array(certificate.get("persons_erased") or [], pa.string())}
         )
         cur.register("_erased_persons", persons)
         counts: dict[str, int] = {}
+        held: list[tuple[str, str]] = []
         try:
             for table, where in (
                 ("profile_documents", "person_id IN (SELECT person_id FROM _erased_persons)"),
@@ -348,6 +363,12 @@ class ProfileStore:
                     "OR other_person_id IN (SELECT person_id FROM _erased_persons)",
                 ),
             ):
+                if table == "profile_identifiers":
+                    held = cur.execute(
+                        f"DELETE FROM {table} WHERE {where} RETURNING id_type, id_value"
+                    ).fetchall()
+                    counts[table] = len(held)
+                    continue
                 counts[table] = cur.execute(f"DELETE FROM {table} WHERE {where}").fetchone()[0]
         finally:
             cur.unregister("_erased_persons")
@@ -361,6 +382,7 @@ class ProfileStore:
                 "certificate": [orjson.dumps({**certificate, "erased": erased}).decode()],
             },
         )
+        return held
 
     def erasure(self, request_id: str) -> dict[str, Any] | None:
         """The certificate of an erasure request, once the worker has carried it out."""
@@ -512,29 +534,38 @@ class ProfileStore:
 
     def _apply_profiles(
         self, cur: duckdb.DuckDBPyConnection, profiles: dict[str, bytes | None]
-    ) -> None:
+    ) -> tuple[dict[str, bytes], list[tuple[str, str]], list[tuple[str, str, str]]]:
         """Replace each changed person's document and identifier index (None: a tombstone).
 
         One Arrow batch sorted by person id; DuckDB parses the documents and unnests the
-        identifiers, so no per-profile Python runs here.
+        identifiers, so no per-profile Python runs here. Out: the stored (compressed)
+        documents by person id; while the in-memory identifier index follows writes, the
+        identifiers (type, value) the persons held before and those (type, value, person
+        id) they hold now, as the table changed.
         """
         if not profiles:
-            return
+            return {}, [], []
+        packed = {p: zlib.compress(v, 1) for p, v in profiles.items() if v is not None}
         changed = pa.table(
             {
                 "person_id": list(profiles),
                 "doc": [v.decode() if v is not None else None for v in profiles.values()],
-                "packed": [
-                    zlib.compress(v, 1) if v is not None else None for v in profiles.values()
-                ],
+                "packed": [packed.get(p) for p in profiles],
             }
         ).sort_by("person_id")
+        # RETURNING only when the index needs the rows: loading a store skips their cost.
+        returning = self.identifiers.recording
         cur.register("_replica_changed", changed)
         try:
-            for table in ("profile_documents", "profile_identifiers"):
-                cur.execute(
-                    f"DELETE FROM {table} WHERE person_id IN (SELECT person_id FROM _replica_changed)"
-                )
+            cur.execute(
+                "DELETE FROM profile_documents "
+                "WHERE person_id IN (SELECT person_id FROM _replica_changed)"
+            )
+            held = cur.execute(
+                "DELETE FROM profile_identifiers "
+                "WHERE person_id IN (SELECT person_id FROM _replica_changed)"
+                + (" RETURNING id_type, id_value" if returning else "")
+            ).fetchall()
             cur.execute(
                 """INSERT INTO profile_documents
                    SELECT person_id, packed, coalesce((doc->>'version')::BIGINT, 0)
@@ -549,9 +580,12 @@ class ProfileStore:
                                     json_transform(doc->'identifiers', '"MAP(VARCHAR, VARCHAR[])"') AS m
                              FROM _replica_changed WHERE doc IS NOT NULL))
                    ORDER BY id_type, id_value"""
+                + (" RETURNING id_type, id_value, person_id" if returning else "")
             )
+            now_held = cur.fetchall() if returning else []
         finally:
             cur.unregister("_replica_changed")
+        return packed, held if returning else [], now_held
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -604,7 +638,10 @@ class ProfileStore:
         return self.documents([person_id]).get(person_id)
 
     def person_holding(self, identifier: Identifier) -> str | None:
-        """The person whose profile holds a normalised identifier, if any."""
+        """The person whose profile holds a normalised identifier, if any (from memory
+        once `warm` has loaded the identifier index)."""
+        if self.identifiers.loaded:
+            return self.identifiers.person(identifier.type, identifier.value)
         rows = (
             self._point_reader()
             .execute(
@@ -614,6 +651,14 @@ class ProfileStore:
             .fetchall()
         )
         return rows[0][0] if rows else None
+
+    def persons_holding(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """The persons holding normalised identifiers written `type:value`, by identifier."""
+        found: dict[str, str | None] = {}
+        for key in keys:
+            id_type, _, value = key.partition(":")
+            found[key] = self.person_holding(Identifier(id_type, value))
+        return found
 
     def identity_history(self, person_ids: set[str]) -> list[dict[str, Any]]:
         """Identity events (person created, merges, splits, conflicts, rejected links) that
@@ -679,16 +724,61 @@ class ProfileStore:
             for person in wanted
         }
 
-    def warm(self, chunk: int = 50_000, attempts: int = 3) -> int:
-        """Fill the document cache from the stored documents until it is full; out: how
-        many documents it holds.
+    def warm(self, chunk: int = 50_000, attempts: int = 3, freeze: bool = True) -> int:
+        """Fill the document cache from the stored documents until it is full, and load
+        the identifier index; out: how many documents the cache holds.
 
         A store that fits in the cache then answers every lookup from memory: a DuckDB
         query costs far more CPU than the rest of a lookup. What one query read is kept
         only while no write has committed since it began; after a write the scan starts
         again (at most `attempts` times: under a steady stream of writes, reads fill the
         cache instead).
+
+        `freeze`: then move every object alive to the collector's permanent generation
+        (`gc.freeze`). A full collection walks every tracked container, and the cache's
+        million-entry dict alone takes it a quarter of a second with the event loop
+        stalled; the warm state is long-lived by design, so nothing is lost.
         """
+        held = self._warm_documents(chunk, attempts)
+        self._load_identifiers()
+        if freeze:
+            self.freeze()
+        return held
+
+    def freeze(self) -> None:
+        """Move every object alive to the collector's permanent generation (the API calls
+        it again once it serves, for what it built after warming)."""
+        gc.collect()
+        gc.freeze()
+        self.frozen = True
+        _unfreeze_at_exit()
+
+    def _load_identifiers(self) -> None:
+        """Load the identifier index from a snapshot, writes since then recorded."""
+        cur = self.reader()
+        # Recording starts and the snapshot is taken with no write in between: a write
+        # either is in the snapshot or reports its changes.
+        with self._write_lock:
+            self.identifiers.begin()
+            cur.execute("BEGIN TRANSACTION")
+            ((count,),) = cur.execute("SELECT count(*) FROM profile_identifiers").fetchall()
+        try:
+            if count > self.identifiers.capacity:
+                log.warning(
+                    "%d identifiers exceed the index's %d: lookups by identifier query the store",
+                    count,
+                    self.identifiers.capacity,
+                )
+                self.identifiers.abandon()
+                return
+            table = cur.sql(
+                f"SELECT {IdentifierIndex.KEY_SQL} AS key, person_id FROM profile_identifiers"
+            ).to_arrow_table()
+        finally:
+            cur.execute("COMMIT")
+        self.identifiers.load(table)
+
+    def _warm_documents(self, chunk: int, attempts: int) -> int:
         for _ in range(attempts):
             generation = self.cache.generation
             rows = self.reader().execute("SELECT person_id, doc FROM profile_documents")
@@ -876,3 +966,15 @@ class ProfileStore:
             "alerts_by_check": alert_counts,
             "recent_alerts": recent[:alerts],
         }
+
+
+def _unfreeze_at_exit() -> None:
+    """Hand frozen objects back to the collector at exit, so the shutdown frees them as
+    usual (DuckDB's binding reports frozen ones as leaked)."""
+    global _UNFREEZE_REGISTERED
+    if not _UNFREEZE_REGISTERED:
+        atexit.register(gc.unfreeze)
+        _UNFREEZE_REGISTERED = True
+
+
+_UNFREEZE_REGISTERED = False

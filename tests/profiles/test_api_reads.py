@@ -135,3 +135,35 @@ def test_openapi_publishes_every_read(served):
         "/v1/profiles/{person_id}",
     ):
         assert path in paths
+
+
+def test_batch_bodies_the_fast_path_refuses_get_fastapis_own_answer(served):
+    url = f"{served.url}/v1/profiles/batch"
+    params = {"purpose": "personalization"}
+    person = _profile(served)["person_id"]
+
+    def post(body: bytes, content_type: str | None) -> httpx.Response:
+        headers = {"X-API-Key": served.keys["web"]}
+        if content_type:
+            headers["Content-Type"] = content_type
+        return httpx.post(url, params=params, content=body, headers=headers)
+
+    good = orjson.dumps({"person_ids": [person]})
+    fast = post(good, "application/json")
+    assert fast.status_code == 200 and fast.json()["profiles"][person]["person_id"] == person
+    # Another spelling of JSON goes through FastAPI's reading, to the same answer.
+    assert post(good, "application/json; charset=utf-8").json() == fast.json()
+    refused = [
+        (good, "text/plain", "model_attributes_type", ["body"]),
+        (good, None, "model_attributes_type", ["body"]),
+        (b'{"person_ids": [1]}', "application/json", "string_type", ["body", "person_ids", 0]),
+        (b'{"person_ids": "p"}', "application/json", "list_type", ["body", "person_ids"]),
+        (b"{}", "application/json", "missing", ["body", "person_ids"]),
+        (b"", "application/json", "missing", ["body"]),
+        (b'{"person_ids": [', "application/json", "json_invalid", ["body", 16]),
+    ]
+    for body, content_type, kind, loc in refused:
+        response = post(body, content_type)
+        assert response.status_code == 422, body
+        (error,) = response.json()["detail"]
+        assert (error["type"], error["loc"]) == (kind, loc), body
