@@ -62,10 +62,12 @@ _FIELD_COLUMNS = ", ".join(f"{f} VARCHAR" for f in RECORD_FIELDS)
 # append-only table makes its own scan and every later commit slower as the store grows.
 # Once the moves pass FOLD_MOVES rows they are folded into a fresh copy of the base table
 # (one rewrite per FOLD_MOVES moves) and the moves table starts empty again.
-# id_records_base and id_edges carry no key index: every batch appends to both, and keeping
-# an index on them cost more than the rest of the write (and its memory grows with the
-# store). Each row is written once by construction: a record only while it is new to the
-# CandidateIndex, an edge only with a new record at one end.
+# id_records_base, id_persons and id_edges carry no key index: every batch appends to them,
+# and keeping an index on them cost more than the rest of the write (checking the key on
+# insert and merging the index on commit; its memory grows with the store). Each row is
+# written once by construction: a record only while it is new to the CandidateIndex, a
+# person only while the index does not know it, an edge only with a new record at one end.
+# Stores created with keys keep them; the writes are plain inserts either way.
 FOLD_MOVES = 50_000
 _BASE_COLUMNS = f"""record_id VARCHAR NOT NULL, person_id VARCHAR NOT NULL, first_ts TIMESTAMPTZ,
     first_event VARCHAR, {_FIELD_COLUMNS}"""
@@ -82,7 +84,7 @@ CREATE TABLE IF NOT EXISTS id_records_base ({_BASE_COLUMNS});
 CREATE TABLE IF NOT EXISTS id_record_moves ({_MOVES_COLUMNS});
 CREATE SEQUENCE IF NOT EXISTS id_record_move_seq;
 CREATE TABLE IF NOT EXISTS id_persons (
-    person_id VARCHAR PRIMARY KEY, first_ts TIMESTAMPTZ, first_event VARCHAR, founder VARCHAR
+    person_id VARCHAR NOT NULL, first_ts TIMESTAMPTZ, first_event VARCHAR, founder VARCHAR
 );
 CREATE TABLE IF NOT EXISTS id_edges (
     record_l VARCHAR, record_r VARCHAR, rule VARCHAR, match_weight DOUBLE,
@@ -588,7 +590,7 @@ class IdentityResolver:
         for name in RECORD_FIELDS:
             rows[name] = [f.get(name) for f in fields]
         self._insert("id_records_base", rows)
-        self._add_persons(created)
+        self._add_persons(created, self.index.born)
         self._repoint(moved)
         # Every Splink link above the threshold is kept; rule links only where they joined
         # (the rule itself finds the others again when a component is re-clustered).
@@ -620,19 +622,40 @@ class IdentityResolver:
                 },
             )
 
-    def _add_persons(self, created: list[tuple[str, datetime, str, str]]) -> None:
-        """Remember new persons: (person_id, first_ts, first_event, founding record)."""
-        if created:
-            self._insert(
-                "id_persons",
+    def _add_persons(
+        self,
+        created: list[tuple[str, datetime, str, str]],
+        known: dict[str, Any] | None = None,
+    ) -> None:
+        """Remember new persons: (person_id, first_ts, first_event, founding record). A
+        person already stored keeps its row; `known` (the index's persons, when the caller
+        has them) says which are, otherwise the store does."""
+        rows = {}
+        for person in created:
+            if person[0] not in rows and (known is None or person[0] not in known):
+                rows[person[0]] = person
+        if not rows:
+            return
+        self.conn.register(
+            "_identity_rows",
+            _table(
                 {
-                    "person_id": [c[0] for c in created],
-                    "first_ts": [c[1] for c in created],
-                    "first_event": [c[2] for c in created],
-                    "founder": [c[3] for c in created],
-                },
-                verb="INSERT OR IGNORE",
+                    "person_id": list(rows),
+                    "first_ts": [c[1] for c in rows.values()],
+                    "first_event": [c[2] for c in rows.values()],
+                    "founder": [c[3] for c in rows.values()],
+                }
+            ),
+        )
+        try:
+            where = (
+                ""
+                if known is not None
+                else " WHERE person_id NOT IN (SELECT person_id FROM id_persons)"
             )
+            self.conn.execute(f"INSERT INTO id_persons BY NAME SELECT * FROM _identity_rows{where}")
+        finally:
+            self.conn.unregister("_identity_rows")
 
     def _repoint(self, target: dict[str, str]) -> None:
         """Give records (the keys of `target`) a new person (its values): appended moves,
