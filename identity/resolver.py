@@ -20,7 +20,8 @@ record in it, so a split restores the ids the persons had before they merged.
 
 A batch reads only the in-memory CandidateIndex (candidates, fields, each record's
 person, each person's records and age); the store is written, never scanned, on the
-batch path. A rolled-back batch drops the index (`forget`) and the next one rebuilds it.
+batch path (but for folding moved records into the base table, once per FOLD_MOVES moves).
+A rolled-back batch drops the index (`forget`) and the next one rebuilds it.
 """
 
 from __future__ import annotations
