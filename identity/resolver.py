@@ -20,7 +20,8 @@ record in it, so a split restores the ids the persons had before they merged.
 
 A batch reads only the in-memory CandidateIndex (candidates, fields, each record's
 person, each person's records and age); the store is written, never scanned, on the
-batch path. A rolled-back batch drops the index (`forget`) and the next one rebuilds it.
+batch path (but for folding moved records into the base table, once per FOLD_MOVES moves).
+A rolled-back batch drops the index (`forget`) and the next one rebuilds it.
 """
 
 from __future__ import annotations
@@ -56,25 +57,42 @@ DEFAULT_LIMITS = {
 STRENGTH = {name: rank for rank, name in enumerate(STRONG_FIELDS)}
 
 _FIELD_COLUMNS = ", ".join(f"{f} VARCHAR" for f in RECORD_FIELDS)
-# id_records and id_edges carry no key index: every batch appends to both, and keeping an
-# index on them cost more than the rest of the write (and its memory grows with the
-# store). Each row is written once by construction: a record only while it is new to the
-# CandidateIndex, an edge only with a new record at one end. Stores created with keys
-# keep them; the writes below are plain inserts either way.
+# A record's current person is `id_records.person_id`, a view: the person it was stored
+# with (`id_records_base`) unless a later merge or split moved it (`id_record_moves`, the
+# latest move wins). Moving records is an append, never an UPDATE: an UPDATE on the big
+# append-only table makes its own scan and every later commit slower as the store grows.
+# Once the moves pass FOLD_MOVES rows they are folded into a fresh copy of the base table
+# (one rewrite per FOLD_MOVES moves) and the moves table starts empty again.
+# id_records_base, id_persons and id_edges carry no key index: every batch appends to them,
+# and keeping an index on them cost more than the rest of the write (checking the key on
+# insert and merging the index on commit; its memory grows with the store). Each row is
+# written once by construction: a record only while it is new to the CandidateIndex, a
+# person only while the index does not know it, an edge only with a new record at one end.
+# Stores created with keys keep them; the writes are plain inserts either way.
+FOLD_MOVES = 50_000
+_BASE_COLUMNS = f"""record_id VARCHAR NOT NULL, person_id VARCHAR NOT NULL, first_ts TIMESTAMPTZ,
+    first_event VARCHAR, {_FIELD_COLUMNS}"""
+_MOVES_COLUMNS = "record_id VARCHAR, person_id VARCHAR, seq BIGINT"
+RECORDS_VIEW_SQL = """
+CREATE OR REPLACE VIEW id_records AS
+SELECT b.* REPLACE (coalesce(m.person_id, b.person_id) AS person_id)
+FROM id_records_base b LEFT JOIN (
+    SELECT record_id, arg_max(person_id, seq) AS person_id FROM id_record_moves GROUP BY record_id
+) m USING (record_id)
+"""
 SCHEMA_SQL = f"""
-CREATE TABLE IF NOT EXISTS id_records (
-    record_id VARCHAR NOT NULL, person_id VARCHAR NOT NULL, first_ts TIMESTAMPTZ,
-    first_event VARCHAR, {_FIELD_COLUMNS}
-);
+CREATE TABLE IF NOT EXISTS id_records_base ({_BASE_COLUMNS});
+CREATE TABLE IF NOT EXISTS id_record_moves ({_MOVES_COLUMNS});
+CREATE SEQUENCE IF NOT EXISTS id_record_move_seq;
 CREATE TABLE IF NOT EXISTS id_persons (
-    person_id VARCHAR PRIMARY KEY, first_ts TIMESTAMPTZ, first_event VARCHAR, founder VARCHAR
+    person_id VARCHAR NOT NULL, first_ts TIMESTAMPTZ, first_event VARCHAR, founder VARCHAR
 );
 CREATE TABLE IF NOT EXISTS id_edges (
     record_l VARCHAR, record_r VARCHAR, rule VARCHAR, match_weight DOUBLE,
     match_probability DOUBLE, evidence JSON, status VARCHAR, ts TIMESTAMPTZ
 );
-ALTER TABLE id_records ADD COLUMN IF NOT EXISTS device_id VARCHAR;
-ALTER TABLE id_records ADD COLUMN IF NOT EXISTS advertising_id VARCHAR;
+ALTER TABLE id_records_base ADD COLUMN IF NOT EXISTS device_id VARCHAR;
+ALTER TABLE id_records_base ADD COLUMN IF NOT EXISTS advertising_id VARCHAR;
 CREATE TABLE IF NOT EXISTS id_settings (name VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS id_cannot_link (
     record_l VARCHAR, record_r VARCHAR, reason VARCHAR, ts TIMESTAMPTZ,
@@ -83,6 +101,23 @@ CREATE TABLE IF NOT EXISTS id_cannot_link (
 """
 _RECORD_SCHEMA = pa.schema([("record_id", pa.string()), *((f, pa.string()) for f in RECORD_FIELDS)])
 _AT = {name: at for at, name in enumerate(RECORD_FIELDS)}
+
+
+def _create_schema(conn: duckdb.DuckDBPyConnection) -> None:
+    """Create the identity store's tables and the `id_records` view, moving a store that
+    kept `id_records` as a table (with each record's current person in it) to the base."""
+    kinds = dict(
+        conn.execute(
+            """SELECT table_name, table_type FROM information_schema.tables
+               WHERE table_catalog = current_database() AND table_schema = current_schema()
+                 AND table_name IN ('id_records', 'id_records_base')"""
+        ).fetchall()
+    )
+    if kinds.get("id_records") == "BASE TABLE" and "id_records_base" not in kinds:
+        conn.execute("ALTER TABLE id_records RENAME TO id_records_base")
+    conn.execute(SCHEMA_SQL)
+    if kinds.get("id_records") != "VIEW":
+        conn.execute(RECORDS_VIEW_SQL)
 
 
 def person_id_for(event_key: str) -> str:
@@ -134,9 +169,10 @@ class IdentityResolver:
         self.conn = conn
         self.model = model
         self.limits = dict(DEFAULT_LIMITS if limits is None else limits)
-        conn.execute(SCHEMA_SQL)
+        _create_schema(conn)
         self._index: CandidateIndex | None = None
         self._threshold_checked = False
+        self._moves: int | None = None  # rows in id_record_moves (None: not counted yet)
         # This batch's scored pairs above the threshold, with their per-comparison evidence.
         self._scored: dict[tuple[str, str], dict[str, Any]] = {}
         self._score_view = False
@@ -166,6 +202,7 @@ class IdentityResolver:
         """Drop in-memory state (after a rolled-back batch): the next batch rebuilds it."""
         self._index = None
         self._threshold_checked = False
+        self._moves = None
         self._score_view = False  # a rolled-back batch may have created it
 
     def apply_threshold(self, key: str, ts: datetime) -> Resolution | None:
@@ -309,7 +346,7 @@ class IdentityResolver:
                 f"""SELECT least(l.record_id, r.record_id), greatest(l.record_id, r.record_id)
                     FROM _new l JOIN {side} r ON ({condition}) AND l.record_id <> r.record_id"""
                 for condition in model.other_conditions
-                for side in ("id_records", "_new")
+                for side in ("id_records_base", "_new")
             )
             return set(self.conn.execute(blocked).fetchall())
         finally:
@@ -553,8 +590,8 @@ class IdentityResolver:
         fields = [new[r][2] for r in order]
         for name in RECORD_FIELDS:
             rows[name] = [f.get(name) for f in fields]
-        self._insert("id_records", rows)
-        self._add_persons(created)
+        self._insert("id_records_base", rows)
+        self._add_persons(created, self.index.born)
         self._repoint(moved)
         # Every Splink link above the threshold is kept; rule links only where they joined
         # (the rule itself finds the others again when a component is re-clustered).
@@ -586,22 +623,44 @@ class IdentityResolver:
                 },
             )
 
-    def _add_persons(self, created: list[tuple[str, datetime, str, str]]) -> None:
-        """Remember new persons: (person_id, first_ts, first_event, founding record)."""
-        if created:
-            self._insert(
-                "id_persons",
+    def _add_persons(
+        self,
+        created: list[tuple[str, datetime, str, str]],
+        known: dict[str, Any] | None = None,
+    ) -> None:
+        """Remember new persons: (person_id, first_ts, first_event, founding record). A
+        person already stored keeps its row; `known` (the index's persons, when the caller
+        has them) says which are, otherwise the store does."""
+        rows = {}
+        for person in created:
+            if person[0] not in rows and (known is None or person[0] not in known):
+                rows[person[0]] = person
+        if not rows:
+            return
+        self.conn.register(
+            "_identity_rows",
+            _table(
                 {
-                    "person_id": [c[0] for c in created],
-                    "first_ts": [c[1] for c in created],
-                    "first_event": [c[2] for c in created],
-                    "founder": [c[3] for c in created],
-                },
-                verb="INSERT OR IGNORE",
+                    "person_id": list(rows),
+                    "first_ts": [c[1] for c in rows.values()],
+                    "first_event": [c[2] for c in rows.values()],
+                    "founder": [c[3] for c in rows.values()],
+                }
+            ),
+        )
+        try:
+            where = (
+                ""
+                if known is not None
+                else " WHERE person_id NOT IN (SELECT person_id FROM id_persons)"
             )
+            self.conn.execute(f"INSERT INTO id_persons BY NAME SELECT * FROM _identity_rows{where}")
+        finally:
+            self.conn.unregister("_identity_rows")
 
     def _repoint(self, target: dict[str, str]) -> None:
-        """Give records (the keys of `target`) a new person (its values)."""
+        """Give records (the keys of `target`) a new person (its values): appended moves,
+        folded into a fresh base table once there are FOLD_MOVES of them."""
         if not target:
             return
         self.conn.register(
@@ -609,11 +668,30 @@ class IdentityResolver:
         )
         try:
             self.conn.execute(
-                """UPDATE id_records SET person_id = m.target FROM _repoint m
-                   WHERE id_records.record_id = m.source"""
+                """INSERT INTO id_record_moves
+                   SELECT source, target, nextval('id_record_move_seq') FROM _repoint"""
             )
         finally:
             self.conn.unregister("_repoint")
+        if self._moves is None:
+            ((self._moves,),) = self.conn.execute("SELECT count(*) FROM id_record_moves").fetchall()
+        else:
+            self._moves += len(target)
+        if self._moves >= FOLD_MOVES:
+            self.fold_moves()
+
+    def fold_moves(self) -> None:
+        """Write every record's current person into a fresh copy of the base table (in
+        arrival order) and empty the moves: readers of `id_records` see no change."""
+        self.conn.execute(
+            """CREATE OR REPLACE TABLE id_records_folded AS
+               SELECT * FROM id_records ORDER BY first_ts, record_id"""
+        )
+        self.conn.execute("DROP TABLE id_records_base")
+        self.conn.execute("ALTER TABLE id_records_folded RENAME TO id_records_base")
+        # A fresh table rather than a DELETE: nothing of the old rows stays behind.
+        self.conn.execute(f"CREATE OR REPLACE TABLE id_record_moves ({_MOVES_COLUMNS})")
+        self._moves = 0
 
     def _insert(self, table: str, columns: dict[str, Any], verb: str = "INSERT") -> None:
         self.conn.register("_identity_rows", _table(columns))
@@ -671,7 +749,8 @@ class IdentityResolver:
         self.conn.register("_erased", pa.table({"record_id": list(persons)}))
         try:
             for table, columns in (
-                ("id_records", ("record_id",)),
+                ("id_records_base", ("record_id",)),
+                ("id_record_moves", ("record_id",)),
                 ("id_edges", ("record_l", "record_r")),
                 ("id_cannot_link", ("record_l", "record_r")),
             ):

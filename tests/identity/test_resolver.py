@@ -382,3 +382,64 @@ def test_arrow_batches_for_the_store_have_the_types_pyarrow_infers():
     built = _table(columns)
     assert built.equals(pa.table(columns))
     assert built.schema == pa.table(columns).schema
+
+
+def test_moved_records_read_through_id_records_before_and_after_folding(model, monkeypatch):
+    """Merges append moves instead of updating the stored records; `id_records` shows each
+    record's current person either way, and folding the moves into the base changes nothing
+    a reader sees."""
+    import identity.resolver as resolver_module
+
+    monkeypatch.setattr(resolver_module, "FOLD_MOVES", 10**9)
+    r = Resolver(model)
+    rows = [normalise_record(raw) for raw in identity_records(150, seed=5)]
+    for start in range(0, 300, 60):
+        r.feed(*rows[start : start + 60])
+    ((moves,),) = r.conn.execute("SELECT count(*) FROM id_record_moves").fetchall()
+    assert moves > 0  # some persons merged and their records moved
+    kept = r.identity.index.person_of
+    assert r.identity.clusters() == kept
+    stored = dict(r.conn.execute("SELECT record_id, person_id FROM id_records_base").fetchall())
+    assert stored != kept  # the base still holds the persons the records were stored with
+    r.identity.fold_moves()
+    assert r.conn.execute("SELECT count(*) FROM id_record_moves").fetchall() == [(0,)]
+    assert (
+        dict(r.conn.execute("SELECT record_id, person_id FROM id_records_base").fetchall()) == kept
+    )
+    # A store that folds after every few moves decides exactly as one that never folds.
+    never = Resolver(model)
+    monkeypatch.setattr(resolver_module, "FOLD_MOVES", 3)
+    folding = Resolver(model)
+    for start in range(0, len(rows), 60):
+        for resolver in (never, folding):
+            resolver.feed(*rows[start : start + 60])
+    ((left,),) = folding.conn.execute("SELECT count(*) FROM id_record_moves").fetchall()
+    assert left < 3
+    assert folding.identity.clusters() == never.identity.clusters()
+    assert len(set(never.identity.clusters().values())) < len(rows)
+
+
+def test_a_store_that_kept_id_records_as_a_table_opens_with_its_persons():
+    """Stores written before moves were appended keep every record's person."""
+    import duckdb
+
+    from identity.resolver import _BASE_COLUMNS
+
+    conn = duckdb.connect()
+    r = Resolver()
+    r.feed(rec(email="x@y.com"), key="older")
+    r.feed(rec(user_id="u-1"), key="newer")
+    r.feed(rec(user_id="u-1", email="x@y.com"))
+    before = r.identity.clusters()
+    rows = r.conn.execute("SELECT * FROM id_records").fetchall()
+    conn.execute(f"CREATE TABLE id_records ({_BASE_COLUMNS}, PRIMARY KEY (record_id))")
+    conn.executemany(f"INSERT INTO id_records VALUES ({', '.join('?' * len(rows[0]))})", rows)
+    reopened = IdentityResolver(conn)
+    assert reopened.clusters() == before
+    assert set(before.values()) == {person_id_for("older")}
+    kinds = dict(
+        conn.execute(
+            "SELECT table_name, table_type FROM information_schema.tables WHERE table_name LIKE 'id_records%'"
+        ).fetchall()
+    )
+    assert kinds == {"id_records": "VIEW", "id_records_base": "BASE TABLE"}
