@@ -108,8 +108,9 @@ WITH horizons AS (  -- windows keep the days after the view's last event less th
                FILTER (WHERE list_contains($values, s.trait)) AS value
     FROM trait_state s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     LEFT JOIN horizons h ON h.person_id = a.person_id AND h.scope = a.scope
-    WHERE NOT list_contains($windowed, s.trait)
-       OR split_part(s.bucket, '|', 1) > coalesce(h.horizon, '')
+    WHERE s.trait <> '{SEEN}'  -- no computed trait reads the groups' own rows
+      AND (NOT list_contains($windowed, s.trait)
+           OR split_part(s.bucket, '|', 1) > coalesce(h.horizon, ''))
     GROUP BY a.person_id, a.scope, s.trait, s.bucket  -- `day` follows from these
 ), days AS (
     SELECT person_id, scope, trait, day,
@@ -508,10 +509,12 @@ class ProfileBuilder:
         views: dict[tuple[str, str], dict[str, Any]] = {}
         rolled: dict[tuple[str, str], tuple[dict, dict, dict]] = {}
         for (person, view), of in sorted(shared.items()):
-            if person not in profiles or (person, of) not in totals:
+            # Every shared view has allowed groups (`_ag_shared`), even if none of their
+            # rows feeds a computed trait.
+            if person not in profiles:
                 continue
             if (person, of) not in rolled:
-                computed, windows = rollup(self.traits, totals[(person, of)])
+                computed, windows = rollup(self.traits, totals.get((person, of), {}))
                 rolled[(person, of)] = (
                     self._stated(stated.get((person, of), {})),
                     computed,
