@@ -109,6 +109,7 @@ WITH horizons AS (  -- windows keep the days after the view's last event less th
     FROM trait_state s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     LEFT JOIN horizons h ON h.person_id = a.person_id AND h.scope = a.scope
     WHERE s.trait <> '{SEEN}'  -- no computed trait reads the groups' own rows
+      AND NOT list_contains($twins, s.trait)  -- read through the trait they twin
       AND (NOT list_contains($windowed, s.trait)
            OR split_part(s.bucket, '|', 1) > coalesce(h.horizon, ''))
     GROUP BY a.person_id, a.scope, s.trait, s.bucket  -- `day` follows from these
