@@ -108,9 +108,11 @@ WITH horizons AS (  -- windows keep the days after the view's last event less th
                FILTER (WHERE list_contains($values, s.trait)) AS value
     FROM trait_state s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     LEFT JOIN horizons h ON h.person_id = a.person_id AND h.scope = a.scope
-    WHERE NOT list_contains($windowed, s.trait)
-       OR split_part(s.bucket, '|', 1) > coalesce(h.horizon, '')
-    GROUP BY ALL
+    WHERE s.trait <> '{SEEN}'  -- no computed trait reads the groups' own rows
+      AND NOT list_contains($twins, s.trait)  -- read through the trait they twin
+      AND (NOT list_contains($windowed, s.trait)
+           OR split_part(s.bucket, '|', 1) > coalesce(h.horizon, ''))
+    GROUP BY a.person_id, a.scope, s.trait, s.bucket  -- `day` follows from these
 ), days AS (
     SELECT person_id, scope, trait, day,
            sum(CASE WHEN list_contains($day_sums, trait) THEN n ELSE 1 END)::BIGINT AS n
@@ -432,12 +434,20 @@ class ProfileBuilder:
             )
             # Views of a person that allow the same groups add up the same rows (consent
             # mostly agrees across purposes): each set is rolled up once, for its first scope.
+            # A view's groups as one sorted list of joined strings (the unit separator is in
+            # no identifier, purpose or jurisdiction): grouping on it, then joining back,
+            # costs less than sorting structs and partitioning a window by them.
             q(
                 """CREATE OR REPLACE TEMP TABLE _shared_views AS
-                SELECT person_id, scope, min(scope) OVER (PARTITION BY person_id, groups) AS shared
-                FROM (SELECT person_id, scope,
-                             list_sort(list((record_id, purpose, jurisdiction))) AS groups
-                      FROM _ag GROUP BY ALL)"""
+                WITH views AS (
+                    SELECT person_id, scope,
+                           list_sort(list(concat_ws(chr(31), record_id, purpose, jurisdiction)))
+                               AS groups
+                    FROM _ag GROUP BY ALL
+                )
+                SELECT v.person_id, v.scope, s.shared FROM views v
+                JOIN (SELECT person_id, groups, min(scope) AS shared FROM views GROUP BY ALL) s
+                USING (person_id, groups)"""
             )
             q(
                 """CREATE OR REPLACE TEMP TABLE _ag_shared AS
@@ -451,13 +461,16 @@ class ProfileBuilder:
     def _stated(
         self, by_name: dict[str, list[tuple[datetime, str, Any]]]
     ) -> dict[str, dict[str, Any]]:
-        """A view's identify traits from their allowed (ts, event key, value), by strategy."""
+        """A view's identify traits from their allowed (UTC ts, event key, value), by strategy.
+
+        The times come naive (UTC wall time): DuckDB turns a TIMESTAMPTZ into an aware
+        datetime through pytz, which cost more than the query that read them."""
         traits = {}
         for name, values in by_name.items():
             ts, event_key, _ = max(values, key=lambda v: (v[0], v[1]))
             traits[name] = {
                 "value": merge_identify_trait(self.traits.strategy(name), values),
-                "ts": ts.isoformat(),
+                "ts": ts.isoformat() + "+00:00",
                 "event_key": event_key,
             }
         return traits
@@ -484,7 +497,7 @@ class ProfileBuilder:
             totals.setdefault((person, view), {})[trait] = Totals(*row)
         stated: dict[tuple[str, str], dict[str, list[tuple[datetime, str, Any]]]] = {}
         for person, view, name, value, ts, event_key in q(
-            """SELECT a.person_id, a.scope, t.name, t.value, t.ts, t.event_key
+            """SELECT a.person_id, a.scope, t.name, t.value, timezone('UTC', t.ts), t.event_key
                FROM trait_facts t JOIN facts f USING (event_key)
                JOIN _ag_shared a ON a.record_id = f.record_id
                                 AND a.purpose = coalesce(f.purpose, '')
@@ -497,10 +510,12 @@ class ProfileBuilder:
         views: dict[tuple[str, str], dict[str, Any]] = {}
         rolled: dict[tuple[str, str], tuple[dict, dict, dict]] = {}
         for (person, view), of in sorted(shared.items()):
-            if person not in profiles or (person, of) not in totals:
+            # Every shared view has allowed groups (`_ag_shared`), even if none of their
+            # rows feeds a computed trait.
+            if person not in profiles:
                 continue
             if (person, of) not in rolled:
-                computed, windows = rollup(self.traits, totals[(person, of)])
+                computed, windows = rollup(self.traits, totals.get((person, of), {}))
                 rolled[(person, of)] = (
                     self._stated(stated.get((person, of), {})),
                     computed,

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -94,6 +94,20 @@ class TraitCatalog:
     @property
     def max_window(self) -> int:
         return max((s.window_days or 0 for s in self.computed), default=0)
+
+    @cached_property
+    def window_twins(self) -> dict[str, str]:
+        """Windowed traits that differ from another only in their window, each mapped to
+        the first of its kind: they add to the same daily buckets, and a roll-up keeps the
+        same days for every window (after the longest), so one's days serve both."""
+        firsts: dict[tuple[str, frozenset[str], tuple[str, ...]], str] = {}
+        twins = {}
+        for spec in sorted(self.computed, key=lambda s: s.name):
+            if spec.window_days:
+                first = firsts.setdefault((spec.op, spec.kinds, spec.fields), spec.name)
+                if first != spec.name:
+                    twins[spec.name] = first
+        return twins
 
     def specs_for(self, kind: str) -> tuple[TraitSpec, ...]:
         """The computed traits an event of `kind` may add to, worked out once per kind."""
@@ -359,6 +373,7 @@ def rolled_columns(catalog: TraitCatalog) -> dict[str, Any]:
         "values": named("latest"),
         "keyed": named("sum", "mean", "top", "open_count"),
         "windowed": sorted(spec.name for spec in catalog.computed if spec.window_days),
+        "twins": sorted(catalog.window_twins),
         "day_sums": sorted(
             spec.name for spec in catalog.computed if spec.window_days and spec.op == "count"
         ),
@@ -381,8 +396,9 @@ def rollup(
     """
     computed: dict[str, Any] = {}
     windows: dict[str, dict[str, int]] = {}
+    twins = catalog.window_twins
     for spec in catalog.computed:
-        row = totals.get(spec.name)
+        row = totals.get(twins.get(spec.name, spec.name))
         if spec.op == "days_since":
             continue
         keys = (row.keys or []) if row else []

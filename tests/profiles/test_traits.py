@@ -127,6 +127,25 @@ identify_traits: {default: newest}
         assert expected in message
 
 
+def test_windowed_traits_that_differ_only_in_their_window_are_twins(tmp_path):
+    path = tmp_path / "traits.yaml"
+    path.write_text(
+        """
+computed:
+  views_30d: {op: count, kinds: [page], window_days: 30}
+  views_7d: {op: count, kinds: [page], window_days: 7}
+  orders_7d: {op: count, kinds: [order_completed], window_days: 7}
+  sessions_7d: {op: distinct_count, kinds: [page], field: session, window_days: 7}
+  sessions_1d: {op: distinct_count, kinds: [page], field: session, window_days: 1}
+  carts_7d: {op: distinct_count, kinds: [page], field: cart_id, window_days: 7}
+  views: {op: count, kinds: [page]}
+"""
+    )
+    catalog = load_traits(path, known_kinds={"page", "order_completed"})
+    # The first by name of each set stands for the others; other kinds or fields do not.
+    assert catalog.window_twins == {"views_7d": "views_30d", "sessions_7d": "sessions_1d"}
+
+
 def test_merge_strategies_for_identify_traits():
     t = [START + timedelta(minutes=m) for m in range(3)]
     values = [(t[1], "b", 5), (t[0], "a", 9), (t[2], "c", 2)]
