@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -92,6 +94,30 @@ def test_the_window_follows_the_clock_and_the_config():
     assert codes(relaxed, late) == [[]]
     later = QualityStage(clock=lambda: NOW + timedelta(days=4 * 365))
     assert codes(later, order("m")) == [["timestamp_too_old"]]
+
+
+def test_a_check_leaves_no_reference_cycle_holding_its_rows(stage):
+    # The window is written into the suite as plain values: GX's `$PARAMETER` parser left
+    # caught exceptions in cycles whose tracebacks held the checking frames and their rows.
+    rows = rows_of(
+        order("m-1"), refund("m-2"), {**order("m-3"), "timestamp": "1999-01-01T00:00:00Z"}
+    )
+    row = weakref.ref(rows[0])
+    stage.check(rows_of(order("m-0")), duckdb.connect())  # the first batch builds caches
+    gc.collect()
+    gc.disable()
+    try:
+        verdict = stage.check(rows, duckdb.connect())
+        del rows
+        held = row() is not None  # freed by reference counting, or left for the collector
+    finally:
+        gc.enable()
+    assert not held
+    assert [[r.code.value for r in reasons] for reasons in verdict.reasons] == [
+        [],
+        [],
+        ["timestamp_too_old"],
+    ]
 
 
 def test_valid_phones_in_national_format_pass_with_the_events_country(stage):
