@@ -28,6 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache, lru_cache
@@ -172,6 +173,12 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+# The expectation configurations built during the current validation, by object id.
+_CONFIGURATIONS: ContextVar[dict[int, tuple[Any, tuple[int, ...], Any]] | None] = ContextVar(
+    "tessera_gx_configurations", default=None
+)
+
+
 @cache
 def _gx() -> tuple[Any, Any]:
     import great_expectations as gx
@@ -182,6 +189,21 @@ def _gx() -> tuple[Any, Any]:
     # regex substitutions on the class name each time: a pure function, so memoise it
     # (a tenth of the suites' cost per batch, measured).
     expectation.camel_to_snake = lru_cache(maxsize=256)(expectation.camel_to_snake)
+    build = expectation.Expectation.configuration.fget
+
+    def configuration(self: Any) -> Any:
+        # Each rebuild serialises the pydantic model (a quarter of a validation's cost):
+        # inside QualitySuites.validate, one per expectation object and field values.
+        memo = _CONFIGURATIONS.get()
+        if memo is None:
+            return build(self)
+        fields = tuple(map(id, self.__dict__.values()))
+        kept = memo.get(id(self))
+        if kept is None or kept[1] != fields:
+            kept = memo[id(self)] = (self, fields, build(self))  # self pins the id
+        return kept[2]
+
+    expectation.Expectation.configuration = property(configuration)
     return gx, gxe
 
 
@@ -370,7 +392,11 @@ class QualitySuites:
         )
         with self._lock:
             self.window.min_value, self.window.max_value = window
-            return validator.validate_expectation_suite(self.suite)
+            token = _CONFIGURATIONS.set({})
+            try:
+                return validator.validate_expectation_suite(self.suite)
+            finally:
+                _CONFIGURATIONS.reset(token)
 
 
 @cache
