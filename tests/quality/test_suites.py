@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import weakref
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -252,3 +254,37 @@ def test_thresholds_come_from_the_environment():
     )
     assert (config.max_clock_skew, config.horizon) == (timedelta(seconds=60), timedelta(days=30))
     assert QualityConfig.from_env({}) == QualityConfig()
+
+
+def test_plain_json_ids_convert_as_great_expectations_does(stage):
+    from great_expectations import util
+    from great_expectations.core import id_dict
+
+    from quality.suites import _plain_json
+
+    plain = _plain_json(util.convert_to_json_serializable, id_dict.IDDict)
+    values = [
+        None,
+        "ts",
+        3,
+        True,
+        2.5,
+        float("nan"),
+        {"column": "ts", 1: None, "nested": {"mostly": 0.8, "set": [True, None]}},
+        id_dict.IDDict({"batch_id": "b", "row_condition": None}),
+        ("row", 1.0),
+        {1, 2},
+        datetime(2026, 1, 1, tzinfo=UTC),
+        ReasonCode.INVALID_EMAIL,
+    ]
+    for value in values:
+        assert plain(value) == util.convert_to_json_serializable(value), value
+    # The id GX derives from a metric's kwargs is the same with the fast path installed.
+    kwargs = id_dict.IDDict({"column": "ts", "min_value": 1.5, "condition_parser": None})
+    assert id_dict.convert_to_json_serializable is not util.convert_to_json_serializable
+    assert (
+        kwargs.to_id()
+        == hashlib.md5(
+            json.dumps(util.convert_to_json_serializable(dict(kwargs)), sort_keys=True).encode()
+        ).hexdigest()
+    )
