@@ -16,7 +16,14 @@ from pathlib import Path
 
 import duckdb
 
-from quality.suites import QualityConfig, QualityRow, QualityStage, _suite_checks, flatten
+from quality.suites import (
+    QualityConfig,
+    QualityRow,
+    QualityStage,
+    _suite_checks,
+    accepted_window,
+    flatten,
+)
 from schemas.contract import check_contract
 
 
@@ -59,17 +66,13 @@ def write_data_docs(
     columns = flatten(rows)
     stage._join_orders(columns, duckdb.connect())
     frame = pd.DataFrame(columns)
-    now = stage.clock()
-    parameters = {
-        "oldest_ts": (now - stage.config.horizon).timestamp(),
-        "newest_ts": (now + stage.config.max_clock_skew).timestamp(),
-    }
+    window = accepted_window(stage.config, stage.clock())
     results: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="tessera-gx-") as scratch:
         context = gx.get_context(mode="file", project_root_dir=scratch)
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         asset = context.data_sources.add_pandas("tessera_events").add_dataframe_asset("events")
-        for name, checks in _suite_checks(stage.config).items():
+        for name, checks in _suite_checks(stage.config, window).items():
             part = frame if name == "envelope" else frame[frame["source"] == name]
             if part.empty:
                 continue
@@ -89,9 +92,7 @@ def write_data_docs(
                     result_format={"result_format": "SUMMARY"},
                 )
             )
-            run = checkpoint.run(
-                batch_parameters={"dataframe": part}, expectation_parameters=parameters
-            )
+            run = checkpoint.run(batch_parameters={"dataframe": part})
             results[name] = bool(run.success)
         site = Path(scratch) / "gx" / "uncommitted" / "data_docs" / "local_site"
         if out.exists():

@@ -22,11 +22,14 @@ runs on an ephemeral context that writes no files and needs no network.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache, lru_cache
@@ -171,26 +174,82 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+# The expectation configurations built during the current validation, by object id.
+_CONFIGURATIONS: ContextVar[dict[int, tuple[Any, tuple[int, ...], Any]] | None] = ContextVar(
+    "tessera_gx_configurations", default=None
+)
+
+
 @cache
 def _gx() -> tuple[Any, Any]:
     import great_expectations as gx
     import great_expectations.expectations as gxe
+    from great_expectations.core import id_dict
     from great_expectations.expectations import expectation
 
     # GX rebuilds each expectation's configuration ~140 times per validation, running two
     # regex substitutions on the class name each time: a pure function, so memoise it
     # (a tenth of the suites' cost per batch, measured).
     expectation.camel_to_snake = lru_cache(maxsize=256)(expectation.camel_to_snake)
+    build = expectation.Expectation.configuration.fget
+
+    def configuration(self: Any) -> Any:
+        # Each rebuild serialises the pydantic model (a quarter of a validation's cost):
+        # inside QualitySuites.validate, one per expectation object and field values.
+        memo = _CONFIGURATIONS.get()
+        if memo is None:
+            return build(self)
+        fields = tuple(map(id, self.__dict__.values()))
+        kept = memo.get(id(self))
+        if kept is None or kept[1] != fields:
+            kept = memo[id(self)] = (self, fields, build(self))  # self pins the id
+        return kept[2]
+
+    expectation.Expectation.configuration = property(configuration)
+    id_dict.convert_to_json_serializable = _plain_json(
+        id_dict.convert_to_json_serializable, id_dict.IDDict
+    )
     return gx, gxe
 
 
-def _suite_checks(config: QualityConfig) -> dict[str, list[_Check]]:
-    """The expectations of every suite, in the order their reasons are reported."""
+def _plain_json(convert: Callable[[Any], Any], id_dict: type) -> Callable[[Any], Any]:
+    """`convert` with plain JSON values answered first, as `convert` answers them.
+
+    GX turns every metric's kwargs into JSON for its id (~1,400 per validation); `None`,
+    the commonest value, reached `convert`'s last test after ~40 numpy and pandas ones.
+    """
+
+    def plain(data: Any) -> Any:
+        kind = type(data)
+        if data is None or kind is str or kind is int or kind is bool:
+            return data
+        if kind is float:
+            return None if math.isnan(data) else data
+        if kind is dict or kind is id_dict:
+            return {str(key): plain(value) for key, value in data.items()}
+        if kind is list or kind is tuple:
+            return [plain(value) for value in data]
+        return convert(data)
+
+    return plain
+
+
+def accepted_window(config: QualityConfig, now: datetime) -> tuple[float, float]:
+    """The oldest and newest event time (epoch seconds) accepted when the clock reads `now`."""
+    return (now - config.horizon).timestamp(), (now + config.max_clock_skew).timestamp()
+
+
+def _suite_checks(config: QualityConfig, window: tuple[float, float]) -> dict[str, list[_Check]]:
+    """The expectations of every suite, in the order their reasons are reported.
+
+    `window` is the accepted event-time range, written into the clock expectation as plain
+    values: a `$PARAMETER` would be parsed by GX with pyparsing on every validation, whose
+    caught exceptions leave reference cycles holding the batch's frames for the collector.
+    """
     _, gxe = _gx()
+    oldest, newest = window
     between_clock = gxe.ExpectColumnValuesToBeBetween(
-        column="ts",
-        min_value={"$PARAMETER": "oldest_ts"},
-        max_value={"$PARAMETER": "newest_ts"},
+        column="ts", min_value=oldest, max_value=newest
     )
     return {
         # Every source: the envelope and the contact fields any event may carry.
@@ -306,7 +365,8 @@ class QualitySuites:
         self.batch_definition = source.add_dataframe_asset(
             "events"
         ).add_batch_definition_whole_dataframe("batch")
-        self.checks = _suite_checks(config)
+        # The window moves with the clock: validate() writes each batch's into the suite.
+        self.checks = _suite_checks(config, (0.0, 0.0))
         # The per-source suites run as one validation per micro-batch: every source-specific
         # column is null outside its source, and GX costs ~10 ms per validation and ~12 ms
         # per expectation whatever the rows, so one metric graph beats four.
@@ -317,6 +377,13 @@ class QualitySuites:
         for _, check in self.owners:
             combined.add_expectation(check.expectation)
         self.suite = self.context.suites.add(combined)
+        # The store hands back its own copy of the suite: its clock expectation is this one.
+        self.window = next(
+            expectation
+            for expectation, (_, check) in zip(self.suite.expectations, self.owners, strict=True)
+            if check.column == "ts"
+        )
+        self._lock = threading.Lock()  # one window in the shared suite at a time
         # The frame holds the columns the expectations read and the row number, no more:
         # GX copies every column of it each time it drops an expectation's null rows.
         kwargs = [check.expectation.configuration.kwargs for _, check in self.owners]
@@ -336,8 +403,11 @@ class QualitySuites:
             }
         )
 
-    def validate(self, frame: Any, parameters: dict[str, Any]) -> Any:
-        """Run every suite over `frame` (a pandas DataFrame of flatten()'s columns)."""
+    def validate(self, frame: Any, window: tuple[float, float]) -> Any:
+        """Run every suite over `frame` (a pandas DataFrame of flatten()'s columns).
+
+        `window` is the (oldest, newest) event time accepted, in epoch seconds.
+        """
         from great_expectations.validator.v1_validator import Validator
 
         # What `Batch.validate` runs, on the batch definition itself: `get_batch` would first
@@ -347,7 +417,13 @@ class QualitySuites:
             batch_parameters={"dataframe": frame},
             result_format=RESULT_FORMAT,
         )
-        return validator.validate_expectation_suite(self.suite, parameters)
+        with self._lock:
+            self.window.min_value, self.window.max_value = window
+            token = _CONFIGURATIONS.set({})
+            try:
+                return validator.validate_expectation_suite(self.suite)
+            finally:
+                _CONFIGURATIONS.reset(token)
 
 
 @cache
@@ -451,13 +527,10 @@ class QualityStage:
         columns = flatten(rows)
         self._join_orders(columns, state)
         frame = self.suites.frame(columns)
-        newest = (now + self.config.max_clock_skew).timestamp()
-        parameters = {
-            "oldest_ts": (now - self.config.horizon).timestamp(),
-            "newest_ts": newest,
-        }
+        window = accepted_window(self.config, now)
+        newest = window[1]
         verdict.rows_by_source.update(columns["source"])
-        result = self.suites.validate(frame, parameters)
+        result = self.suites.validate(frame, window)
         for (name, check), outcome in zip(self.suites.owners, result.results, strict=True):
             # Results come back in suite order; a mismatch would pin reasons on wrong rows.
             assert outcome.expectation_config.type == check.expectation.expectation_type

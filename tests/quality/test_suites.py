@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import json
+import weakref
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -92,6 +96,30 @@ def test_the_window_follows_the_clock_and_the_config():
     assert codes(relaxed, late) == [[]]
     later = QualityStage(clock=lambda: NOW + timedelta(days=4 * 365))
     assert codes(later, order("m")) == [["timestamp_too_old"]]
+
+
+def test_a_check_leaves_no_reference_cycle_holding_its_rows(stage):
+    # The window is written into the suite as plain values: GX's `$PARAMETER` parser left
+    # caught exceptions in cycles whose tracebacks held the checking frames and their rows.
+    rows = rows_of(
+        order("m-1"), refund("m-2"), {**order("m-3"), "timestamp": "1999-01-01T00:00:00Z"}
+    )
+    row = weakref.ref(rows[0])
+    stage.check(rows_of(order("m-0")), duckdb.connect())  # the first batch builds caches
+    gc.collect()
+    gc.disable()
+    try:
+        verdict = stage.check(rows, duckdb.connect())
+        del rows
+        held = row() is not None  # freed by reference counting, or left for the collector
+    finally:
+        gc.enable()
+    assert not held
+    assert [[r.code.value for r in reasons] for reasons in verdict.reasons] == [
+        [],
+        [],
+        ["timestamp_too_old"],
+    ]
 
 
 def test_valid_phones_in_national_format_pass_with_the_events_country(stage):
@@ -226,3 +254,37 @@ def test_thresholds_come_from_the_environment():
     )
     assert (config.max_clock_skew, config.horizon) == (timedelta(seconds=60), timedelta(days=30))
     assert QualityConfig.from_env({}) == QualityConfig()
+
+
+def test_plain_json_ids_convert_as_great_expectations_does(stage):
+    from great_expectations import util
+    from great_expectations.core import id_dict
+
+    from quality.suites import _plain_json
+
+    plain = _plain_json(util.convert_to_json_serializable, id_dict.IDDict)
+    values = [
+        None,
+        "ts",
+        3,
+        True,
+        2.5,
+        float("nan"),
+        {"column": "ts", 1: None, "nested": {"mostly": 0.8, "set": [True, None]}},
+        id_dict.IDDict({"batch_id": "b", "row_condition": None}),
+        ("row", 1.0),
+        {1, 2},
+        datetime(2026, 1, 1, tzinfo=UTC),
+        ReasonCode.INVALID_EMAIL,
+    ]
+    for value in values:
+        assert plain(value) == util.convert_to_json_serializable(value), value
+    # The id GX derives from a metric's kwargs is the same with the fast path installed.
+    kwargs = id_dict.IDDict({"column": "ts", "min_value": 1.5, "condition_parser": None})
+    assert id_dict.convert_to_json_serializable is not util.convert_to_json_serializable
+    assert (
+        kwargs.to_id()
+        == hashlib.md5(
+            json.dumps(util.convert_to_json_serializable(dict(kwargs)), sort_keys=True).encode()
+        ).hexdigest()
+    )
