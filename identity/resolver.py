@@ -83,7 +83,6 @@ FROM id_records_base b LEFT JOIN (
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS id_records_base ({_BASE_COLUMNS});
 CREATE TABLE IF NOT EXISTS id_record_moves ({_MOVES_COLUMNS});
-CREATE SEQUENCE IF NOT EXISTS id_record_move_seq;
 CREATE TABLE IF NOT EXISTS id_persons (
     person_id VARCHAR NOT NULL, first_ts TIMESTAMPTZ, first_event VARCHAR, founder VARCHAR
 );
@@ -667,9 +666,13 @@ class IdentityResolver:
             "_repoint", _table({"source": list(target), "target": list(target.values())})
         )
         try:
+            # Numbered after the last move, in record order: the same store whatever order
+            # the batch found its moves in.
             self.conn.execute(
                 """INSERT INTO id_record_moves
-                   SELECT source, target, nextval('id_record_move_seq') FROM _repoint"""
+                   SELECT source, target, row_number() OVER (ORDER BY source)
+                          + (SELECT coalesce(max(seq), 0) FROM id_record_moves)
+                   FROM _repoint"""
             )
         finally:
             self.conn.unregister("_repoint")

@@ -13,14 +13,13 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import duckdb
 import orjson
@@ -183,35 +182,6 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-_T = TypeVar("_T")
-
-
-def _on_own_thread(func: Callable[..., _T], *args: Any) -> _T:
-    """`func(*args)` run on a thread of its own; its result returned, its exception raised.
-
-    Why: Great Expectations' suite-parameter parser (pyparsing) leaves reference cycles
-    through the exceptions it catches, and a traceback holds its frames, each frame its
-    caller. Called on the batch's thread, that cycle held every frame below it with its
-    locals (the whole batch, ~200k objects per 10k events) until the next collection,
-    which then cost ~0.3 s per batch. On a thread of its own the frames end at the thread's.
-    """
-    outcome: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, func(*args)))
-        except BaseException as exc:  # re-raised on the calling thread
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, name="tessera-stage", daemon=True)
-    thread.start()
-    thread.join()
-    done, value = outcome.pop()
-    if not done:
-        raise value
-    return value
 
 
 def source_position(record: SourceRecord) -> tuple[str, int, int]:
@@ -591,8 +561,7 @@ class Pipeline:
             QualityRow(i.key, i.contract.kind, i.contract.event, i.contract.timestamp)  # type: ignore[arg-type]
             for i in checked
         ]
-        verdict = _on_own_thread(self.quality.check, rows, self.conn)
-        rows.clear()  # the suites' leftover cycles may still hold this list: not its rows
+        verdict = self.quality.check(rows, self.conn)
         for item, reasons in zip(checked, verdict.reasons, strict=True):
             item.contract.reasons.extend(reasons)
         return verdict
