@@ -194,7 +194,7 @@ class IdentityResolver:
             # frees it once dropped; collecting first freezes no garbage with it.
             gc.collect()
             gc.freeze()
-            _unfreeze_at_exit()
+            unfreeze_at_exit()
         return self._index
 
     def forget(self) -> None:
@@ -889,9 +889,11 @@ class IdentityResolver:
 
 
 @functools.cache
-def _unfreeze_at_exit() -> None:
+@functools.cache
+def unfreeze_at_exit() -> None:
     """Hand frozen objects back to the collector when the interpreter exits, so the
-    shutdown frees them as usual (extension types report frozen ones as leaked)."""
+    shutdown frees them as usual (extension types report frozen ones as leaked); registered
+    once, however often objects are frozen."""
     atexit.register(gc.unfreeze)
 
 

@@ -7,7 +7,6 @@ are stored in the same transaction as the rows they produced.
 
 from __future__ import annotations
 
-import atexit
 import gc
 import logging
 import threading
@@ -26,6 +25,7 @@ from consent.keys import SubjectKeyStore, is_sealed
 from consent.ledger import SCHEMA_SQL as LEDGER_SCHEMA_SQL
 from consent.ledger import LedgerEntry, store_entries
 from identity.normalise import Identifier, parse_identifier
+from identity.resolver import unfreeze_at_exit
 from pipelines import topics
 from profiles.reads import DocumentCache, IdentifierIndex
 from profiles.traits import TraitCatalog, at_read, load_traits
@@ -751,7 +751,7 @@ class ProfileStore:
         gc.collect()
         gc.freeze()
         self.frozen = True
-        _unfreeze_at_exit()
+        unfreeze_at_exit()
 
     def _load_identifiers(self) -> None:
         """Load the identifier index from a snapshot, writes since then recorded."""
@@ -966,15 +966,3 @@ class ProfileStore:
             "alerts_by_check": alert_counts,
             "recent_alerts": recent[:alerts],
         }
-
-
-def _unfreeze_at_exit() -> None:
-    """Hand frozen objects back to the collector at exit, so the shutdown frees them as
-    usual (DuckDB's binding reports frozen ones as leaked)."""
-    global _UNFREEZE_REGISTERED
-    if not _UNFREEZE_REGISTERED:
-        atexit.register(gc.unfreeze)
-        _UNFREEZE_REGISTERED = True
-
-
-_UNFREEZE_REGISTERED = False
