@@ -13,6 +13,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
 from consent.audit import EXPORT_FORMATS, Audit, parse_subject, write_export
+from profiles.json_body import StrictJSONRoute
 from profiles.responses import error_response as _error
 from profiles.responses import json_response as _json
 from profiles.store import ProfileStore
@@ -146,7 +147,7 @@ def audit_router(
 ) -> APIRouter:
     """Routes under /v1/audit. `authorize(secret, *roles)` returns the key or the 401/403;
     `purposes` are the views an attribute's provenance covers (default: the policy's)."""
-    router = APIRouter(prefix="/v1/audit", tags=["audit"])
+    router = APIRouter(prefix="/v1/audit", tags=["audit"], route_class=StrictJSONRoute)
     audit = Audit(store.conn, store, purposes)
 
     def denied(secret: str | None) -> Response | None:
