@@ -65,8 +65,9 @@ class TimelineRow(BaseModel):
     """One thing that happened to the subject. `detail` by category:
     consent: source, policy_version, jurisdiction, arrived_out_of_order, in_force,
     superseded_by; decision / erasure: basis, consent_ref, policy_version, jurisdiction,
-    fields_masked, attributes, person_id, hash; identity: link_id, person_id,
-    other_person_id, rule."""
+    fields_masked, attributes, person_id (the person the event belongs to now), hash, and,
+    when it was ingested as another person, ingested_as and moved_by (merge | split);
+    identity: link_id, person_id, other_person_id, rule."""
 
     category: Literal["consent", "decision", "identity", "erasure"]
     at: str | None = Field(None, description="event time (ISO 8601); rows are ordered by it")
