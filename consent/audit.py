@@ -64,13 +64,18 @@ EXPORT_SCHEMA = pa.schema(
 
 
 class SubjectDirectory(Protocol):
-    """Who holds an identifier, a person's profile document, and its identity history."""
+    """Who holds an identifier, a person's profile document, its identity history, and
+    which person each identity record belongs to now."""
 
     def person_holding(self, identifier: Identifier) -> str | None: ...
 
     def document(self, person_id: str) -> dict[str, Any] | None: ...
 
     def identity_history(self, person_ids: set[str]) -> list[dict[str, Any]]: ...
+
+    def records_held(self, person_ids: set[str]) -> set[str]: ...
+
+    def record_owners(self, record_ids: set[str]) -> dict[str, str]: ...
 
 
 class AuditUnavailable(RuntimeError):
@@ -177,11 +182,31 @@ def _admission(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _now_of(
+    admission: dict[str, Any], record: dict[str, Any], owners: dict[str, str], aliases: set[str]
+) -> dict[str, Any]:
+    """An admission under the person its event's identity record belongs to now: when that
+    is not the person it was ingested as, `ingested_as` names the latter and `moved_by`
+    says how it moved (merge: that person was merged into this one; split: it was not)."""
+    now = owners.get(record.get("record_id") or "")
+    ingested = admission.get("person_id")
+    if now and now != ingested:
+        admission["ingested_as"] = ingested
+        admission["moved_by"] = "merge" if ingested in aliases else "split"
+        admission["person_id"] = now
+    return admission
+
+
 def build_timeline(
-    records: list[dict[str, Any]], identity_events: list[dict[str, Any]]
+    records: list[dict[str, Any]],
+    identity_events: list[dict[str, Any]],
+    owners: dict[str, str] | None = None,
+    aliases: set[str] | None = None,
 ) -> dict[str, Any]:
     """A subject's timeline from their ledger records and identity events (pure).
 
+    `owners` (record id -> person now) and `aliases` (every person id that is now the
+    subject's person) put each decision under the person its event belongs to now.
     Out: `current_consent` per purpose, `counts`, and `timeline`: rows ordered by time
     (then ledger order), each with category consent | decision | identity | erasure, at,
     seq, event_key, kind, purpose, outcome and a category-specific `detail`.
@@ -213,7 +238,7 @@ def build_timeline(
         if record.get("kind") == "consent_change":
             continue  # its statement is the consent row above
         erasure = _is_erasure(record)
-        admission = _admission(record)
+        admission = _now_of(_admission(record), record, owners or {}, aliases or set())
         category = "erasure" if erasure else "decision"
         if erasure:
             counts["erasure"] += 1
@@ -291,13 +316,46 @@ class Audit:
             for seq, entry, prev_hash, digest in rows
         ]
 
-    def records_of(self, subjects: set[str], persons: set[str]) -> list[dict[str, Any]]:
-        """Ledger records naming any of the identifier hashes `subjects` or person ids."""
+    def records_of(
+        self, subjects: set[str], persons: set[str], records: set[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Ledger records naming any of the identifier hashes `subjects`, person ids or
+        identity record ids `records`."""
         return self._records(
             """list_has_any(from_json(entry->'subjects', '["VARCHAR"]'), ?::VARCHAR[])
-               OR entry->>'person_id' IN (SELECT unnest(?::VARCHAR[]))""",
-            [sorted(subjects), sorted(persons)],
+               OR entry->>'person_id' IN (SELECT unnest(?::VARCHAR[]))
+               OR entry->>'record_id' IN (SELECT unnest(?::VARCHAR[]))""",
+            [sorted(subjects), sorted(persons), sorted(records or ())],
         )
+
+    def _owned(
+        self, records: list[dict[str, Any]], person_ids: set[str]
+    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """The records that are still `person_ids`' own: a record whose identity record
+        belongs to another person now (split off) is theirs. Out: those records, and the
+        person each of their identity records belongs to now (where the store knows)."""
+        if self.directory is None:
+            return records, {}
+        owners = self.directory.record_owners(
+            {r["record_id"] for r in records if r.get("record_id")}
+        )
+        mine = [
+            r
+            for r in records
+            if (owner := owners.get(r.get("record_id") or "")) is None or owner in person_ids
+        ]
+        return mine, owners
+
+    def _subject_records(
+        self, identifier: Identifier
+    ) -> tuple[str | None, set[str], set[str], list[dict[str, Any]], dict[str, str]]:
+        """`subject_scope`, then the subject's ledger records: those naming them, their
+        person ids or the identity records their person holds now, less those that
+        belong to another person now; and the person each record's identity record is."""
+        person, person_ids, hashes = self.subject_scope(identifier)
+        held = self.directory.records_held({person}) if self.directory and person else set()
+        records, owners = self._owned(self.records_of(hashes, person_ids, held), person_ids)
+        return person, person_ids, hashes, records, owners
 
     def records_by_key(self, keys: set[str]) -> dict[str, dict[str, Any]]:
         if not keys:
@@ -338,8 +396,7 @@ class Audit:
     def subject(self, identifier: Identifier) -> dict[str, Any] | None:
         """The timeline of the person holding `identifier` (see `build_timeline`), or None
         when the ledger has nothing on them."""
-        person, person_ids, hashes = self.subject_scope(identifier)
-        records = self.records_of(hashes, person_ids)
+        person, person_ids, hashes, records, owners = self._subject_records(identifier)
         history = self.directory.identity_history(person_ids) if self.directory else []
         if not records and not history:
             return None
@@ -351,7 +408,7 @@ class Audit:
                 "person_ids": sorted(person_ids),
                 "identifier_hashes": sorted(hashes),
             },
-            **build_timeline(records, history),
+            **build_timeline(records, history, owners, person_ids),
         }
 
     def attribute(self, person_id: str, name: str, limit: int = 1000) -> dict[str, Any] | None:
@@ -396,9 +453,17 @@ class Audit:
         else:
             where = "list_contains(from_json(entry->'attributes', '[\"VARCHAR\"]'), ?)"
             params = [name]
-        producing = self._records(
-            f"({where}) AND entry->>'person_id' IN (SELECT unnest(?::VARCHAR[]))",
-            [*params, sorted(person_ids)],
+        producing, owners = self._owned(
+            self._records(
+                f"""({where}) AND (entry->>'person_id' IN (SELECT unnest(?::VARCHAR[]))
+                                   OR entry->>'record_id' IN (SELECT unnest(?::VARCHAR[])))""",
+                [
+                    *params,
+                    sorted(person_ids),
+                    sorted(self.directory.records_held({doc["person_id"]})),
+                ],
+            ),
+            person_ids,
         )
         known = {r["event_key"] for r in producing}
         producing += self.records_by_key(sources - known).values()
@@ -413,7 +478,7 @@ class Audit:
         in_force = _in_force(resolve_statements(self.records_of(hashes, set())))
         events = []
         for record in producing:
-            admission = _admission(record)
+            admission = _now_of(_admission(record), record, owners, person_ids)
             admission["consent"] = self._consent_relied_on(record, consent_records)
             admission["source_of"] = [
                 v["purpose"] for v in views if v["source_event"] == record["event_key"]
@@ -458,8 +523,7 @@ class Audit:
         if identifier is None:
             records = self._records("true", [])
         else:
-            _, person_ids, hashes = self.subject_scope(identifier)
-            records = self.records_of(hashes, person_ids)
+            records = self._subject_records(identifier)[3]
         columns: dict[str, list[Any]] = {name: [] for name in EXPORT_SCHEMA.names}
         for record in records:
             entry = {k: v for k, v in record.items() if k not in ("seq", "prev_hash", "hash")}

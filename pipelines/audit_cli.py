@@ -138,6 +138,11 @@ def _detail(row: dict[str, Any]) -> str:
     parts += [f"policy {d['policy_version']}"] if d.get("policy_version") else []
     parts += [f"masked {', '.join(d['fields_masked'])}"] if d.get("fields_masked") else []
     parts += [f"attributes {', '.join(d['attributes'])}"] if d.get("attributes") else []
+    if d.get("moved_by"):
+        parts.append(
+            f"[yellow]person {d['person_id']} (ingested as {d['ingested_as']}, "
+            f"moved by a {d['moved_by']})[/]"
+        )
     return ", ".join(parts)
 
 

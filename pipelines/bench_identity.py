@@ -24,6 +24,9 @@ from synthetic.events import generate
 from synthetic.identities import identity_records
 
 SECTION = "## Identity resolution"
+# Ends the figures a bench writes into its section; what follows it (written notes, dated
+# subsections) stays when the bench runs again.
+GENERATED_END = "<!-- generated figures end here; the notes below stay when the bench reruns -->"
 
 
 def _percentile(values: list[float], share: float) -> float:
@@ -180,16 +183,25 @@ def render(figures: list[dict[str, object]], command: str) -> str:
             f"{f['peak_rss_mb']:,.0f} MB",
             "",
         ]
-    return "\n".join(lines)
+    return "\n".join([*lines, GENERATED_END, ""])
 
 
 def write_section(path: Path, section: str, title: str = SECTION) -> None:
-    """Replace the section `title` of BENCHMARKS.md (or append it), leaving the rest."""
+    """Replace the section `title` of BENCHMARKS.md (or append it), leaving the rest.
+
+    When the section in the file holds `GENERATED_END`, only what comes before it is
+    replaced: the notes written below it stay."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if title in text:
         start = text.index(title)
         end = text.find("\n## ", start + len(title))
-        text = text[:start] + section.rstrip() + "\n" + (text[end:] if end != -1 else "")
+        end = len(text) if end == -1 else end
+        kept = text.find(GENERATED_END, start, end)
+        if kept != -1 and GENERATED_END in section:
+            new = section[: section.index(GENERATED_END) + len(GENERATED_END)]
+            text = text[:start] + new + text[kept + len(GENERATED_END) :]
+        else:
+            text = text[:start] + section.rstrip() + "\n" + text[end:]
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text.rstrip() + "\n")

@@ -33,7 +33,7 @@ from consent.policy import PurposePolicy, load_policy
 from consent.requests import PrivacyRequests
 from identity.model import ScoringModel
 from identity.normalise import identifier_hash
-from identity.records import record_from_event
+from identity.records import record_from_event, record_id_of
 from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
 from pipelines.identity_commands import RejectLink, parse_command
@@ -118,6 +118,7 @@ class _Item:
     key: str
     decision: GateDecision | None = None
     person_id: str | None = None
+    record_id: str | None = None  # the identity record an applied event resolved into
 
 
 _CONTROL_TOPICS = (topics.IDENTITY_COMMANDS, topics.PRIVACY)
@@ -454,8 +455,9 @@ class Pipeline:
         resolution = self.identity.resolve(
             [(i.key, i.contract.timestamp, r) for i, r in zip(linked, records, strict=True)]
         )  # type: ignore[misc]
-        for item, person_id in zip(linked, resolution.person_of, strict=True):
+        for item, person_id, record in zip(linked, resolution.person_of, records, strict=True):
             item.person_id = person_id
+            item.record_id = record_id_of(record)
         self.builder.repoint(resolution.merged)
         changed = self.builder.add(
             [
@@ -592,6 +594,8 @@ class Pipeline:
             "jurisdiction": decision.jurisdiction,
             "policy_version": self.policy.version,
             "person_id": item.person_id,
+            # Audits follow the record to the person it belongs to now (after a split).
+            "record_id": item.record_id,
             "subjects": [
                 hashes.get(i) or hashes.setdefault(i, identifier_hash(i))
                 for i in item.contract.identifiers

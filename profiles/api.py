@@ -24,6 +24,7 @@ from pipelines.pipeline import OutRecord
 from profiles.access import SUBJECT_ACCESS, ApiKey, Keyring
 from profiles.audit_api import audit_router
 from profiles.direct_route import DirectRoute
+from profiles.json_body import StrictJSONRoute
 from profiles.operator_api import mount_console, operator_router
 from profiles.reads import CoalescedReads
 from profiles.responses import error_response as _error
@@ -184,6 +185,7 @@ def create_app(
         version="0.1.0",
         description="Unified, consent-scoped customer profiles, resolved across identifiers.",
     )
+    app.router.route_class = StrictJSONRoute  # JSON bodies as RFC 8259 has them: no NaN
 
     @app.get("/healthz", summary="Liveness and replica status")
     async def healthz() -> Response:

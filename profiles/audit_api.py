@@ -13,6 +13,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
 from consent.audit import EXPORT_FORMATS, Audit, parse_subject, write_export
+from profiles.json_body import StrictJSONRoute
 from profiles.responses import error_response as _error
 from profiles.responses import json_response as _json
 from profiles.store import ProfileStore
@@ -64,8 +65,9 @@ class TimelineRow(BaseModel):
     """One thing that happened to the subject. `detail` by category:
     consent: source, policy_version, jurisdiction, arrived_out_of_order, in_force,
     superseded_by; decision / erasure: basis, consent_ref, policy_version, jurisdiction,
-    fields_masked, attributes, person_id, hash; identity: link_id, person_id,
-    other_person_id, rule."""
+    fields_masked, attributes, person_id (the person the event belongs to now), hash, and,
+    when it was ingested as another person, ingested_as and moved_by (merge | split);
+    identity: link_id, person_id, other_person_id, rule."""
 
     category: Literal["consent", "decision", "identity", "erasure"]
     at: str | None = Field(None, description="event time (ISO 8601); rows are ordered by it")
@@ -146,7 +148,7 @@ def audit_router(
 ) -> APIRouter:
     """Routes under /v1/audit. `authorize(secret, *roles)` returns the key or the 401/403;
     `purposes` are the views an attribute's provenance covers (default: the policy's)."""
-    router = APIRouter(prefix="/v1/audit", tags=["audit"])
+    router = APIRouter(prefix="/v1/audit", tags=["audit"], route_class=StrictJSONRoute)
     audit = Audit(store.conn, store, purposes)
 
     def denied(secret: str | None) -> Response | None:

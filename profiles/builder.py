@@ -209,6 +209,7 @@ class ProfileBuilder:
         self.policy = policy
         self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
+        self._fill_window_twins()
         self._rolled_columns = rolled_columns(self.traits)
         # What silence means, per jurisdiction and purpose: the fallback of every view.
         self._defaults = pa.table(
@@ -222,6 +223,39 @@ class ProfileBuilder:
                 ],
             }
         )
+
+    def _fill_window_twins(self) -> None:
+        """Give each windowed trait its window twins' whole history.
+
+        Twins (`TraitCatalog.window_twins`) add every event to the same daily buckets, so
+        they hold the same rows, unless one joined the catalog after events were stored:
+        it lacks their rows, and so would every twin rolled up through it. A twin behind
+        the fullest of its family (fewer events counted) gets that one's rows, which is
+        what a rebuild from every event would give it.
+        """
+        families: dict[str, list[str]] = {}
+        for twin, first in self.traits.window_twins.items():
+            families.setdefault(first, [first]).append(twin)
+        if not families:
+            return
+        counted = dict(
+            self.conn.execute(
+                """SELECT trait, sum(n)::BIGINT FROM trait_state
+                   WHERE trait IN (SELECT unnest(?)) GROUP BY trait""",
+                [[name for names in families.values() for name in names]],
+            ).fetchall()
+        )
+        for names in families.values():
+            fullest = max(names, key=lambda name: (counted.get(name, 0), name))
+            for name in names:
+                if counted.get(name, 0) < counted.get(fullest, 0):
+                    self.conn.execute("DELETE FROM trait_state WHERE trait = ?", [name])
+                    self.conn.execute(
+                        """INSERT INTO trait_state BY NAME
+                           SELECT * REPLACE (?::VARCHAR AS trait) FROM trait_state
+                           WHERE trait = ?""",
+                        [name, fullest],
+                    )
 
     def _insert(self, table: str, rows: list[dict[str, Any]], schema: pa.Schema) -> set[str]:
         """Insert rows not already there; out: the event keys that were new."""

@@ -10,28 +10,30 @@ parameters, security scheme and responses are published in the OpenAPI document.
 
 A required query or header parameter, or one with a `max_length`, is checked by a
 comparison; a request that lacks it or exceeds the length is handed to FastAPI's own
-handler, so its 422 answer is FastAPI's, word for word. So is a JSON body: parsed with
-orjson and validated by its pydantic model, or, when either fails or the request is not
-`application/json`, handed to FastAPI.
+handler, so its 422 answer is FastAPI's, word for word. So is a JSON body: read as JSON
+(`profiles/json_body.py`, as every route of the API reads one) and validated by its
+pydantic model, or, when either fails or the request is not `application/json`, handed to
+FastAPI.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import orjson
 from annotated_types import MaxLen
 from fastapi import Request, Response, params
-from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ValidationError
+
+from profiles.json_body import StrictJSONRequest, StrictJSONRoute
 
 _PLAIN = (str, str | None)
 
 
-class DirectRoute(APIRoute):
+class DirectRoute(StrictJSONRoute):
     """An async endpoint whose path, query and header parameters are `str` (required, or
     `str | None` defaulting to None), constrained at most by a `max_length`, and whose
     only dependencies are API-key headers; and at most one body, a pydantic model.
@@ -82,9 +84,11 @@ class DirectRoute(APIRoute):
             if body is not None:
                 if head.get("content-type") != "application/json":
                     return await validated(request)
+                # Read once: FastAPI's handler, if it must answer, reuses this request.
+                request = StrictJSONRequest(request.scope, request.receive)
                 try:
-                    values[body[0]] = body[1].model_validate(orjson.loads(await request.body()))
-                except (orjson.JSONDecodeError, ValidationError):
+                    values[body[0]] = body[1].model_validate(await request.json())
+                except (json.JSONDecodeError, ValidationError):
                     return await validated(request)
             return await endpoint(**values)
 

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from profiles.access import ApiKey
+from profiles.json_body import StrictJSONRoute
 from profiles.metrics import CachedLag, api_registry
 from profiles.responses import error_response as _error
 from profiles.responses import json_response as _json
@@ -64,7 +65,7 @@ def operator_router(
     dead-letter routes answer 503."""
     from identity.normalise import ID_TYPES
 
-    router = APIRouter()
+    router = APIRouter(route_class=StrictJSONRoute)
     lag = CachedLag(lambda: replica_and_worker_lag(store, bootstrap)) if bootstrap else None
     registry = api_registry(store, lag)
 

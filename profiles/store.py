@@ -468,13 +468,7 @@ class ProfileStore:
     def explain(self, person_id: str) -> dict[str, Any] | None:
         """Why a person is one person: its records, the links holding them, its history."""
         cur = self.reader()
-        records = [
-            r[0]
-            for r in cur.execute(
-                "SELECT record_id FROM identity_membership WHERE person_id = ? ORDER BY record_id",
-                [person_id],
-            ).fetchall()
-        ]
+        records = sorted(self.records_held({person_id}))
         if not records:
             alias = cur.execute(
                 "SELECT person_id FROM person_aliases WHERE old_id = ?", [person_id]
@@ -679,6 +673,31 @@ class ProfileStore:
         )
         names = ("link_id", "kind", "person_id", "other_person_id", "rule", "event_key", "ts")
         return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def records_held(self, person_ids: set[str]) -> set[str]:
+        """The identity records that belong to any of `person_ids` now."""
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT record_id FROM identity_membership WHERE person_id IN (SELECT unnest(?))",
+                [sorted(person_ids)],
+            )
+            .fetchall()
+        )
+        return {record for (record,) in rows}
+
+    def record_owners(self, record_ids: set[str]) -> dict[str, str]:
+        """The person each of `record_ids` belongs to now (unknown or erased: left out)."""
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT record_id, person_id FROM identity_membership "
+                "WHERE record_id IN (SELECT unnest(?))",
+                [sorted(record_ids)],
+            )
+            .fetchall()
+        )
+        return dict(rows)
 
     def get_many(
         self, person_ids: Sequence[str], purpose: str, now: datetime | None = None

@@ -99,7 +99,8 @@ class TraitCatalog:
     def window_twins(self) -> dict[str, str]:
         """Windowed traits that differ from another only in their window, each mapped to
         the first of its kind: they add to the same daily buckets, and a roll-up keeps the
-        same days for every window (after the longest), so one's days serve both."""
+        same days for every window (after the longest), so one's days serve both (a twin
+        that joins the catalog later is given the others' buckets first: `ProfileBuilder`)."""
         firsts: dict[tuple[str, frozenset[str], tuple[str, ...]], str] = {}
         twins = {}
         for spec in sorted(self.computed, key=lambda s: s.name):

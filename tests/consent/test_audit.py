@@ -314,3 +314,82 @@ def test_an_exported_row_changed_afterwards_is_found(history, tmp_path):
         table.schema.get_field_index("entry"), "entry", pa.array(entries, pa.string())
     )
     assert broken_export_rows(forged) == [table.column("seq")[2].as_py()]
+
+
+def test_after_a_split_each_event_is_listed_under_the_person_it_belongs_to_now(tmp_path):
+    """A shared inbox merges a device with a customer; an operator splits them again. The
+    customer's events applied while they were merged carry the survivor's id in the ledger,
+    and are listed under the customer's person now, saying so."""
+    from pipelines.identity_commands import reject_link_command
+
+    us = {"location": {"country": "US"}}
+
+    def event(key: str, minute: int, **fields: Any) -> dict[str, Any]:
+        at = f"2026-10-01T08:{minute:02d}:00Z"
+        return {"messageId": key, "timestamp": at, "context": us, **fields}
+
+    run = Run(tmp_path)
+    run.feed(
+        event("s-device", 0, type="identify", anonymousId="dev-9", traits={"email": "fam@x.com"}),
+        event(
+            "s-order",
+            1,
+            type="track",
+            event="Order Completed",
+            userId="u2",
+            properties={"order_id": "o1", "total": 10, "currency": "EUR"},
+        ),
+        event("s-identify", 2, type="identify", userId="u2", traits={"email": "fam@x.com"}),
+        event("s-page", 3, type="page", userId="u2", name="after the merge"),
+    )
+    links = [orjson.loads(o.value) for o in run.outputs if o.topic == topics.IDENTITY_LINKS]
+    (merge,) = [link for link in links if link["kind"] == "merge"]
+    survivor, customer = merge["person_id"], merge["other_person_id"]
+    ingested = {
+        e["event_key"]: e["person_id"]
+        for o in run.outputs
+        if o.topic == topics.LINEAGE
+        for e in [orjson.loads(o.value)]
+    }
+    assert ingested["s-device"] == ingested["s-page"] == survivor  # the device is older
+    command = reject_link_command(
+        merge["detail"]["record_l"], merge["detail"]["record_r"], "shared inbox", "ops"
+    )
+    run.pipeline.process(
+        [SourceRecord(topics.IDENTITY_COMMANDS, 0, next(run.offsets), command.value)],
+        run.outputs.extend,
+    )
+    run.finish()
+    audit = run.audit()
+
+    def decisions(subject: str) -> dict[str, dict[str, Any]]:
+        timeline = audit.subject(parse_subject(subject))
+        return {r["event_key"]: r for r in timeline["timeline"] if r["category"] == "decision"}
+
+    device, buyer = decisions("anonymous_id:dev-9"), decisions("user_id:u2")
+    assert set(device) == {"s-device"}
+    assert set(buyer) == {"s-order", "s-identify", "s-page"}
+    assert device["s-device"]["detail"]["person_id"] == survivor
+    assert "moved_by" not in device["s-device"]["detail"]
+    page = buyer["s-page"]["detail"]
+    assert page["person_id"] == customer
+    assert (page["ingested_as"], page["moved_by"]) == (survivor, "split")
+    assert buyer["s-order"]["detail"]["person_id"] == customer
+    assert "moved_by" not in buyer["s-order"]["detail"]  # ingested as the customer
+
+    def producing(person: str) -> dict[str, dict[str, Any]]:
+        return {e["event_key"]: e for e in audit.attribute(person, "event_count")["events"]}
+
+    assert set(producing(survivor)) == {"s-device"}
+    bought = producing(customer)
+    assert set(bought) == {"s-order", "s-identify", "s-page"}
+    assert (bought["s-page"]["person_id"], bought["s-page"]["moved_by"]) == (customer, "split")
+
+    run._opened.close()
+    printed = runner.invoke(
+        app,
+        ["audit", "subject", "--identifier", "user_id:u2", "--store", str(run.replica)],
+        env={"COLUMNS": "250"},
+    )
+    assert printed.exit_code == 0, printed.output
+    assert f"ingested as {survivor}, moved by a split" in printed.output

@@ -1,0 +1,98 @@
+"""A computed trait added to the catalog after events were stored, against a rebuild.
+
+Windowed traits that differ only in their window (page views in 7 and 30 days) add to
+the same daily buckets; a new one of them (90 days, or 14 days) must hold the whole
+history its twins hold, as a state rebuilt from every event with the new catalog does.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from pipelines.pipeline import Pipeline
+from profiles import traits
+from profiles.traits import at_read
+
+END = datetime(2026, 11, 1, 12, tzinfo=UTC)
+US = {"location": {"country": "US"}}
+# One twin whose name sorts after the packaged ones, one before them, and a session twin.
+TWINS = """
+  page_views_90d: {op: count, kinds: [page, screen], window_days: 90}
+  page_views_14d: {op: count, kinds: [page, screen], window_days: 14}
+  sessions_1d: {op: distinct_count, kinds: [page, screen, track], field: session, window_days: 1}
+"""
+
+
+def _catalog_with_twins(path: Path) -> Path:
+    text = traits.TRAITS_PATH.read_text()
+    assert "\ncomputed:\n" in text
+    path.write_text(text.replace("\ncomputed:\n", "\ncomputed:\n" + TWINS.lstrip("\n"), 1))
+    return path
+
+
+def _batches(make_event) -> list[list[dict]]:
+    """Pages and screens of four devices over 100 days, in batches of 20, oldest first."""
+    events = [
+        make_event(
+            "page" if n % 3 else "screen",
+            anonymousId=f"dev-{n % 4}",
+            timestamp=(END - timedelta(days=(n * 7) % 100, hours=n % 7)).isoformat(),
+            context=US,
+        )
+        for n in range(120)
+    ]
+    events.sort(key=lambda e: e["timestamp"])
+    return [events[start : start + 20] for start in range(0, len(events), 20)]
+
+
+def _views(pipeline: Pipeline) -> dict[str, dict]:
+    persons = {p for (p,) in pipeline.conn.execute("SELECT person_id FROM facts").fetchall()}
+    built = pipeline.builder.build(persons)
+    return {
+        person: {
+            scope: {
+                "computed": view["computed"],
+                "windows": view["windows"],
+                "at_end": at_read(pipeline.builder.traits, view["computed"], view["windows"], END),
+            }
+            for scope, view in doc["views"].items()
+        }
+        for person, doc in built.items()
+    }
+
+
+@pytest.mark.parametrize("stored_batches", [1, 5])
+def test_a_twin_added_later_holds_the_whole_history(
+    run, make_event, tmp_path, monkeypatch, stored_batches
+):
+    batches = _batches(make_event)
+    for batch in batches[:stored_batches]:  # stored under the packaged catalog
+        run.feed(*batch)
+    run.pipeline.close()
+
+    monkeypatch.setattr(traits, "TRAITS_PATH", _catalog_with_twins(tmp_path / "traits.yaml"))
+    run.pipeline = Pipeline(tmp_path / "state.duckdb")  # restarted with the twins
+    for batch in batches[stored_batches:]:
+        run.feed(*batch)
+    restarted = _views(run.pipeline)
+
+    rebuilt_run = type(run)(tmp_path / "rebuilt.duckdb")  # every event under the new catalog
+    try:
+        for batch in batches:
+            rebuilt_run.feed(*batch)
+        rebuilt = _views(rebuilt_run.pipeline)
+    finally:
+        rebuilt_run.pipeline.close()
+
+    assert set(restarted) == set(rebuilt) and len(rebuilt) == 4
+    total = {
+        name: sum(views["subject_access"]["at_end"][name] for views in rebuilt.values())
+        for name in ("page_views_90d", "page_views_30d", "page_views_14d", "sessions_1d")
+    }
+    assert total["page_views_90d"] > total["page_views_30d"] > total["page_views_14d"] > 0
+    assert total["sessions_1d"] > 0
+    for person, views in rebuilt.items():
+        assert restarted[person] == views, person
