@@ -214,24 +214,6 @@ _PICKED = frozenset(
         "region",
     }
 )
-# The fields of `normalise_record`'s result, in its order (and of `record_from_event`'s raw tuple).
-_RAW_FIELDS = (
-    "user_id",
-    "customer_id",
-    "email",
-    "phone",
-    "anonymous_id",
-    "device_id",
-    "advertising_id",
-    "first_name",
-    "last_name",
-    "dob",
-    "address_line1",
-    "city",
-    "postcode",
-    "region",
-    "country",
-)
 
 
 def _stated(sources: list[dict[str, Any]]) -> tuple[Any, ...]:
@@ -313,14 +295,14 @@ def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
         # once. Today (a UTC day number) is in the key: a birth date after it is not one.
         return _normalised(region, int(time.time() // 86_400), *raw).copy()
     except TypeError:  # a value that cannot be a key (a list, an object): not cached
-        return normalise_record(dict(zip(_RAW_FIELDS, raw, strict=True)), region)
+        return normalise_record(dict(zip(RECORD_FIELDS, raw, strict=True)), region)
 
 
 # Typed: 1 and True (or 1.0) are equal keys but not the same identifier.
 @lru_cache(maxsize=16384, typed=True)
 def _normalised(region: str | None, day: int, *raw: Any) -> dict[str, str | None]:
     today = _EPOCH + timedelta(days=day)
-    return normalise_record(dict(zip(_RAW_FIELDS, raw, strict=True)), region, today)
+    return normalise_record(dict(zip(RECORD_FIELDS, raw, strict=True)), region, today)
 
 
 def has_identity(record: dict[str, str | None]) -> bool:
