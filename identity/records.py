@@ -257,6 +257,11 @@ def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
     and properties, first found wins; an alias's previousId is its anonymous id; a mobile
     device's context.device.id and advertisingId are its device ids.
     """
+    return identity_record(event)[0]
+
+
+def identity_record(event: dict[str, Any]) -> tuple[dict[str, str | None], str]:
+    """An event's identity record (`record_from_event`) and its id (`record_id_of` it)."""
     context = _dict(event.get("context"))
     # Only the sources that name a field: most events state nothing about their person.
     sources = [
@@ -293,16 +298,19 @@ def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
     try:
         # A person's events repeat the same raw values: each distinct set is normalised
         # once. Today (a UTC day number) is in the key: a birth date after it is not one.
-        return _normalised(region, int(time.time() // 86_400), *raw).copy()
+        record, record_id = _normalised(region, int(time.time() // 86_400), *raw)
     except TypeError:  # a value that cannot be a key (a list, an object): not cached
-        return normalise_record(dict(zip(RECORD_FIELDS, raw, strict=True)), region)
+        record = normalise_record(dict(zip(RECORD_FIELDS, raw, strict=True)), region)
+        return record, record_id_of(record)
+    return record.copy(), record_id
 
 
 # Typed: 1 and True (or 1.0) are equal keys but not the same identifier.
 @lru_cache(maxsize=16384, typed=True)
-def _normalised(region: str | None, day: int, *raw: Any) -> dict[str, str | None]:
+def _normalised(region: str | None, day: int, *raw: Any) -> tuple[dict[str, str | None], str]:
     today = _EPOCH + timedelta(days=day)
-    return normalise_record(dict(zip(RECORD_FIELDS, raw, strict=True)), region, today)
+    record = normalise_record(dict(zip(RECORD_FIELDS, raw, strict=True)), region, today)
+    return record, record_id_of(record)
 
 
 def has_identity(record: dict[str, str | None]) -> bool:
