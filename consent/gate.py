@@ -10,6 +10,7 @@ Before all of that, an event of an erased subject from before the erasure is wit
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import duckdb
@@ -115,7 +116,14 @@ def stated_consent(kind: str | None, event: dict[str, Any]) -> list[dict[str, An
                 "jurisdiction": consent.get("jurisdiction"),
             }
         ]
-    return [
+    prefs = carried_preferences(event)
+    return list(_carried_statements(tuple(prefs.items()))) if prefs else []
+
+
+@lru_cache(maxsize=1024)  # a few sets of preferences recur across a whole stream
+def _carried_statements(prefs: tuple[tuple[str, bool], ...]) -> tuple[dict[str, Any], ...]:
+    # Shared by every event stating the same preferences: read, never changed.
+    return tuple(
         {
             "purpose": purpose,
             "status": "granted" if granted else "denied",
@@ -123,8 +131,8 @@ def stated_consent(kind: str | None, event: dict[str, Any]) -> list[dict[str, An
             "policy_version": None,
             "jurisdiction": None,
         }
-        for purpose, granted in carried_preferences(event).items()
-    ]
+        for purpose, granted in prefs
+    )
 
 
 class ConsentGate:

@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS lineage (
 );
 """
 
+# Entries are orjson's output, valid JSON by construction: typed as JSON text, DuckDB stores
+# them without parsing each one again (pyarrow >= 19; older ones give plain text, parsed).
+_JSON_TEXT = pa.json_(pa.string()) if hasattr(pa, "json_") else pa.string()
+
 
 def entry_hash(prev_hash: str, entry: dict[str, Any]) -> str:
     """sha256 over the previous hash and the entry's canonical JSON (sorted keys)."""
@@ -88,7 +92,7 @@ def store_entries(
         {
             "seq": pa.array([e.seq for e in chained], pa.int64()),
             "event_key": [e.entry.get("event_key", "") for e in chained],
-            "entry": [orjson.dumps(e.entry).decode() for e in chained],
+            "entry": pa.array([orjson.dumps(e.entry).decode() for e in chained], _JSON_TEXT),
             "prev_hash": [e.prev_hash for e in chained],
             "hash": [e.hash for e in chained],
         }

@@ -153,13 +153,18 @@ def extract_identifiers(event: dict[str, Any]) -> list[Identifier]:
     add("anonymous_id", normalise_id(event.get("anonymousId")))
     if event.get("type") == "alias":
         add("anonymous_id", normalise_id(event.get("previousId")))
-    region = region_hint(event)
-    sources = (
-        _dict(event.get("traits")),
-        _dict(_dict(event.get("context")).get("traits")),
-        _dict(event.get("properties")),
-    )
-    for source in sources:
-        add("email", normalise_email(source.get("email")))
-        add("phone", normalise_phone(source.get("phone"), region))
+    context = event.get("context")
+    for source in (
+        event.get("traits"),
+        context.get("traits") if isinstance(context, dict) else None,
+        event.get("properties"),
+    ):
+        # Most events carry neither: no normalising, no region lookup for them.
+        if not isinstance(source, dict):
+            continue
+        email, phone = source.get("email"), source.get("phone")
+        if email is not None:
+            add("email", normalise_email(email))
+        if phone is not None:
+            add("phone", normalise_phone(phone, region_hint(event)))
     return list(found)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 import unicodedata
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from identity.normalise import (
@@ -65,6 +67,7 @@ _ADDRESS_WORDS = {
     "boulevard": "blvd",
     "court": "ct",
 }
+_EPOCH = date(1970, 1, 1)
 _DATE_FORMATS = ("%Y-%m-%d", "%Y%m%d", "%d/%m/%Y", "%d.%m.%Y", "%Y/%m/%d", "%d-%m-%Y")
 
 
@@ -145,8 +148,12 @@ def record_id_of(fields: dict[str, str | None]) -> str:
     return "r_" + hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
 
 
-def normalise_record(raw: dict[str, Any], region: str | None = None) -> dict[str, str | None]:
-    """Every record field normalised from raw values keyed by field name (missing -> None)."""
+def normalise_record(
+    raw: dict[str, Any], region: str | None = None, today: date | None = None
+) -> dict[str, str | None]:
+    """Every record field normalised from raw values keyed by field name (missing -> None).
+
+    `today`: the date a birth date must not be after (default: today, UTC)."""
     country = normalise_country(raw.get("country"))
     return {
         "user_id": normalise_id(_text(raw.get("user_id"))),
@@ -158,7 +165,7 @@ def normalise_record(raw: dict[str, Any], region: str | None = None) -> dict[str
         "advertising_id": normalise_device_id(_text(raw.get("advertising_id"))),
         "first_name": normalise_name(raw.get("first_name")),
         "last_name": normalise_name(raw.get("last_name")),
-        "dob": normalise_dob(raw.get("dob")),
+        "dob": normalise_dob(raw.get("dob"), today),
         "address_line1": normalise_address(raw.get("address_line1")),
         "city": normalise_name(raw.get("city")),
         "postcode": normalise_postcode(raw.get("postcode")),
@@ -185,6 +192,63 @@ def _first(*values: Any) -> Any:
     return None
 
 
+# Every name `record_from_event` picks from traits and properties.
+_PICKED = frozenset(
+    {
+        "address",
+        "customer_id",
+        "customerId",
+        "email",
+        "phone",
+        "first_name",
+        "firstName",
+        "last_name",
+        "lastName",
+        "birthday",
+        "dob",
+        "date_of_birth",
+        "dateOfBirth",
+        "address_line1",
+        "city",
+        "postcode",
+        "region",
+    }
+)
+
+
+def _stated(sources: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """What traits and properties state, first found wins: customer id, email, phone,
+    first and last name, birth date, then the address's street, city, postcode, region
+    and country."""
+
+    def pick(*names: str) -> Any:
+        for source in sources:
+            for name in names:
+                value = source.get(name)
+                if value is not None and value != "":
+                    return value
+        return None
+
+    address = _dict(pick("address"))
+    return (
+        pick("customer_id", "customerId"),
+        pick("email"),
+        pick("phone"),
+        pick("first_name", "firstName"),
+        pick("last_name", "lastName"),
+        pick("birthday", "dob", "date_of_birth", "dateOfBirth"),
+        _first(address.get("street"), address.get("line1"), pick("address_line1")),
+        _first(address.get("city"), pick("city")),
+        _first(address.get("postal_code"), address.get("postalCode"), pick("postcode")),
+        _first(address.get("state"), address.get("region"), pick("region")),
+        # The address's country only: a request's location says where a device was, not who.
+        address.get("country"),
+    )
+
+
+_NOTHING_STATED: tuple[Any, ...] = (None,) * 11
+
+
 def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
     """The normalised identity record of a Segment-spec event.
 
@@ -193,40 +257,60 @@ def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
     and properties, first found wins; an alias's previousId is its anonymous id; a mobile
     device's context.device.id and advertisingId are its device ids.
     """
+    return identity_record(event)[0]
+
+
+def identity_record(event: dict[str, Any]) -> tuple[dict[str, str | None], str]:
+    """An event's identity record (`record_from_event`) and its id (`record_id_of` it)."""
     context = _dict(event.get("context"))
+    # Only the sources that name a field: most events state nothing about their person.
     sources = [
-        _dict(event.get("traits")),
-        _dict(context.get("traits")),
-        _dict(event.get("properties")),
+        source
+        for source in (
+            _dict(event.get("traits")),
+            _dict(context.get("traits")),
+            _dict(event.get("properties")),
+        )
+        if not source.keys().isdisjoint(_PICKED)
     ]
 
-    def pick(*names: str) -> Any:
-        return _first(*(source.get(name) for source in sources for name in names))
-
-    address = _dict(pick("address"))
     device = _dict(context.get("device"))
     anonymous = event.get("anonymousId")
     if event.get("type") == "alias":
         anonymous = _first(event.get("previousId"), anonymous)
-    raw = {
-        "user_id": event.get("userId"),
-        "customer_id": pick("customer_id", "customerId"),
-        "email": pick("email"),
-        "phone": pick("phone"),
-        "anonymous_id": anonymous,
-        "device_id": device.get("id"),
-        "advertising_id": device.get("advertisingId"),
-        "first_name": pick("first_name", "firstName"),
-        "last_name": pick("last_name", "lastName"),
-        "dob": pick("birthday", "dob", "date_of_birth", "dateOfBirth"),
-        "address_line1": _first(address.get("street"), address.get("line1"), pick("address_line1")),
-        "city": _first(address.get("city"), pick("city")),
-        "postcode": _first(address.get("postal_code"), address.get("postalCode"), pick("postcode")),
-        "region": _first(address.get("state"), address.get("region"), pick("region")),
-        # The address's country only: a request's location says where a device was, not who.
-        "country": address.get("country"),
-    }
-    return normalise_record(raw, region_hint(event))
+    customer_id, email, phone, first_name, last_name, dob, *address = (
+        _stated(sources) if sources else _NOTHING_STATED
+    )
+    raw = (
+        event.get("userId"),
+        customer_id,
+        email,
+        phone,
+        anonymous,
+        device.get("id"),
+        device.get("advertisingId"),
+        first_name,
+        last_name,
+        dob,
+        *address,
+    )
+    region = region_hint(event)
+    try:
+        # A person's events repeat the same raw values: each distinct set is normalised
+        # once. Today (a UTC day number) is in the key: a birth date after it is not one.
+        record, record_id = _normalised(region, int(time.time() // 86_400), *raw)
+    except TypeError:  # a value that cannot be a key (a list, an object): not cached
+        record = normalise_record(dict(zip(RECORD_FIELDS, raw, strict=True)), region)
+        return record, record_id_of(record)
+    return record.copy(), record_id
+
+
+# Typed: 1 and True (or 1.0) are equal keys but not the same identifier.
+@lru_cache(maxsize=16384, typed=True)
+def _normalised(region: str | None, day: int, *raw: Any) -> tuple[dict[str, str | None], str]:
+    today = _EPOCH + timedelta(days=day)
+    record = normalise_record(dict(zip(RECORD_FIELDS, raw, strict=True)), region, today)
+    return record, record_id_of(record)
 
 
 def has_identity(record: dict[str, str | None]) -> bool:

@@ -44,6 +44,7 @@ SPANS: list[tuple[str, str, str]] = [
     ("consent gate", "self.gate", "decide"),
     ("consent re-scope query", "self.builder", "persons_holding"),
     ("identity records", "module:pipelines.pipeline", "record_from_event"),
+    ("identity records", "module:pipelines.pipeline", "identity_record"),
     ("identity resolve", "self.identity", "resolve"),
     ("profile facts (add)", "self.builder", "add"),
     ("profile facts: accumulators", "self.builder", "_accumulate"),

@@ -33,7 +33,7 @@ from consent.policy import PurposePolicy, load_policy
 from consent.requests import PrivacyRequests
 from identity.model import ScoringModel
 from identity.normalise import identifier_hash
-from identity.records import record_from_event, record_id_of
+from identity.records import identity_record
 from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
 from pipelines.identity_commands import RejectLink, parse_command
@@ -451,13 +451,18 @@ class Pipeline:
         # A consent change re-scopes the views of every person holding its identifiers.
         consent_changed = self.builder.persons_holding(self.gate.last_changed)
         linked = [i for i in valid if i.decision.decision == ALLOWED]  # type: ignore[union-attr]
-        records = [record_from_event(i.contract.event) for i in linked]  # type: ignore[arg-type]
+        # Each record with its id: a person's events repeat one record, worked out once.
+        identified = [identity_record(i.contract.event) for i in linked]  # type: ignore[arg-type]
+        records = [record for record, _ in identified]
         resolution = self.identity.resolve(
-            [(i.key, i.contract.timestamp, r) for i, r in zip(linked, records, strict=True)]
-        )  # type: ignore[misc]
-        for item, person_id, record in zip(linked, resolution.person_of, records, strict=True):
+            [(i.key, i.contract.timestamp, r) for i, r in zip(linked, records, strict=True)],  # type: ignore[misc]
+            [record_id for _, record_id in identified],
+        )
+        for item, person_id, (_, record_id) in zip(
+            linked, resolution.person_of, identified, strict=True
+        ):
             item.person_id = person_id
-            item.record_id = record_id_of(record)
+            item.record_id = record_id
         self.builder.repoint(resolution.merged)
         changed = self.builder.add(
             [
@@ -615,51 +620,34 @@ class Pipeline:
         return APPLIED if item.decision.decision in (ALLOWED, CONSENT_RECORDED) else WITHHELD
 
     def _record_outcomes(self, items: list[_Item], report: BatchReport) -> None:
-        rows: dict[str, list[Any]] = {
-            k: []
-            for k in (
-                "event_key",
-                "payload_hash",
-                "topic",
-                "partition",
-                "offset",
-                "kind",
-                "outcome",
-                "reason",
-                "person_id",
-            )
-        }
-        columns = [rows[name] for name in rows]  # in the order of the tuple below
-        for item in items:
-            outcome = self.outcome_of(item)
-            report.outcomes[outcome] += 1
-            reason = (
+        outcomes = [self.outcome_of(item) for item in items]
+        report.outcomes.update(outcomes)
+        if not items:
+            return
+        records = [item.record for item in items]
+        rows = {
+            "event_key": [item.key for item in items],
+            "payload_hash": [item.payload_hash for item in items],
+            "topic": [record.topic for record in records],
+            "partition": [record.partition for record in records],
+            "offset": [record.offset for record in records],
+            "kind": [item.contract.kind for item in items],
+            "outcome": outcomes,
+            "reason": [
                 item.contract.reasons[0].code.value
                 if item.contract.reasons
-                else item.decision.purpose
+                else item.decision.purpose  # type: ignore[union-attr]
                 if outcome == WITHHELD
-                else None  # type: ignore[union-attr]
-            )
-            record = item.record
-            row = (
-                item.key,
-                item.payload_hash,
-                record.topic,
-                record.partition,
-                record.offset,
-                item.contract.kind,
-                outcome,
-                reason,
-                item.person_id,
-            )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        if items:
-            self.conn.register("_outcomes", pa.table(rows))
-            try:
-                self.conn.execute("INSERT INTO outcomes BY NAME SELECT * FROM _outcomes")
-            finally:
-                self.conn.unregister("_outcomes")
+                else None
+                for item, outcome in zip(items, outcomes, strict=True)
+            ],
+            "person_id": [item.person_id for item in items],
+        }
+        self.conn.register("_outcomes", pa.table(rows))
+        try:
+            self.conn.execute("INSERT INTO outcomes BY NAME SELECT * FROM _outcomes")
+        finally:
+            self.conn.unregister("_outcomes")
 
     def _record_offsets(self, batch: Sequence[SourceRecord]) -> None:
         """Remember the next offset per partition, in the batch's transaction."""

@@ -39,10 +39,15 @@ def suite_summary(outcomes: list[Any]) -> dict[str, Any]:
 
 def batch_key(positions: Sequence[tuple[str, int, int]]) -> str:
     """A stable id for a batch: the first and last offset it read per partition."""
-    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    spans: dict[tuple[str, int], list[int]] = {}
     for topic, partition, offset in positions:
-        low, high = spans.get((topic, partition), (offset, offset))
-        spans[(topic, partition)] = (min(low, offset), max(high, offset))
+        span = spans.get((topic, partition))
+        if span is None:
+            spans[(topic, partition)] = [offset, offset]
+        elif offset < span[0]:
+            span[0] = offset
+        elif offset > span[1]:
+            span[1] = offset
     text = ";".join(f"{t}/{p}:{lo}-{hi}" for (t, p), (lo, hi) in sorted(spans.items()))
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 

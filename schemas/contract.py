@@ -108,12 +108,12 @@ def check_contract(raw: bytes, registry: SchemaRegistry | None = None) -> Contra
     if not raw or not raw.strip():
         return reject(ReasonCode.EMPTY_PAYLOAD, "message has no content")
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return reject(ReasonCode.INVALID_UTF8, f"byte {exc.start}: {exc.reason}")
-    try:
-        doc = orjson.loads(raw)
+        doc = orjson.loads(raw)  # it accepts only valid UTF-8: the check below is for the reason
     except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return reject(ReasonCode.INVALID_UTF8, f"byte {bad.start}: {bad.reason}")
         if "recursion" in str(exc) or "depth limit" in str(exc):
             return reject(ReasonCode.TOO_DEEPLY_NESTED, f"nesting deeper than {MAX_DEPTH}")
         return reject(ReasonCode.MALFORMED_JSON, str(exc)[:200])

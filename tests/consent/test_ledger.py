@@ -36,3 +36,16 @@ def test_appends_continue_the_chain_across_batches():
     second = ledger.append([{"event_key": "b"}])
     assert second[0].prev_hash == first[0].hash and second[0].seq == 2
     assert ledger.verify().ok
+
+
+def test_stored_entries_are_their_exact_json_text_and_queryable_as_json():
+    conn = open_state(":memory:")
+    ledger = LineageLedger(conn)
+    entry = {"event_key": "a", "source": {"topic": "t", "offset": 7}, "subjects": ["x", "ü"]}
+    ledger.append([entry])
+    text, offset, kind = conn.execute(
+        "SELECT entry, entry->>'$.source.offset', typeof(entry) FROM lineage"
+    ).fetchone()
+    assert text == orjson.dumps(entry).decode()  # the key order as written, not re-encoded
+    assert offset == "7" and kind == "JSON"
+    assert ledger.verify().ok

@@ -57,3 +57,26 @@ def test_segment_device_ids_become_identity_record_fields():
     assert record["advertising_id"] == "7a3cbea0-bdf5-11e4-8dfc-aa07a5b093db"
     event["context"]["device"]["advertisingId"] = "00000000-0000-0000-0000-000000000000"
     assert record_from_event(event)["advertising_id"] is None
+
+
+def test_repeated_events_give_equal_records_that_do_not_share_state():
+    from identity.records import RECORD_FIELDS, normalise_record, record_from_event
+
+    event = {
+        "type": "identify",
+        "userId": "u1",
+        "traits": {"email": " Ann@Example.org ", "firstName": "Zoë", "address": {"country": "de"}},
+        "context": {"location": {"country": "DE"}, "traits": {"phone": "030 12345678"}},
+    }
+    first = record_from_event(event)
+    first["email"] = "changed"  # a caller's change never reaches the next event's record
+    second = record_from_event(event)
+    assert second["email"] == "ann@example.org"
+    assert second["phone"] == "+493012345678" and second["first_name"] == "zoe"
+    assert list(second) == list(RECORD_FIELDS)
+    # Equal but not the same identifier: 1 is an id, True is not.
+    assert record_from_event({"type": "track", "userId": 1})["user_id"] == "1"
+    assert record_from_event({"type": "track", "userId": True})["user_id"] is None
+    # Values that cannot be a cache key are normalised all the same.
+    odd = {"type": "track", "userId": "u2", "properties": {"email": ["x@y.com"], "phone": {}}}
+    assert record_from_event(odd) == normalise_record({"user_id": "u2", "email": ["x@y.com"]})
