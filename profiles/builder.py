@@ -51,40 +51,40 @@ CREATE TABLE IF NOT EXISTS trait_facts (
 CREATE TABLE IF NOT EXISTS profile_versions (person_id VARCHAR PRIMARY KEY, version BIGINT);
 -- Computed-trait accumulators (profiles/traits.py): one row per identity record, ingestion
 -- purpose, jurisdiction, trait and bucket; events add to them, merges and splits move them.
+-- The key is kept unique by `_STATE_UPSERT` alone: no index (maintaining an index on five
+-- strings cost twice the MERGE's join over the whole table, at 170k and at 3M rows).
 CREATE TABLE IF NOT EXISTS trait_state (
     person_id VARCHAR NOT NULL, record_id VARCHAR NOT NULL, purpose VARCHAR NOT NULL,
     jurisdiction VARCHAR NOT NULL, trait VARCHAR NOT NULL, bucket VARCHAR NOT NULL, n BIGINT,
-    amount DECIMAL(18, 2), first_ts TIMESTAMPTZ, last_ts TIMESTAMPTZ, value JSON, last_key VARCHAR,
-    PRIMARY KEY (record_id, purpose, jurisdiction, trait, bucket)
+    amount DECIMAL(18, 2), first_ts TIMESTAMPTZ, last_ts TIMESTAMPTZ, value JSON, last_key VARCHAR
 );
 """
 # One batch's accumulator rows summed per key (`ProfileBuilder._accumulate`): the events
 # counted, their amount (0 without one), first and last time, the key and value of the
 # latest (time, key) event, and the person of the batch's first event on that key; then
-# added to the stored rows.
-_STATE_UPSERT = """
-INSERT INTO trait_state BY NAME
-SELECT arg_min(e.person_id, e.event) AS person_id, e.record_id, e.purpose, e.jurisdiction,
-       r.trait, r.bucket, count(*) AS n, coalesce(sum(r.amount), 0) AS amount,
-       min(e.ts) AS first_ts, max(e.ts) AS last_ts,
-       arg_max(r.value, (e.ts, e.event_key)) AS value,
-       arg_max(e.event_key, (e.ts, e.event_key)) AS last_key
-FROM _trait_rows r JOIN _trait_events e USING (event)
-GROUP BY e.record_id, e.purpose, e.jurisdiction, r.trait, r.bucket
-ORDER BY record_id, purpose, jurisdiction, trait, bucket  -- upserts run faster in key order
-ON CONFLICT (record_id, purpose, jurisdiction, trait, bucket) DO UPDATE SET
-    person_id = excluded.person_id,
-    n = trait_state.n + excluded.n,
-    amount = trait_state.amount + excluded.amount,
-    first_ts = least(trait_state.first_ts, excluded.first_ts),
-    last_ts = greatest(trait_state.last_ts, excluded.last_ts),
-    value = CASE WHEN excluded.last_ts > trait_state.last_ts OR (excluded.last_ts = trait_state.last_ts
-                      AND excluded.last_key > trait_state.last_key)
-                 THEN coalesce(excluded.value, trait_state.value)
-                 ELSE coalesce(trait_state.value, excluded.value) END,
-    last_key = CASE WHEN excluded.last_ts > trait_state.last_ts OR (excluded.last_ts = trait_state.last_ts
-                         AND excluded.last_key > trait_state.last_key)
-                    THEN excluded.last_key ELSE trait_state.last_key END
+# added to the stored rows (a hash join of the batch's keys against the table).
+_NEWER = "(x.last_ts > s.last_ts OR (x.last_ts = s.last_ts AND x.last_key > s.last_key))"
+_STATE_UPSERT = f"""
+MERGE INTO trait_state s USING (
+    SELECT arg_min(e.person_id, e.event) AS person_id, e.record_id, e.purpose, e.jurisdiction,
+           r.trait, r.bucket, count(*) AS n, coalesce(sum(r.amount), 0) AS amount,
+           min(e.ts) AS first_ts, max(e.ts) AS last_ts,
+           arg_max(r.value, (e.ts, e.event_key)) AS value,
+           arg_max(e.event_key, (e.ts, e.event_key)) AS last_key
+    FROM _trait_rows r JOIN _trait_events e USING (event)
+    GROUP BY e.record_id, e.purpose, e.jurisdiction, r.trait, r.bucket
+) x
+ON s.record_id = x.record_id AND s.purpose = x.purpose AND s.jurisdiction = x.jurisdiction
+   AND s.trait = x.trait AND s.bucket = x.bucket
+WHEN MATCHED THEN UPDATE SET
+    person_id = x.person_id,
+    n = s.n + x.n,
+    amount = s.amount + x.amount,
+    first_ts = least(s.first_ts, x.first_ts),
+    last_ts = greatest(s.last_ts, x.last_ts),
+    value = CASE WHEN {_NEWER} THEN coalesce(x.value, s.value) ELSE coalesce(s.value, x.value) END,
+    last_key = CASE WHEN {_NEWER} THEN x.last_key ELSE s.last_key END
+WHEN NOT MATCHED THEN INSERT BY NAME
 """
 
 # A view's computed traits summed per trait in SQL (`Totals`): per (view, trait, bucket)
