@@ -91,15 +91,17 @@ WHEN NOT MATCHED THEN INSERT BY NAME
 # first, then per trait, or per day after the view's horizon for windowed traits. Only the
 # columns a trait's rollup reads are filled: turning every stored row's times and amounts
 # into Python objects cost more than the query. Lists come in no order (`rollup` sorts
-# them), and only for one view of each set of views that allow the same groups.
+# them), and only for one view of each set of views that allow the same groups. Views are
+# `_ag_shared`'s integer ids: grouping ~140k rows on an integer instead of the person and
+# scope strings cut a fifth of the query.
 _ROLLUP = f"""
 WITH horizons AS (  -- windows keep the days after the view's last event less the longest window
-    SELECT a.person_id, a.scope,
+    SELECT a.view,
            strftime(timezone('UTC', max(s.last_ts))::DATE - $max_window, '%Y-%m-%d') AS horizon
     FROM trait_state s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     WHERE s.trait = '{SEEN}' AND s.bucket = '' GROUP BY ALL
 ), buckets AS (
-    SELECT a.person_id, a.scope, s.trait, s.bucket, sum(s.n)::BIGINT AS n,
+    SELECT a.view, s.trait, s.bucket, sum(s.n)::BIGINT AS n,
            CASE WHEN list_contains($windowed, s.trait) THEN split_part(s.bucket, '|', 1) END AS day,
            sum(s.amount) FILTER (WHERE list_contains($amounts, s.trait)) AS amount,
            min(s.first_ts) FILTER (WHERE list_contains($firsts, s.trait)) AS first_ts,
@@ -107,18 +109,18 @@ WITH horizons AS (  -- windows keep the days after the view's last event less th
            arg_max(s.value, (s.last_ts, s.last_key))
                FILTER (WHERE list_contains($values, s.trait)) AS value
     FROM trait_state s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
-    LEFT JOIN horizons h ON h.person_id = a.person_id AND h.scope = a.scope
+    LEFT JOIN horizons h ON h.view = a.view
     WHERE s.trait <> '{SEEN}'  -- no computed trait reads the groups' own rows
       AND NOT list_contains($twins, s.trait)  -- read through the trait they twin
       AND (NOT list_contains($windowed, s.trait)
            OR split_part(s.bucket, '|', 1) > coalesce(h.horizon, ''))
-    GROUP BY a.person_id, a.scope, s.trait, s.bucket  -- `day` follows from these
+    GROUP BY a.view, s.trait, s.bucket  -- `day` follows from these
 ), days AS (
-    SELECT person_id, scope, trait, day,
+    SELECT view, trait, day,
            sum(CASE WHEN list_contains($day_sums, trait) THEN n ELSE 1 END)::BIGINT AS n
     FROM buckets WHERE day IS NOT NULL GROUP BY ALL
 )
-SELECT person_id, scope, trait, sum(n)::BIGINT AS n, count(*)::BIGINT AS buckets,
+SELECT view, trait, sum(n)::BIGINT AS n, count(*)::BIGINT AS buckets,
        min(first_ts) AS first_ts, max(last_ts) AS last_ts,
        any_value(value) AS value,  -- a latest trait has one bucket, ''
        list(bucket) FILTER (WHERE list_contains($keyed, trait)) AS keys,
@@ -126,7 +128,7 @@ SELECT person_id, scope, trait, sum(n)::BIGINT AS n, count(*)::BIGINT AS buckets
        list(amount) FILTER (WHERE list_contains($amounts, trait)) AS amounts
 FROM buckets WHERE day IS NULL GROUP BY ALL
 UNION ALL BY NAME
-SELECT person_id, scope, trait, list(day) AS keys, list(n) AS counts FROM days GROUP BY ALL
+SELECT view, trait, list(day) AS keys, list(n) AS counts FROM days GROUP BY ALL
 """
 
 _FACTS = pa.schema(
@@ -395,7 +397,8 @@ class ProfileBuilder:
 
     def _allowed_groups(self) -> None:
         """`_ag`: each affected person's accumulator group once per view it may appear in;
-        `_shared_views`: the view whose roll-up each view shares; `_ag_shared`: `_ag` of those.
+        `_shared_views`: the view whose roll-up each view shares; `_ag_shared`: `_ag` of those,
+        each view numbered (`view`).
 
         A group is (identity record, ingestion purpose, jurisdiction). It belongs in the view
         for purpose P when the person currently consents to P and to the ingestion purpose:
@@ -451,7 +454,8 @@ class ProfileBuilder:
             )
             q(
                 """CREATE OR REPLACE TEMP TABLE _ag_shared AS
-                SELECT a.* FROM _ag a SEMI JOIN _shared_views v
+                SELECT a.*, dense_rank() OVER (ORDER BY a.person_id, a.scope)::INTEGER AS view
+                FROM _ag a SEMI JOIN _shared_views v
                 ON v.person_id = a.person_id AND v.scope = a.scope AND v.shared = a.scope"""
             )
         finally:
@@ -492,9 +496,15 @@ class ProfileBuilder:
         shared = {
             (person, view): of for person, view, of in q("SELECT * FROM _shared_views").fetchall()
         }
+        view_of = {
+            number: (person, scope)
+            for number, person, scope in q(
+                "SELECT DISTINCT view, person_id, scope FROM _ag_shared"
+            ).fetchall()
+        }
         totals: dict[tuple[str, str], dict[str, Totals]] = {}
-        for person, view, trait, *row in q(_ROLLUP, self._rolled_columns).fetchall():
-            totals.setdefault((person, view), {})[trait] = Totals(*row)
+        for number, trait, *row in q(_ROLLUP, self._rolled_columns).fetchall():
+            totals.setdefault(view_of[number], {})[trait] = Totals(*row)
         stated: dict[tuple[str, str], dict[str, list[tuple[datetime, str, Any]]]] = {}
         for person, view, name, value, ts, event_key in q(
             """SELECT a.person_id, a.scope, t.name, t.value, timezone('UTC', t.ts), t.event_key
