@@ -121,7 +121,7 @@ WITH horizons AS (  -- windows keep the days after the view's last event less th
     FROM buckets WHERE day IS NOT NULL GROUP BY ALL
 )
 SELECT view, trait, sum(n)::BIGINT AS n, count(*)::BIGINT AS buckets,
-       min(first_ts) AS first_ts, max(last_ts) AS last_ts,
+       timezone('UTC', min(first_ts)) AS first_ts, timezone('UTC', max(last_ts)) AS last_ts,
        any_value(value) AS value,  -- a latest trait has one bucket, ''
        list(bucket) FILTER (WHERE list_contains($keyed, trait)) AS keys,
        list(n) FILTER (WHERE list_contains($keyed, trait)) AS counts,
@@ -396,7 +396,8 @@ class ProfileBuilder:
             self.conn.unregister("_affected")
 
     def _allowed_groups(self) -> None:
-        """`_ag`: each affected person's accumulator group once per view it may appear in;
+        """`_ids`: each affected person's identifiers, by record; `_ag`: each affected
+        person's accumulator group once per view it may appear in;
         `_shared_views`: the view whose roll-up each view shares; `_ag_shared`: `_ag` of those,
         each view numbered (`view`).
 
@@ -409,12 +410,15 @@ class ProfileBuilder:
         self.conn.register("_views", pa.table({"scope": list(self.policy.purposes)}))
         try:
             q(
+                f"""CREATE OR REPLACE TEMP TABLE _ids AS SELECT * FROM (
+                    UNPIVOT (SELECT person_id, record_id, {", ".join(STRONG_FIELDS)} FROM id_records
+                             WHERE person_id IN (SELECT person_id FROM _affected))
+                    ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value)"""
+            )
+            q(
                 f"""CREATE OR REPLACE TEMP TABLE _ag AS
                 WITH ids AS (
-                    SELECT DISTINCT person_id, id_type, id_value FROM (
-                        UNPIVOT (SELECT person_id, {", ".join(STRONG_FIELDS)} FROM id_records
-                                 WHERE person_id IN (SELECT person_id FROM _affected))
-                        ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value)
+                    SELECT DISTINCT person_id, id_type, id_value FROM _ids
                 ), latest AS (  -- a person's consent: their identifiers' latest statement
                     SELECT i.person_id, s.purpose, arg_max(s.status, s.ts) AS status
                     FROM ids i JOIN consent_state s USING (id_type, id_value) GROUP BY ALL
@@ -541,12 +545,9 @@ class ProfileBuilder:
         # All identifiers index the profile for lookups; a view shows only those of records
         # that contributed an allowed event to it.
         for person, view, id_type, values in q(
-            f"""SELECT person_id, scope, id_type, list(DISTINCT id_value ORDER BY id_value) FROM (
-                   UNPIVOT (SELECT r.person_id, v.scope, {", ".join("r." + f for f in STRONG_FIELDS)}
-                            FROM id_records r LEFT JOIN (SELECT DISTINCT record_id, scope FROM _ag) v
-                            USING (record_id)
-                            WHERE r.person_id IN (SELECT person_id FROM _affected))
-                   ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value
+            """SELECT person_id, scope, id_type, list(id_value ORDER BY id_value) FROM (
+                   SELECT DISTINCT person_id, scope, id_type, id_value FROM _ids
+                   LEFT JOIN (SELECT DISTINCT record_id, scope FROM _ag) v USING (record_id)
                ) GROUP BY ALL ORDER BY 1, 2 NULLS FIRST, 3"""
         ).fetchall():
             if person not in profiles:

@@ -376,7 +376,8 @@ class Totals(NamedTuple):
     """One trait of one view, summed by SQL over the view's allowed accumulator rows.
 
     n: the events counted; buckets: how many distinct buckets; first_ts / last_ts: the
-    earliest and latest event time; value: the latest value (JSON). keys, counts, amounts:
+    earliest and latest event time, naive UTC (DuckDB turns a TIMESTAMPTZ into an aware
+    datetime through a per-value time-zone lookup); value: the latest value (JSON). keys, counts, amounts:
     per bucket (sum, mean, top, open_count), or per UTC day after the view's window
     horizon (windowed traits; a count sums events, a distinct count counts buckets), in
     no particular order. Columns a trait's op does not read are None (`rolled_columns`).
@@ -449,7 +450,7 @@ def rollup(
             )
         elif spec.op in ("first_time", "last_time"):
             stamp = (row.first_ts if spec.op == "first_time" else row.last_ts) if row else None
-            computed[spec.name] = stamp.isoformat() if stamp else None
+            computed[spec.name] = stamp.isoformat() + "+00:00" if stamp else None
         elif spec.op == "latest":
             computed[spec.name] = orjson.loads(row.value) if row and row.value else None
         elif spec.op == "top":
