@@ -285,14 +285,14 @@ class ProfileBuilder:
         """Add events to the accumulator rows they touch: one upsert per batch.
 
         Python lists each event's (trait, bucket, amount, value) rows; DuckDB sums them per
-        key and sorts them (summing and sorting Python tuples cost more than the upsert).
+        key and merges the sums into the stored rows (summing Python tuples cost more).
         """
         rows: list[tuple[str, str, Decimal | None, Any]] = []
-        counts: list[int] = []
-        for fact, event in events:
-            before = len(rows)
-            rows.extend(accumulate(self.traits, fact["kind"], event, fact["ts"], fact["event_key"]))
-            counts.append(len(rows) - before)
+        event_of: list[int] = []  # each row's event, by position in `events`
+        for number, (fact, event) in enumerate(events):
+            added = accumulate(self.traits, fact["kind"], event, fact["ts"], fact["event_key"])
+            rows += added
+            event_of += [number] * len(added)
         if not rows:
             return
         traits, buckets, amounts, values = zip(*rows, strict=True)
@@ -310,9 +310,7 @@ class ProfileBuilder:
         )
         trait_rows = pa.table(
             {
-                "event": pa.array(
-                    [event for event, count in enumerate(counts) for _ in range(count)], pa.int32()
-                ),
+                "event": pa.array(event_of, pa.int32()),
                 "trait": pa.array(traits, pa.string()),
                 "bucket": pa.array(buckets, pa.string()),
                 "amount": pa.array(amounts, pa.decimal128(18, 2)),
