@@ -156,15 +156,16 @@ def load_segments(
     return segments
 
 
-def view_matches(
-    segment: Segment, view: dict[str, Any] | None, catalog: TraitCatalog, now: datetime
-) -> bool:
-    """Whether a stored purpose view (with its daily buckets) is in `segment` at `now`."""
+def view_reads(
+    view: dict[str, Any] | None, catalog: TraitCatalog, now: datetime
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A stored purpose view as segment conditions read it at `now`: (identify trait values,
+    computed traits with windows summed), or None without the view."""
     if view is None:
-        return False
+        return None
     computed = at_read(catalog, view.get("computed") or {}, view.get("windows") or {}, now)
     traits = {name: t.get("value") for name, t in (view.get("traits") or {}).items()}
-    return segment.matches(traits, computed)
+    return traits, computed
 
 
 class SegmentMembership:
@@ -211,15 +212,18 @@ class SegmentMembership:
             )
         finally:
             self.conn.unregister("_segment_persons")
-        wanted = {
-            (person, name)
-            for person, doc in profiles.items()
-            for name, segment in self.segments.items()
-            if now is not None
-            and view_matches(
-                segment, (doc.get("views") or {}).get(segment.purpose), self.catalog, now
-            )
-        }
+        wanted = set()
+        purposes = {segment.purpose for segment in self.segments.values()}
+        for person, doc in profiles.items() if now is not None else ():
+            views = doc.get("views") or {}
+            # Segments of one purpose read the same view: it is summed at `now` once.
+            reads = {
+                purpose: view_reads(views.get(purpose), self.catalog, now) for purpose in purposes
+            }
+            for name, segment in self.segments.items():
+                read = reads[segment.purpose]
+                if read is not None and segment.matches(*read):
+                    wanted.add((person, name))
         changes = [
             {
                 "segment": name,

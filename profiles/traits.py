@@ -80,7 +80,7 @@ class TraitCatalog:
     computed: tuple[TraitSpec, ...]
     default_strategy: str = "latest"
     strategies: dict[str, str] = field(default_factory=dict)
-    _by_kind: dict[str, tuple[TraitSpec, ...]] = field(
+    _by_kind: dict[str, KindPlan] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -110,17 +110,57 @@ class TraitCatalog:
                     twins[spec.name] = first
         return twins
 
-    def specs_for(self, kind: str) -> tuple[TraitSpec, ...]:
-        """The computed traits an event of `kind` may add to, worked out once per kind."""
-        specs = self._by_kind.get(kind)
-        if specs is None:
-            specs = self._by_kind[kind] = tuple(
-                spec
-                for spec in self.computed
-                if spec.op != "days_since"
-                and (spec.matches(kind) or kind in spec.subtract_kinds or kind in spec.close_kinds)
-            )
-        return specs
+    def plan_for(self, kind: str) -> KindPlan:
+        """What an event of `kind` adds to, worked out once per kind (`accumulate`)."""
+        plan = self._by_kind.get(kind)
+        if plan is None:
+            plan = self._by_kind[kind] = _plan(self.computed, kind)
+        return plan
+
+
+class KindPlan(NamedTuple):
+    """The accumulator rows an event kind adds to. fixed: (trait, daily) of the rows whose
+    bucket is '' or the event's day; steps: (traits, spec, side) of the rows read from the
+    event, traits that add the same rows (twins, a sum and a mean of one field) sharing
+    one step; side: '+' / '-' for amounts, 'open' / 'close' for open_count, else ''."""
+
+    fixed: tuple[tuple[str, bool], ...]
+    steps: tuple[tuple[tuple[str, ...], TraitSpec, str], ...]
+    daily: bool
+
+
+def _plan(computed: tuple[TraitSpec, ...], kind: str) -> KindPlan:
+    fixed: list[tuple[str, bool]] = [(SEEN, False)]
+    steps: dict[tuple, tuple[list[str], TraitSpec, str]] = {}
+    for spec in computed:
+        if spec.op == "days_since":
+            continue
+        side = ""
+        if spec.op in ("sum", "mean"):
+            side = "+" if spec.matches(kind) else "-" if kind in spec.subtract_kinds else ""
+            if not side or (side == "-" and spec.op == "mean"):
+                continue
+            key: tuple = ("amount", spec.fields[0], spec.group_by, spec.distinct_by, side)
+        elif spec.op == "open_count":
+            side = "open" if spec.matches(kind) else "close" if kind in spec.close_kinds else ""
+            if not side:
+                continue
+            key = ("open", spec.fields[0], side)
+        elif not spec.matches(kind):
+            continue
+        elif spec.op in ("count", "first_time", "last_time"):
+            fixed.append((spec.name, spec.op == "count" and bool(spec.window_days)))
+            continue
+        elif spec.op == "latest":
+            key = ("latest", spec.fields[0])
+        else:  # distinct_count, top: one row per value, per day when windowed
+            key = ("values", spec.fields, bool(spec.window_days))
+        steps.setdefault(key, ([], spec, side))[0].append(spec.name)
+    return KindPlan(
+        tuple(fixed),
+        tuple((tuple(names), spec, side) for names, spec, side in steps.values()),
+        any(daily for _, daily in fixed) or any(spec.window_days for _, spec, _ in steps.values()),
+    )
 
 
 def load_traits(
@@ -300,41 +340,34 @@ def _first(event: dict[str, Any], path: str | None, ts: datetime) -> str:
 
 def accumulate(
     catalog: TraitCatalog, kind: str, event: dict[str, Any], ts: datetime, event_key: str
-) -> Iterator[tuple[str, str, Decimal | None, Any]]:
+) -> list[tuple[str, str, Decimal | None, Any]]:
     """The (trait, bucket, amount, latest value) rows one applied event adds to."""
-    day = ts.astimezone(UTC).date().isoformat()
-    yield SEEN, "", None, None
-    for spec in catalog.specs_for(kind):
-        if spec.op in ("sum", "mean") and (spec.matches(kind) or kind in spec.subtract_kinds):
-            group = _first(event, spec.group_by, ts)
+    plan = catalog.plan_for(kind)
+    day = ts.astimezone(UTC).date().isoformat() if plan.daily else ""
+    rows = [(name, day if daily else "", None, None) for name, daily in plan.fixed]
+    for names, spec, side in plan.steps:
+        if side in ("+", "-"):
             amount = _amount(next(iter(field_values(event, spec.fields[0], ts)), None))
             if amount is None:
                 continue
-            if spec.matches(kind):
-                yield spec.name, f"+|{group}|{_first(event, spec.distinct_by, ts)}", amount, None
-            elif spec.op == "sum":
-                yield spec.name, f"-|{group}", amount, None
-            continue
-        if spec.op == "open_count" and (spec.matches(kind) or kind in spec.close_kinds):
-            side = "open" if spec.matches(kind) else "close"
+            group = _first(event, spec.group_by, ts)
+            bucket = (
+                f"+|{group}|{_first(event, spec.distinct_by, ts)}" if side == "+" else f"-|{group}"
+            )
+            rows += [(name, bucket, amount, None) for name in names]
+        elif side:  # open_count: a key opened or closed
             for value in field_values(event, spec.fields[0], ts):
-                yield spec.name, f"{side}|{value}", None, None
-            continue
-        if not spec.matches(kind):
-            continue
-        if spec.op == "count":
-            yield spec.name, day if spec.window_days else "", None, None
-        elif spec.op in ("first_time", "last_time"):
-            yield spec.name, "", None, None
+                rows += [(name, f"{side}|{value}", None, None) for name in names]
         elif spec.op == "latest":
             values = field_values(event, spec.fields[0], ts)
             if values:
-                yield spec.name, "", None, values[0]
+                rows += [(name, "", None, values[0]) for name in names]
         else:  # distinct_count, top: one row per value
             values = {str(v) for path in spec.fields for v in field_values(event, path, ts)}
-            for value in sorted(values):
+            for value in values:
                 bucket = f"{day}|{value}" if spec.window_days else value
-                yield spec.name, bucket, None, None
+                rows += [(name, bucket, None, None) for name in names]
+    return rows
 
 
 # -- rolling up: a view from its allowed rows ------------------------------------------------
@@ -344,7 +377,8 @@ class Totals(NamedTuple):
     """One trait of one view, summed by SQL over the view's allowed accumulator rows.
 
     n: the events counted; buckets: how many distinct buckets; first_ts / last_ts: the
-    earliest and latest event time; value: the latest value (JSON). keys, counts, amounts:
+    earliest and latest event time, naive UTC (DuckDB turns a TIMESTAMPTZ into an aware
+    datetime through a per-value time-zone lookup); value: the latest value (JSON). keys, counts, amounts:
     per bucket (sum, mean, top, open_count), or per UTC day after the view's window
     horizon (windowed traits; a count sums events, a distinct count counts buckets), in
     no particular order. Columns a trait's op does not read are None (`rolled_columns`).
@@ -417,7 +451,7 @@ def rollup(
             )
         elif spec.op in ("first_time", "last_time"):
             stamp = (row.first_ts if spec.op == "first_time" else row.last_ts) if row else None
-            computed[spec.name] = stamp.isoformat() if stamp else None
+            computed[spec.name] = stamp.isoformat() + "+00:00" if stamp else None
         elif spec.op == "latest":
             computed[spec.name] = orjson.loads(row.value) if row and row.value else None
         elif spec.op == "top":
