@@ -466,8 +466,15 @@ class Pipeline:
         self.builder.repoint(resolution.merged)
         changed = self.builder.add(
             [
-                (i.key, i.person_id, i.contract.kind, i.contract.event, i.contract.timestamp, r)
-                for i, r in zip(linked, records, strict=True)
+                (
+                    i.key,
+                    i.person_id,
+                    i.contract.kind,
+                    i.contract.event,
+                    i.contract.timestamp,
+                    i.record_id,
+                )
+                for i in linked
             ]  # type: ignore[misc]
         )
         command_items, decided = self._apply_commands(commands, report)

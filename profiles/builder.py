@@ -25,7 +25,7 @@ import pyarrow as pa
 from consent.gate import event_country
 from consent.policy import PurposePolicy
 from identity.normalise import Identifier
-from identity.records import STRONG_FIELDS, record_id_of
+from identity.records import STRONG_FIELDS
 from profiles.traits import (
     SEEN,
     Totals,
@@ -275,20 +275,17 @@ class ProfileBuilder:
         finally:
             self.conn.unregister("_builder_rows")
 
-    def add(
-        self, applied: list[tuple[str, str, str, dict[str, Any], datetime, dict[str, Any]]]
-    ) -> set[str]:
+    def add(self, applied: list[tuple[str, str, str, dict[str, Any], datetime, str]]) -> set[str]:
         """Record applied events as facts and add them to their computed-trait accumulators.
 
-        In: (event_key, person_id, kind, event, ts, identity record) per event. Out: the
+        In: (event_key, person_id, kind, event, ts, identity record id) per event. Out: the
         persons whose profiles changed. An event already recorded adds nothing again.
         """
         facts, traits = [], []
-        for event_key, person_id, kind, event, stated_ts, record in applied:
+        for event_key, person_id, kind, event, stated_ts, record_id in applied:
             # The same instant with datetime.UTC itself: pyarrow converts datetimes of any
             # other tzinfo object (the contract's own UTC included) ~60x slower.
             ts = stated_ts.astimezone(UTC)
-            record_id = record_id_of(record)
             fact = fact_of(event_key, person_id, kind, event, ts, record_id)
             fact["purpose"] = self.policy.purpose_for(kind)
             fact["jurisdiction"] = self.policy.jurisdiction_of(event_country(event))
@@ -308,7 +305,7 @@ class ProfileBuilder:
         self._accumulate(
             [
                 (fact, event)
-                for fact, (*_, event, _ts, _record) in zip(facts, applied, strict=True)
+                for fact, (*_, event, _ts, _record_id) in zip(facts, applied, strict=True)
                 if fact["event_key"] in new
             ]
         )
