@@ -1,7 +1,10 @@
 """Benchmarks of a running stack: freshness, backpressure and a kill -9 soak.
 
 - freshness: events produced at a steady rate through broker, worker and API; probe
-  events among them, and the time from producing each probe to the API serving it;
+  events among them, and the time from producing each probe to the API serving it, split
+  into hops from the output topics (`probe_hops`). `python -m pipelines.bench_live
+  --rates 1000,2000 --baseline DIR` runs it for this checkout and, alternately in the same
+  run, for another checkout's worker and API;
 - backpressure: a worker whose profile store is made slow while events keep arriving:
   its memory must stay flat while the backlog grows, and no event may be lost;
 - soak: the same events through a fault-free stack and through one whose worker is
@@ -463,7 +466,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path(".tessera/bench-freshness"))
     args = parser.parse_args(argv)
     rates = [int(r) for r in args.rates.split(",") if r]
-    compare_freshness(rates, args.seconds, args.baseline, args.rounds, args.workdir)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # `python -m` puts the working directory first on the path of the processes the stack
+    # starts: inside a checkout it would shadow the baseline's code with that checkout's.
+    os.chdir(workdir)
+    baseline = args.baseline.resolve() if args.baseline else None
+    compare_freshness(rates, args.seconds, baseline, args.rounds, workdir)
 
 
 if __name__ == "__main__":
