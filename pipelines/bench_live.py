@@ -1,7 +1,10 @@
 """Benchmarks of a running stack: freshness, backpressure and a kill -9 soak.
 
 - freshness: events produced at a steady rate through broker, worker and API; probe
-  events among them, and the time from producing each probe to the API serving it;
+  events among them, and the time from producing each probe to the API serving it, split
+  into hops from the output topics (`probe_hops`). `python -m pipelines.bench_live
+  --rates 1000,2000 --baseline DIR` runs it for this checkout and, alternately in the same
+  run, for another checkout's worker and API;
 - backpressure: a worker whose profile store is made slow while events keep arriving:
   its memory must stay flat while the backlog grows, and no event may be lost;
 - soak: the same events through a fault-free stack and through one whose worker is
@@ -12,13 +15,15 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,15 +32,17 @@ import duckdb
 import httpx
 import orjson
 
+from pipelines import topics
 from pipelines.broker import EmbeddedBroker
 from pipelines.demo import wait_until_processed
-from pipelines.kafka import BatchProducer
+from pipelines.kafka import BatchProducer, topic_messages
 from pipelines.pipeline import OutRecord
 from pipelines.stack import LocalStack
 from pipelines.topics import route
 from profiles.access import KEYS_ENV, write_keyring
 
 PROBE_PREFIX = "freshness-probe-"
+_PROBE_ID = re.compile(rb'"' + PROBE_PREFIX.encode() + rb'(\d+)"')
 
 
 def probe_event(number: int) -> bytes:
@@ -108,7 +115,15 @@ class SteadyProducer(threading.Thread):
 
 
 class ProbeWatcher(threading.Thread):
-    """Polls the API for each probe's profile until it is served; records when."""
+    """Polls the API for the oldest probe not served yet until it is, then for the next;
+    records when each was first served.
+
+    Probes are produced in order to one partition and batches run in order, so a probe is
+    never served before the ones produced earlier: asking for the oldest one alone every
+    20 ms (and for the next at once when it is there) adds no request per probe waiting,
+    which under load would add its own delay to every latency. A probe served out of
+    order would be recorded later than it was served: an overestimate, never an under-.
+    """
 
     def __init__(self, api_url: str, api_key: str, producer: SteadyProducer) -> None:
         super().__init__(name="probe-watcher", daemon=True)
@@ -119,8 +134,9 @@ class ProbeWatcher(threading.Thread):
     def run(self) -> None:
         headers = {"X-API-Key": self.api_key}
         with httpx.Client(base_url=self.api_url, timeout=5, headers=headers) as http:
+            number = 1
             while not self.stop.is_set():
-                for number in sorted(set(self.producer.sent_at) - set(self.seen_at)):
+                if number in self.producer.sent_at:
                     response = http.get(
                         "/v1/profiles/lookup",
                         params={
@@ -131,6 +147,8 @@ class ProbeWatcher(threading.Thread):
                     )
                     if response.status_code == 200:
                         self.seen_at[number] = time.time()
+                        number += 1
+                        continue  # the next one may have come with it
                 time.sleep(0.02)
 
 
@@ -163,6 +181,43 @@ def _wait_until_serving(stack: LocalStack, key: str, timeout: float = 300) -> No
         time.sleep(0.2)
 
 
+def probe_hops(bootstrap: str, sent_at: dict[int, float]) -> dict[int, dict[str, float]]:
+    """Where each probe's time went, from the records on the output topics.
+
+    Per probe: `to_stages`, from producing it to the quality check of the batch it was
+    processed in (the report's `checked_at`, taken as the batch's stages begin: broker,
+    worker fetch, and waiting for that batch to be cut and for the batch before it);
+    `stages`, from there to its profile's first changelog record (stamped when the
+    worker produced its outputs); and `batch`, that batch's event count. The rest, up to
+    the API serving it, is the replica's fetch and apply and the watcher's poll.
+    """
+    emitted: dict[int, float] = {}
+    for message in topic_messages(bootstrap, topics.PROFILES_CHANGELOG):
+        for found in _PROBE_ID.findall(message.value() or b""):
+            number = int(found)
+            if number in sent_at and number not in emitted:
+                emitted[number] = message.timestamp()[1] / 1000
+    reports = sorted(
+        (message.timestamp()[1] / 1000, orjson.loads(message.value()))
+        for message in topic_messages(bootstrap, topics.QUALITY_REPORTS)
+        if message.value()
+    )
+    hops: dict[int, dict[str, float]] = {}
+    for number, at in emitted.items():
+        # The batch's report is produced with its changelog records, just after them.
+        report = next((doc for stamp, doc in reports if stamp >= at - 0.002), None)
+        if report is None or not report.get("checked_at"):
+            continue
+        began = datetime.fromisoformat(report["checked_at"]).timestamp()
+        hops[number] = {
+            "to_stages": began - sent_at[number],
+            "stages": at - began,
+            "emitted": at - sent_at[number],
+            "batch": report["events"],
+        }
+    return hops
+
+
 def freshness(lines: Sequence[bytes], rate: float, folder: Path, seconds: float) -> dict[str, Any]:
     """Produce `rate` events/s for `seconds` into a fresh stack; probe latency to the API."""
     count = min(len(lines), int(rate * seconds))
@@ -184,9 +239,11 @@ def freshness(lines: Sequence[bytes], rate: float, folder: Path, seconds: float)
         watcher.stop.set()
         watcher.join()
         drained_for = time.time() - started
+        hops = probe_hops(stack.bootstrap, producer.sent_at)
     latencies = sorted(
         watcher.seen_at[n] - producer.sent_at[n] for n in watcher.seen_at if n in producer.sent_at
     )
+    served = {n: watcher.seen_at[n] - hops[n]["emitted"] - producer.sent_at[n] for n in hops}
     return {
         "rate": rate,
         "achieved_rate": count / produced_for,
@@ -197,6 +254,11 @@ def freshness(lines: Sequence[bytes], rate: float, folder: Path, seconds: float)
         "p99": percentile(latencies, 99),
         "max": latencies[-1] if latencies else float("nan"),
         "drain_rate": (count + producer.probes) / drained_for,
+        # Medians over the probes: where a probe's time goes (see probe_hops).
+        "to_stages_p50": percentile(sorted(h["to_stages"] for h in hops.values()), 50),
+        "stages_p50": percentile(sorted(h["stages"] for h in hops.values()), 50),
+        "served_p50": percentile(sorted(served.values()), 50),
+        "batch_p50": percentile(sorted(h["batch"] for h in hops.values()), 50),
     }
 
 
@@ -344,3 +406,74 @@ def soak(
         "profiles": len(clean["profiles"]),
         "received": faulty_stats["received"],
     }
+
+
+@contextmanager
+def _code_of(checkout: Path | None) -> Iterator[None]:
+    """Processes started inside run `checkout`'s code (first on PYTHONPATH); None: this one."""
+    saved = os.environ.get("PYTHONPATH")
+    if checkout is not None:
+        os.environ["PYTHONPATH"] = str(checkout.resolve())
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def compare_freshness(
+    rates: Sequence[int], seconds: float, baseline: Path | None, rounds: int, workdir: Path
+) -> list[dict[str, Any]]:
+    """Freshness of this checkout's stack and, alternately in the same run, of `baseline`'s
+    (another checkout: its worker and API run its code; the producer and the probe watcher
+    are this module's, so both are measured alike). One JSON line per run on stdout."""
+    from pipelines.bench import END
+    from pipelines.produce import read_lines
+    from synthetic.events import write_dataset
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    events = int(max(rates) * seconds)
+    path = workdir / "events.jsonl"
+    write_dataset(path, None, persons=max(10, events // 50), events=events, seed=7, end=END)
+    lines = list(read_lines(path))
+    codes: list[tuple[str, Path | None]] = [("after", None)]
+    if baseline is not None:
+        codes.insert(0, ("before", baseline))
+    results = []
+    for round_ in range(rounds):
+        for rate in rates:
+            for label, checkout in codes if round_ % 2 == 0 else codes[::-1]:
+                folder = workdir / f"{label}-r{rate}-{round_}"
+                shutil.rmtree(folder, ignore_errors=True)
+                with _code_of(checkout):
+                    result = {"code": label, "round": round_}
+                    result.update(freshness(lines, rate, folder, seconds))
+                print(orjson.dumps(result).decode(), flush=True)
+                results.append(result)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Freshness, this checkout against a baseline.")
+    parser.add_argument("--rates", default="1000,2000")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--baseline", type=Path, help="checkout whose stack is 'before'")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=Path(".tessera/bench-freshness"))
+    args = parser.parse_args(argv)
+    rates = [int(r) for r in args.rates.split(",") if r]
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # `python -m` puts the working directory first on the path of the processes the stack
+    # starts: inside a checkout it would shadow the baseline's code with that checkout's.
+    os.chdir(workdir)
+    baseline = args.baseline.resolve() if args.baseline else None
+    compare_freshness(rates, args.seconds, baseline, args.rounds, workdir)
+
+
+if __name__ == "__main__":
+    main()

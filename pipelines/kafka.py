@@ -152,6 +152,15 @@ def read_topic(
     """Every record of a topic from offset zero to its end: (partition, offset, key, value,
     headers). The end is each partition's fetch high-water mark (partition EOF); `timeout`
     bounds a wait in which nothing arrives."""
+    return [
+        (m.partition(), m.offset(), m.key(), m.value(), list(m.headers() or ()))
+        for m in topic_messages(bootstrap, topic, timeout)
+    ]
+
+
+def topic_messages(bootstrap: str, topic: str, timeout: float = 30) -> list[Any]:
+    """Every message of a topic from offset zero to its end, as confluent-kafka `Message`s
+    (their timestamps included), in the order consumed; see `read_topic`."""
     import time
 
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -185,15 +194,7 @@ def read_topic(
                     if error.code() == KafkaError._PARTITION_EOF:
                         at_end.add(message.partition())
                     continue
-                found.append(
-                    (
-                        message.partition(),
-                        message.offset(),
-                        message.key(),
-                        message.value(),
-                        list(message.headers() or ()),
-                    )
-                )
+                found.append(message)
         return found
     finally:
         consumer.close()

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from pipelines.kafka import client_config
 from profiles.store import FOLLOWED_TOPICS, ConsumedRecord, ProfileStore
@@ -21,10 +21,13 @@ log = logging.getLogger("tessera.replica")
 class ReplicaFollower:
     """Follows Tessera's output topics and materialises them into a store."""
 
-    def __init__(self, store: ProfileStore, bootstrap: str, batch_size: int = 5000) -> None:
+    def __init__(
+        self, store: ProfileStore, bootstrap: str, batch_size: int = 5000, wait: float = 0.2
+    ) -> None:
         self.store = store
         self.bootstrap = bootstrap
         self.batch_size = batch_size
+        self.wait = wait  # the longest one poll waits when nothing has been fetched
         self.applied = 0
         self.last_error: str | None = None
         # Partitions read to their end at least once since start. End of partition comes from
@@ -80,6 +83,21 @@ class ReplicaFollower:
         self._assigned = {(tp.topic, tp.partition) for tp in assignment}
         consumer.assign(assignment)
 
+    def _fetched(self, consumer: Consumer) -> list[Message]:
+        """What the client has fetched (up to a batch), without waiting when there is any;
+        with none, up to `wait` for the first record, then whatever came with it.
+
+        `consume` with a timeout waits for a full batch or the whole timeout, so a trickle
+        of changes would sit in the client for that long before it is applied.
+        """
+        messages = consumer.consume(num_messages=self.batch_size, timeout=0)
+        if messages:
+            return messages
+        first = consumer.poll(self.wait)
+        if first is None:
+            return []
+        return [first, *consumer.consume(num_messages=self.batch_size - 1, timeout=0)]
+
     def _run(self) -> None:
         consumer = Consumer(
             client_config(
@@ -96,7 +114,7 @@ class ReplicaFollower:
         try:
             self._assign(consumer)
             while not self._stop.is_set():
-                messages = consumer.consume(num_messages=self.batch_size, timeout=0.2)
+                messages = self._fetched(consumer)
                 records = []
                 # In consumed order: a partition is at its end if its last word was EOF.
                 ended: dict[tuple[str, int], bool] = {}
