@@ -40,7 +40,12 @@ from faust.types import TP
 
 from pipelines import topics
 from pipelines.bundles import encode_bundles
-from pipelines.faust_engine import faust_app, source_records
+from pipelines.faust_engine import (
+    ShortFetchConsumerThread,
+    faust_app,
+    ready_batches,
+    source_records,
+)
 from pipelines.kafka import BatchProducer
 from pipelines.pipeline import OutRecord, SourceRecord
 
@@ -92,6 +97,9 @@ class ForwardedOffsetConsumer(aiokafka_driver.Consumer):
     broker acknowledged keeps the group's offset from ever leading the forwarded data.
     """
 
+    def _new_consumer_thread(self) -> ShortFetchConsumerThread:
+        return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
         forwarder: Forwarder | None = getattr(self.app, "tessera_forwarder", None)
         if forwarder is not None:
@@ -129,7 +137,7 @@ def build_ingest_app(
     @app.agent(inputs)
     async def forward(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
-        async for events in stream.take_events(batch_size, within=batch_ms / 1000):
+        async for events in ready_batches(stream, batch_size, batch_ms / 1000):
             records = source_records(events)
             sent = await loop.run_in_executor(None, forwarder.forward, records)
             log.info("forwarded %d records in %s bundles", len(records), sent)
