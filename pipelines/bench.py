@@ -31,8 +31,6 @@ from pipelines.topics import route
 
 END = datetime(2026, 11, 1, tzinfo=UTC)  # fixed, so every run streams the same bytes
 SMALL_BATCH = 2000
-# The cost curve's fill: the batch the store is filled in before the probe is timed.
-FILL_BATCH = 10_000
 
 
 @dataclass
@@ -559,8 +557,10 @@ def run_live(
             for rate in rates
         ]
     if persons:
+        # The fill keeps the probe's batch: the resolver clusters a batch's records together,
+        # so a fill in other batches would store other persons (measured at 10,000 persons).
         live["cost"] = [
-            cost_point(count, workdir / "cost" / f"p{count}", batch_size, 10_000, FILL_BATCH)
+            cost_point(count, workdir / "cost" / f"p{count}", batch_size, 10_000)
             for count in persons
         ]
     if backpressure_events:
