@@ -13,6 +13,7 @@ show memory staying flat while the backlog grows (backpressure) instead of growi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import resource
 import sys
@@ -112,15 +113,52 @@ def main(
     ).execute_from_commandline()
 
 
-def cost(persons: int, folder: Path, batch_size: int, probe_events: int) -> None:
-    """Fill a store with `persons` (two events each on average), then time a probe of
-    `probe_events` new events of new persons; print one JSON line."""
+def fill_parts(events: int, batch_size: int, parts: int = 10) -> list[tuple[int, int]]:
+    """Split `events` fed in batches of `batch_size` into up to `parts` consecutive runs of
+    whole batches; returns each run's (first, end) event offsets. Feeding the runs one
+    after the other makes exactly the batches of feeding all events at once."""
+    batches = -(-events // batch_size)
+    bounds = sorted({round(batches * k / parts) for k in range(parts + 1)})
+    return [
+        (min(a * batch_size, events), min(b * batch_size, events))
+        for a, b in itertools.pairwise(bounds)
+    ]
+
+
+def _timed_feed(pipeline: Pipeline, lines: list[bytes], batch_size: int, first: int) -> dict:
+    """Feed `lines` (offsets from `first`); wall-clock and CPU seconds of this process."""
+    from pipelines.bench import feed
+
+    cpu = time.process_time()
+    wall = feed(pipeline, lines, batch_size, first=first)
+    cpu = time.process_time() - cpu
+    return {
+        "events": len(lines),
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "rate": len(lines) / wall,
+        "cpu_rate": len(lines) / cpu,
+    }
+
+
+def cost(
+    persons: int, folder: Path, batch_size: int, probe_events: int, fill_batch: int = 0
+) -> None:
+    """Fill a store with `persons` (two events each on average) in batches of `fill_batch`
+    (default `batch_size`), then time a probe of `probe_events` new events of new persons
+    in batches of `batch_size`; print one JSON line.
+
+    Rates are given per wall-clock second and per CPU-second of this process (all its
+    threads, DuckDB's included): on a shared machine the first includes waiting for a
+    core, the second does not. The fill is timed by tenths, to show how its cost grows
+    with the store; each tenth is also reported on stderr as it ends."""
     import duckdb
 
-    from pipelines.bench import END, feed
+    from pipelines.bench import END
     from pipelines.produce import read_lines
     from synthetic.events import write_dataset
 
+    fill_batch = fill_batch or batch_size
     folder.mkdir(parents=True, exist_ok=True)
     warm, probe = folder / "warm.jsonl", folder / "probe.jsonl"
     write_dataset(warm, None, persons=persons, events=2 * persons, seed=7, end=END)
@@ -130,30 +168,50 @@ def cost(persons: int, folder: Path, batch_size: int, probe_events: int) -> None
         stale.unlink(missing_ok=True)
     pipeline = Pipeline(state)
     warm_lines = list(read_lines(warm))
-    warm_seconds = feed(pipeline, warm_lines, batch_size)
+    load_before = os.getloadavg()[0]
+    fill = []
+    for first, end in fill_parts(len(warm_lines), fill_batch):
+        part = _timed_feed(pipeline, warm_lines[first:end], fill_batch, first)
+        part.update(stored=end, rss_mb=rss_mb(), load=os.getloadavg()[0])
+        fill.append(part)
+        print(orjson.dumps({"fill": part}).decode(), file=sys.stderr, flush=True)
     rss_before = rss_mb()
-    probe_seconds = feed(pipeline, list(read_lines(probe)), batch_size, first=len(warm_lines))
+    probed = _timed_feed(pipeline, list(read_lines(probe)), batch_size, len(warm_lines))
     rss_after = rss_mb()
     pipeline.close()
     conn = duckdb.connect(str(state), read_only=True)
     (stored,) = conn.execute("SELECT count(*) FROM id_persons").fetchone()
     conn.close()
+    warm_seconds = sum(p["seconds"] for p in fill)
+    warm_cpu = sum(p["cpu_seconds"] for p in fill)
     result = {
         "persons": persons,
         "persons_stored": stored,
         "warm_events": len(warm_lines),
+        "fill_batch": fill_batch,
+        "batch": batch_size,
+        "warm_seconds": warm_seconds,
+        "warm_cpu_seconds": warm_cpu,
         "warm_rate": len(warm_lines) / warm_seconds,
-        "rate": probe_events / probe_seconds,
+        "warm_cpu_rate": len(warm_lines) / warm_cpu,
+        "fill": fill,
+        "probe_events": probe_events,
+        "probe_seconds": probed["seconds"],
+        "probe_cpu_seconds": probed["cpu_seconds"],
+        "rate": probed["rate"],
+        "cpu_rate": probed["cpu_rate"],
         "rss_before_mb": rss_before,
         "rss_after_mb": rss_after,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "state_mb": state.stat().st_size / 2**20,
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
     }
     print(orjson.dumps(result).decode(), flush=True)
 
 
 if __name__ == "__main__" and sys.argv[1] == "cost":
-    cost(int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    cost(int(sys.argv[2]), Path(sys.argv[3]), *map(int, sys.argv[4:7]))
 elif __name__ == "__main__":
     main(
         sys.argv[1],
