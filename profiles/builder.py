@@ -429,21 +429,25 @@ class ProfileBuilder:
             self.conn.unregister("_affected")
 
     def _allowed_groups(self) -> None:
-        """`_ids`: each affected person's identifiers, by record; `_ag`: each affected
-        person's accumulator group once per view it may appear in;
-        `_shared_views`: the view whose roll-up each view shares; `_ag_shared`: `_ag` of those,
-        each view numbered (`view`).
+        """`_affected_records`: the affected persons' identity records; `_ids`: each affected
+        person's identifiers, by record; `_ag`: each affected person's accumulator group once
+        per view it may appear in; `_shared_views`: the view whose roll-up each view shares;
+        `_ag_shared`: `_ag` of those, each view numbered (`view`).
 
         A group is (identity record, ingestion purpose, jurisdiction). It belongs in the view
         for purpose P when the person currently consents to P and to the ingestion purpose:
         their identifiers' latest statement, else the jurisdiction's default.
         """
         q = self.conn.execute
+        # `id_records` is a view that works out every record's current person: read once.
+        q(
+            f"""CREATE OR REPLACE TEMP TABLE _affected_records AS
+            SELECT person_id, record_id, {", ".join(STRONG_FIELDS)} FROM id_records
+            WHERE person_id IN (SELECT person_id FROM _affected)"""
+        )
         q(
             f"""CREATE OR REPLACE TEMP TABLE _ids AS SELECT * FROM (
-                UNPIVOT (SELECT person_id, record_id, {", ".join(STRONG_FIELDS)} FROM id_records
-                         WHERE person_id IN (SELECT person_id FROM _affected))
-                ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value)"""
+                UNPIVOT _affected_records ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value)"""
         )
         q(
             f"""CREATE OR REPLACE TEMP TABLE _ag AS
@@ -586,9 +590,8 @@ class ProfileBuilder:
         for person, merged in q(
             # Persons that founded a record now in this profile: everyone merged into it.
             """SELECT r.person_id, list(DISTINCT p.person_id ORDER BY p.person_id)
-               FROM id_persons p JOIN id_records r ON r.record_id = p.founder
-               WHERE p.person_id <> r.person_id AND r.person_id IN (SELECT person_id FROM _affected)
-               GROUP BY r.person_id"""
+               FROM id_persons p JOIN _affected_records r ON r.record_id = p.founder
+               WHERE p.person_id <> r.person_id GROUP BY r.person_id"""
         ).fetchall():
             if person in profiles:
                 profiles[person]["merged_from"] = merged
