@@ -134,10 +134,14 @@ def output_lines(outputs: list[Any]) -> list[bytes]:
 
 
 def table_digests(conn: Any) -> dict[str, str]:
-    """Each table of a state database: its row count and a digest of its sorted rows."""
+    """Each table of a state database: its row count and a digest of its sorted rows.
+
+    The database file's own tables and views only: a connection's temporary tables and
+    registered Arrow tables are scratch space, not state."""
     digests = {}
     for (name,) in conn.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
+        "AND table_catalog = current_database() ORDER BY 1"
     ).fetchall():
         count, digest = conn.execute(
             f"SELECT count(*), md5(coalesce(string_agg(t::VARCHAR, chr(10) ORDER BY t::VARCHAR), '')) FROM \"{name}\" t"
