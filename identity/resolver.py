@@ -889,7 +889,6 @@ class IdentityResolver:
 
 
 @functools.cache
-@functools.cache
 def unfreeze_at_exit() -> None:
     """Hand frozen objects back to the collector when the interpreter exits, so the
     shutdown frees them as usual (extension types report frozen ones as leaked); registered
