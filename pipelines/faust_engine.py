@@ -122,16 +122,20 @@ class ShortFetchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         return consumer
 
 
-class StoredOffsetConsumer(aiokafka_driver.Consumer):
+class ShortFetchConsumer(aiokafka_driver.Consumer):
+    """Faust's aiokafka consumer, whose fetches wait at most FETCH_WAIT_MS."""
+
+    def _new_consumer_thread(self) -> ShortFetchConsumerThread:
+        return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class StoredOffsetConsumer(ShortFetchConsumer):
     """Faust's aiokafka consumer, resuming every assigned partition at the stored offset.
 
     Faust calls `seek_to_committed` after each assignment (start and rebalance) and when
     flow resumes; a partition the state has never seen starts at 0 (a new or wiped state
     rebuilds from the beginning of the topic), whatever the group committed.
     """
-
-    def _new_consumer_thread(self) -> ShortFetchConsumerThread:
-        return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         committed = dict(await super().seek_to_committed())

@@ -41,7 +41,7 @@ from faust.types import TP
 from pipelines import topics
 from pipelines.bundles import encode_bundles
 from pipelines.faust_engine import (
-    ShortFetchConsumerThread,
+    ShortFetchConsumer,
     faust_app,
     ready_batches,
     source_records,
@@ -89,16 +89,13 @@ class Forwarder:
                 self.producer.close()
 
 
-class ForwardedOffsetConsumer(aiokafka_driver.Consumer):
+class ForwardedOffsetConsumer(ShortFetchConsumer):
     """Faust's aiokafka consumer, committing no offset beyond the forwarded records.
 
     Faust acks a batch's events when the agent's loop moves on, or when it is cancelled
     (SIGTERM) while the bundle is still being sent: clamping the commit to what the
     broker acknowledged keeps the group's offset from ever leading the forwarded data.
     """
-
-    def _new_consumer_thread(self) -> ShortFetchConsumerThread:
-        return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
         forwarder: Forwarder | None = getattr(self.app, "tessera_forwarder", None)
