@@ -1,7 +1,13 @@
+import asyncio
+import inspect
+
 import faust
 import pytest
+from aiokafka import AIOKafkaConsumer
 
+from pipelines.faust_engine import FETCH_WAIT_MS, TesseraApp, faust_app
 from pipelines.flink_launch import FlinkUnavailable, flink_python, run_in_flink_python
+from pipelines.ingest import IngestApp
 from pipelines.kafka import client_config, faust_credentials, java_client_properties
 
 
@@ -67,3 +73,21 @@ def test_the_flink_engine_without_its_venv_says_how_to_build_it(tmp_path):
     assert flink_python(tmp_path) is None
     with pytest.raises(FlinkUnavailable, match="make flink-setup"):
         run_in_flink_python(["worker", "--engine", "flink"], root=tmp_path)
+
+
+@pytest.mark.parametrize("app_class", [TesseraApp, IngestApp])
+def test_worker_fetches_wait_at_most_the_short_fetch_wait(tmp_path, app_class):
+    # Faust asks aiokafka for 1,500 ms and passes no setting for it; the short wait is set on
+    # the attribute aiokafka hands to its fetcher when the consumer starts. If an upgrade
+    # renames either, this fails instead of freshness silently growing by a second.
+    async def worker_consumer_wait() -> int:
+        app, _ = faust_app("127.0.0.1:9", tmp_path, "fetch-wait", 100, app_class=app_class)
+        thread = app.consumer._new_consumer_thread()
+        consumer = thread._create_worker_consumer(app.transport)
+        try:
+            return consumer._fetch_max_wait_ms
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(worker_consumer_wait()) == FETCH_WAIT_MS < 1500
+    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start)
