@@ -483,7 +483,7 @@ def cost_section(points: list[dict], command: str) -> str:
         f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; command: `{command}`",
         f"- 1-minute load average on {os.cpu_count()} cores: "
         + (f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded")
-        + " (the machine was shared with other work)",
+        + " (the bench keeps about one core busy; above that, other work shared the machine)",
         "",
         "Stages alone (no Kafka), one process per point: the store is first filled with",
         "the events of N persons (two per person on average), then a probe of new events",
