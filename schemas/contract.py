@@ -88,49 +88,54 @@ def _schema_reason(error: Any) -> Reason:
     return Reason(code, f"{path}: {message}")
 
 
+def _rejected(
+    code: ReasonCode, detail: str, kind: str | None = None, version: int | None = None
+) -> ContractResult:
+    return ContractResult(kind, version, reasons=[Reason(code, detail)])
+
+
+def _unparsed(raw: bytes, error: orjson.JSONDecodeError) -> ContractResult:
+    """The reason bytes orjson refused are not an event (empty, not UTF-8, too deep, bad JSON)."""
+    if not raw.strip():
+        return _rejected(ReasonCode.EMPTY_PAYLOAD, "message has no content")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return _rejected(ReasonCode.INVALID_UTF8, f"byte {bad.start}: {bad.reason}")
+    if "recursion" in str(error) or "depth limit" in str(error):
+        return _rejected(ReasonCode.TOO_DEEPLY_NESTED, f"nesting deeper than {MAX_DEPTH}")
+    return _rejected(ReasonCode.MALFORMED_JSON, str(error)[:200])
+
+
 def check_contract(raw: bytes, registry: SchemaRegistry | None = None) -> ContractResult:
     """Check one raw message against its contract.
 
     In: the message's bytes exactly as consumed. Out: a ContractResult with the parsed
     event, its kind, version and timestamp, or the reasons it was rejected.
     """
-    registry = registry or default_registry()
-    result = ContractResult()
-
-    def reject(code: ReasonCode, detail: str) -> ContractResult:
-        result.reasons.append(Reason(code, detail))
-        return result
-
     if len(raw) > MAX_PAYLOAD_BYTES:
-        return reject(
+        return _rejected(
             ReasonCode.PAYLOAD_TOO_LARGE, f"{len(raw)} bytes > limit of {MAX_PAYLOAD_BYTES}"
         )
-    if not raw or not raw.strip():
-        return reject(ReasonCode.EMPTY_PAYLOAD, "message has no content")
     try:
-        doc = orjson.loads(raw)  # it accepts only valid UTF-8: the check below is for the reason
+        # Empty, blank and invalid UTF-8 bytes all fail to parse (orjson accepts only valid
+        # UTF-8): their own reasons are worked out for failures only.
+        doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as bad:
-            return reject(ReasonCode.INVALID_UTF8, f"byte {bad.start}: {bad.reason}")
-        if "recursion" in str(exc) or "depth limit" in str(exc):
-            return reject(ReasonCode.TOO_DEEPLY_NESTED, f"nesting deeper than {MAX_DEPTH}")
-        return reject(ReasonCode.MALFORMED_JSON, str(exc)[:200])
-    if not isinstance(doc, dict):
-        return reject(ReasonCode.NOT_AN_OBJECT, f"top-level JSON {type(doc).__name__}")
+        return _unparsed(raw, exc)
+    if type(doc) is not dict:
+        return _rejected(ReasonCode.NOT_AN_OBJECT, f"top-level JSON {type(doc).__name__}")
     # Nesting needs an opening bracket per level: few brackets in all, no need to walk.
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _depth_exceeds(doc, MAX_DEPTH):
-        return reject(ReasonCode.TOO_DEEPLY_NESTED, f"nesting deeper than {MAX_DEPTH}")
+        return _rejected(ReasonCode.TOO_DEEPLY_NESTED, f"nesting deeper than {MAX_DEPTH}")
     kind = kind_of(doc)
     if kind is None:
         shown = str(doc.get("type"))[:64]
-        return reject(ReasonCode.UNKNOWN_EVENT_TYPE, f"type {shown!r} has no contract")
+        return _rejected(ReasonCode.UNKNOWN_EVENT_TYPE, f"type {shown!r} has no contract")
     version = doc.get("schemaVersion", 1)
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
-        return reject(ReasonCode.UNKNOWN_SCHEMA_VERSION, f"schemaVersion {str(version)[:32]!r}")
-    result.kind, result.version = kind, version
-    contract = registry.get(kind, version)
+        return _rejected(ReasonCode.UNKNOWN_SCHEMA_VERSION, f"schemaVersion {str(version)[:32]!r}")
+    contract = (registry or default_registry()).get(kind, version)
     assert contract is not None, f"registry has no {kind} v{version}"
     if not contract.validator.is_valid(doc):
         # Slow path, bad events only: every error, missing and mistyped fields first.
@@ -141,15 +146,18 @@ def check_contract(raw: bytes, registry: SchemaRegistry | None = None) -> Contra
                 [str(p) for p in e.instance_path],
             ),
         )
-        result.reasons.extend(_schema_reason(e) for e in errors[:5])
-        return result
+        return ContractResult(kind, version, reasons=[_schema_reason(e) for e in errors[:5]])
     timestamp = parse_timestamp(doc["timestamp"])
     if timestamp is None:
-        return reject(ReasonCode.INVALID_TIMESTAMP, f"timestamp {doc['timestamp']!r}")
+        return _rejected(
+            ReasonCode.INVALID_TIMESTAMP, f"timestamp {doc['timestamp']!r}", kind, version
+        )
     identifiers = extract_identifiers(doc)
     if not identifiers:
-        return reject(
-            ReasonCode.MISSING_IDENTIFIER, "no userId, anonymousId, email or phone in the event"
+        return _rejected(
+            ReasonCode.MISSING_IDENTIFIER,
+            "no userId, anonymousId, email or phone in the event",
+            kind,
+            version,
         )
-    result.event, result.timestamp, result.identifiers = doc, timestamp, identifiers
-    return result
+    return ContractResult(kind, version, doc, timestamp, identifiers, [])
