@@ -183,7 +183,7 @@ class ConsentGate:
         Out: one GateDecision per item. Consent statements (consent events and carried
         preferences) update the stored state in the caller's transaction.
         """
-        state = self._load({i for *_, ids in items for i in ids})
+        state = self._load({i for item in items for i in item[4]})
         changed: dict[tuple[Identifier, str], ConsentRecord] = {}
 
         def remember(ids: list[Identifier], records: list[ConsentRecord]) -> None:
@@ -206,7 +206,7 @@ class ConsentGate:
         # A jurisdiction default depends on the country and purpose alone: one decision
         # object per pair, shared by every event it decides (decisions are immutable).
         defaults: dict[tuple[str | None, str], GateDecision] = {}
-        erased = erased_before(self.conn, [(ts, ids) for *_, ts, ids in items])
+        erased = erased_before(self.conn, [item[3:] for item in items])  # (ts, ids) each
         for (event_key, kind, event, ts, ids), erasure in zip(items, erased, strict=True):
             if erasure is not None:
                 # An erased subject's event from before the erasure (a replay, a late

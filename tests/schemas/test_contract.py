@@ -47,6 +47,10 @@ def test_a_valid_order_passes_with_kind_and_utc_timestamp(make_event):
     [
         (b"", ReasonCode.EMPTY_PAYLOAD),
         (b"   ", ReasonCode.EMPTY_PAYLOAD),
+        (b"\t\r\n", ReasonCode.EMPTY_PAYLOAD),
+        (b"\x0b\x0c ", ReasonCode.EMPTY_PAYLOAD),  # blank, though not JSON whitespace
+        (b"\xff", ReasonCode.INVALID_UTF8),
+        (b" \n\xed\xa0\x80", ReasonCode.INVALID_UTF8),  # a lone surrogate, UTF-8 encoded
         (b'{"type": "page", "x": "\xff\xfe"}', ReasonCode.INVALID_UTF8),
         (b'{"type": "page",', ReasonCode.MALFORMED_JSON),
         (b"[1, 2, 3]", ReasonCode.NOT_AN_OBJECT),
@@ -127,3 +131,15 @@ def test_unknown_track_events_use_the_generic_track_contract():
     assert kind_of({"type": "track", "event": "Product Viewed"}) == "track"
     assert kind_of({"type": "track", "event": "Order Completed"}) == "order_completed"
     assert kind_of({"type": "nope"}) is None
+
+
+def test_a_rejection_names_the_contract_only_once_the_kind_is_known(make_event):
+    # A dead letter's schema header comes from the result's kind and version.
+    no_ids = make_event("page", name="/home")
+    no_ids.pop("anonymousId", None)
+    no_ids.pop("userId", None)
+    late = check_contract(raw(no_ids))
+    assert late.reasons[0].code == ReasonCode.MISSING_IDENTIFIER
+    assert (late.kind, late.version) == ("page", 1)
+    early = check_contract(b'{"type": "telemetry", "messageId": "x"}')
+    assert (early.kind, early.version, early.event) == (None, None, None)
