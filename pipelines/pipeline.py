@@ -165,6 +165,17 @@ def _dead_letter(
     )
 
 
+def _attribute_names(event: dict[str, Any]) -> list[str]:
+    """The sorted names of the attributes an event states about its person (`traits_of`)."""
+    context = event.get("context")
+    # Only identify events and context.traits state any: most events skip gathering them.
+    if event.get("type") != "identify" and not (
+        isinstance(context, dict) and context.get("traits")
+    ):
+        return []
+    return sorted(str(name)[:128] for name in traits_of(event))
+
+
 class _StageFailure(Exception):
     """A stage raised while processing a batch's content (not the engine's emit)."""
 
@@ -591,35 +602,38 @@ class Pipeline:
         return batch_quality_record(positions, rejected, verdict)
 
     def _lineage_entry(self, item: _Item, hashes: dict) -> dict[str, Any]:
-        decision = item.decision
-        assert decision is not None
+        assert item.decision is not None
+        decision, purpose, basis, consent_ref, jurisdiction = item.decision
+        contract, record = item.contract, item.record
+        event = contract.event
+        assert event is not None
         return {
             "event_key": item.key,
-            "kind": item.contract.kind,
-            "event_ts": item.contract.timestamp,
+            "kind": contract.kind,
+            "event_ts": contract.timestamp,
             "source": {
-                "topic": item.record.topic,
-                "partition": item.record.partition,
-                "offset": item.record.offset,
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
             },
-            "decision": decision.decision,
-            "purpose": decision.purpose,
-            "basis": decision.basis,
-            "consent_ref": decision.consent_ref,
-            "jurisdiction": decision.jurisdiction,
+            "decision": decision,
+            "purpose": purpose,
+            "basis": basis,
+            "consent_ref": consent_ref,
+            "jurisdiction": jurisdiction,
             "policy_version": self.policy.version,
             "person_id": item.person_id,
             # Audits follow the record to the person it belongs to now (after a split).
             "record_id": item.record_id,
             "subjects": [
                 hashes.get(i) or hashes.setdefault(i, identifier_hash(i))
-                for i in item.contract.identifiers
+                for i in contract.identifiers
             ],
             "fields_masked": [],
             # For audits: the consent the event states, and the names (never the values) of
             # the attributes it states about its person.
-            "statements": stated_consent(item.contract.kind, item.contract.event),
-            "attributes": sorted(str(name)[:128] for name in traits_of(item.contract.event)),
+            "statements": stated_consent(contract.kind, event),
+            "attributes": _attribute_names(event),
         }
 
     @staticmethod
