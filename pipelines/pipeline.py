@@ -167,12 +167,6 @@ def _dead_letter(
 
 def _attribute_names(event: dict[str, Any]) -> list[str]:
     """The sorted names of the attributes an event states about its person (`traits_of`)."""
-    context = event.get("context")
-    # Only identify events and context.traits state any: most events skip gathering them.
-    if event.get("type") != "identify" and not (
-        isinstance(context, dict) and context.get("traits")
-    ):
-        return []
     return sorted(str(name)[:128] for name in traits_of(event))
 
 

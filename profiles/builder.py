@@ -192,8 +192,12 @@ def fact_of(
 
 def traits_of(event: dict[str, Any]) -> dict[str, Any]:
     """Traits an event states about its person: identify traits, then context.traits."""
-    traits = dict(_dict(_dict(event.get("context")).get("traits")))
-    if event.get("type") == "identify":
+    stated = _dict(event.get("context")).get("traits")
+    identify = event.get("type") == "identify"
+    if not stated and not identify:
+        return {}  # most events: nothing to gather
+    traits = dict(_dict(stated))
+    if identify:
         traits.update(_dict(event.get("traits")))
     return {k: v for k, v in traits.items() if v is not None and v != ""}
 
