@@ -36,6 +36,7 @@ from functools import cache, lru_cache
 from typing import Any
 
 import duckdb
+import orjson
 import pycountry
 
 from identity.normalise import BLOCKED_EMAILS, BLOCKED_IDS, normalise_phone, region_hint
@@ -178,6 +179,10 @@ def _dict(value: Any) -> dict[str, Any]:
 _CONFIGURATIONS: ContextVar[dict[int, tuple[Any, tuple[int, ...], Any]] | None] = ContextVar(
     "tessera_gx_configurations", default=None
 )
+# The metric graphs of the previous validation (read) and of the current one (filled).
+_GRAPHS: ContextVar[tuple[dict[bytes, Any], dict[bytes, Any]] | None] = ContextVar(
+    "tessera_gx_graphs", default=None
+)
 
 
 @cache
@@ -206,10 +211,68 @@ def _gx() -> tuple[Any, Any]:
         return kept[2]
 
     expectation.Expectation.configuration = property(configuration)
+    _reuse_metric_graphs()
     id_dict.convert_to_json_serializable = _plain_json(
         id_dict.convert_to_json_serializable, id_dict.IDDict
     )
     return gx, gxe
+
+
+def _reuse_metric_graphs() -> None:
+    """Let GX's validator reuse an expectation's metric graph from the previous validation.
+
+    GX builds, for every expectation of every validation, the graph of metrics it needs (a
+    third of a micro-batch's validation, whatever its rows): from the configuration, the
+    batch id and the runtime configuration only, never the data. Inside
+    QualitySuites.validate a graph built for the same three in the previous validation is
+    handed back instead; the clock expectation, whose window moves, is built anew.
+    """
+    from great_expectations.validator.validator import Validator
+
+    build = Validator._generate_metric_dependency_subgraphs_for_each_expectation_configuration
+
+    def subgraphs(
+        self: Any,
+        expectation_configurations: list[Any],
+        processed_configurations: list[Any],
+        catch_exceptions: bool,
+        runtime_configuration: dict | None = None,
+    ) -> tuple[list[Any], list[Any], list[Any]]:
+        memo = _GRAPHS.get()
+        if memo is None:
+            return build(
+                self,
+                expectation_configurations,
+                processed_configurations,
+                catch_exceptions,
+                runtime_configuration,
+            )
+        previous, current = memo
+        context = orjson.dumps(
+            [type(self.execution_engine).__name__, self.active_batch_id, runtime_configuration],
+            option=orjson.OPT_SORT_KEYS,
+        )
+        graphs: list[Any] = []
+        failures: list[Any] = []
+        for configuration in expectation_configurations:
+            key = context + orjson.dumps(configuration.to_json_dict(), option=orjson.OPT_SORT_KEYS)
+            kept = current.get(key) or previous.get(key)
+            if kept is None:
+                # One at a time, as GX's own loop does: a configuration whose graph fails
+                # yields its failed result and is not kept.
+                built, failed, processed = build(
+                    self, [configuration], [], catch_exceptions, runtime_configuration
+                )
+                failures.extend(failed)
+                if not built:
+                    continue
+                kept = current[key] = (built[0], processed[0])
+            current[key] = kept
+            graphs.append(kept[0])
+            processed_configurations.append(kept[1])
+        return graphs, failures, processed_configurations
+
+    Validator._generate_metric_dependency_subgraphs_for_each_expectation_configuration = subgraphs
 
 
 def _plain_json(convert: Callable[[Any], Any], id_dict: type) -> Callable[[Any], Any]:
@@ -384,6 +447,7 @@ class QualitySuites:
             if check.column == "ts"
         )
         self._lock = threading.Lock()  # one window in the shared suite at a time
+        self._graphs: dict[bytes, Any] = {}  # the previous validation's metric graphs
         # The frame holds the columns the expectations read and the row number, no more:
         # GX copies every column of it each time it drops an expectation's null rows.
         kwargs = [check.expectation.configuration.kwargs for _, check in self.owners]
@@ -420,10 +484,15 @@ class QualitySuites:
         with self._lock:
             self.window.min_value, self.window.max_value = window
             token = _CONFIGURATIONS.set({})
+            graphs: dict[bytes, Any] = {}
+            kept = _GRAPHS.set((self._graphs, graphs))
             try:
-                return validator.validate_expectation_suite(self.suite)
+                result = validator.validate_expectation_suite(self.suite)
             finally:
+                _GRAPHS.reset(kept)
                 _CONFIGURATIONS.reset(token)
+            self._graphs = graphs  # the graphs this one used, no more: old windows go
+            return result
 
 
 @cache
