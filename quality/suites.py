@@ -175,8 +175,8 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-# The expectation configurations built during the current validation, by object id.
-_CONFIGURATIONS: ContextVar[dict[int, tuple[Any, tuple[int, ...], Any]] | None] = ContextVar(
+# The configurations and expectations built during the current validation, by object id.
+_CONFIGURATIONS: ContextVar[dict[int, tuple[Any, tuple[Any, ...], Any]] | None] = ContextVar(
     "tessera_gx_configurations", default=None
 )
 # The metric graphs of the previous validation (read) and of the current one (filled).
@@ -191,6 +191,9 @@ def _gx() -> tuple[Any, Any]:
     import great_expectations.expectations as gxe
     from great_expectations.core import id_dict
     from great_expectations.expectations import expectation
+    from great_expectations.expectations.expectation_configuration import (
+        ExpectationConfiguration,
+    )
 
     # GX rebuilds each expectation's configuration ~140 times per validation, running two
     # regex substitutions on the class name each time: a pure function, so memoise it
@@ -211,6 +214,28 @@ def _gx() -> tuple[Any, Any]:
         return kept[2]
 
     expectation.Expectation.configuration = property(configuration)
+    to_domain_obj = ExpectationConfiguration.to_domain_obj
+
+    def domain_obj(self: Any) -> Any:
+        # GX turns a configuration back into its pydantic expectation once per metric it
+        # asks about (~70 per validation); inside QualitySuites.validate, one per
+        # configuration object and field values.
+        memo = _CONFIGURATIONS.get()
+        if memo is None:
+            return to_domain_obj(self)
+        fields = (
+            self.type,
+            *map(id, (self.id, self.meta, self.notes, self.rendered_content, self.severity)),
+            id(self.description),
+            *map(id, self.kwargs),
+            *map(id, self.kwargs.values()),
+        )
+        kept = memo.get(id(self))
+        if kept is None or kept[1] != fields:
+            kept = memo[id(self)] = (self, fields, to_domain_obj(self))  # self pins the id
+        return kept[2]
+
+    ExpectationConfiguration.to_domain_obj = domain_obj
     _reuse_metric_graphs()
     id_dict.convert_to_json_serializable = _plain_json(
         id_dict.convert_to_json_serializable, id_dict.IDDict
