@@ -453,6 +453,10 @@ class QualitySuites:
         self.batch_definition = source.add_dataframe_asset(
             "events"
         ).add_batch_definition_whole_dataframe("batch")
+        # GX's engine keeps every metric it resolved, by batch id and kwargs: every micro-batch
+        # has the same batch id, so it held the last batch's data, and the clock metrics of
+        # each window it saw (a leak). validate() empties it: no batch is validated twice.
+        self._engine = source.get_execution_engine()
         # The window moves with the clock: validate() writes each batch's into the suite.
         self.checks = _suite_checks(config, (0.0, 0.0))
         # The per-source suites run as one validation per micro-batch: every source-specific
@@ -516,6 +520,7 @@ class QualitySuites:
             finally:
                 _GRAPHS.reset(kept)
                 _CONFIGURATIONS.reset(token)
+                self._engine._metric_cache.clear()
             self._graphs = graphs  # the graphs this one used, no more: old windows go
             return result
 

@@ -161,6 +161,20 @@ def test_metric_graphs_kept_from_the_previous_batch_validate_as_graphs_built_ane
     assert not all(outcome.success for outcome in result.results)
 
 
+def test_the_engine_keeps_no_metric_of_a_validated_batch():
+    # Every micro-batch has the same GX batch id, and the clock metrics of each window a new
+    # id: kept by the engine, they would grow with every batch.
+    times = iter(NOW + timedelta(seconds=n) for n in range(3))
+    stage = QualityStage(clock=lambda: next(times))
+    engine = stage.suites.batch_definition.data_asset.datasource.get_execution_engine()
+    for n in range(3):
+        verdict = stage.check(rows_of(order(f"m-{n}", email="n/a")), duckdb.connect())
+        assert [[r.code.value for r in reasons] for reasons in verdict.reasons] == [
+            ["placeholder_email"]
+        ]
+        assert len(engine._metric_cache) == 0
+
+
 def test_valid_phones_in_national_format_pass_with_the_events_country(stage):
     ticket = {
         "type": "track",
