@@ -453,10 +453,6 @@ class QualitySuites:
         self.batch_definition = source.add_dataframe_asset(
             "events"
         ).add_batch_definition_whole_dataframe("batch")
-        # GX's engine keeps every metric it resolved, by batch id and kwargs: every micro-batch
-        # has the same batch id, so it held the last batch's data, and the clock metrics of
-        # each window it saw (a leak). validate() empties it: no batch is validated twice.
-        self._engine = source.get_execution_engine()
         # The window moves with the clock: validate() writes each batch's into the suite.
         self.checks = _suite_checks(config, (0.0, 0.0))
         # The per-source suites run as one validation per micro-batch: every source-specific
@@ -482,6 +478,13 @@ class QualitySuites:
         kwargs = [check.expectation.configuration.kwargs for _, check in self.owners]
         read = {k[key] for k in kwargs for key in ("column", "column_A", "column_B") if key in k}
         self.columns = ["row", *sorted(read)]
+        # One GX validator for every micro-batch, each batch's frame loaded in place of the
+        # last under the one batch id: a validator per batch loaded its frame as a new GX
+        # batch, which fingerprints every value (a batch marker nothing here reads).
+        empty = self.frame({name: [] for name in self.columns})
+        self._validator = self.context.get_validator(
+            batch_request=self.batch_definition.build_batch_request({"dataframe": empty})
+        )
 
     def frame(self, columns: dict[str, list[Any]]) -> Any:
         """The pandas DataFrame the suites validate, from flatten()'s columns."""
@@ -496,33 +499,38 @@ class QualitySuites:
             }
         )
 
-    def validate(self, frame: Any, window: tuple[float, float]) -> Any:
+    def validate(self, frame: Any, window: tuple[float, float]) -> list[Any]:
         """Run every suite over `frame` (a pandas DataFrame of flatten()'s columns).
 
-        `window` is the (oldest, newest) event time accepted, in epoch seconds.
+        `window` is the (oldest, newest) event time accepted, in epoch seconds. Out: GX's
+        expectation results, in the suite's order.
         """
-        from great_expectations.validator.v1_validator import Validator
-
-        # What `Batch.validate` runs, on the batch definition itself: `get_batch` would first
-        # load (and fingerprint) the frame for a batch that only builds this validator.
-        validator = Validator(
-            batch_definition=self.batch_definition,
-            batch_parameters={"dataframe": frame},
-            result_format=RESULT_FORMAT,
-        )
+        validator = self._validator
+        engine = validator.execution_engine
         with self._lock:
             self.window.min_value, self.window.max_value = window
+            engine.load_batch_data(validator.active_batch_id, frame)
             token = _CONFIGURATIONS.set({})
             graphs: dict[bytes, Any] = {}
             kept = _GRAPHS.set((self._graphs, graphs))
             try:
-                result = validator.validate_expectation_suite(self.suite)
+                # What GX's v1 Validator.validate_expectation_suite runs on its validator.
+                configurations = validator.process_expectations_for_validation(
+                    self.suite.expectation_configurations
+                )
+                results = validator.graph_validate(
+                    configurations=configurations,
+                    runtime_configuration={"result_format": dict(RESULT_FORMAT)},
+                )
             finally:
                 _GRAPHS.reset(kept)
                 _CONFIGURATIONS.reset(token)
-                self._engine._metric_cache.clear()
+                # The engine keeps every metric it resolved, by batch id and kwargs: with one
+                # batch id it held the last batch's, and the clock metrics of every window it
+                # saw (a leak). No batch is validated twice.
+                engine._metric_cache.clear()
             self._graphs = graphs  # the graphs this one used, no more: old windows go
-            return result
+            return results
 
 
 @cache
@@ -629,8 +637,8 @@ class QualityStage:
         window = accepted_window(self.config, now)
         newest = window[1]
         verdict.rows_by_source.update(columns["source"])
-        result = self.suites.validate(frame, window)
-        for (name, check), outcome in zip(self.suites.owners, result.results, strict=True):
+        results = self.suites.validate(frame, window)
+        for (name, check), outcome in zip(self.suites.owners, results, strict=True):
             # Results come back in suite order; a mismatch would pin reasons on wrong rows.
             assert outcome.expectation_config.type == check.expectation.expectation_type
             verdict.results.setdefault(name, []).append(outcome)

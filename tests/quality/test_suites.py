@@ -130,7 +130,7 @@ def _frame(suites: QualitySuites, *events: dict):
 
 def _outcomes(result) -> list[dict]:
     outcomes = []
-    for outcome in result.results:
+    for outcome in result:
         doc = outcome.to_json_dict()
         doc["expectation_config"].pop("id")  # each suite's expectations get their own ids
         outcomes.append(doc)
@@ -158,7 +158,7 @@ def test_metric_graphs_kept_from_the_previous_batch_validate_as_graphs_built_ane
         key for key in kept._graphs if b'"column":"ts"' in key
     ]
     assert _outcomes(result) == _outcomes(built.validate(_frame(built, *events), later))
-    assert not all(outcome.success for outcome in result.results)
+    assert not all(outcome.success for outcome in result)
 
 
 def test_the_engine_keeps_no_metric_of_a_validated_batch():
