@@ -75,9 +75,10 @@ E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
 # copies the frame once per expectation when it drops null rows, and an Arrow `take` per
 # column made that copy the largest part of a validation's data work.
 TEXT_COLUMNS = frozenset({"message_id", "email", "phone_e164", "currency", "order_currency"})
+# Failing rows come back as the frame's index, which is the row number: naming an index
+# column made GX build a dict per failing row, with a `.at` lookup per column it names.
 RESULT_FORMAT = {
     "result_format": "COMPLETE",
-    "unexpected_index_column_names": ["row"],
     "return_unexpected_index_query": False,  # a pandas query string nobody reads
     "partial_unexpected_count": 5,
 }
@@ -475,11 +476,11 @@ class QualitySuites:
         )
         self._lock = threading.Lock()  # one window in the shared suite at a time
         self._graphs: dict[bytes, Any] = {}  # the previous validation's metric graphs
-        # The frame holds the columns the expectations read and the row number, no more:
-        # GX copies every column of it each time it drops an expectation's null rows.
+        # The frame holds the columns the expectations read, no more (its index is the row
+        # number): GX copies every column of it each time it drops an expectation's null rows.
         kwargs = [check.expectation.configuration.kwargs for _, check in self.owners]
         read = {k[key] for k in kwargs for key in ("column", "column_A", "column_B") if key in k}
-        self.columns = ["row", *sorted(read)]
+        self.columns = sorted(read)
         # One GX validator for every micro-batch, each batch's frame loaded in place of the
         # last under the one batch id: a validator per batch loaded its frame as a new GX
         # batch, which fingerprints every value (a batch marker nothing here reads).
@@ -553,7 +554,6 @@ def flatten(rows: Sequence[QualityRow]) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {
         name: []
         for name in (
-            "row",
             "source",
             "message_id",
             "ts",
@@ -569,7 +569,7 @@ def flatten(rows: Sequence[QualityRow]) -> dict[str, list[Any]]:
             "has_contact",
         )
     }
-    for index, row in enumerate(rows):
+    for row in rows:
         event = row.event
         props = _dict(event.get("properties"))
         traits = _dict(event.get("traits"))
@@ -578,7 +578,6 @@ def flatten(rows: Sequence[QualityRow]) -> dict[str, list[Any]]:
         phone = _first_text(traits.get("phone"), context_traits.get("phone"), props.get("phone"))
         source = SOURCE_OF_KIND.get(row.kind, "behavioral")
         transactional = source == "transactional"
-        columns["row"].append(index)
         columns["source"].append(source)
         columns["message_id"].append(event.get("messageId"))
         columns["ts"].append(row.timestamp.timestamp())
@@ -650,7 +649,7 @@ class QualityStage:
                 verdict.alerts.append(self._alert(name, check, outcome))
                 continue
             for failed in outcome.result.get("unexpected_index_list") or ():
-                index = int(failed["row"])
+                index = int(failed)
                 code = check.reason
                 if check.column == "ts" and columns["ts"][index] > newest:
                     code = ReasonCode.TIMESTAMP_IN_FUTURE
