@@ -174,10 +174,6 @@ class _Check:
     column: str
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
 # The configurations and expectations built during the current validation, by object id.
 _CONFIGURATIONS: ContextVar[dict[int, tuple[Any, tuple[Any, ...], Any]] | None] = ContextVar(
     "tessera_gx_configurations", default=None
@@ -542,8 +538,12 @@ def _shared_suites(config: QualityConfig) -> QualitySuites:
     return QualitySuites(config)
 
 
-def _first_text(*values: Any) -> str | None:
-    for value in values:
+_EMPTY: dict[str, Any] = {}  # read only: stands in for a missing object
+
+
+def _first_text(places: tuple[dict[str, Any], ...], key: str) -> str | None:
+    for place in places:
+        value = place.get(key)
         if isinstance(value, str):
             return value
     return None
@@ -569,34 +569,62 @@ def flatten(rows: Sequence[QualityRow]) -> dict[str, list[Any]]:
             "has_contact",
         )
     }
+    (
+        add_source,
+        add_message_id,
+        add_ts,
+        add_email,
+        add_phone,
+        add_phone_e164,
+        add_has_anonymous_id,
+        add_amount,
+        add_currency,
+        add_order_id,
+        add_is_refund,
+        add_score,
+        add_has_contact,
+    ) = (column.append for column in columns.values())
     for row in rows:
         event = row.event
-        props = _dict(event.get("properties"))
-        traits = _dict(event.get("traits"))
-        context_traits = _dict(_dict(event.get("context")).get("traits"))
-        email = _first_text(traits.get("email"), context_traits.get("email"), props.get("email"))
-        phone = _first_text(traits.get("phone"), context_traits.get("phone"), props.get("phone"))
-        source = SOURCE_OF_KIND.get(row.kind, "behavioral")
-        transactional = source == "transactional"
-        columns["source"].append(source)
-        columns["message_id"].append(event.get("messageId"))
-        columns["ts"].append(row.timestamp.timestamp())
-        columns["email"].append(email.strip().lower() if email is not None else None)
-        columns["phone"].append(phone)
-        columns["phone_e164"].append(
+        kind = row.kind
+        props = event.get("properties")
+        props = props if isinstance(props, dict) else _EMPTY
+        traits = event.get("traits")
+        context = event.get("context")
+        context_traits = context.get("traits") if isinstance(context, dict) else None
+        # Where an email or phone may be, in the order the first one found wins.
+        places = (
+            traits if isinstance(traits, dict) else _EMPTY,
+            context_traits if isinstance(context_traits, dict) else _EMPTY,
+            props,
+        )
+        email = _first_text(places, "email")
+        phone = _first_text(places, "phone")
+        source = SOURCE_OF_KIND.get(kind, "behavioral")
+        add_source(source)
+        add_message_id(event.get("messageId"))
+        add_ts(row.timestamp.timestamp())
+        add_email(email.strip().lower() if email is not None else None)
+        add_phone(phone)
+        add_phone_e164(
             (normalise_phone(phone, region_hint(event)) or "") if phone is not None else None
         )
-        columns["has_anonymous_id"].append(
+        add_has_anonymous_id(
             bool(event.get("anonymousId") or event.get("previousId"))
             if source == "behavioral"
             else None
         )
-        columns["amount"].append(float(props["total"]) if transactional else None)
-        columns["currency"].append(props.get("currency") if transactional else None)
-        columns["order_id"].append(props.get("order_id") if transactional else None)
-        columns["is_refund"].append(row.kind == "order_refunded")
-        columns["score"].append(props.get("score") if row.kind == "csat_submitted" else None)
-        columns["has_contact"].append(bool(email or phone) if source == "support" else None)
+        if source == "transactional":
+            add_amount(float(props["total"]))
+            add_currency(props.get("currency"))
+            add_order_id(props.get("order_id"))
+        else:
+            add_amount(None)
+            add_currency(None)
+            add_order_id(None)
+        add_is_refund(kind == "order_refunded")
+        add_score(props.get("score") if kind == "csat_submitted" else None)
+        add_has_contact(bool(email or phone) if source == "support" else None)
     return columns
 
 
