@@ -17,7 +17,9 @@ overtake its order, and rejecting it would turn late data into lost data. A batc
 fewer than `min_known_order_rate` of refunds name a known order raises an alert.
 
 great-expectations imports in ~4.5 s: it is imported once, on the first suite built, and
-runs on an ephemeral context that writes no files and needs no network.
+runs on an ephemeral context that writes no files and needs no network. One context,
+validator and set of metric graphs serve every micro-batch: each batch's frame is loaded in
+place of the last, so a batch pays for the metrics of its rows, not for building GX again.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from functools import cache, lru_cache
 from typing import Any
 
 import duckdb
+import orjson
 import pycountry
 
 from identity.normalise import BLOCKED_EMAILS, BLOCKED_IDS, normalise_phone, region_hint
@@ -72,9 +75,10 @@ E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
 # copies the frame once per expectation when it drops null rows, and an Arrow `take` per
 # column made that copy the largest part of a validation's data work.
 TEXT_COLUMNS = frozenset({"message_id", "email", "phone_e164", "currency", "order_currency"})
+# Failing rows come back as the frame's index, which is the row number: naming an index
+# column made GX build a dict per failing row, with a `.at` lookup per column it names.
 RESULT_FORMAT = {
     "result_format": "COMPLETE",
-    "unexpected_index_column_names": ["row"],
     "return_unexpected_index_query": False,  # a pandas query string nobody reads
     "partial_unexpected_count": 5,
 }
@@ -170,13 +174,13 @@ class _Check:
     column: str
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-# The expectation configurations built during the current validation, by object id.
-_CONFIGURATIONS: ContextVar[dict[int, tuple[Any, tuple[int, ...], Any]] | None] = ContextVar(
+# The configurations and expectations built during the current validation, by object id.
+_CONFIGURATIONS: ContextVar[dict[int, tuple[Any, tuple[Any, ...], Any]] | None] = ContextVar(
     "tessera_gx_configurations", default=None
+)
+# The metric graphs of the previous validation (read) and of the current one (filled).
+_GRAPHS: ContextVar[tuple[dict[bytes, Any], dict[bytes, Any]] | None] = ContextVar(
+    "tessera_gx_graphs", default=None
 )
 
 
@@ -186,30 +190,113 @@ def _gx() -> tuple[Any, Any]:
     import great_expectations.expectations as gxe
     from great_expectations.core import id_dict
     from great_expectations.expectations import expectation
+    from great_expectations.expectations.expectation_configuration import (
+        ExpectationConfiguration,
+    )
 
     # GX rebuilds each expectation's configuration ~140 times per validation, running two
     # regex substitutions on the class name each time: a pure function, so memoise it
     # (a tenth of the suites' cost per batch, measured).
     expectation.camel_to_snake = lru_cache(maxsize=256)(expectation.camel_to_snake)
-    build = expectation.Expectation.configuration.fget
-
-    def configuration(self: Any) -> Any:
-        # Each rebuild serialises the pydantic model (a quarter of a validation's cost):
-        # inside QualitySuites.validate, one per expectation object and field values.
-        memo = _CONFIGURATIONS.get()
-        if memo is None:
-            return build(self)
-        fields = tuple(map(id, self.__dict__.values()))
-        kept = memo.get(id(self))
-        if kept is None or kept[1] != fields:
-            kept = memo[id(self)] = (self, fields, build(self))  # self pins the id
-        return kept[2]
-
-    expectation.Expectation.configuration = property(configuration)
+    # Each rebuild serialises the pydantic model (a quarter of a validation's cost).
+    expectation.Expectation.configuration = property(
+        _per_validation(
+            expectation.Expectation.configuration.fget,
+            lambda self: tuple(map(id, self.__dict__.values())),
+        )
+    )
+    # GX also turns a configuration back into its expectation once per metric it asks
+    # about (~70 per validation).
+    ExpectationConfiguration.to_domain_obj = _per_validation(
+        ExpectationConfiguration.to_domain_obj,
+        lambda self: (
+            self.type,
+            *map(id, (self.id, self.meta, self.notes, self.rendered_content, self.severity)),
+            id(self.description),
+            *map(id, self.kwargs),
+            *map(id, self.kwargs.values()),
+        ),
+    )
+    _reuse_metric_graphs()
     id_dict.convert_to_json_serializable = _plain_json(
         id_dict.convert_to_json_serializable, id_dict.IDDict
     )
     return gx, gxe
+
+
+def _per_validation(
+    build: Callable[[Any], Any], fields: Callable[[Any], tuple[Any, ...]]
+) -> Callable[[Any], Any]:
+    """`build`, kept inside QualitySuites.validate per object and the identity of its fields."""
+
+    def kept(obj: Any) -> Any:
+        memo = _CONFIGURATIONS.get()
+        if memo is None:
+            return build(obj)
+        now = fields(obj)
+        entry = memo.get(id(obj))
+        if entry is None or entry[1] != now:
+            entry = memo[id(obj)] = (obj, now, build(obj))  # obj pins the id
+        return entry[2]
+
+    return kept
+
+
+def _reuse_metric_graphs() -> None:
+    """Let GX's validator reuse an expectation's metric graph from the previous validation.
+
+    GX builds, for every expectation of every validation, the graph of metrics it needs (a
+    third of a micro-batch's validation, whatever its rows): from the configuration, the
+    batch id and the runtime configuration only, never the data. Inside
+    QualitySuites.validate a graph built for the same three in the previous validation is
+    handed back instead; the clock expectation, whose window moves, is built anew.
+    """
+    from great_expectations.validator.validator import Validator
+
+    build = Validator._generate_metric_dependency_subgraphs_for_each_expectation_configuration
+
+    def subgraphs(
+        self: Any,
+        expectation_configurations: list[Any],
+        processed_configurations: list[Any],
+        catch_exceptions: bool,
+        runtime_configuration: dict | None = None,
+    ) -> tuple[list[Any], list[Any], list[Any]]:
+        memo = _GRAPHS.get()
+        if memo is None:
+            return build(
+                self,
+                expectation_configurations,
+                processed_configurations,
+                catch_exceptions,
+                runtime_configuration,
+            )
+        previous, current = memo
+        context = orjson.dumps(
+            [type(self.execution_engine).__name__, self.active_batch_id, runtime_configuration],
+            option=orjson.OPT_SORT_KEYS,
+        )
+        graphs: list[Any] = []
+        failures: list[Any] = []
+        for configuration in expectation_configurations:
+            key = context + orjson.dumps(configuration.to_json_dict(), option=orjson.OPT_SORT_KEYS)
+            kept = current.get(key) or previous.get(key)
+            if kept is None:
+                # One at a time, as GX's own loop does: a configuration whose graph fails
+                # yields its failed result and is not kept.
+                built, failed, processed = build(
+                    self, [configuration], [], catch_exceptions, runtime_configuration
+                )
+                failures.extend(failed)
+                if not built:
+                    continue
+                kept = current[key] = (built[0], processed[0])
+            current[key] = kept
+            graphs.append(kept[0])
+            processed_configurations.append(kept[1])
+        return graphs, failures, processed_configurations
+
+    Validator._generate_metric_dependency_subgraphs_for_each_expectation_configuration = subgraphs
 
 
 def _plain_json(convert: Callable[[Any], Any], id_dict: type) -> Callable[[Any], Any]:
@@ -384,11 +471,19 @@ class QualitySuites:
             if check.column == "ts"
         )
         self._lock = threading.Lock()  # one window in the shared suite at a time
-        # The frame holds the columns the expectations read and the row number, no more:
-        # GX copies every column of it each time it drops an expectation's null rows.
+        self._graphs: dict[bytes, Any] = {}  # the previous validation's metric graphs
+        # The frame holds the columns the expectations read, no more (its index is the row
+        # number): GX copies every column of it each time it drops an expectation's null rows.
         kwargs = [check.expectation.configuration.kwargs for _, check in self.owners]
         read = {k[key] for k in kwargs for key in ("column", "column_A", "column_B") if key in k}
-        self.columns = ["row", *sorted(read)]
+        self.columns = sorted(read)
+        # One GX validator for every micro-batch, each batch's frame loaded in place of the
+        # last under the one batch id: a validator per batch loaded its frame as a new GX
+        # batch, which fingerprints every value (a batch marker nothing here reads).
+        empty = self.frame({name: [] for name in self.columns})
+        self._validator = self.context.get_validator(
+            batch_request=self.batch_definition.build_batch_request({"dataframe": empty})
+        )
 
     def frame(self, columns: dict[str, list[Any]]) -> Any:
         """The pandas DataFrame the suites validate, from flatten()'s columns."""
@@ -403,27 +498,38 @@ class QualitySuites:
             }
         )
 
-    def validate(self, frame: Any, window: tuple[float, float]) -> Any:
+    def validate(self, frame: Any, window: tuple[float, float]) -> list[Any]:
         """Run every suite over `frame` (a pandas DataFrame of flatten()'s columns).
 
-        `window` is the (oldest, newest) event time accepted, in epoch seconds.
+        `window` is the (oldest, newest) event time accepted, in epoch seconds. Out: GX's
+        expectation results, in the suite's order.
         """
-        from great_expectations.validator.v1_validator import Validator
-
-        # What `Batch.validate` runs, on the batch definition itself: `get_batch` would first
-        # load (and fingerprint) the frame for a batch that only builds this validator.
-        validator = Validator(
-            batch_definition=self.batch_definition,
-            batch_parameters={"dataframe": frame},
-            result_format=RESULT_FORMAT,
-        )
+        validator = self._validator
+        engine = validator.execution_engine
         with self._lock:
             self.window.min_value, self.window.max_value = window
+            engine.load_batch_data(validator.active_batch_id, frame)
             token = _CONFIGURATIONS.set({})
+            graphs: dict[bytes, Any] = {}
+            kept = _GRAPHS.set((self._graphs, graphs))
             try:
-                return validator.validate_expectation_suite(self.suite)
+                # What GX's v1 Validator.validate_expectation_suite runs on its validator.
+                configurations = validator.process_expectations_for_validation(
+                    self.suite.expectation_configurations
+                )
+                results = validator.graph_validate(
+                    configurations=configurations,
+                    runtime_configuration={"result_format": dict(RESULT_FORMAT)},
+                )
             finally:
+                _GRAPHS.reset(kept)
                 _CONFIGURATIONS.reset(token)
+                # The engine keeps every metric it resolved, by batch id and kwargs: with one
+                # batch id it held the last batch's, and the clock metrics of every window it
+                # saw (a leak). No batch is validated twice.
+                engine._metric_cache.clear()
+            self._graphs = graphs  # the graphs this one used, no more: old windows go
+            return results
 
 
 @cache
@@ -432,8 +538,12 @@ def _shared_suites(config: QualityConfig) -> QualitySuites:
     return QualitySuites(config)
 
 
-def _first_text(*values: Any) -> str | None:
-    for value in values:
+_EMPTY: dict[str, Any] = {}  # read only: stands in for a missing object
+
+
+def _first_text(places: tuple[dict[str, Any], ...], key: str) -> str | None:
+    for place in places:
+        value = place.get(key)
         if isinstance(value, str):
             return value
     return None
@@ -444,7 +554,6 @@ def flatten(rows: Sequence[QualityRow]) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {
         name: []
         for name in (
-            "row",
             "source",
             "message_id",
             "ts",
@@ -460,35 +569,62 @@ def flatten(rows: Sequence[QualityRow]) -> dict[str, list[Any]]:
             "has_contact",
         )
     }
-    for index, row in enumerate(rows):
+    (
+        add_source,
+        add_message_id,
+        add_ts,
+        add_email,
+        add_phone,
+        add_phone_e164,
+        add_has_anonymous_id,
+        add_amount,
+        add_currency,
+        add_order_id,
+        add_is_refund,
+        add_score,
+        add_has_contact,
+    ) = (column.append for column in columns.values())
+    for row in rows:
         event = row.event
-        props = _dict(event.get("properties"))
-        traits = _dict(event.get("traits"))
-        context_traits = _dict(_dict(event.get("context")).get("traits"))
-        email = _first_text(traits.get("email"), context_traits.get("email"), props.get("email"))
-        phone = _first_text(traits.get("phone"), context_traits.get("phone"), props.get("phone"))
-        source = SOURCE_OF_KIND.get(row.kind, "behavioral")
-        transactional = source == "transactional"
-        columns["row"].append(index)
-        columns["source"].append(source)
-        columns["message_id"].append(event.get("messageId"))
-        columns["ts"].append(row.timestamp.timestamp())
-        columns["email"].append(email.strip().lower() if email is not None else None)
-        columns["phone"].append(phone)
-        columns["phone_e164"].append(
+        kind = row.kind
+        props = event.get("properties")
+        props = props if isinstance(props, dict) else _EMPTY
+        traits = event.get("traits")
+        context = event.get("context")
+        context_traits = context.get("traits") if isinstance(context, dict) else None
+        # Where an email or phone may be, in the order the first one found wins.
+        places = (
+            traits if isinstance(traits, dict) else _EMPTY,
+            context_traits if isinstance(context_traits, dict) else _EMPTY,
+            props,
+        )
+        email = _first_text(places, "email")
+        phone = _first_text(places, "phone")
+        source = SOURCE_OF_KIND.get(kind, "behavioral")
+        add_source(source)
+        add_message_id(event.get("messageId"))
+        add_ts(row.timestamp.timestamp())
+        add_email(email.strip().lower() if email is not None else None)
+        add_phone(phone)
+        add_phone_e164(
             (normalise_phone(phone, region_hint(event)) or "") if phone is not None else None
         )
-        columns["has_anonymous_id"].append(
+        add_has_anonymous_id(
             bool(event.get("anonymousId") or event.get("previousId"))
             if source == "behavioral"
             else None
         )
-        columns["amount"].append(float(props["total"]) if transactional else None)
-        columns["currency"].append(props.get("currency") if transactional else None)
-        columns["order_id"].append(props.get("order_id") if transactional else None)
-        columns["is_refund"].append(row.kind == "order_refunded")
-        columns["score"].append(props.get("score") if row.kind == "csat_submitted" else None)
-        columns["has_contact"].append(bool(email or phone) if source == "support" else None)
+        if source == "transactional":
+            add_amount(float(props["total"]))
+            add_currency(props.get("currency"))
+            add_order_id(props.get("order_id"))
+        else:
+            add_amount(None)
+            add_currency(None)
+            add_order_id(None)
+        add_is_refund(kind == "order_refunded")
+        add_score(props.get("score") if kind == "csat_submitted" else None)
+        add_has_contact(bool(email or phone) if source == "support" else None)
     return columns
 
 
@@ -530,8 +666,8 @@ class QualityStage:
         window = accepted_window(self.config, now)
         newest = window[1]
         verdict.rows_by_source.update(columns["source"])
-        result = self.suites.validate(frame, window)
-        for (name, check), outcome in zip(self.suites.owners, result.results, strict=True):
+        results = self.suites.validate(frame, window)
+        for (name, check), outcome in zip(self.suites.owners, results, strict=True):
             # Results come back in suite order; a mismatch would pin reasons on wrong rows.
             assert outcome.expectation_config.type == check.expectation.expectation_type
             verdict.results.setdefault(name, []).append(outcome)
@@ -541,7 +677,7 @@ class QualityStage:
                 verdict.alerts.append(self._alert(name, check, outcome))
                 continue
             for failed in outcome.result.get("unexpected_index_list") or ():
-                index = int(failed["row"])
+                index = int(failed)
                 code = check.reason
                 if check.column == "ts" and columns["ts"][index] > newest:
                     code = ReasonCode.TIMESTAMP_IN_FUTURE
@@ -619,30 +755,25 @@ class QualityStage:
         verdict: QualityVerdict,
         state: duckdb.DuckDBPyConnection,
     ) -> None:
-        orders = [
-            (columns["order_id"][i], columns["currency"][i], columns["amount"][i])
-            for i, row in enumerate(rows)
-            if row.kind == "order_completed" and not verdict.reasons[i]
-        ]
-        if orders:
-            import pyarrow as pa
-
-            # One registered Arrow table: executemany costs ~1 ms a row in DuckDB.
-            table = pa.table(
-                {
-                    "order_id": [o[0] for o in orders],
-                    "currency": [o[1] for o in orders],
-                    "total": [o[2] for o in orders],
-                }
-            )
-            state.register("_quality_orders", table)
-            try:
-                state.execute(
-                    "INSERT INTO quality_orders SELECT DISTINCT ON (order_id) * "
-                    "FROM _quality_orders ON CONFLICT DO NOTHING"
+        orders: dict[str, tuple[str, float]] = {}
+        for i, row in enumerate(rows):
+            if row.kind == "order_completed" and not verdict.reasons[i]:
+                # The first of an order id in the batch wins, as against the state.
+                orders.setdefault(
+                    columns["order_id"][i], (columns["currency"][i], columns["amount"][i])
                 )
-            finally:
-                state.unregister("_quality_orders")
+        if orders:
+            # Three list parameters unnested: executemany costs ~1 ms a row in DuckDB, and
+            # registering an Arrow table costs more than the insert.
+            state.execute(
+                "INSERT INTO quality_orders SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), "
+                "unnest(?::DOUBLE[]) ON CONFLICT DO NOTHING",
+                [
+                    list(orders),
+                    [currency for currency, _ in orders.values()],
+                    [total for _, total in orders.values()],
+                ],
+            )
 
 
 def _detail(code: ReasonCode, columns: dict[str, list[Any]], index: int, column: str) -> str:

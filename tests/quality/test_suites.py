@@ -17,7 +17,7 @@ import pytest
 from pipelines import topics
 from pipelines.pipeline import Pipeline, SourceRecord
 from quality.reasons import QUALITY_REASONS, ReasonCode
-from quality.suites import QualityConfig, QualityRow, QualityStage
+from quality.suites import QualityConfig, QualityRow, QualityStage, QualitySuites, flatten
 from schemas.contract import check_contract
 from synthetic.events import generate
 
@@ -120,6 +120,59 @@ def test_a_check_leaves_no_reference_cycle_holding_its_rows(stage):
         [],
         ["timestamp_too_old"],
     ]
+
+
+def _frame(suites: QualitySuites, *events: dict):
+    columns = flatten(rows_of(*events))
+    QualityStage._join_orders(columns, duckdb.connect())
+    return suites.frame(columns)
+
+
+def _outcomes(result) -> list[dict]:
+    outcomes = []
+    for outcome in result:
+        doc = outcome.to_json_dict()
+        doc["expectation_config"].pop("id")  # each suite's expectations get their own ids
+        outcomes.append(doc)
+    return outcomes
+
+
+def test_metric_graphs_kept_from_the_previous_batch_validate_as_graphs_built_anew():
+    config = QualityConfig()
+    kept, built = QualitySuites(config), QualitySuites(config)
+    window = (NOW - timedelta(days=30)).timestamp(), NOW.timestamp()
+    kept.validate(_frame(kept, order("a-1"), order("a-2", email="n/a")), window)
+    graphs = dict(kept._graphs)
+    later = window[0] + 60, window[1] + 60
+    events = (
+        order("b-1", order_id="o-9", total=20.0, currency="ZZZ"),
+        refund("b-2", order_id="o-9", total=30.0),
+        refund("b-3", order_id="o-unseen"),
+        order("b-1", phone="12345", email="bob@localhost"),
+        {**order("b-4"), "timestamp": "1999-01-01T00:00:00Z"},
+    )
+    result = kept.validate(_frame(kept, *events), later)
+    # Every graph but the clock expectation's, whose window moved, is the one kept.
+    assert len(kept._graphs) == len(graphs) == len(kept.owners)
+    assert [key for key in kept._graphs if kept._graphs[key] is not graphs.get(key)] == [
+        key for key in kept._graphs if b'"column":"ts"' in key
+    ]
+    assert _outcomes(result) == _outcomes(built.validate(_frame(built, *events), later))
+    assert not all(outcome.success for outcome in result)
+
+
+def test_the_engine_keeps_no_metric_of_a_validated_batch():
+    # Every micro-batch has the same GX batch id, and the clock metrics of each window a new
+    # id: kept by the engine, they would grow with every batch.
+    times = iter(NOW + timedelta(seconds=n) for n in range(3))
+    stage = QualityStage(clock=lambda: next(times))
+    engine = stage.suites.batch_definition.data_asset.datasource.get_execution_engine()
+    for n in range(3):
+        verdict = stage.check(rows_of(order(f"m-{n}", email="n/a")), duckdb.connect())
+        assert [[r.code.value for r in reasons] for reasons in verdict.reasons] == [
+            ["placeholder_email"]
+        ]
+        assert len(engine._metric_cache) == 0
 
 
 def test_valid_phones_in_national_format_pass_with_the_events_country(stage):
