@@ -37,7 +37,14 @@ from profiles.traits import (
     rollup,
 )
 
-SCHEMA_SQL = """
+# One accumulator row: its key (record, ingestion purpose, jurisdiction, trait, bucket), the
+# person of its record, and the sums `profiles/traits.py` rolls up.
+_ACCUMULATOR_COLUMNS = """
+    person_id VARCHAR NOT NULL, record_id VARCHAR NOT NULL, purpose VARCHAR NOT NULL,
+    jurisdiction VARCHAR NOT NULL, trait VARCHAR NOT NULL, bucket VARCHAR NOT NULL, n BIGINT,
+    amount DECIMAL(18, 2), first_ts TIMESTAMPTZ, last_ts TIMESTAMPTZ, value JSON, last_key VARCHAR
+"""
+SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS facts (
     event_key VARCHAR PRIMARY KEY, person_id VARCHAR NOT NULL, record_id VARCHAR, kind VARCHAR NOT NULL,
     ts TIMESTAMPTZ NOT NULL, order_id VARCHAR, amount DECIMAL(18, 2), currency VARCHAR,
@@ -53,28 +60,20 @@ CREATE TABLE IF NOT EXISTS profile_versions (person_id VARCHAR PRIMARY KEY, vers
 -- purpose, jurisdiction, trait and bucket; events add to them, merges and splits move them.
 -- The key is kept unique by `_FOLD` alone: no index (maintaining an index on five strings
 -- cost twice a MERGE's join over the whole table, at 170k and at 3M rows).
-CREATE TABLE IF NOT EXISTS trait_state (
-    person_id VARCHAR NOT NULL, record_id VARCHAR NOT NULL, purpose VARCHAR NOT NULL,
-    jurisdiction VARCHAR NOT NULL, trait VARCHAR NOT NULL, bucket VARCHAR NOT NULL, n BIGINT,
-    amount DECIMAL(18, 2), first_ts TIMESTAMPTZ, last_ts TIMESTAMPTZ, value JSON, last_key VARCHAR
-);
+CREATE TABLE IF NOT EXISTS trait_state ({_ACCUMULATOR_COLUMNS});
 -- Each batch's sums per key, appended (`_STATE_APPEND`): a batch writes only the table's
 -- tail, where updating `trait_state` in place rewrote row groups across the whole table at
 -- every commit and checkpoint (a fill's cost grew with the store). Folded into
 -- `trait_state` once they pass a share of it (`ProfileBuilder.fold`); until then a key may
 -- have rows in both, and in several batches.
-CREATE TABLE IF NOT EXISTS trait_deltas (
-    person_id VARCHAR NOT NULL, record_id VARCHAR NOT NULL, purpose VARCHAR NOT NULL,
-    jurisdiction VARCHAR NOT NULL, trait VARCHAR NOT NULL, bucket VARCHAR NOT NULL, n BIGINT,
-    amount DECIMAL(18, 2), first_ts TIMESTAMPTZ, last_ts TIMESTAMPTZ, value JSON, last_key VARCHAR
-);
+CREATE TABLE IF NOT EXISTS trait_deltas ({_ACCUMULATOR_COLUMNS});
 -- Every accumulator row, folded or not: what reads sum. Each key's totals are the sums,
 -- least first and greatest last time, and the value and key of the latest (time, key) of
 -- its rows (a key's value is set on all of its rows or on none).
 CREATE OR REPLACE VIEW trait_rows AS
 SELECT * FROM trait_state UNION ALL SELECT * FROM trait_deltas;
 """
-# The tables holding accumulator rows: merges, splits and erasures change both.
+# The tables holding accumulator rows: merges and splits move both (erasures delete from both).
 TRAIT_TABLES = ("trait_state", "trait_deltas")
 # One batch's accumulator rows summed per key (`ProfileBuilder._accumulate`): the events
 # counted, their amount (0 without one), first and last time, the key and value of the
