@@ -269,13 +269,19 @@ class SubjectEraser:
         )
         counts: dict[str, int] = {}
         try:
-            for table in ("facts", "trait_facts", "trait_state"):
-                counts[table] = q(
-                    # A kept record's facts stay (the split moves them to their person).
-                    f"""DELETE FROM {table} WHERE record_id IN (SELECT record_id FROM _erase_records)
+            # Computed-trait accumulators are counted as one table, folded or appended
+            # (profiles/builder.py keeps each batch's in `trait_deltas` until folded).
+            for table in ("facts", "trait_facts", "trait_state", "trait_deltas"):
+                counted = "trait_state" if table == "trait_deltas" else table
+                counts[counted] = (
+                    counts.get(counted, 0)
+                    + q(
+                        # A kept record's facts stay (the split moves them to their person).
+                        f"""DELETE FROM {table} WHERE record_id IN (SELECT record_id FROM _erase_records)
                         OR (person_id IN (SELECT person_id FROM _erase_persons)
                             AND record_id NOT IN (SELECT record_id FROM id_records))"""
-                ).fetchone()[0]
+                    ).fetchone()[0]
+                )
             counts["consent_state"] = q(
                 """DELETE FROM consent_state WHERE (id_type || ':' ||
                        left(sha256(id_type || ':' || id_value), 16)) IN (SELECT subject FROM _erase_subjects)"""

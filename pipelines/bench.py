@@ -487,20 +487,28 @@ def cost_section(points: list[dict], command: str) -> str:
         "",
         "Stages alone (no Kafka), one process per point: the store is first filled with",
         "the events of N persons (two per person on average), then a probe of new events",
-        "of new persons is timed. Baseline: the smallest store, same run. Rates per",
-        "wall-clock second include waiting for a core on a shared machine; rates per",
-        "CPU-second of the process (all its threads) do not, and are the steadier figure.",
+        "of new persons is timed, then as many new events of persons already stored",
+        "(returning). Baseline: the smallest store, same run. Rates per wall-clock second",
+        "include waiting for a core on a shared machine; rates per CPU-second of the",
+        "process (all its threads) do not, and are the steadier figure.",
         "",
         "| persons (stored) | probe events/s | ratio | probe events per CPU-s | ratio "
+        "| returning events per CPU-s | ratio "
         "| fill events per CPU-s (batch) | RSS after probe | state file |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in points:
         lines.append(
             f"| {c['persons']:,} ({c['persons_stored']:,}) | {c['rate']:,.0f} "
             f"| {c['rate'] / first['rate']:.2f} | {c['cpu_rate']:,.0f} "
             f"| {c['cpu_rate'] / first['cpu_rate']:.2f} "
-            f"| {c['warm_cpu_rate']:,.0f} ({c['fill_batch']:,}) "
+            + (
+                f"| {c['returning_cpu_rate']:,.0f} "
+                f"| {c['returning_cpu_rate'] / first['returning_cpu_rate']:.2f} "
+                if "returning_cpu_rate" in c and "returning_cpu_rate" in first
+                else "| - | - "
+            )
+            + f"| {c['warm_cpu_rate']:,.0f} ({c['fill_batch']:,}) "
             f"| {c['rss_after_mb']:,.0f} MiB | {c['state_mb']:,.0f} MiB |"
         )
     largest = points[-1]

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import resource
 import sys
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import faust
@@ -125,6 +127,29 @@ def fill_parts(events: int, batch_size: int, parts: int = 10) -> list[tuple[int,
     ]
 
 
+def returning_lines(warm: list[bytes], events: int, seed: int) -> list[bytes]:
+    """`events` of the warm dataset's events again, as new events of the same persons: a
+    seeded sample of them, each with a new messageId and its time a day later (lines that
+    are not a JSON object with a time, the generator's bad input, are left out)."""
+    rng = random.Random(seed)
+    out: list[bytes] = []
+    for number in rng.sample(range(len(warm)), len(warm)):
+        if len(out) == events:
+            break
+        try:
+            event = orjson.loads(warm[number])
+            stated = datetime.fromisoformat(event["timestamp"]) if "messageId" in event else None
+        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+            continue
+        if not isinstance(event, dict) or stated is None:
+            continue
+        later = stated + timedelta(days=1)
+        event["messageId"] = f"returning-{seed}-{len(out)}"
+        event["timestamp"] = later.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        out.append(orjson.dumps(event))
+    return out
+
+
 def _timed_feed(pipeline: Pipeline, lines: list[bytes], batch_size: int, first: int) -> dict:
     """Feed `lines` (offsets from `first`); wall-clock and CPU seconds of this process."""
     from pipelines.bench import feed
@@ -146,7 +171,8 @@ def cost(
 ) -> None:
     """Fill a store with `persons` (two events each on average) in batches of `fill_batch`
     (default `batch_size`), then time a probe of `probe_events` new events of new persons
-    in batches of `batch_size`; print one JSON line.
+    in batches of `batch_size`, then of as many events of persons already stored
+    (`returning_lines`); print one JSON line.
 
     Rates are given per wall-clock second and per CPU-second of this process (all its
     threads, DuckDB's included): on a shared machine the first includes waiting for a
@@ -178,6 +204,12 @@ def cost(
     rss_before = rss_mb()
     probed = _timed_feed(pipeline, list(read_lines(probe)), batch_size, len(warm_lines))
     rss_after = rss_mb()
+    returning = _timed_feed(
+        pipeline,
+        returning_lines(warm_lines, probe_events, seed=9),
+        batch_size,
+        len(warm_lines) + probe_events,
+    )
     pipeline.close()
     conn = duckdb.connect(str(state), read_only=True)
     (stored,) = conn.execute("SELECT count(*) FROM id_persons").fetchone()
@@ -200,6 +232,11 @@ def cost(
         "probe_cpu_seconds": probed["cpu_seconds"],
         "rate": probed["rate"],
         "cpu_rate": probed["cpu_rate"],
+        "returning_events": returning["events"],
+        "returning_seconds": returning["seconds"],
+        "returning_cpu_seconds": returning["cpu_seconds"],
+        "returning_rate": returning["rate"],
+        "returning_cpu_rate": returning["cpu_rate"],
         "rss_before_mb": rss_before,
         "rss_after_mb": rss_after,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -203,7 +203,7 @@ def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
     conn = duckdb.connect(str(path))
     conn.execute("SET TimeZone = 'UTC'")
     # A commit is durable once its WAL is written; a checkpoint then rewrites every row
-    # group the batch touched (the tail of each append-only table, most of trait_state).
+    # group the batch touched (the tail of each append-only table, trait_deltas included).
     # DuckDB's default 16 MB of WAL checkpointed after every 10k-event batch, and each one
     # cost more as the state grew; at 256 MB one checkpoint covers ~100k events. The price:
     # a restart replays up to that much WAL.

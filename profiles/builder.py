@@ -37,7 +37,14 @@ from profiles.traits import (
     rollup,
 )
 
-SCHEMA_SQL = """
+# One accumulator row: its key (record, ingestion purpose, jurisdiction, trait, bucket), the
+# person of its record, and the sums `profiles/traits.py` rolls up.
+_ACCUMULATOR_COLUMNS = """
+    person_id VARCHAR NOT NULL, record_id VARCHAR NOT NULL, purpose VARCHAR NOT NULL,
+    jurisdiction VARCHAR NOT NULL, trait VARCHAR NOT NULL, bucket VARCHAR NOT NULL, n BIGINT,
+    amount DECIMAL(18, 2), first_ts TIMESTAMPTZ, last_ts TIMESTAMPTZ, value JSON, last_key VARCHAR
+"""
+SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS facts (
     event_key VARCHAR PRIMARY KEY, person_id VARCHAR NOT NULL, record_id VARCHAR, kind VARCHAR NOT NULL,
     ts TIMESTAMPTZ NOT NULL, order_id VARCHAR, amount DECIMAL(18, 2), currency VARCHAR,
@@ -51,28 +58,47 @@ CREATE TABLE IF NOT EXISTS trait_facts (
 CREATE TABLE IF NOT EXISTS profile_versions (person_id VARCHAR PRIMARY KEY, version BIGINT);
 -- Computed-trait accumulators (profiles/traits.py): one row per identity record, ingestion
 -- purpose, jurisdiction, trait and bucket; events add to them, merges and splits move them.
--- The key is kept unique by `_STATE_UPSERT` alone: no index (maintaining an index on five
--- strings cost twice the MERGE's join over the whole table, at 170k and at 3M rows).
-CREATE TABLE IF NOT EXISTS trait_state (
-    person_id VARCHAR NOT NULL, record_id VARCHAR NOT NULL, purpose VARCHAR NOT NULL,
-    jurisdiction VARCHAR NOT NULL, trait VARCHAR NOT NULL, bucket VARCHAR NOT NULL, n BIGINT,
-    amount DECIMAL(18, 2), first_ts TIMESTAMPTZ, last_ts TIMESTAMPTZ, value JSON, last_key VARCHAR
-);
+-- The key is kept unique by `_FOLD` alone: no index (maintaining an index on five strings
+-- cost twice a MERGE's join over the whole table, at 170k and at 3M rows).
+CREATE TABLE IF NOT EXISTS trait_state ({_ACCUMULATOR_COLUMNS});
+-- Each batch's sums per key, appended (`_STATE_APPEND`): a batch writes only the table's
+-- tail, where updating `trait_state` in place rewrote row groups across the whole table at
+-- every commit and checkpoint (a fill's cost grew with the store). Folded into
+-- `trait_state` once they pass a share of it (`ProfileBuilder.fold`); until then a key may
+-- have rows in both, and in several batches.
+CREATE TABLE IF NOT EXISTS trait_deltas ({_ACCUMULATOR_COLUMNS});
+-- Every accumulator row, folded or not: what reads sum. Each key's totals are the sums,
+-- least first and greatest last time, and the value and key of the latest (time, key) of
+-- its rows (a key's value is set on all of its rows or on none).
+CREATE OR REPLACE VIEW trait_rows AS
+SELECT * FROM trait_state UNION ALL SELECT * FROM trait_deltas;
 """
+# The tables holding accumulator rows: merges and splits move both (erasures delete from both).
+TRAIT_TABLES = ("trait_state", "trait_deltas")
 # One batch's accumulator rows summed per key (`ProfileBuilder._accumulate`): the events
 # counted, their amount (0 without one), first and last time, the key and value of the
-# latest (time, key) event, and the person of the batch's first event on that key; then
-# added to the stored rows (a hash join of the batch's keys against the table).
+# latest (time, key) event, and the person of the batch's first event on that key; appended.
+_STATE_APPEND = """
+INSERT INTO trait_deltas BY NAME
+SELECT arg_min(e.person_id, e.event) AS person_id, e.record_id, e.purpose, e.jurisdiction,
+       r.trait, r.bucket, count(*) AS n, coalesce(sum(r.amount), 0) AS amount,
+       min(e.ts) AS first_ts, max(e.ts) AS last_ts,
+       arg_max(r.value, (e.ts, e.event_key)) AS value,
+       arg_max(e.event_key, (e.ts, e.event_key)) AS last_key
+FROM _trait_rows r JOIN _trait_events e USING (event)
+GROUP BY e.record_id, e.purpose, e.jurisdiction, r.trait, r.bucket
+"""
+# The deltas summed per key (the person of the latest appended row), merged into the
+# folded rows (a hash join of the deltas' keys against the table).
 _NEWER = "(x.last_ts > s.last_ts OR (x.last_ts = s.last_ts AND x.last_key > s.last_key))"
-_STATE_UPSERT = f"""
+_FOLD = f"""
 MERGE INTO trait_state s USING (
-    SELECT arg_min(e.person_id, e.event) AS person_id, e.record_id, e.purpose, e.jurisdiction,
-           r.trait, r.bucket, count(*) AS n, coalesce(sum(r.amount), 0) AS amount,
-           min(e.ts) AS first_ts, max(e.ts) AS last_ts,
-           arg_max(r.value, (e.ts, e.event_key)) AS value,
-           arg_max(e.event_key, (e.ts, e.event_key)) AS last_key
-    FROM _trait_rows r JOIN _trait_events e USING (event)
-    GROUP BY e.record_id, e.purpose, e.jurisdiction, r.trait, r.bucket
+    SELECT arg_max(person_id, rowid) AS person_id, record_id, purpose, jurisdiction, trait,
+           bucket, sum(n)::BIGINT AS n, sum(amount)::DECIMAL(18, 2) AS amount,
+           min(first_ts) AS first_ts, max(last_ts) AS last_ts,
+           arg_max(value, (last_ts, last_key)) AS value,
+           arg_max(last_key, (last_ts, last_key)) AS last_key
+    FROM trait_deltas GROUP BY record_id, purpose, jurisdiction, trait, bucket
 ) x
 ON s.record_id = x.record_id AND s.purpose = x.purpose AND s.jurisdiction = x.jurisdiction
    AND s.trait = x.trait AND s.bucket = x.bucket
@@ -86,6 +112,11 @@ WHEN MATCHED THEN UPDATE SET
     last_key = CASE WHEN {_NEWER} THEN x.last_key ELSE s.last_key END
 WHEN NOT MATCHED THEN INSERT BY NAME
 """
+# Deltas are folded once they hold this share of the folded rows' count (and at least
+# `FOLD_MIN_ROWS`): each fold's pass over the table is then paid by as many appended rows,
+# and reads go over at most that share more rows than folded.
+FOLD_SHARE = 0.5
+FOLD_MIN_ROWS = 200_000
 
 # A view's computed traits summed per trait in SQL (`Totals`): per (view, trait, bucket)
 # first, then per trait, or per day after the view's horizon for windowed traits. Only the
@@ -98,7 +129,7 @@ _ROLLUP = f"""
 WITH horizons AS (  -- windows keep the days after the view's last event less the longest window
     SELECT a.view,
            strftime(timezone('UTC', max(s.last_ts))::DATE - $max_window, '%Y-%m-%d') AS horizon
-    FROM trait_state s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
+    FROM trait_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     WHERE s.trait = '{SEEN}' AND s.bucket = '' GROUP BY ALL
 ), buckets AS (
     SELECT a.view, s.trait, s.bucket, sum(s.n)::BIGINT AS n,
@@ -108,7 +139,7 @@ WITH horizons AS (  -- windows keep the days after the view's last event less th
            max(s.last_ts) FILTER (WHERE list_contains($lasts, s.trait)) AS last_ts,
            arg_max(s.value, (s.last_ts, s.last_key))
                FILTER (WHERE list_contains($values, s.trait)) AS value
-    FROM trait_state s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
+    FROM trait_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     LEFT JOIN horizons h ON h.view = a.view
     WHERE s.trait <> '{SEEN}'  -- no computed trait reads the groups' own rows
       AND NOT list_contains($twins, s.trait)  -- read through the trait they twin
@@ -215,6 +246,8 @@ class ProfileBuilder:
         self.policy = policy
         self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
+        ((self._folded_rows,),) = conn.execute("SELECT count(*) FROM trait_state").fetchall()
+        ((self._delta_rows,),) = conn.execute("SELECT count(*) FROM trait_deltas").fetchall()
         self._fill_window_twins()
         self._rolled_columns = rolled_columns(self.traits)
         # What silence means, per jurisdiction and purpose: the fallback of every view.
@@ -250,7 +283,7 @@ class ProfileBuilder:
             return
         counted = dict(
             self.conn.execute(
-                """SELECT trait, sum(n)::BIGINT FROM trait_state
+                """SELECT trait, sum(n)::BIGINT FROM trait_rows
                    WHERE trait IN (SELECT unnest(?)) GROUP BY trait""",
                 [[name for names in families.values() for name in names]],
             ).fetchall()
@@ -259,6 +292,7 @@ class ProfileBuilder:
             fullest = max(names, key=lambda name: (counted.get(name, 0), name))
             for name in names:
                 if counted.get(name, 0) < counted.get(fullest, 0):
+                    self.fold()  # copies one row per key
                     self.conn.execute("DELETE FROM trait_state WHERE trait = ?", [name])
                     self.conn.execute(
                         """INSERT INTO trait_state BY NAME
@@ -321,10 +355,10 @@ class ProfileBuilder:
         return {person for _, person, *_ in applied}
 
     def _accumulate(self, events: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
-        """Add events to the accumulator rows they touch: one upsert per batch.
+        """Add events to the accumulator rows they touch: one append per batch.
 
         Python lists each event's (trait, bucket, amount, value) rows; DuckDB sums them per
-        key and merges the sums into the stored rows (summing Python tuples cost more).
+        key and appends the sums to `trait_deltas` (summing Python tuples cost more).
         """
         rows: list[tuple[str, str, Decimal | None, Any]] = []
         event_of: list[int] = []  # each row's event, by position in `events`
@@ -361,10 +395,21 @@ class ProfileBuilder:
         self.conn.register("_trait_events", trait_events)
         self.conn.register("_trait_rows", trait_rows)
         try:
-            self.conn.execute(_STATE_UPSERT)
+            ((appended,),) = self.conn.execute(_STATE_APPEND).fetchall()
         finally:
             self.conn.unregister("_trait_events")
             self.conn.unregister("_trait_rows")
+        self._delta_rows += appended
+        if self._delta_rows >= max(FOLD_MIN_ROWS, FOLD_SHARE * self._folded_rows):
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the appended accumulator rows into `trait_state` (one row per key there) and
+        empty `trait_deltas`; what reads of `trait_rows` sum stays the same."""
+        self.conn.execute(_FOLD)
+        self.conn.execute("DELETE FROM trait_deltas")
+        ((self._folded_rows,),) = self.conn.execute("SELECT count(*) FROM trait_state").fetchall()
+        self._delta_rows = 0
 
     def repoint(self, merged: dict[str, str]) -> None:
         """Move the facts of merged-away persons to the persons they merged into."""
@@ -373,7 +418,7 @@ class ProfileBuilder:
         remap = pa.table({"loser": list(merged), "survivor": list(merged.values())})
         self.conn.register("_remap", remap)
         try:
-            for table in ("facts", "trait_facts", "trait_state"):
+            for table in ("facts", "trait_facts", *TRAIT_TABLES):
                 self.conn.execute(
                     f"UPDATE {table} SET person_id = r.survivor FROM _remap r "
                     f"WHERE {table}.person_id = r.loser"
@@ -393,7 +438,7 @@ class ProfileBuilder:
             pa.table({"record_id": list(moved), "person_id": list(moved.values())}),
         )
         try:
-            for table in ("facts", "trait_facts", "trait_state"):
+            for table in ("facts", "trait_facts", *TRAIT_TABLES):
                 self.conn.execute(
                     f"UPDATE {table} SET person_id = m.person_id FROM _moved_records m "
                     f"WHERE {table}.record_id = m.record_id"
@@ -461,7 +506,7 @@ class ProfileBuilder:
                 SELECT i.person_id, s.purpose, arg_max(s.status, s.ts) AS status
                 FROM ids i JOIN consent_state s USING (id_type, id_value) GROUP BY ALL
             ), groups AS (
-                SELECT person_id, record_id, purpose, jurisdiction FROM trait_state
+                SELECT DISTINCT person_id, record_id, purpose, jurisdiction FROM trait_rows
                 WHERE trait = '{SEEN}' AND bucket = ''
                   AND person_id IN (SELECT person_id FROM _affected)
             )

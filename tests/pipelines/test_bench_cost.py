@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from datetime import datetime, timedelta
 
 import orjson
 import pytest
 
-from pipelines.bench import cost_point, cost_section
-from pipelines.bench_worker import fill_parts
+from pipelines.bench import END, cost_point, cost_section
+from pipelines.bench_worker import fill_parts, returning_lines
+from synthetic.events import write_dataset
 
 
 @pytest.mark.parametrize(
@@ -34,11 +36,40 @@ def test_cost_point_reports_wall_and_cpu_rates_and_the_fill_by_parts(tmp_path):
     assert point["warm_cpu_seconds"] == pytest.approx(sum(p["cpu_seconds"] for p in fill))
     assert point["probe_events"] == 100 and point["rate"] > 0 and point["cpu_rate"] > 0
     assert point["persons_stored"] > 0
+    assert 0 < point["returning_events"] <= 100 and point["returning_cpu_rate"] > 0
     assert point["rss_after_mb"] > 0 and point["state_mb"] > 0
 
     section = cost_section([point, point], "tessera bench --persons 60")
     assert section.startswith("## Cost curve\n")
     assert "`tessera bench --persons 60`" in section
     assert f"| 60 ({point['persons_stored']}) |" in section
+    assert f"| {point['returning_cpu_rate']:,.0f} | 1.00 |" in section
     assert "| 120 |" in section  # the last tenth's row: events stored after it
     orjson.dumps(point)  # the point stays one JSON line
+
+
+def test_returning_events_are_new_events_of_stored_persons_a_day_later(tmp_path):
+    write_dataset(tmp_path / "warm.jsonl", None, persons=200, events=400, seed=7, end=END)
+    warm = (tmp_path / "warm.jsonl").read_bytes().splitlines()
+    returning = [orjson.loads(line) for line in returning_lines(warm, 300, seed=9)]
+    assert len(returning) == 300
+    by_id = {}
+    for line in warm:
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and "messageId" in event:
+            by_id.setdefault(event["messageId"], event)
+    assert len({e["messageId"] for e in returning}) == 300
+    assert not {e["messageId"] for e in returning} & set(by_id)
+    # Each is a stored event again: same person and content, a day later.
+    stored = {
+        orjson.dumps({k: v for k, v in e.items() if k not in ("messageId", "timestamp")})
+        for e in by_id.values()
+    }
+    for event in returning:
+        rest = {k: v for k, v in event.items() if k not in ("messageId", "timestamp")}
+        assert orjson.dumps(rest) in stored
+    times = sorted(datetime.fromisoformat(e["timestamp"]) for e in returning)
+    assert times[-1] <= END + timedelta(days=1)

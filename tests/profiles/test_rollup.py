@@ -57,7 +57,7 @@ def rebuilt():
     for person, scope, *row in pipeline.conn.execute(
         """SELECT a.person_id, a.scope, s.trait, s.bucket, sum(s.n)::BIGINT, sum(s.amount),
                   min(s.first_ts), max(s.last_ts), arg_max(s.value, (s.last_ts, s.last_key))
-           FROM trait_state s JOIN _ag a USING (record_id, purpose, jurisdiction)
+           FROM trait_rows s JOIN _ag a USING (record_id, purpose, jurisdiction)
            GROUP BY ALL ORDER BY ALL"""
     ).fetchall():
         rows[(person, scope)].append(tuple(row))

@@ -289,16 +289,22 @@ def test_incremental_traits_equal_the_aggregate_of_consented_facts(ops, data):
         assert personal["page_views_7d"] == want["page_views_7d"], ids
 
 
-def _trait_state(events: list[dict[str, Any]], cuts: list[int]) -> list[tuple]:
+def _trait_state(events: list[dict[str, Any]], cuts: list[int], fold_every: int = 0) -> list[tuple]:
+    """The accumulator rows after `events` in batches cut at `cuts`, folded after every
+    `fold_every`-th batch (0: only at the end)."""
     pipeline = Pipeline(":memory:", quality=False)
     offsets = itertools.count()
     start = 0
-    for cut in [*cuts, len(events)]:
+    for number, cut in enumerate([*cuts, len(events)], 1):
         batch = [
             SourceRecord(topic_of(e), 0, next(offsets), orjson.dumps(e)) for e in events[start:cut]
         ]
         pipeline.process(batch, lambda _outputs: None)
+        if fold_every and number % fold_every == 0:
+            pipeline.builder.fold()
         start = cut
+    pipeline.builder.fold()
+    assert pipeline.conn.execute("SELECT count(*) FROM trait_deltas").fetchone() == (0,)
     # Person ids aside: which event founds a person depends on how the events were batched.
     rows = pipeline.conn.execute(
         "SELECT * EXCLUDE (person_id) FROM trait_state ORDER BY ALL"
@@ -338,6 +344,8 @@ def test_a_batch_adds_to_the_accumulators_as_its_events_one_batch_each_would():
     together = _trait_state(events, [])
     one_by_one = _trait_state(events, list(range(1, len(events))))
     assert together == one_by_one
+    # Folded every third batch: keys with rows both folded and appended, several appended.
+    assert _trait_state(events, list(range(1, len(events))), fold_every=3) == together
     by_trait = {row[3]: row[5:] for row in together if row[4] in ("", "+|USD|O1")}
     n, amount, first_ts, last_ts, value, last_key = by_trait["last_csat"]
     assert (n, amount, last_key, orjson.loads(value)) == (3, 0, "a3", 4)
