@@ -476,11 +476,13 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir.resolve()
     warm = None
     if args.warm_persons > 0:
-        warm_events = workdir / f"warm-{args.warm_persons}.jsonl"
-        if not warm_events.exists():
-            n = args.warm_persons
-            write_dataset(warm_events, None, persons=n, events=2 * n, seed=WARM_SEED, end=END)
         args.warm_cache.mkdir(parents=True, exist_ok=True)
+        # Generated once per size, beside the states it fills (minutes at 300k persons).
+        warm_events = args.warm_cache.resolve() / f"events-{args.warm_persons}.jsonl"
+        if not warm_events.exists():
+            n, partial = args.warm_persons, warm_events.with_suffix(".partial")
+            write_dataset(partial, None, persons=n, events=2 * n, seed=WARM_SEED, end=END)
+            partial.rename(warm_events)
         warm = (warm_events, args.warm_cache.resolve(), args.warm_persons)
     before = None
     keep = args.compare_outputs and args.baseline is not None

@@ -56,6 +56,15 @@ class StoredKeys:
                 held |= hashes[at] == wanted
         return [str(key) for key in np.asarray(rows["k"])[held]]
 
+    def holds(self, key: str) -> bool:
+        """Whether `key`'s hash is held (False: the table certainly lacks `key`)."""
+        ((wanted,),) = self.conn.execute("SELECT hash(?::VARCHAR)", [key]).fetchall()
+        for hashes in (self._loaded(), self._recent):
+            at = int(np.searchsorted(hashes, np.uint64(wanted)))
+            if at < len(hashes) and hashes[at] == wanted:
+                return True
+        return False
+
     def add(self, relation: str) -> None:
         """Hold the keys of `relation`, just inserted into the table (a no-op until loaded:
         loading reads them from the table)."""

@@ -27,6 +27,7 @@ def test_stored_keys_are_found_and_new_ones_are_not():
     stored = StoredKeys(conn, "outcomes", "event_key")
     _table(conn, "_batch", ["b", "x", "c", "y", "b"])
     assert stored.maybe_stored("_batch") == ["b", "c", "b"]
+    assert [stored.holds(k) for k in ("a", "x", "c", "")] == [True, False, True, False]
     _table(conn, "_batch", [])
     assert stored.maybe_stored("_batch") == []
 
@@ -42,6 +43,7 @@ def test_keys_added_after_loading_are_held_before_and_after_the_fold():
     probe = [f"k-{i}" for i in range(0, 80_000, 997)] + ["k-80000", "other"]
     _table(conn, "_batch", probe)
     assert stored.maybe_stored("_batch") == probe[:-2]
+    assert stored.holds("k-79999") and not stored.holds("k-80000")
     stored.forget()  # reloaded from the table: the same answer
     assert stored.maybe_stored("_batch") == probe[:-2]
 
