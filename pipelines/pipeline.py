@@ -232,6 +232,7 @@ class Pipeline:
         self.gate = ConsentGate(self.conn, self.policy)
         self.identity = IdentityResolver(self.conn, identity_model)
         self.builder = ProfileBuilder(self.conn, self.policy)
+        self.builder.records_of = self.identity.records_of_persons
         self.segments = SegmentMembership(
             self.conn,
             self.builder.traits,
