@@ -9,7 +9,8 @@ help a batch: probing it costs ~30 us a key, more than the scan for 10,000 keys 
 `StoredKeys` keeps the DuckDB `hash()` of every stored key in one sorted numpy array
 (8 bytes a key), loaded from the table on first use and extended as outcomes are
 inserted. A key whose hash it lacks is certainly not stored; only keys whose hash it
-holds (replays, reused message ids, and 64-bit hash collisions) go to the table. It must
+holds (replays, reused message ids, and 64-bit hash collisions) go to the table, read
+through its key index while they are few. It must
 hold every stored key: the pipeline drops it when a batch rolls back (`forget`), and the
 next batch loads it again from what was committed.
 """
