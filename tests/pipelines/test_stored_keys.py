@@ -3,6 +3,7 @@
 import duckdb
 import orjson
 import pyarrow as pa
+import pytest
 
 from pipelines import topics
 from pipelines.pipeline import Pipeline, SourceRecord
@@ -48,7 +49,12 @@ def test_keys_added_after_loading_are_held_before_and_after_the_fold():
     assert stored.maybe_stored("_batch") == probe[:-2]
 
 
-def test_duplicates_are_found_in_later_batches_and_after_a_restart(tmp_path, make_event):
+@pytest.mark.parametrize("index_lookups", [1_000, 2], ids=["by-key", "joined"])
+def test_duplicates_are_found_in_later_batches_and_after_a_restart(
+    tmp_path, make_event, monkeypatch, index_lookups
+):
+    # Up to INDEX_LOOKUPS stored keys are read by key; more are joined against the table.
+    monkeypatch.setattr("pipelines.pipeline.INDEX_LOOKUPS", index_lookups)
     path = tmp_path / "state.duckdb"
     events = [orjson.dumps(make_event("identify", userId=f"u{i}")) for i in range(6)]
     records = [SourceRecord(topics.BEHAVIORAL, 0, i, raw) for i, raw in enumerate(events)]
@@ -61,4 +67,9 @@ def test_duplicates_are_found_in_later_batches_and_after_a_restart(tmp_path, mak
     restarted = Pipeline(path, quality=False)
     again = restarted.process(records[::-1], lambda _: None)
     assert again.received == 0 and again.duplicates == 6
+    # A stored messageId with other content is a distinct event, whichever way it was read.
+    clash = {**orjson.loads(events[0]), "traits": {"plan": "pro"}}
+    mixed = [SourceRecord(topics.BEHAVIORAL, 0, 6, orjson.dumps(clash)), records[1]]
+    report = restarted.process(mixed, lambda _: None)
+    assert dict(report.outcomes) == {"rejected": 1} and report.duplicates == 1
     restarted.close()
