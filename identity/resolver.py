@@ -869,6 +869,27 @@ class IdentityResolver:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def records_of_persons(self, persons: list[str]) -> pa.Table | None:
+        """The identity records of `persons` now, with their strong identifiers (columns
+        person_id, record_id, then STRONG_FIELDS), from the in-memory index: what selecting
+        them from `id_records` gives, without reading the store. None while the index is
+        not loaded (the caller reads the store)."""
+        index = self._index
+        if index is None:
+            return None
+        fields, members = index.fields, index.members
+        width = len(STRONG_FIELDS)
+        rows = [
+            (person, record, *fields[record][:width])
+            for person in persons
+            for record in members.get(person, ())
+        ]
+        names = ["person_id", "record_id", *STRONG_FIELDS]
+        return pa.table(
+            [pa.array([row[i] for row in rows], pa.string()) for i in range(len(names))],
+            names=names,
+        )
+
     def person_of_record(self, record_id: str) -> str | None:
         """The person a record belongs to now, or None."""
         return self._persons_of([record_id]).get(record_id)

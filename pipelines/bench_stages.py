@@ -15,6 +15,13 @@ record of each run and every table of its final state, and reports whether the t
 checkouts agree (the wall-clock fields, a dead letter's `rejected_at` and a quality
 report's `checked_at` and `gx_seconds`, left out).
 
+`--warm-persons N` first fills each run's state with the events of N persons (two per
+person on average: the cost curve's generator, seed 8, so none of them is a timed event),
+untimed, in batches of `--batch-size`; the table then shows what each batch costs with
+that store behind it. A filled state is cached in `--warm-cache` per (size, digest of the
+checkout's source files), built by that checkout's own code, and each run starts from a
+copy of it, so a rerun of unchanged code skips the fill (~10+ minutes at 300k persons).
+
 Each run is its own process (the code under test is chosen by PYTHONPATH), and the
 first batch, which warms caches and imports, is timed like the others.
 """
@@ -22,11 +29,13 @@ first batch, which warms caches and imports, is timed like the others.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,7 +143,9 @@ def output_lines(outputs: list[Any]) -> list[bytes]:
 
 
 def table_digests(conn: Any) -> dict[str, str]:
-    """Each table of a state database: its row count and a digest of its sorted rows.
+    """Each table of a state database: its row count and an order-free digest of its rows
+    (the sum of their hashes: no whole-table string, so a warm store of millions of rows
+    digests in seconds).
 
     The database file's own tables and views only: a connection's temporary tables and
     registered Arrow tables are scratch space, not state."""
@@ -144,7 +155,7 @@ def table_digests(conn: Any) -> dict[str, str]:
         "AND table_catalog = current_database() ORDER BY 1"
     ).fetchall():
         count, digest = conn.execute(
-            f"SELECT count(*), md5(coalesce(string_agg(t::VARCHAR, chr(10) ORDER BY t::VARCHAR), '')) FROM \"{name}\" t"
+            f'SELECT count(*), coalesce(sum(hash(t::VARCHAR)::HUGEINT), 0) FROM "{name}" t'
         ).fetchone()
         digests[name] = f"{count}:{digest}"
     return digests
@@ -182,17 +193,60 @@ def compare_outputs(after: dict, before: dict) -> str:
     )
 
 
+WARM_SEED = 8
+# The source a state depends on: the benchmarks' own modules are left out, so changing
+# them keeps a cached warm state.
+SOURCE_DIRS = ("consent", "identity", "pipelines", "profiles", "quality", "schemas", "synthetic")
+
+
+def source_digest(tree: Path) -> str:
+    """A digest of the checkout's source files (Python, YAML, JSON), benchmarks excluded."""
+    digest = hashlib.blake2b(digest_size=8)
+    for folder in SOURCE_DIRS:
+        for path in sorted((tree / folder).rglob("*")):
+            if path.suffix not in (".py", ".yaml", ".yml", ".json") or not path.is_file():
+                continue
+            if path.parent.name == "pipelines" and path.name.startswith("bench"):
+                continue
+            digest.update(str(path.relative_to(tree)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def warm_state(warm_events: Path, batch_size: int, cached: Path) -> int:
+    """Fill `cached` (unless it exists) with this code's state after `warm_events`, fed in
+    batches of `batch_size`; returns the number of warm events (the timed ones follow)."""
+    from pipelines.bench import feed
+    from pipelines.pipeline import Pipeline
+    from pipelines.produce import read_lines
+
+    lines = list(read_lines(warm_events))
+    if cached.exists():
+        return len(lines)
+    partial = cached.with_name(cached.name + ".partial")
+    for stale in (partial, partial.with_name(partial.name + ".wal")):
+        stale.unlink(missing_ok=True)
+    pipeline = Pipeline(partial)
+    feed(pipeline, lines, batch_size)
+    pipeline.close()  # checkpoints: the file alone holds the state
+    partial.rename(cached)
+    return len(lines)
+
+
 def run_stages(
     events_file: Path,
     batch_size: int,
     state: Path,
     profile: Path | None,
     outputs_file: Path | None = None,
+    warm: tuple[Path, Path] | None = None,
 ) -> dict:
     """One measured run of this interpreter's code over `events_file`; returns its figures.
 
     With `outputs_file`, the run also writes its output records there (`output_lines`)
-    and returns a digest of every table of its final state."""
+    and returns a digest of every table of its final state. With `warm` (events file,
+    cached state file), the run starts from a copy of the state those events leave
+    (`warm_state`), its events take the offsets after them, and what a restart loads once
+    is loaded before the clock."""
     from pipelines.bench import feed
     from pipelines.pipeline import Pipeline
     from pipelines.produce import read_lines
@@ -200,7 +254,20 @@ def run_stages(
     lines = list(read_lines(events_file))
     for stale in (state, state.with_name(state.name + ".wal")):
         stale.unlink(missing_ok=True)
+    first = 0
+    if warm is not None:
+        first = warm_state(warm[0], batch_size, warm[1])
+        shutil.copyfile(warm[1], state)
     pipeline = Pipeline(state)  # quality suites on, built before the clock starts
+    if warm is not None:
+        # What a restarted worker loads once, on its first batch (the in-memory identity
+        # index, the stored event keys' hashes): loaded before the clock, so the figures
+        # are the per-batch cost.
+        getattr(pipeline.identity, "index", None)
+        if getattr(pipeline, "stored_keys", None) is not None:
+            pipeline.stored_keys.holds("")
+    outcomes_sql = "SELECT outcome, count(*) FROM outcomes GROUP BY 1"
+    warm_outcomes = Counter(dict(pipeline.conn.execute(outcomes_sql).fetchall()))
     clock = SpanClock()
     _instrument(pipeline, clock)
     kept: list[Any] = []
@@ -218,15 +285,15 @@ def run_stages(
         profiler = Profiler(interval=0.002)
         profiler.start()
     cpu0 = time.process_time()
-    wall = feed(pipeline, lines, batch_size)
+    wall = feed(pipeline, lines, batch_size, first=first)
     cpu = time.process_time() - cpu0
     if profiler is not None:
         profiler.stop()
         profile.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
-    outcomes = dict(
-        pipeline.conn.execute("SELECT outcome, count(*) FROM outcomes GROUP BY 1").fetchall()
-    )
+    # The timed events' outcomes alone.
+    outcomes = dict(Counter(dict(pipeline.conn.execute(outcomes_sql).fetchall())) - warm_outcomes)
     figures = {
+        "warm_events": first,
         "events": len(lines),
         "cpu_s": cpu,
         "wall_s": wall,
@@ -248,16 +315,36 @@ def _measure(
     workdir: Path,
     profile: Path | None,
     outputs: bool = False,
+    warm: tuple[Path, Path, int] | None = None,
+    warm_tree: Path | None = None,
 ):
-    """Run the stages of the checkout at `tree` in a process of their own."""
+    """Run the stages of the checkout at `tree` in a process of their own; `warm` is
+    (warm events file, cache folder, persons), filled by the code of `warm_tree` (default
+    `tree`)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     args = [sys.executable, "-P", __file__, "--run", str(events_file), str(batch_size)]
     args += [str(workdir / f"state-{tree.name}.duckdb"), str(profile or "")]
     args.append(str(workdir / f"outputs-{tree.name}.jsonl") if outputs else "")
-    done = subprocess.run(args, env=env, cwd=tree, capture_output=True, timeout=3 * 3600)
+    if warm is not None:
+        warm_events, cache, persons = warm
+        digest = source_digest(warm_tree or tree)
+        cached = cache / f"warm-{persons}-b{batch_size}-{digest}.duckdb"
+        args += [str(warm_events), str(cached)]
+    done = subprocess.run(args, env=env, cwd=tree, capture_output=True, timeout=6 * 3600)
     if done.returncode != 0:
         raise RuntimeError(f"stage run in {tree} failed:\n{done.stderr.decode()[-3000:]}")
     return orjson.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+def _start(result: dict) -> str:
+    warm = result.get("warm_events", 0)
+    if not warm:
+        return "empty state"
+    filled = "by the baseline's code" if result.get("warm_from_baseline") else "by each run's code"
+    return (
+        f"state first filled (untimed, {filled}) with {warm:,} events of "
+        f"{result['warm_persons']:,} persons (seed {WARM_SEED})"
+    )
 
 
 def report(
@@ -276,7 +363,7 @@ def report(
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- command: `{command}`",
         f"- {after['events']:,} synthetic events (seed 7), batches of {batch_size:,}, quality "
-        "suites on, empty state, no Kafka; CPU seconds of the process (`time.process_time`)",
+        f"suites on, {_start(after)}, no Kafka; CPU seconds of the process (`time.process_time`)",
         "",
         "| figure | before | after | after / before |",
         "|---|---:|---:|---:|",
@@ -357,6 +444,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path(".tessera/bench-stages"))
     parser.add_argument("--write", action="store_true", help="replace the BENCHMARKS.md section")
     parser.add_argument(
+        "--warm-persons",
+        type=int,
+        default=0,
+        help="fill the state with this many persons' events (untimed) before the timed events",
+    )
+    parser.add_argument(
+        "--warm-cache",
+        type=Path,
+        default=Path(".tessera/bench-stages/warm"),
+        help="folder of filled states, one per (persons, batch size, source digest)",
+    )
+    parser.add_argument(
+        "--warm-from-baseline",
+        action="store_true",
+        help="both runs start from the state the baseline's code filled (for changes that "
+        "keep the state's layout: saves the second fill)",
+    )
+    parser.add_argument(
         "--compare-outputs",
         action="store_true",
         help="with --baseline: compare every output record and state table of the two runs",
@@ -372,16 +477,32 @@ def main(argv: list[str] | None = None) -> None:
     write_dataset(events_file, None, persons=persons, events=args.events, seed=7, end=END)
     here = Path(__file__).resolve().parent.parent
     workdir = args.workdir.resolve()
+    warm = None
+    if args.warm_persons > 0:
+        args.warm_cache.mkdir(parents=True, exist_ok=True)
+        # Generated once per size, beside the states it fills (minutes at 300k persons).
+        warm_events = args.warm_cache.resolve() / f"events-{args.warm_persons}.jsonl"
+        if not warm_events.exists():
+            n, partial = args.warm_persons, warm_events.with_suffix(".partial")
+            write_dataset(partial, None, persons=n, events=2 * n, seed=WARM_SEED, end=END)
+            partial.rename(warm_events)
+        warm = (warm_events, args.warm_cache.resolve(), args.warm_persons)
     before = None
     keep = args.compare_outputs and args.baseline is not None
     if args.baseline is not None:
         before = _measure(
-            args.baseline.resolve(), events_file, args.batch_size, workdir, None, keep
+            args.baseline.resolve(), events_file, args.batch_size, workdir, None, keep, warm
         )
-    after = _measure(here, events_file, args.batch_size, workdir, None, keep)
+    filler = args.baseline.resolve() if args.warm_from_baseline and args.baseline else None
+    after = _measure(here, events_file, args.batch_size, workdir, None, keep, warm, filler)
     if args.profile is not None:
         # A run of its own: the profiler's hook on every call would inflate the figures.
-        _measure(here, events_file, args.batch_size, workdir, args.profile.resolve())
+        profile = args.profile.resolve()
+        _measure(here, events_file, args.batch_size, workdir, profile, False, warm, filler)
+    for result in (before, after):
+        if result is not None:
+            result["warm_persons"] = args.warm_persons
+            result["warm_from_baseline"] = filler is not None
     command = "python -m pipelines.bench_stages " + " ".join(
         a if not a.startswith("/") else Path(a).name for a in (argv or sys.argv[1:])
     )
@@ -400,6 +521,7 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--run":
         Path(_state),
         Path(_profile) if _profile else None,
         Path(_outputs) if _outputs else None,
+        (Path(sys.argv[7]), Path(sys.argv[8])) if len(sys.argv) > 8 else None,
     )
     print(orjson.dumps(figures).decode(), flush=True)
 elif __name__ == "__main__":

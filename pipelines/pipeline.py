@@ -37,6 +37,7 @@ from identity.records import identity_record
 from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
 from pipelines.identity_commands import RejectLink, parse_command
+from pipelines.stored_keys import StoredKeys
 from profiles.builder import ProfileBuilder, traits_of
 from profiles.segments import Segment, SegmentMembership, load_segments
 from quality.metrics import batch_quality_record
@@ -58,6 +59,11 @@ CREATE TABLE IF NOT EXISTS source_offsets (
 );
 CREATE TABLE IF NOT EXISTS batch_journal (slot INTEGER PRIMARY KEY, extent VARCHAR);
 """
+
+# Stored keys a batch may repeat (`StoredKeys`) up to this many are read through the
+# outcomes key index, ~30 us a key; more are joined against the whole table, which costs
+# as much as ~5,000 index reads at 3M rows (DuckDB 2.0, measured).
+INDEX_LOOKUPS = 1_000
 
 # WAL written before DuckDB folds it into the database file (see open_state).
 CHECKPOINT_WAL = "256MB"
@@ -230,9 +236,11 @@ class Pipeline:
         self.policy = policy or load_policy(known_kinds=set(self.registry.kinds()))
         self.conn = open_state(state_path)
         self.conn.execute(SCHEMA_SQL)
+        self.stored_keys = StoredKeys(self.conn, "outcomes", "event_key")
         self.gate = ConsentGate(self.conn, self.policy)
         self.identity = IdentityResolver(self.conn, identity_model)
         self.builder = ProfileBuilder(self.conn, self.policy)
+        self.builder.records_of = self.identity.records_of_persons
         self.segments = SegmentMembership(
             self.conn,
             self.builder.traits,
@@ -343,6 +351,7 @@ class Pipeline:
         except BaseException:
             self.conn.execute("ROLLBACK")
             self.identity.forget()  # its in-memory index saw the batch the store did not keep
+            self.stored_keys.forget()  # so did the stored keys
             raise
         return report
 
@@ -392,14 +401,29 @@ class Pipeline:
             digest = _hash(opened if opened is not None else raw)  # sealed or not, one event
             key = contract.event["messageId"] if contract.ok else f"raw:{digest}"
             items.append(_Item(record, contract, digest, key))
-        keys = pa.table({"event_key": [i.key for i in items]})
-        self.conn.register("_batch_keys", keys)
+        # Only keys the stored-key hashes hold can be stored: in a stream of new events,
+        # none, and the outcomes table is not read at all; a few are read by key.
+        self.conn.register("_batch_keys", pa.table({"event_key": [i.key for i in items]}))
         try:
-            known = self.conn.execute(
-                "SELECT event_key, payload_hash, outcome FROM outcomes JOIN _batch_keys USING (event_key)"
-            ).fetchall()
+            maybe = self.stored_keys.maybe_stored("_batch_keys")
         finally:
             self.conn.unregister("_batch_keys")
+        known = []
+        maybe = sorted(set(maybe))
+        if 0 < len(maybe) <= INDEX_LOOKUPS:  # a few redelivered events: no table scan
+            marks = ", ".join("?" * len(maybe))
+            known = self.conn.execute(
+                f"SELECT event_key, payload_hash, outcome FROM outcomes WHERE event_key IN ({marks})",
+                maybe,
+            ).fetchall()
+        elif maybe:
+            self.conn.register("_batch_keys", pa.table({"event_key": maybe}))
+            try:
+                known = self.conn.execute(
+                    "SELECT event_key, payload_hash, outcome FROM outcomes JOIN _batch_keys USING (event_key)"
+                ).fetchall()
+            finally:
+                self.conn.unregister("_batch_keys")
         seen = {key: payload_hash for key, payload_hash, _ in known}
         rejected_before = {key for key, _, outcome in known if outcome == REJECTED}
         fresh: list[_Item] = []
@@ -431,6 +455,8 @@ class Pipeline:
         return fresh
 
     def _known(self, key: str) -> bool:
+        if not self.stored_keys.holds(key):
+            return False  # the table is read only for keys whose hash is held
         return bool(
             self.conn.execute("SELECT 1 FROM outcomes WHERE event_key = ?", [key]).fetchall()
         )
@@ -664,6 +690,7 @@ class Pipeline:
         self.conn.register("_outcomes", pa.table(rows))
         try:
             self.conn.execute("INSERT INTO outcomes BY NAME SELECT * FROM _outcomes")
+            self.stored_keys.add("_outcomes")
         finally:
             self.conn.unregister("_outcomes")
 

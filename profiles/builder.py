@@ -14,6 +14,7 @@ withdrawal republishes the profile without the withdrawn data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -244,6 +245,10 @@ class ProfileBuilder:
     ) -> None:
         self.conn = conn
         self.policy = policy
+        # Persons -> their identity records and strong identifiers (an Arrow table), or None:
+        # the identity resolver's in-memory index, set by the pipeline; else `id_records`.
+        self.records_of: Callable[[list[str]], pa.Table | None] = lambda _persons: None
+        self._affected_persons: list[str] = []  # the persons `build` is building
         self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
         ((self._folded_rows,),) = conn.execute("SELECT count(*) FROM trait_state").fetchall()
@@ -471,7 +476,8 @@ class ProfileBuilder:
         """
         if not persons:
             return {}
-        self.conn.register("_affected", pa.table({"person_id": sorted(persons)}))
+        self._affected_persons = sorted(persons)
+        self.conn.register("_affected", pa.table({"person_id": self._affected_persons}))
         try:
             return self._build()
         finally:
@@ -488,12 +494,20 @@ class ProfileBuilder:
         their identifiers' latest statement, else the jurisdiction's default.
         """
         q = self.conn.execute
-        # `id_records` is a view that works out every record's current person: read once.
-        q(
-            f"""CREATE OR REPLACE TEMP TABLE _affected_records AS
-            SELECT person_id, record_id, {", ".join(STRONG_FIELDS)} FROM id_records
-            WHERE person_id IN (SELECT person_id FROM _affected)"""
-        )
+        held = self.records_of(self._affected_persons)
+        if held is not None:  # no read of the store, whose size it would cost
+            self.conn.register("_held_records", held)
+            try:
+                q("CREATE OR REPLACE TEMP TABLE _affected_records AS FROM _held_records")
+            finally:
+                self.conn.unregister("_held_records")
+        else:
+            # `id_records` is a view that works out every record's current person: read once.
+            q(
+                f"""CREATE OR REPLACE TEMP TABLE _affected_records AS
+                SELECT person_id, record_id, {", ".join(STRONG_FIELDS)} FROM id_records
+                WHERE person_id IN (SELECT person_id FROM _affected)"""
+            )
         q(
             f"""CREATE OR REPLACE TEMP TABLE _ids AS SELECT * FROM (
                 UNPIVOT _affected_records ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value)"""

@@ -443,3 +443,26 @@ def test_a_store_that_kept_id_records_as_a_table_opens_with_its_persons():
         ).fetchall()
     )
     assert kinds == {"id_records": "VIEW", "id_records_base": "BASE TABLE"}
+
+
+def test_records_of_persons_from_the_index_equal_the_stores_after_merges_and_a_split(model):
+    """The profile rebuild reads the affected persons' records from the index."""
+    from identity.records import STRONG_FIELDS
+
+    r = Resolver(model)
+    assert r.identity.records_of_persons(["anyone"]) is None  # not loaded: read the store
+    rows = [normalise_record(raw) for raw in identity_records(150, seed=5)]
+    for start in range(0, len(rows), 60):
+        r.feed(*rows[start : start + 60])
+    r.identity.reject_link(*sorted(r.identity.index.person_of)[:2], "test", "cmd", T0)
+    persons = [*sorted(set(r.identity.index.person_of.values()))[::3], "nobody"]
+    held = r.identity.records_of_persons(persons)
+    columns = ", ".join(STRONG_FIELDS)
+    stored = r.conn.execute(
+        f"SELECT person_id, record_id, {columns} FROM id_records "
+        "WHERE person_id IN (SELECT unnest(?))",
+        [persons],
+    ).fetchall()
+    assert held.column_names == ["person_id", "record_id", *STRONG_FIELDS]
+    assert len(stored) > len(persons) - 1  # some persons hold several records
+    assert sorted(tuple(row.values()) for row in held.to_pylist()) == sorted(stored)

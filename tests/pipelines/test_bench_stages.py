@@ -14,6 +14,7 @@ from pipelines.bench_stages import (
     replace_section,
     report,
     run_stages,
+    source_digest,
 )
 from pipelines.pipeline import OutRecord, Pipeline, SourceRecord
 from pipelines.produce import read_lines
@@ -45,6 +46,38 @@ def test_stage_spans_add_up_and_leave_outcomes_as_a_plain_run(tmp_path):
     # Exclusive times: together never more than the process's CPU over the run.
     assert 0 < sum(measured["spans"].values()) <= measured["cpu_s"] * 1.01
     assert "Pipeline.process" in (tmp_path / "profile.txt").read_text()
+
+
+def test_a_warm_run_starts_from_the_cached_fill_and_counts_only_its_own_events(tmp_path):
+    events, warm_events = tmp_path / "events.jsonl", tmp_path / "warm.jsonl"
+    write_dataset(events, None, persons=4, events=60, seed=7, end=END)
+    write_dataset(warm_events, None, persons=20, events=40, seed=8, end=END)
+    cached = tmp_path / "warm.duckdb"
+    cold = run_stages(events, 30, tmp_path / "cold.duckdb", None, tmp_path / "cold.jsonl")
+    warm = run_stages(
+        events, 30, tmp_path / "a.duckdb", None, tmp_path / "a.jsonl", (warm_events, cached)
+    )
+    assert cached.exists() and not cached.with_name("warm.duckdb.partial").exists()
+    filled_at = cached.stat().st_mtime_ns
+    again = run_stages(
+        events, 30, tmp_path / "b.duckdb", None, tmp_path / "b.jsonl", (warm_events, cached)
+    )
+    assert cached.stat().st_mtime_ns == filled_at  # the second run copied, not refilled
+    assert warm["warm_events"] == again["warm_events"] == 40 and cold["warm_events"] == 0
+    # The timed events' outcomes alone, whatever the store held before them.
+    assert warm["outcomes"] == again["outcomes"] == cold["outcomes"]
+    assert warm["tables"] == again["tables"] and warm["tables"] != cold["tables"]
+    assert compare_outputs(again, warm).startswith("- all ")
+
+
+def test_the_source_digest_follows_the_stage_code_and_not_the_benchmarks(tmp_path):
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "pipeline.py").write_text("x = 1\n")
+    first = source_digest(tmp_path)
+    (tmp_path / "pipelines" / "bench_stages.py").write_text("y = 2\n")
+    assert source_digest(tmp_path) == first
+    (tmp_path / "pipelines" / "pipeline.py").write_text("x = 2\n")
+    assert source_digest(tmp_path) != first
 
 
 def test_report_replaces_only_its_own_section(tmp_path):
