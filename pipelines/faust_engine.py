@@ -184,6 +184,9 @@ class DirectDeliveryConsumer(aiokafka_driver.Consumer):
             except StopIteration as done:
                 other.close()  # never started: the flow event was not awaited
                 return WaitResults([delivery], [done.value], False)
+            except BaseException:
+                other.close()
+                raise
             return await super().wait_first(_Continued(delivery, pending), other)
         return await super().wait_first(*coros, timeout=timeout)
 

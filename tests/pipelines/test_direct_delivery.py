@@ -104,3 +104,20 @@ def test_a_delivery_raising_after_waiting_propagates(tmp_path: Path) -> None:
             raise AssertionError("the delivery's error was swallowed")
 
     asyncio.run(main())
+
+
+def test_a_delivery_raising_at_once_propagates(tmp_path: Path) -> None:
+    async def main() -> None:
+        consumer = _consumer(tmp_path)
+
+        async def deliver() -> None:
+            raise KeyError("no callback for this partition")
+
+        try:
+            await consumer.wait_first(deliver(), consumer.suspend_flow.wait())
+        except KeyError as exc:
+            assert "no callback" in str(exc)
+        else:
+            raise AssertionError("the delivery's error was swallowed")
+
+    asyncio.run(main())
