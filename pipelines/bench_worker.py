@@ -57,7 +57,7 @@ def main(
     quality = mode == "pipeline"
     pipeline = Pipeline(data_dir / "state.duckdb", quality=quality) if staged else None
     producer = BatchProducer(bootstrap) if staged else None
-    state = {"n": 0, "t0": 0.0, "first_at": 0.0, "stage_s": 0.0, "batches": 0}
+    state = {"n": 0, "t0": 0.0, "first_at": 0.0, "stage_s": 0.0, "emit_s": 0.0, "batches": 0}
     samples: list[tuple[float, float, int]] = []  # (unix time, RSS MiB, events processed)
 
     def sample() -> None:
@@ -69,7 +69,9 @@ def main(
 
     def emit(records: list[OutRecord]) -> None:
         assert producer is not None
+        began = time.perf_counter()
         producer.send(records)
+        state["emit_s"] += time.perf_counter() - began
         if slow_ms and time.time() - state["first_at"] < slow_seconds:
             time.sleep(slow_ms / 1000)  # the slow store: the batch's commit waits
 
@@ -102,6 +104,7 @@ def main(
                     "seconds": elapsed,
                     "rate": state["n"] / elapsed,
                     "stage_seconds": state["stage_s"],
+                    "emit_seconds": state["emit_s"],
                     "batches": state["batches"],
                     "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                     "samples": samples,
