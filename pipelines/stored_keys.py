@@ -49,22 +49,22 @@ class StoredKeys:
         rows = self.conn.execute(
             f'SELECT "{self.column}" AS k, hash("{self.column}") AS h FROM "{relation}"'
         ).fetchnumpy()
-        wanted = np.asarray(rows["h"], dtype=np.uint64)
-        held = np.zeros(len(wanted), bool)
-        for hashes in (self._loaded(), self._recent):
-            if len(hashes):
-                at = np.minimum(np.searchsorted(hashes, wanted), len(hashes) - 1)
-                held |= hashes[at] == wanted
+        held = self._held(np.asarray(rows["h"], dtype=np.uint64))
         return [str(key) for key in np.asarray(rows["k"])[held]]
 
     def holds(self, key: str) -> bool:
         """Whether `key`'s hash is held (False: the table certainly lacks `key`)."""
         ((wanted,),) = self.conn.execute("SELECT hash(?::VARCHAR)", [key]).fetchall()
+        return bool(self._held(np.array([wanted], np.uint64))[0])
+
+    def _held(self, wanted: np.ndarray) -> np.ndarray:
+        """For each hash of `wanted`, whether it is held (in either sorted array)."""
+        held = np.zeros(len(wanted), bool)
         for hashes in (self._loaded(), self._recent):
-            at = int(np.searchsorted(hashes, np.uint64(wanted)))
-            if at < len(hashes) and hashes[at] == wanted:
-                return True
-        return False
+            if len(hashes):
+                at = np.minimum(np.searchsorted(hashes, wanted), len(hashes) - 1)
+                held |= hashes[at] == wanted
+        return held
 
     def add(self, relation: str) -> None:
         """Hold the keys of `relation`, just inserted into the table (a no-op until loaded:
