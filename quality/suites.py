@@ -290,7 +290,7 @@ def _reuse_metric_graphs() -> None:
                 failures.extend(failed)
                 if not built:
                     continue
-                kept = current[key] = (built[0], processed[0])
+                kept = (built[0], processed[0])
             current[key] = kept
             graphs.append(kept[0])
             processed_configurations.append(kept[1])
