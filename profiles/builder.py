@@ -248,11 +248,10 @@ class ProfileBuilder:
         # Persons -> their identity records and strong identifiers (an Arrow table), or None:
         # the identity resolver's in-memory index, set by the pipeline; else `id_records`.
         self.records_of: Callable[[list[str]], pa.Table | None] = lambda _persons: None
-        self._affected_persons: list[str] = []  # the persons `build` is building
         self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
-        ((self._folded_rows,),) = conn.execute("SELECT count(*) FROM trait_state").fetchall()
-        ((self._delta_rows,),) = conn.execute("SELECT count(*) FROM trait_deltas").fetchall()
+        self._folded_rows = self._count("trait_state")
+        self._delta_rows = self._count("trait_deltas")
         self._fill_window_twins()
         self._rolled_columns = rolled_columns(self.traits)
         # What silence means, per jurisdiction and purpose: the fallback of every view.
@@ -293,18 +292,25 @@ class ProfileBuilder:
                 [[name for names in families.values() for name in names]],
             ).fetchall()
         )
+        behind: list[tuple[str, str]] = []  # (twin, the fullest of its family)
         for names in families.values():
             fullest = max(names, key=lambda name: (counted.get(name, 0), name))
-            for name in names:
-                if counted.get(name, 0) < counted.get(fullest, 0):
-                    self.fold()  # copies one row per key
-                    self.conn.execute("DELETE FROM trait_state WHERE trait = ?", [name])
-                    self.conn.execute(
-                        """INSERT INTO trait_state BY NAME
-                           SELECT * REPLACE (?::VARCHAR AS trait) FROM trait_state
-                           WHERE trait = ?""",
-                        [name, fullest],
-                    )
+            behind += [(n, fullest) for n in names if counted.get(n, 0) < counted.get(fullest, 0)]
+        if not behind:
+            return
+        self.fold()  # the copies below take one row per key, from `trait_state` alone
+        for name, fullest in behind:
+            self.conn.execute("DELETE FROM trait_state WHERE trait = ?", [name])
+            self.conn.execute(
+                """INSERT INTO trait_state BY NAME
+                   SELECT * REPLACE (?::VARCHAR AS trait) FROM trait_state WHERE trait = ?""",
+                [name, fullest],
+            )
+        self._folded_rows = self._count("trait_state")
+
+    def _count(self, table: str) -> int:
+        ((rows,),) = self.conn.execute(f"SELECT count(*) FROM {table}").fetchall()
+        return rows
 
     def _insert(self, table: str, rows: list[dict[str, Any]], schema: pa.Schema) -> set[str]:
         """Insert rows not already there; out: the event keys that were new."""
@@ -413,7 +419,7 @@ class ProfileBuilder:
         empty `trait_deltas`; what reads of `trait_rows` sum stays the same."""
         self.conn.execute(_FOLD)
         self.conn.execute("DELETE FROM trait_deltas")
-        ((self._folded_rows,),) = self.conn.execute("SELECT count(*) FROM trait_state").fetchall()
+        self._folded_rows = self._count("trait_state")
         self._delta_rows = 0
 
     def repoint(self, merged: dict[str, str]) -> None:
@@ -476,14 +482,14 @@ class ProfileBuilder:
         """
         if not persons:
             return {}
-        self._affected_persons = sorted(persons)
-        self.conn.register("_affected", pa.table({"person_id": self._affected_persons}))
+        affected = sorted(persons)
+        self.conn.register("_affected", pa.table({"person_id": affected}))
         try:
-            return self._build()
+            return self._build(affected)
         finally:
             self.conn.unregister("_affected")
 
-    def _allowed_groups(self) -> None:
+    def _allowed_groups(self, affected: list[str]) -> None:
         """`_affected_records`: the affected persons' identity records; `_ids`: each affected
         person's identifiers, by record; `_ag`: each affected person's accumulator group once
         per view it may appear in; `_shared_views`: the view whose roll-up each view shares;
@@ -494,7 +500,7 @@ class ProfileBuilder:
         their identifiers' latest statement, else the jurisdiction's default.
         """
         q = self.conn.execute
-        held = self.records_of(self._affected_persons)
+        held = self.records_of(affected)
         if held is not None:  # no read of the store, whose size it would cost
             self.conn.register("_held_records", held)
             try:
@@ -577,7 +583,7 @@ class ProfileBuilder:
             }
         return traits
 
-    def _build(self) -> dict[str, dict[str, Any]]:
+    def _build(self, affected: list[str]) -> dict[str, dict[str, Any]]:
         q = self.conn.execute
         profiles: dict[str, dict[str, Any]] = {
             person: {
@@ -590,7 +596,7 @@ class ProfileBuilder:
                 "SELECT DISTINCT person_id FROM facts WHERE person_id IN (SELECT person_id FROM _affected)"
             ).fetchall()
         }
-        self._allowed_groups()
+        self._allowed_groups(affected)
         shared = {
             (person, view): of for person, view, of in q("SELECT * FROM _shared_views").fetchall()
         }
