@@ -79,9 +79,14 @@ def fold(text: str) -> str:
 
 def normalise_name(value: Any) -> str | None:
     """A person or place name folded to lower-case ASCII with single spaces, or None."""
-    if not isinstance(value, str):
-        return None
-    name = _SPACES.sub(" ", _NOT_NAME.sub(" ", fold(value))).strip(" -'")
+    return _name(value) if isinstance(value, str) else None
+
+
+# The normalisers keep what they made of each text: a stream repeats its persons' names,
+# dates and addresses, each in a few spellings.
+@lru_cache(maxsize=65536)
+def _name(text: str) -> str | None:
+    name = _SPACES.sub(" ", _NOT_NAME.sub(" ", fold(text))).strip(" -'")
     return name[:64] or None
 
 
@@ -94,15 +99,8 @@ def normalise_dob(value: Any, today: date | None = None) -> str | None:
         parsed = value.date()
     elif isinstance(value, date):
         parsed = value
-    elif isinstance(value, str) and 6 <= len(value.strip()) <= 32:
-        text = value.strip()[:10] if "T" in value else value.strip()
-        parsed = None
-        for fmt in _DATE_FORMATS:
-            try:
-                parsed = datetime.strptime(text, fmt).date()
-                break
-            except ValueError:
-                continue
+    elif isinstance(value, str):
+        parsed = _date(value)
         if parsed is None:
             return None
     else:
@@ -113,11 +111,28 @@ def normalise_dob(value: Any, today: date | None = None) -> str | None:
     return parsed.isoformat()
 
 
+@lru_cache(maxsize=65536)
+def _date(text: str) -> date | None:
+    """The date a text writes in one of `_DATE_FORMATS`, or None."""
+    if not 6 <= len(text.strip()) <= 32:
+        return None
+    text = text.strip()[:10] if "T" in text else text.strip()
+    for fmt in _DATE_FORMATS:
+        try:
+            return datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    return None
+
+
 def normalise_address(value: Any) -> str | None:
     """A street line folded, with common street words abbreviated (Main Street -> main st)."""
-    if not isinstance(value, str):
-        return None
-    words = re.sub(r"[^a-z0-9 ]", " ", fold(value)).split()
+    return _address(value) if isinstance(value, str) else None
+
+
+@lru_cache(maxsize=65536)
+def _address(text: str) -> str | None:
+    words = re.sub(r"[^a-z0-9 ]", " ", fold(text)).split()
     text = " ".join(_ADDRESS_WORDS.get(w, w) for w in words)
     return text[:128] or None
 
@@ -142,9 +157,11 @@ def normalise_country(value: Any) -> str | None:
 
 def record_id_of(fields: dict[str, str | None]) -> str:
     """The content address of a normalised record: equal content, equal id."""
-    body = "\x1f".join(fields.get(name) or "" for name in _ADDRESSED_FIELDS)
-    if any(fields.get(name) for name in _LATER_FIELDS):
-        body += "\x1e" + "\x1f".join(fields.get(name) or "" for name in _LATER_FIELDS)
+    get = fields.get
+    body = "\x1f".join([get(name) or "" for name in _ADDRESSED_FIELDS])
+    device_id, advertising_id = (get(name) for name in _LATER_FIELDS)
+    if device_id or advertising_id:
+        body += f"\x1e{device_id or ''}\x1f{advertising_id or ''}"
     return "r_" + hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
 
 
@@ -192,61 +209,73 @@ def _first(*values: Any) -> Any:
     return None
 
 
-# Every name `record_from_event` picks from traits and properties.
-_PICKED = frozenset(
-    {
-        "address",
-        "customer_id",
-        "customerId",
-        "email",
-        "phone",
-        "first_name",
-        "firstName",
-        "last_name",
-        "lastName",
-        "birthday",
-        "dob",
-        "date_of_birth",
-        "dateOfBirth",
-        "address_line1",
-        "city",
-        "postcode",
-        "region",
-    }
+# What `record_from_event` picks from traits and properties: per thing stated, the names
+# it may go by, tried in this order.
+_NAMES = (
+    ("customer_id", "customerId"),
+    ("email",),
+    ("phone",),
+    ("first_name", "firstName"),
+    ("last_name", "lastName"),
+    ("birthday", "dob", "date_of_birth", "dateOfBirth"),
+    ("address",),
+    ("address_line1",),
+    ("city",),
+    ("postcode",),
+    ("region",),
 )
+_PICKED = frozenset(name for names in _NAMES for name in names)
+_SLOT = {name: (slot, rank) for slot, names in enumerate(_NAMES) for rank, name in enumerate(names)}
 
 
 def _stated(sources: list[dict[str, Any]]) -> tuple[Any, ...]:
     """What traits and properties state, first found wins: customer id, email, phone,
     first and last name, birth date, then the address's street, city, postcode, region
     and country."""
-
-    def pick(*names: str) -> Any:
-        for source in sources:
-            for name in names:
-                value = source.get(name)
-                if value is not None and value != "":
-                    return value
-        return None
-
-    address = _dict(pick("address"))
+    found: list[Any] = [None] * len(_NAMES)
+    # Each source overwrites what the sources after it stated: the first one wins. Within
+    # a source, a thing's first name that holds a value wins.
+    for source in reversed(sources):
+        ranks: dict[int, int] = {}
+        for name in _PICKED.intersection(source):
+            value = source[name]
+            if value is None or value == "":
+                continue
+            slot, rank = _SLOT[name]
+            if rank < ranks.get(slot, len(_NAMES)):
+                ranks[slot] = rank
+                found[slot] = value
+    customer_id, email, phone, first_name, last_name, dob, address, line1, city, code, region = (
+        found
+    )
+    if not isinstance(address, dict) or not address:
+        return (
+            customer_id,
+            email,
+            phone,
+            first_name,
+            last_name,
+            dob,
+            line1,
+            city,
+            code,
+            region,
+            None,
+        )
     return (
-        pick("customer_id", "customerId"),
-        pick("email"),
-        pick("phone"),
-        pick("first_name", "firstName"),
-        pick("last_name", "lastName"),
-        pick("birthday", "dob", "date_of_birth", "dateOfBirth"),
-        _first(address.get("street"), address.get("line1"), pick("address_line1")),
-        _first(address.get("city"), pick("city")),
-        _first(address.get("postal_code"), address.get("postalCode"), pick("postcode")),
-        _first(address.get("state"), address.get("region"), pick("region")),
+        customer_id,
+        email,
+        phone,
+        first_name,
+        last_name,
+        dob,
+        _first(address.get("street"), address.get("line1"), line1),
+        _first(address.get("city"), city),
+        _first(address.get("postal_code"), address.get("postalCode"), code),
+        _first(address.get("state"), address.get("region"), region),
         # The address's country only: a request's location says where a device was, not who.
         address.get("country"),
     )
-
-
-_NOTHING_STATED: tuple[Any, ...] = (None,) * 11
 
 
 def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
@@ -262,54 +291,89 @@ def record_from_event(event: dict[str, Any]) -> dict[str, str | None]:
 
 def identity_record(event: dict[str, Any]) -> tuple[dict[str, str | None], str]:
     """An event's identity record (`record_from_event`) and its id (`record_id_of` it)."""
-    context = _dict(event.get("context"))
+    context = event.get("context")
+    if not isinstance(context, dict):
+        context = _NO_CONTEXT
     # Only the sources that name a field: most events state nothing about their person.
-    sources = [
-        source
-        for source in (
-            _dict(event.get("traits")),
-            _dict(context.get("traits")),
-            _dict(event.get("properties")),
-        )
-        if not source.keys().isdisjoint(_PICKED)
-    ]
-
-    device = _dict(context.get("device"))
+    sources = []
+    for source in (event.get("traits"), context.get("traits"), event.get("properties")):
+        if isinstance(source, dict) and not source.keys().isdisjoint(_PICKED):
+            sources.append(source)
+    device = context.get("device")
+    device_id, advertising_id = (
+        (device.get("id"), device.get("advertisingId"))
+        if isinstance(device, dict)
+        else (None, None)
+    )
     anonymous = event.get("anonymousId")
     if event.get("type") == "alias":
         anonymous = _first(event.get("previousId"), anonymous)
-    customer_id, email, phone, first_name, last_name, dob, *address = (
-        _stated(sources) if sources else _NOTHING_STATED
-    )
-    raw = (
-        event.get("userId"),
-        customer_id,
-        email,
-        phone,
-        anonymous,
-        device.get("id"),
-        device.get("advertisingId"),
-        first_name,
-        last_name,
-        dob,
-        *address,
-    )
-    region = region_hint(event)
+    ids = (event.get("userId"), anonymous, device_id, advertising_id)
+    stated: tuple[Any, ...] = ()
+    region = None
+    # A person's events repeat the same raw values: each distinct set is normalised once.
     try:
-        # A person's events repeat the same raw values: each distinct set is normalised
-        # once. Today (a UTC day number) is in the key: a birth date after it is not one.
-        record, record_id = _normalised(region, int(time.time() // 86_400), *raw)
+        if not sources:
+            record, record_id = _ids_record(*ids)
+        else:
+            stated = _stated(sources)
+            # The event's region reads only into a phone number, today only into a birth
+            # date (a date after it is not one): each is in the key only when stated.
+            region = None if stated[2] is None else region_hint(event)
+            day = 0 if stated[5] is None else int(time.time() // 86_400)
+            record, record_id = _normalised(*ids, region, day, *stated)
     except TypeError:  # a value that cannot be a key (a list, an object): not cached
-        record = normalise_record(dict(zip(RECORD_FIELDS, raw, strict=True)), region)
+        raw = dict(zip(_ID_FIELDS, ids, strict=True))
+        raw.update(zip(_STATED_FIELDS, stated, strict=False))
+        record = normalise_record(raw, region)
         return record, record_id_of(record)
     return record.copy(), record_id
 
 
+_NO_CONTEXT: dict[str, Any] = {}
+# The fields an event's ids give, and those its traits and properties state.
+_ID_FIELDS = ("user_id", "anonymous_id", "device_id", "advertising_id")
+_STATED_FIELDS = tuple(f for f in RECORD_FIELDS if f not in _ID_FIELDS)
+
+
 # Typed: 1 and True (or 1.0) are equal keys but not the same identifier.
 @lru_cache(maxsize=16384, typed=True)
-def _normalised(region: str | None, day: int, *raw: Any) -> tuple[dict[str, str | None], str]:
+def _ids_record(
+    user_id: Any, anonymous_id: Any, device_id: Any, advertising_id: Any
+) -> tuple[dict[str, str | None], str]:
+    """The record of an event that states nothing but its ids (`normalise_record` of them)."""
+    record: dict[str, str | None] = dict.fromkeys(RECORD_FIELDS)
+    record["user_id"] = normalise_id(_text(user_id))
+    record["anonymous_id"] = normalise_id(_text(anonymous_id))
+    record["device_id"] = normalise_device_id(_text(device_id))
+    record["advertising_id"] = normalise_device_id(_text(advertising_id))
+    return record, record_id_of(record)
+
+
+@lru_cache(maxsize=16384, typed=True)
+def _stated_record(region: str | None, day: int, *stated: Any) -> dict[str, str | None]:
+    """The record of what traits and properties state (`_STATED_FIELDS` in order), ids
+    left empty: a person states the same things from each new device."""
     today = _EPOCH + timedelta(days=day)
-    record = normalise_record(dict(zip(RECORD_FIELDS, raw, strict=True)), region, today)
+    return normalise_record(dict(zip(_STATED_FIELDS, stated, strict=True)), region, today)
+
+
+@lru_cache(maxsize=16384, typed=True)
+def _normalised(
+    user_id: Any,
+    anonymous_id: Any,
+    device_id: Any,
+    advertising_id: Any,
+    region: str | None,
+    day: int,
+    *stated: Any,
+) -> tuple[dict[str, str | None], str]:
+    """The record of an event's ids and statements: each part normalised once (a field
+    is normalised from its own raw value alone, a phone with the country too)."""
+    record = _stated_record(region, day, *stated).copy()
+    ids, _ = _ids_record(user_id, anonymous_id, device_id, advertising_id)
+    for name in _ID_FIELDS:
+        record[name] = ids[name]
     return record, record_id_of(record)
 
 

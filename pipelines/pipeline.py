@@ -92,6 +92,19 @@ class OutRecord:
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
 
+    def __init__(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: tuple[tuple[str, bytes], ...] = (),
+    ) -> None:
+        # A batch makes one per output (~13,000 per 10,000 events): the generated frozen
+        # init sets each field through object.__setattr__, about three times slower.
+        fields = self.__dict__
+        fields["topic"], fields["key"], fields["value"] = topic, key, value
+        fields["headers"] = headers
+
 
 @dataclass
 class BatchReport:
