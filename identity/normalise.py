@@ -58,9 +58,12 @@ def identifier_hash(identifier: Identifier) -> str:
 
 def normalise_email(value: Any) -> str | None:
     """A lower-cased, trimmed email, or None when it is not an email or is a placeholder."""
-    if not isinstance(value, str):
-        return None
-    email = value.strip().lower()
+    return _email(value) if isinstance(value, str) else None
+
+
+@lru_cache(maxsize=65536)  # a stream repeats its persons' emails, each in a few spellings
+def _email(text: str) -> str | None:
+    email = text.strip().lower()
     if not _EMAIL.match(email) or email in BLOCKED_EMAILS:
         return None
     return email
