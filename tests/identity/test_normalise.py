@@ -80,3 +80,46 @@ def test_repeated_events_give_equal_records_that_do_not_share_state():
     # Values that cannot be a cache key are normalised all the same.
     odd = {"type": "track", "userId": "u2", "properties": {"email": ["x@y.com"], "phone": {}}}
     assert record_from_event(odd) == normalise_record({"user_id": "u2", "email": ["x@y.com"]})
+
+
+def test_records_from_the_caches_keep_each_events_own_values():
+    """Records are assembled from cached parts (ids, statements, each text): every part
+    still comes from its own event: the region reads into a phone, the ids are the event's."""
+    from identity.records import identity_record, normalise_record, record_id_of
+
+    def identify(anonymous: str, country: str) -> dict:
+        return {
+            "type": "identify",
+            "anonymousId": anonymous,
+            "traits": {"phone": "030 12345678", "firstName": "Zoë"},
+            "context": {"location": {"country": country}},
+        }
+
+    german, _ = identity_record(identify("a1", "DE"))
+    assert german["phone"] == "+493012345678" and german["anonymous_id"] == "a1"
+    # The same statements from another device in another country: its id, its region.
+    french, _ = identity_record(identify("a2", "FR"))
+    assert french["phone"] is None and french["anonymous_id"] == "a2"
+    assert french["first_name"] == german["first_name"] == "zoe"
+    # Without a phone the region changes nothing.
+    quiet = {"type": "identify", "anonymousId": "a3", "traits": {"lastName": "Ng"}}
+    here, _ = identity_record({**quiet, "context": {"location": {"country": "DE"}}})
+    there, there_id = identity_record({**quiet, "context": {"location": {"country": "US"}}})
+    assert here == there and there_id == record_id_of(there)
+    # Ids alone: equal keys that are not the same identifier stay apart.
+    for user_id, expected in ((1, "1"), (True, None), (1.0, "1"), (" u7 ", "u7")):
+        record, record_id = identity_record({"type": "track", "userId": user_id})
+        assert record == normalise_record({"user_id": user_id})
+        assert record["user_id"] == expected and record_id == record_id_of(record)
+    # First found wins: traits before context.traits before properties; an empty value
+    # is not found; within a source, first_name before firstName.
+    record, _ = identity_record(
+        {
+            "type": "identify",
+            "traits": {"email": "", "first_name": "Ann", "firstName": "Bea"},
+            "context": {"traits": {"email": "C@d.org", "lastName": "Lee"}},
+            "properties": {"email": "e@f.org", "last_name": "Kim", "dob": "2999-01-01"},
+        }
+    )
+    assert (record["email"], record["first_name"], record["last_name"]) == ("c@d.org", "ann", "lee")
+    assert record["dob"] is None  # after today: not a birth date
