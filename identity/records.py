@@ -248,20 +248,14 @@ def _stated(sources: list[dict[str, Any]]) -> tuple[Any, ...]:
     customer_id, email, phone, first_name, last_name, dob, address, line1, city, code, region = (
         found
     )
-    if not isinstance(address, dict) or not address:
-        return (
-            customer_id,
-            email,
-            phone,
-            first_name,
-            last_name,
-            dob,
-            line1,
-            city,
-            code,
-            region,
-            None,
-        )
+    country = None
+    if isinstance(address, dict) and address:
+        line1 = _first(address.get("street"), address.get("line1"), line1)
+        city = _first(address.get("city"), city)
+        code = _first(address.get("postal_code"), address.get("postalCode"), code)
+        region = _first(address.get("state"), address.get("region"), region)
+        # The address's country only: a request's location says where a device was, not who.
+        country = address.get("country")
     return (
         customer_id,
         email,
@@ -269,12 +263,11 @@ def _stated(sources: list[dict[str, Any]]) -> tuple[Any, ...]:
         first_name,
         last_name,
         dob,
-        _first(address.get("street"), address.get("line1"), line1),
-        _first(address.get("city"), city),
-        _first(address.get("postal_code"), address.get("postalCode"), code),
-        _first(address.get("state"), address.get("region"), region),
-        # The address's country only: a request's location says where a device was, not who.
-        address.get("country"),
+        line1,
+        city,
+        code,
+        region,
+        country,
     )
 
 

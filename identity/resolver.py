@@ -70,8 +70,6 @@ _FIELD_COLUMNS = ", ".join(f"{f} VARCHAR" for f in RECORD_FIELDS)
 # person only while the index does not know it, an edge only with a new record at one end.
 # Stores created with keys keep them; the writes are plain inserts either way.
 FOLD_MOVES = 50_000
-# A loaded candidate index of at least this many records is frozen out of the collector.
-FREEZE_RECORDS = 10_000
 _BASE_COLUMNS = f"""record_id VARCHAR NOT NULL, person_id VARCHAR NOT NULL, first_ts TIMESTAMPTZ,
     first_event VARCHAR, {_FIELD_COLUMNS}"""
 _MOVES_COLUMNS = "record_id VARCHAR, person_id VARCHAR, seq BIGINT"
@@ -193,13 +191,10 @@ class IdentityResolver:
             self._index = CandidateIndex.load(self.conn, self._rules, tf_columns)
             # The loaded index lives until `forget`: keep full collections from scanning it
             # after every batch. It holds no reference cycles, so reference counting still
-            # frees it once dropped; collecting first freezes no garbage with it. A small
-            # index is not worth the collection: it scans every object alive (0.2 CPU-s in
-            # a worker's first batch), more than a small index adds to later ones.
-            if len(self._index.fields) >= FREEZE_RECORDS:
-                gc.collect()
-                gc.freeze()
-                unfreeze_at_exit()
+            # frees it once dropped; collecting first freezes no garbage with it.
+            gc.collect()
+            gc.freeze()
+            unfreeze_at_exit()
         return self._index
 
     def forget(self) -> None:
