@@ -89,8 +89,9 @@ SELECT arg_min(e.person_id, e.event) AS person_id, e.record_id, e.purpose, e.jur
 FROM _trait_rows r JOIN _trait_events e USING (event)
 GROUP BY e.record_id, e.purpose, e.jurisdiction, r.trait, r.bucket
 """
-# The deltas summed per key (the person of the latest appended row), merged into the
-# folded rows (a hash join of the deltas' keys against the table).
+# The deltas of one slice of the records (`{slice}`, a condition on `record_id`) summed per
+# key (the person of the latest appended row), merged into the folded rows (a hash join of
+# the deltas' keys against the table).
 _NEWER = "(x.last_ts > s.last_ts OR (x.last_ts = s.last_ts AND x.last_key > s.last_key))"
 _FOLD = f"""
 MERGE INTO trait_state s USING (
@@ -99,7 +100,7 @@ MERGE INTO trait_state s USING (
            min(first_ts) AS first_ts, max(last_ts) AS last_ts,
            arg_max(value, (last_ts, last_key)) AS value,
            arg_max(last_key, (last_ts, last_key)) AS last_key
-    FROM trait_deltas GROUP BY record_id, purpose, jurisdiction, trait, bucket
+    FROM trait_deltas WHERE {{slice}} GROUP BY record_id, purpose, jurisdiction, trait, bucket
 ) x
 ON s.record_id = x.record_id AND s.purpose = x.purpose AND s.jurisdiction = x.jurisdiction
    AND s.trait = x.trait AND s.bucket = x.bucket
@@ -118,6 +119,11 @@ WHEN NOT MATCHED THEN INSERT BY NAME
 # and reads go over at most that share more rows than folded.
 FOLD_SHARE = 0.5
 FOLD_MIN_ROWS = 200_000
+# A due fold is spread over this many batches, each folding the deltas of one slice of the
+# records (by hash of record id; a key's rows are all in one slice): no batch pays for the
+# whole fold (its MERGE and the checkpoint of the row groups it rewrote) or holds all of the
+# deltas' sums in memory at once.
+FOLD_SLICES = 8
 
 # A view's computed traits summed per trait in SQL (`Totals`): per (view, trait, bucket)
 # first, then per trait, or per day after the view's horizon for windowed traits. Only the
@@ -252,6 +258,7 @@ class ProfileBuilder:
         conn.execute(SCHEMA_SQL)
         self._folded_rows = self._count("trait_state")
         self._delta_rows = self._count("trait_deltas")
+        self._unfolded: list[int] = []  # the slices a fold under way has still to fold
         self._fill_window_twins()
         self._rolled_columns = rolled_columns(self.traits)
         # What silence means, per jurisdiction and purpose: the fallback of every view.
@@ -411,15 +418,31 @@ class ProfileBuilder:
             self.conn.unregister("_trait_events")
             self.conn.unregister("_trait_rows")
         self._delta_rows += appended
-        if self._delta_rows >= max(FOLD_MIN_ROWS, FOLD_SHARE * self._folded_rows):
-            self.fold()
+        self._fold_step()
+
+    def _fold_step(self) -> None:
+        """Fold the next slice of a fold under way, or start one if the deltas are due."""
+        if not self._unfolded:
+            if self._delta_rows < max(FOLD_MIN_ROWS, FOLD_SHARE * self._folded_rows):
+                return
+            self._unfolded = list(range(FOLD_SLICES))
+        self._fold_slice(self._unfolded.pop(0), FOLD_SLICES)
+
+    def _fold_slice(self, part: int, parts: int) -> None:
+        """Add the appended rows of records in slice `part` of `parts` into `trait_state`
+        and delete them from `trait_deltas`, in the caller's transaction: what reads of
+        `trait_rows` sum stays the same."""
+        where = "true" if parts == 1 else f"hash(record_id) % {parts} = {part}"
+        self.conn.execute(_FOLD.format(slice=where))
+        ((folded,),) = self.conn.execute(f"DELETE FROM trait_deltas WHERE {where}").fetchall()
+        self._folded_rows = self._count("trait_state")
+        self._delta_rows -= folded
 
     def fold(self) -> None:
-        """Add the appended accumulator rows into `trait_state` (one row per key there) and
+        """Add all appended accumulator rows into `trait_state` (one row per key there) and
         empty `trait_deltas`; what reads of `trait_rows` sum stays the same."""
-        self.conn.execute(_FOLD)
-        self.conn.execute("DELETE FROM trait_deltas")
-        self._folded_rows = self._count("trait_state")
+        self._fold_slice(0, 1)
+        self._unfolded = []
         self._delta_rows = 0
 
     def repoint(self, merged: dict[str, str]) -> None:
