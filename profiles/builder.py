@@ -79,13 +79,14 @@ TRAIT_TABLES = ("trait_state", "trait_deltas")
 # One batch's accumulator rows summed per key (`ProfileBuilder._accumulate`): the events
 # counted, their amount (0 without one), first and last time, the key and value of the
 # latest (time, key) event, and the person of the batch's first event on that key; appended.
+# `latest` numbers the batch's events by (time, key): an integer to order by, where a
+# (time, key) struct cost a third of the statement.
 _STATE_APPEND = """
 INSERT INTO trait_deltas BY NAME
 SELECT arg_min(e.person_id, e.event) AS person_id, e.record_id, e.purpose, e.jurisdiction,
        r.trait, r.bucket, count(*) AS n, coalesce(sum(r.amount), 0) AS amount,
        min(e.ts) AS first_ts, max(e.ts) AS last_ts,
-       arg_max(r.value, (e.ts, e.event_key)) AS value,
-       arg_max(e.event_key, (e.ts, e.event_key)) AS last_key
+       arg_max(r.value, e.latest) AS value, arg_max(e.event_key, e.latest) AS last_key
 FROM _trait_rows r JOIN _trait_events e USING (event)
 GROUP BY e.record_id, e.purpose, e.jurisdiction, r.trait, r.bucket
 """
@@ -388,9 +389,15 @@ class ProfileBuilder:
             return
         traits, buckets, amounts, values = zip(*rows, strict=True)
         facts = [fact for fact, _ in events]
+        latest = [0] * len(facts)
+        for rank, number in enumerate(
+            sorted(range(len(facts)), key=lambda i: (facts[i]["ts"], facts[i]["event_key"]))
+        ):
+            latest[number] = rank
         trait_events = pa.table(
             {
                 "event": pa.array(range(len(facts)), pa.int32()),
+                "latest": pa.array(latest, pa.int32()),
                 "person_id": [f["person_id"] for f in facts],
                 "record_id": [f["record_id"] for f in facts],
                 "purpose": [f["purpose"] or "" for f in facts],
