@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS profile_versions (person_id VARCHAR PRIMARY KEY, vers
 -- Computed-trait accumulators (profiles/traits.py): one row per identity record, ingestion
 -- purpose, jurisdiction, trait and bucket; events add to them, merges and splits move them.
 -- The key is kept unique by `_FOLD` alone: no index (maintaining an index on five strings
--- cost twice a MERGE's join over the whole table, at 170k and at 3M rows).
+-- cost twice a join over the whole table, at 170k and at 3M rows).
 CREATE TABLE IF NOT EXISTS trait_state ({_ACCUMULATOR_COLUMNS});
 -- Each batch's sums per key, appended (`_STATE_APPEND`): a batch writes only the table's
 -- tail, where updating `trait_state` in place rewrote row groups across the whole table at
@@ -90,31 +90,34 @@ SELECT arg_min(e.person_id, e.event) AS person_id, e.record_id, e.purpose, e.jur
 FROM _trait_rows r JOIN _trait_events e USING (event)
 GROUP BY e.record_id, e.purpose, e.jurisdiction, r.trait, r.bucket
 """
-# The deltas of one slice of the records (`{slice}`, a condition on `record_id`) summed per
-# key (the person of the latest appended row), merged into the folded rows (a hash join of
-# the deltas' keys against the table).
+# A fold of the deltas of one slice of the records (`{slice}`, a condition on `record_id`),
+# in four statements. `_fold_sums`: the deltas summed per key (the person of the latest
+# appended row). `_fold_merged`: each key also in `trait_state`, its folded row added to
+# (the `rowid` of the row it replaces). That row is deleted, and the merged and the
+# new keys' rows are appended: a MERGE updating rows in place cost 3.7x as much (its
+# checkpoint rewrote every row group the updates fell in: all of them).
+_KEY = "record_id, purpose, jurisdiction, trait, bucket"
 _NEWER = "(x.last_ts > s.last_ts OR (x.last_ts = s.last_ts AND x.last_key > s.last_key))"
-_FOLD = f"""
-MERGE INTO trait_state s USING (
-    SELECT arg_max(person_id, rowid) AS person_id, record_id, purpose, jurisdiction, trait,
-           bucket, sum(n)::BIGINT AS n, sum(amount)::DECIMAL(18, 2) AS amount,
-           min(first_ts) AS first_ts, max(last_ts) AS last_ts,
-           arg_max(value, (last_ts, last_key)) AS value,
+_FOLD = (
+    f"""CREATE OR REPLACE TEMP TABLE _fold_sums AS
+    SELECT arg_max(person_id, rowid) AS person_id, {_KEY}, sum(n)::BIGINT AS n,
+           sum(amount)::DECIMAL(18, 2) AS amount, min(first_ts) AS first_ts,
+           max(last_ts) AS last_ts, arg_max(value, (last_ts, last_key)) AS value,
            arg_max(last_key, (last_ts, last_key)) AS last_key
-    FROM trait_deltas WHERE {{slice}} GROUP BY record_id, purpose, jurisdiction, trait, bucket
-) x
-ON s.record_id = x.record_id AND s.purpose = x.purpose AND s.jurisdiction = x.jurisdiction
-   AND s.trait = x.trait AND s.bucket = x.bucket
-WHEN MATCHED THEN UPDATE SET
-    person_id = x.person_id,
-    n = s.n + x.n,
-    amount = s.amount + x.amount,
-    first_ts = least(s.first_ts, x.first_ts),
-    last_ts = greatest(s.last_ts, x.last_ts),
-    value = CASE WHEN {_NEWER} THEN coalesce(x.value, s.value) ELSE coalesce(s.value, x.value) END,
-    last_key = CASE WHEN {_NEWER} THEN x.last_key ELSE s.last_key END
-WHEN NOT MATCHED THEN INSERT BY NAME
-"""
+    FROM trait_deltas WHERE {{slice}} GROUP BY {_KEY}""",
+    f"""CREATE OR REPLACE TEMP TABLE _fold_merged AS
+    SELECT x.person_id, {_KEY}, s.n + x.n AS n, s.amount + x.amount AS amount,
+           least(s.first_ts, x.first_ts) AS first_ts, greatest(s.last_ts, x.last_ts) AS last_ts,
+           CASE WHEN {_NEWER} THEN coalesce(x.value, s.value)
+                ELSE coalesce(s.value, x.value) END AS value,
+           CASE WHEN {_NEWER} THEN x.last_key ELSE s.last_key END AS last_key,
+           s.rowid AS folded
+    FROM trait_state s JOIN _fold_sums x USING ({_KEY})""",
+    "DELETE FROM trait_state WHERE rowid IN (SELECT folded FROM _fold_merged)",
+    f"""INSERT INTO trait_state BY NAME
+    SELECT * EXCLUDE (folded) FROM _fold_merged
+    UNION ALL BY NAME SELECT * FROM _fold_sums ANTI JOIN _fold_merged USING ({_KEY})""",
+)
 # Deltas are folded once they hold this share of the folded rows' count (and at least
 # `FOLD_MIN_ROWS`): each fold's pass over the table is then paid by as many appended rows,
 # and reads go over at most that share more rows than folded.
@@ -122,9 +125,9 @@ FOLD_SHARE = 0.5
 FOLD_MIN_ROWS = 200_000
 # A due fold is spread over this many batches, each folding the deltas of one slice of the
 # records (by hash of record id; a key's rows are all in one slice): no batch pays for the
-# whole fold (its MERGE and the checkpoint of the row groups it rewrote) or holds all of the
-# deltas' sums in memory at once.
-FOLD_SLICES = 8
+# whole fold or holds all of the deltas' sums in memory at once. Each slice's fold joins
+# its sums against the whole table: more slices bound a batch's share lower, for more in all.
+FOLD_SLICES = 4
 
 # A view's computed traits summed per trait in SQL (`Totals`): per (view, trait, bucket)
 # first, then per trait, or per day after the view's horizon for windowed traits. Only the
@@ -440,8 +443,10 @@ class ProfileBuilder:
         and delete them from `trait_deltas`, in the caller's transaction: what reads of
         `trait_rows` sum stays the same."""
         where = "true" if parts == 1 else f"hash(record_id) % {parts} = {part}"
-        self.conn.execute(_FOLD.format(slice=where))
+        for statement in _FOLD:
+            self.conn.execute(statement.format(slice=where))
         ((folded,),) = self.conn.execute(f"DELETE FROM trait_deltas WHERE {where}").fetchall()
+        self.conn.execute("DROP TABLE _fold_sums; DROP TABLE _fold_merged")
         self._folded_rows = self._count("trait_state")
         self._delta_rows -= folded
 
