@@ -1,3 +1,4 @@
+import hashlib
 import itertools
 
 import orjson
@@ -43,9 +44,12 @@ def test_stored_entries_are_their_exact_json_text_and_queryable_as_json():
     ledger = LineageLedger(conn)
     entry = {"event_key": "a", "source": {"topic": "t", "offset": 7}, "subjects": ["x", "ü"]}
     ledger.append([entry])
-    text, offset, kind = conn.execute(
-        "SELECT entry, entry->>'$.source.offset', typeof(entry) FROM lineage"
+    text, offset, kind, prev_hash, digest = conn.execute(
+        "SELECT entry, entry->>'$.source.offset', typeof(entry), prev_hash, hash FROM lineage"
     ).fetchone()
-    assert text == orjson.dumps(entry).decode()  # the key order as written, not re-encoded
+    # Stored as its canonical JSON, not re-encoded: the very text its hash covers.
+    assert text == orjson.dumps(entry, option=orjson.OPT_SORT_KEYS).decode()
+    assert text != orjson.dumps(entry).decode()  # written out of order, stored sorted
+    assert hashlib.sha256((prev_hash + text).encode()).hexdigest() == digest
     assert offset == "7" and kind == "JSON"
     assert ledger.verify().ok
