@@ -163,17 +163,34 @@ class LineageLedger:
 
     def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
         self.conn = conn
+        # The last head seen: the head is at or after it unless a rollback undid appends.
+        self._seen_seq = 0
         conn.execute(SCHEMA_SQL)
 
     def head(self) -> tuple[int, str]:
         """The last sequence number and hash (0 and the genesis hash when empty)."""
-        rows = self.conn.execute(
-            "SELECT seq, hash FROM lineage ORDER BY seq DESC LIMIT 1"
-        ).fetchall()
-        return (rows[0][0], rows[0][1]) if rows else (0, GENESIS_HASH)
+        rows = []
+        if self._seen_seq:
+            # Row groups wholly before the last head seen are skipped by their statistics,
+            # where the top-1 over every seq grew with the ledger. Nothing found (a rollback
+            # undid that head): asked again over all.
+            rows = self.conn.execute(
+                "SELECT seq, hash FROM lineage WHERE seq >= ? ORDER BY seq DESC LIMIT 1",
+                [self._seen_seq],
+            ).fetchall()
+        if not rows:
+            rows = self.conn.execute(
+                "SELECT seq, hash FROM lineage ORDER BY seq DESC LIMIT 1"
+            ).fetchall()
+        if not rows:
+            return 0, GENESIS_HASH
+        self._seen_seq = rows[0][0]
+        return rows[0][0], rows[0][1]
 
     def append(self, entries: list[dict[str, Any]]) -> list[LedgerEntry]:
         """Chain and store entries in order. In: entry contents. Out: the chained entries."""
+        if not entries:
+            return []
         seq, prev = self.head()
         chained: list[LedgerEntry] = []
         # Each entry serialised once: the text its hash covers is the text stored. Kept as
