@@ -98,7 +98,10 @@ def carried_preferences(event: dict[str, Any]) -> dict[str, bool]:
     prefs = consent.get("categoryPreferences") if isinstance(consent, dict) else None
     if not isinstance(prefs, dict):
         return {}
-    return {k: v for k, v in prefs.items() if isinstance(v, bool)}
+    for value in prefs.values():
+        if value is not True and value is not False:
+            return {k: v for k, v in prefs.items() if isinstance(v, bool)}
+    return prefs  # all booleans (the usual case): the event's own mapping, read, never changed
 
 
 def stated_consent(kind: str | None, event: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 from datetime import UTC, datetime
 
-from consent.gate import ALLOWED, CONSENT_RECORDED, WITHHELD, ConsentGate
+from consent.gate import ALLOWED, CONSENT_RECORDED, WITHHELD, ConsentGate, carried_preferences
 from consent.policy import load_policy
 from identity.normalise import Identifier
 from pipelines.pipeline import open_state
@@ -106,3 +106,12 @@ def test_restated_consent_replaces_its_row_in_later_batches():
     # One row per subject and purpose: the latest statement (e3 happened before e2: it loses).
     assert rows == [("analytics", "granted", "e2", 3), ("marketing", "denied", "e2", 3)]
     assert g.last_changed == {A}
+
+
+def test_carried_preferences_keep_only_booleans():
+    prefs = {"analytics": True, "marketing": False}
+    assert carried_preferences({"context": {"consent": {"categoryPreferences": prefs}}}) == prefs
+    mixed = {"analytics": True, "marketing": "yes", "support": 1, "personalization": False}
+    stated = carried_preferences({"context": {"consent": {"categoryPreferences": mixed}}})
+    assert stated == {"analytics": True, "personalization": False}
+    assert carried_preferences({"context": {"consent": {"categoryPreferences": ["x"]}}}) == {}
