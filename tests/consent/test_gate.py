@@ -1,6 +1,6 @@
 from datetime import UTC, datetime
 
-from consent.gate import ALLOWED, CONSENT_RECORDED, WITHHELD, ConsentGate
+from consent.gate import ALLOWED, CONSENT_RECORDED, WITHHELD, ConsentGate, carried_preferences
 from consent.policy import load_policy
 from identity.normalise import Identifier
 from pipelines.pipeline import open_state
@@ -72,3 +72,46 @@ def test_out_of_order_consent_resolves_by_timestamp():
 def test_events_needing_no_consent_pass():
     d = gate().decide([("o1", "order_completed", {"type": "track"}, at(1), [A])])[0]
     assert (d.decision, d.purpose, d.basis) == (ALLOWED, None, "no-consent-needed")
+
+
+def test_a_value_stored_under_another_type_is_not_the_subjects_consent():
+    g = gate()
+    user = Identifier("user_id", "a1")  # the same value as A, another identifier
+    event = {
+        "type": "consent",
+        "consent": {"purpose": "analytics", "status": "denied", "source": "CMP"},
+    }
+    g.decide([("c1", "consent_change", event, at(1), [user])])
+    g.decide([page("e1", 2, "US", prefs={"analytics": True})])  # A's own statement
+    decision = g.decide([page("e2", 3, "DE")])[0]
+    assert (decision.decision, decision.basis, decision.consent_ref) == (
+        ALLOWED,
+        "stored-consent",
+        "e1",
+    )
+    rows = g.conn.execute(
+        "SELECT id_type, status, event_key FROM consent_state WHERE purpose = 'analytics' ORDER BY 1"
+    ).fetchall()
+    assert rows == [("anonymous_id", "granted", "e1"), ("user_id", "denied", "c1")]
+
+
+def test_restated_consent_replaces_its_row_in_later_batches():
+    g = gate()
+    prefs = {"analytics": True, "marketing": False}
+    g.decide([page("e1", 1, prefs=prefs)])
+    g.decide([page("e2", 3, prefs=prefs), page("e3", 2, prefs={"analytics": False})])
+    rows = g.conn.execute(
+        "SELECT purpose, status, event_key, hour(ts) FROM consent_state ORDER BY purpose"
+    ).fetchall()
+    # One row per subject and purpose: the latest statement (e3 happened before e2: it loses).
+    assert rows == [("analytics", "granted", "e2", 3), ("marketing", "denied", "e2", 3)]
+    assert g.last_changed == {A}
+
+
+def test_carried_preferences_keep_only_booleans():
+    prefs = {"analytics": True, "marketing": False}
+    assert carried_preferences({"context": {"consent": {"categoryPreferences": prefs}}}) == prefs
+    mixed = {"analytics": True, "marketing": "yes", "support": 1, "personalization": False}
+    stated = carried_preferences({"context": {"consent": {"categoryPreferences": mixed}}})
+    assert stated == {"analytics": True, "personalization": False}
+    assert carried_preferences({"context": {"consent": {"categoryPreferences": ["x"]}}}) == {}

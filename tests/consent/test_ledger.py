@@ -1,3 +1,4 @@
+import hashlib
 import itertools
 
 import orjson
@@ -43,9 +44,26 @@ def test_stored_entries_are_their_exact_json_text_and_queryable_as_json():
     ledger = LineageLedger(conn)
     entry = {"event_key": "a", "source": {"topic": "t", "offset": 7}, "subjects": ["x", "ü"]}
     ledger.append([entry])
-    text, offset, kind = conn.execute(
-        "SELECT entry, entry->>'$.source.offset', typeof(entry) FROM lineage"
+    text, offset, kind, prev_hash, digest = conn.execute(
+        "SELECT entry, entry->>'$.source.offset', typeof(entry), prev_hash, hash FROM lineage"
     ).fetchone()
-    assert text == orjson.dumps(entry).decode()  # the key order as written, not re-encoded
+    # Stored as its canonical JSON, not re-encoded: the very text its hash covers.
+    assert text == orjson.dumps(entry, option=orjson.OPT_SORT_KEYS).decode()
+    assert text != orjson.dumps(entry).decode()  # written out of order, stored sorted
+    assert hashlib.sha256((prev_hash + text).encode()).hexdigest() == digest
     assert offset == "7" and kind == "JSON"
     assert ledger.verify().ok
+
+
+def test_appends_after_a_rolled_back_batch_chain_onto_the_committed_head():
+    conn = open_state(":memory:")
+    ledger = LineageLedger(conn)
+    committed = ledger.append([{"event_key": f"e{i}"} for i in range(3)])
+    assert ledger.append([]) == []
+    conn.execute("BEGIN TRANSACTION")
+    ledger.append([{"event_key": "undone1"}, {"event_key": "undone2"}])
+    ledger.append([{"event_key": "undone3"}])  # its head, seq 5, is then rolled back too
+    conn.execute("ROLLBACK")
+    (next_entry,) = ledger.append([{"event_key": "e3"}])
+    assert (next_entry.seq, next_entry.prev_hash) == (4, committed[-1].hash)
+    assert ledger.verify().ok and ledger.verify().entries == 4
