@@ -347,13 +347,18 @@ class Pipeline:
                 raise _StageFailure(str(exc)) from exc
             self._record_offsets(consumed)
             emit(outputs)
-            self.conn.execute("COMMIT")
+            self._commit()
         except BaseException:
             self.conn.execute("ROLLBACK")
             self.identity.forget()  # its in-memory index saw the batch the store did not keep
             self.stored_keys.forget()  # so did the stored keys
             raise
         return report
+
+    def _commit(self) -> None:
+        """Make the batch's state durable: DuckDB appends its rows to the tables and their
+        indexes and writes them to the WAL; past `CHECKPOINT_WAL` a checkpoint follows."""
+        self.conn.execute("COMMIT")
 
     def _quarantine(
         self,
