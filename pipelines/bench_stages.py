@@ -25,7 +25,8 @@ copy of it, so a rerun of unchanged code skips the fill (~10+ minutes at 300k pe
 Each run is its own process (the code under test is chosen by PYTHONPATH), and the
 first batch, which warms caches and imports, is timed like the others. A checkpoint after
 the last batch is timed too: a worker pays one per `CHECKPOINT_WAL` of WAL for what its
-batches wrote, and a run of a few batches reaches none.
+batches wrote, and a run of a few batches leaves the last of them unpaid (a checkpoint
+reached mid-run counts in the commit that triggered it).
 """
 
 from __future__ import annotations
@@ -295,8 +296,8 @@ def run_stages(
     cpu0 = time.process_time()
     wall = feed(pipeline, lines, batch_size, first=first)
     # The batches' share of checkpoints: DuckDB writes a batch's rows into the database
-    # file (compressed) at the checkpoint after its commit, once per CHECKPOINT_WAL of WAL,
-    # which a run of a few batches would otherwise never reach (the close does it, untimed).
+    # file (compressed) at the first checkpoint after its commit, once per CHECKPOINT_WAL
+    # of WAL; the last batches' would otherwise fall to the close, untimed.
     began = time.process_time()
     pipeline.conn.execute("CHECKPOINT")
     clock.seconds[CHECKPOINT_LABEL] += time.process_time() - began
