@@ -8,6 +8,7 @@ import orjson
 
 from pipelines.bench import END
 from pipelines.bench_stages import (
+    CHECKPOINT_LABEL,
     HEADING,
     SPANS,
     compare_outputs,
@@ -40,9 +41,11 @@ def test_stage_spans_add_up_and_leave_outcomes_as_a_plain_run(tmp_path):
     assert measured["events"] == 240
     # The generator repeats a few events on purpose: a duplicate has no outcome of its own.
     assert measured["outcomes"] == expected and 230 < sum(expected.values()) <= 240
-    labels = {label for label, _, _ in SPANS}
+    labels = {label for label, _, _ in SPANS} | {CHECKPOINT_LABEL}
     assert set(measured["spans"]) <= labels
     assert {"contract checks", "consent gate", "profile rebuild"} <= set(measured["spans"])
+    # The commit and the batches' share of checkpoints are counted, not left in "other".
+    assert {"state commit", CHECKPOINT_LABEL} <= set(measured["spans"])
     # Exclusive times: together never more than the process's CPU over the run.
     assert 0 < sum(measured["spans"].values()) <= measured["cpu_s"] * 1.01
     assert "Pipeline.process" in (tmp_path / "profile.txt").read_text()
