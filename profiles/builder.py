@@ -588,15 +588,16 @@ class ProfileBuilder:
     def _stated(
         self, by_name: dict[str, list[tuple[datetime, str, Any]]]
     ) -> dict[str, dict[str, Any]]:
-        """A view's identify traits from their allowed (UTC ts, event key, value), by strategy.
+        """A view's identify traits from their allowed (UTC ts, event key, value), by strategy;
+        each trait's values in (ts, event key) order.
 
         The times come naive (UTC wall time): DuckDB turns a TIMESTAMPTZ into an aware
         datetime through pytz, which cost more than the query that read them."""
         traits = {}
         for name, values in by_name.items():
-            ts, event_key, _ = max(values, key=lambda v: (v[0], v[1]))
+            ts, event_key, _ = values[-1]  # they come in (ts, event key) order
             traits[name] = {
-                "value": merge_identify_trait(self.traits.strategy(name), values),
+                "value": merge_identify_trait(self.traits.strategy(name), values, ordered=True),
                 "ts": ts.isoformat() + "+00:00",
                 "event_key": event_key,
             }
