@@ -478,8 +478,9 @@ class ProfileBuilder:
     def build(self, persons: set[str]) -> dict[str, dict[str, Any]]:
         """Aggregate the current profile of each person from their facts and identifiers.
 
-        Views of a person that allow the same rows share their traits, computed and windows
-        objects: a built profile is read (published, matched to segments), never changed.
+        Views of a person that allow the same rows share their identifiers, traits, computed
+        and windows objects (and window twins their days): a built profile is read
+        (published, matched to segments), never changed.
         """
         if not persons:
             return {}
@@ -492,7 +493,8 @@ class ProfileBuilder:
             self.conn.unregister("_person_rows")
 
     def _allowed_groups(self, affected: list[str]) -> None:
-        """`_affected_records`: the affected persons' identity records; `_ids`: each affected
+        """`_person_rows` (Arrow, registered until `build` returns): the affected persons'
+        accumulator rows; `_affected_records`: their identity records; `_ids`: each affected
         person's identifiers, by record; `_ag`: each affected person's accumulator group once
         per view it may appear in; `_shared_views`: the view whose roll-up each view shares;
         `_ag_shared`: `_ag` of those, each view numbered (`view`).
