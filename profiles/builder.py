@@ -140,7 +140,7 @@ _ROLLUP = f"""
 WITH horizons AS (  -- windows keep the days after the view's last event less the longest window
     SELECT a.view,
            strftime(timezone('UTC', max(s.last_ts))::DATE - $max_window, '%Y-%m-%d') AS horizon
-    FROM trait_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
+    FROM _person_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     WHERE s.trait = '{SEEN}' AND s.bucket = '' GROUP BY ALL
 ), buckets AS (
     SELECT a.view, s.trait, s.bucket, sum(s.n)::BIGINT AS n,
@@ -150,10 +150,9 @@ WITH horizons AS (  -- windows keep the days after the view's last event less th
            max(s.last_ts) FILTER (WHERE list_contains($lasts, s.trait)) AS last_ts,
            arg_max(s.value, (s.last_ts, s.last_key))
                FILTER (WHERE list_contains($values, s.trait)) AS value
-    FROM trait_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
+    FROM _person_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     LEFT JOIN horizons h ON h.view = a.view
     WHERE s.trait <> '{SEEN}'  -- no computed trait reads the groups' own rows
-      AND NOT list_contains($twins, s.trait)  -- read through the trait they twin
       AND (NOT list_contains($windowed, s.trait)
            OR split_part(s.bucket, '|', 1) > coalesce(h.horizon, ''))
     GROUP BY a.view, s.trait, s.bucket  -- `day` follows from these
@@ -265,6 +264,8 @@ class ProfileBuilder:
         self._unfolded: list[int] = []  # the slices a fold under way has still to fold
         self._fill_window_twins()
         self._rolled_columns = rolled_columns(self.traits)
+        # Window twins are read through the trait they twin: their rows are never read.
+        self._twins = self._rolled_columns.pop("twins")
         # What silence means, per jurisdiction and purpose: the fallback of every view.
         self._defaults = pa.table(
             {
@@ -512,8 +513,9 @@ class ProfileBuilder:
     def build(self, persons: set[str]) -> dict[str, dict[str, Any]]:
         """Aggregate the current profile of each person from their facts and identifiers.
 
-        Views of a person that allow the same rows share their traits, computed and windows
-        objects: a built profile is read (published, matched to segments), never changed.
+        Views of a person that allow the same rows share their identifiers, traits, computed
+        and windows objects (and window twins their days): a built profile is read
+        (published, matched to segments), never changed.
         """
         if not persons:
             return {}
@@ -523,9 +525,11 @@ class ProfileBuilder:
             return self._build(affected)
         finally:
             self.conn.unregister("_affected")
+            self.conn.unregister("_person_rows")
 
     def _allowed_groups(self, affected: list[str]) -> None:
-        """`_affected_records`: the affected persons' identity records; `_ids`: each affected
+        """`_person_rows` (Arrow, registered until `build` returns): the affected persons'
+        accumulator rows; `_affected_records`: their identity records; `_ids`: each affected
         person's identifiers, by record; `_ag`: each affected person's accumulator group once
         per view it may appear in; `_shared_views`: the view whose roll-up each view shares;
         `_ag_shared`: `_ag` of those, each view numbered (`view`).
@@ -535,6 +539,24 @@ class ProfileBuilder:
         their identifiers' latest statement, else the jurisdiction's default.
         """
         q = self.conn.execute
+        # The affected persons' accumulator rows, read once into Arrow: every read of
+        # `trait_rows` decodes the whole table (a person's rows lie anywhere in it), and a
+        # temporary table cost twice the Arrow copy to write. The groups below and the
+        # roll-up read them. A record's rows all carry its current person (appends take
+        # the batch's final person; merges and splits move all of a person's or a
+        # record's rows). Only latest traits read a row's value and key (the key, one per
+        # event, is the costliest column to decode): the other rows leave them out.
+        person_rows = self.conn.sql(
+            """SELECT * EXCLUDE (value, last_key) FROM trait_rows
+               WHERE person_id IN (SELECT person_id FROM _affected)
+                 AND NOT list_contains($twins, trait) AND NOT list_contains($values, trait)
+               UNION ALL BY NAME
+               SELECT * FROM trait_rows
+               WHERE person_id IN (SELECT person_id FROM _affected)
+                 AND NOT list_contains($twins, trait) AND list_contains($values, trait)""",
+            params={"twins": self._twins, "values": self._rolled_columns["values"]},
+        ).to_arrow_reader()
+        self.conn.register("_person_rows", person_rows.read_all())
         held = self.records_of(affected)
         if held is not None:  # no read of the store, whose size it would cost
             self.conn.register("_held_records", held)
@@ -561,9 +583,8 @@ class ProfileBuilder:
                 SELECT i.person_id, s.purpose, arg_max(s.status, s.ts) AS status
                 FROM ids i JOIN consent_state s USING (id_type, id_value) GROUP BY ALL
             ), groups AS (
-                SELECT DISTINCT person_id, record_id, purpose, jurisdiction FROM trait_rows
+                SELECT DISTINCT person_id, record_id, purpose, jurisdiction FROM _person_rows
                 WHERE trait = '{SEEN}' AND bucket = ''
-                  AND person_id IN (SELECT person_id FROM _affected)
             )
             SELECT v.scope, g.* FROM groups g CROSS JOIN _views v
             LEFT JOIN latest lv ON lv.person_id = g.person_id AND lv.purpose = v.scope
@@ -604,15 +625,16 @@ class ProfileBuilder:
     def _stated(
         self, by_name: dict[str, list[tuple[datetime, str, Any]]]
     ) -> dict[str, dict[str, Any]]:
-        """A view's identify traits from their allowed (UTC ts, event key, value), by strategy.
+        """A view's identify traits from their allowed (UTC ts, event key, value), by strategy;
+        each trait's values in (ts, event key) order.
 
         The times come naive (UTC wall time): DuckDB turns a TIMESTAMPTZ into an aware
         datetime through pytz, which cost more than the query that read them."""
         traits = {}
         for name, values in by_name.items():
-            ts, event_key, _ = max(values, key=lambda v: (v[0], v[1]))
+            ts, event_key, _ = values[-1]  # they come in (ts, event key) order
             traits[name] = {
-                "value": merge_identify_trait(self.traits.strategy(name), values),
+                "value": merge_identify_trait(self.traits.strategy(name), values, ordered=True),
                 "ts": ts.isoformat() + "+00:00",
                 "event_key": event_key,
             }
@@ -656,8 +678,25 @@ class ProfileBuilder:
         ).fetchall():
             by_name = stated.setdefault((person, view), {})
             by_name.setdefault(name, []).append((ts, event_key, orjson.loads(value)))
-        views: dict[tuple[str, str], dict[str, Any]] = {}
-        rolled: dict[tuple[str, str], tuple[dict, dict, dict]] = {}
+        # All identifiers index the profile for lookups; a view shows only those of records
+        # that contributed an allowed event to it: the same for views that share a roll-up
+        # (they allow the same groups), read once for those (`_ag_shared`).
+        shown: dict[tuple[str, str], dict[str, list[str]]] = {}
+        for person, scope, id_type, values in q(
+            """SELECT person_id, scope, id_type, list(id_value ORDER BY id_value) FROM (
+                   SELECT DISTINCT person_id, scope, id_type, id_value FROM _ids
+                   JOIN (SELECT DISTINCT record_id, scope FROM _ag_shared) v USING (record_id)
+               ) GROUP BY ALL
+               UNION ALL  -- the profile's own (no scope): every identifier of its records
+               SELECT person_id, NULL, id_type, list(DISTINCT id_value ORDER BY id_value)
+               FROM _ids GROUP BY ALL
+               ORDER BY 1, 2 NULLS FIRST, 3"""
+        ).fetchall():
+            if scope is not None:
+                shown.setdefault((person, scope), {})[id_type] = values
+            elif person in profiles:
+                profiles[person]["identifiers"][id_type] = values
+        rolled: dict[tuple[str, str], tuple[dict, dict, dict, dict]] = {}
         for (person, view), of in sorted(shared.items()):
             # Every shared view has allowed groups (`_ag_shared`), even if none of their
             # rows feeds a computed trait.
@@ -666,31 +705,18 @@ class ProfileBuilder:
             if (person, of) not in rolled:
                 computed, windows = rollup(self.traits, totals.get((person, of), {}))
                 rolled[(person, of)] = (
+                    shown.get((person, of), {}),
                     self._stated(stated.get((person, of), {})),
                     computed,
                     windows,
                 )
-            traits, computed, windows = rolled[(person, of)]
-            views[(person, view)] = profiles[person]["views"][view] = {
-                "identifiers": {},
+            identifiers, traits, computed, windows = rolled[(person, of)]
+            profiles[person]["views"][view] = {
+                "identifiers": identifiers,
                 "traits": traits,
                 "computed": computed,
                 "windows": windows,
             }
-        # All identifiers index the profile for lookups; a view shows only those of records
-        # that contributed an allowed event to it.
-        for person, view, id_type, values in q(
-            """SELECT person_id, scope, id_type, list(id_value ORDER BY id_value) FROM (
-                   SELECT DISTINCT person_id, scope, id_type, id_value FROM _ids
-                   LEFT JOIN (SELECT DISTINCT record_id, scope FROM _ag) v USING (record_id)
-               ) GROUP BY ALL ORDER BY 1, 2 NULLS FIRST, 3"""
-        ).fetchall():
-            if person not in profiles:
-                continue
-            known = profiles[person]["identifiers"].get(id_type, [])
-            profiles[person]["identifiers"][id_type] = sorted(set(known) | set(values))
-            if (person, view) in views:
-                views[(person, view)]["identifiers"][id_type] = values
         for person, merged in q(
             # Persons that founded a record now in this profile: everyone merged into it.
             """SELECT r.person_id, list(DISTINCT p.person_id ORDER BY p.person_id)

@@ -216,10 +216,21 @@ class SegmentMembership:
         purposes = {segment.purpose for segment in self.segments.values()}
         for person, doc in profiles.items() if now is not None else ():
             views = doc.get("views") or {}
-            # Segments of one purpose read the same view: it is summed at `now` once.
-            reads = {
-                purpose: view_reads(views.get(purpose), self.catalog, now) for purpose in purposes
-            }
+            # Segments of one purpose read the same view: it is summed at `now` once, and
+            # so are views of several purposes that share their objects (`ProfileBuilder`
+            # builds views allowing the same events from one roll-up).
+            summed: dict[tuple[int, ...], Any] = {}
+            reads = {}
+            for purpose in purposes:
+                view = views.get(purpose)
+                shared = (
+                    (id(view.get("traits")), id(view.get("computed")), id(view.get("windows")))
+                    if view is not None
+                    else ()
+                )
+                if shared not in summed:
+                    summed[shared] = view_reads(view, self.catalog, now)
+                reads[purpose] = summed[shared]
             for name, segment in self.segments.items():
                 read = reads[segment.purpose]
                 if read is not None and segment.matches(*read):

@@ -432,14 +432,18 @@ def rollup(
     computed: dict[str, Any] = {}
     windows: dict[str, dict[str, int]] = {}
     twins = catalog.window_twins
+    days: dict[str, dict[str, int]] = {}  # window twins share one read of their days
     for spec in catalog.computed:
-        row = totals.get(twins.get(spec.name, spec.name))
+        source = twins.get(spec.name, spec.name)
+        row = totals.get(source)
         if spec.op == "days_since":
             continue
         keys = (row.keys or []) if row else []
         counts = (row.counts or []) if row else []
         if spec.window_days:
-            windows[spec.name] = dict(sorted(zip(keys, counts, strict=True)))
+            if source not in days:
+                days[source] = dict(sorted(zip(keys, counts, strict=True)))
+            windows[spec.name] = days[source]
         elif spec.op == "count":
             computed[spec.name] = row.n if row else 0
         elif spec.op == "distinct_count":
@@ -508,24 +512,28 @@ def at_read(
     return out
 
 
-def merge_identify_trait(strategy: str, values: list[tuple[datetime, str, Any]]) -> Any:
-    """One identify trait's value from its events' (ts, event key, value), by strategy."""
-    ordered = sorted(values, key=lambda v: (v[0], v[1]))
+def merge_identify_trait(
+    strategy: str, values: list[tuple[datetime, str, Any]], ordered: bool = False
+) -> Any:
+    """One identify trait's value from its events' (ts, event key, value), by strategy;
+    `ordered` says they already come in (ts, event key) order."""
+    if not ordered:
+        values = sorted(values, key=lambda v: (v[0], v[1]))
     if strategy == "first":
-        return ordered[0][2]
+        return values[0][2]
     if strategy == "max":
-        numbers = [v[2] for v in ordered if _number(v[2])]
-        return max(numbers) if numbers else max(ordered, key=lambda v: str(v[2]))[2]
+        numbers = [v[2] for v in values if _number(v[2])]
+        return max(numbers) if numbers else max(values, key=lambda v: str(v[2]))[2]
     if strategy == "sum":
-        numbers = [v[2] for v in ordered if _number(v[2])]
-        return sum(numbers) if numbers else ordered[-1][2]
+        numbers = [v[2] for v in values if _number(v[2])]
+        return sum(numbers) if numbers else values[-1][2]
     if strategy == "union":
         seen: dict[bytes, Any] = {}
-        for _, _, value in ordered:
+        for _, _, value in values:
             for item in value if isinstance(value, list) else [value]:
                 seen.setdefault(orjson.dumps(item, option=orjson.OPT_SORT_KEYS), item)
         return [seen[k] for k in sorted(seen)]
-    return ordered[-1][2]
+    return values[-1][2]
 
 
 def _number(value: Any) -> bool:

@@ -154,6 +154,12 @@ def test_merge_strategies_for_identify_traits():
     assert merge_identify_trait("max", values) == 9
     assert merge_identify_trait("sum", values) == 16
     assert merge_identify_trait("union", [(t[0], "a", ["x", "y"]), (t[1], "b", "y")]) == ["x", "y"]
+    # Values already in (ts, event key) order, as the profile rebuild reads them, merge the
+    # same without being sorted again.
+    in_order = [*sorted(values, key=lambda v: (v[0], v[1])), (t[2], "d", "z"), (t[2], "e", "y")]
+    for strategy in ("latest", "first", "max", "sum", "union"):
+        expected = merge_identify_trait(strategy, list(reversed(in_order)))
+        assert merge_identify_trait(strategy, in_order, ordered=True) == expected
 
 
 def test_windowed_traits_decay_with_the_read_clock_not_the_event_clock():
