@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS batch_journal (slot INTEGER PRIMARY KEY, extent VARCH
 INDEX_LOOKUPS = 1_000
 
 # WAL written before DuckDB folds it into the database file (see open_state).
-CHECKPOINT_WAL = "64MB"
+CHECKPOINT_WAL = "256MB"
 
 # Where a batch was read: (topic, partition) -> (first offset, last offset), both included.
 Extent = dict[tuple[str, int], tuple[int, int]]
@@ -224,11 +224,12 @@ def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
     # A commit is durable once its WAL is written; a checkpoint then rewrites every row
     # group the batches touched (the tail of each append-only table, trait_deltas included).
     # DuckDB's default 16 MB of WAL checkpointed after every 10k-event batch (~20 MB of WAL).
-    # Past that, a checkpoint's CPU grows with the WAL it folds, not per checkpoint
-    # (measured at 300,000 persons: 1.5 s for one batch's WAL, 6.3 s for four's), while its
-    # memory peak and the rows held in memory until it grow with the WAL too (~160 MB more
-    # per batch folded): 64 MB, a checkpoint every ~3 batches, bounds both at no measured
-    # CPU cost. A restart replays up to that much WAL.
+    # A checkpoint's CPU grows with the WAL it folds, plus a part per checkpoint: at 300,000
+    # persons, five 10k-event batches cost 1.61 CPU-s per batch in commits and checkpoints
+    # at 64 MB (a checkpoint every ~3 batches) against 1.24 at 256 MB (one, at the end;
+    # `bench_stages --warm-persons 300000`, one invocation). Its memory peak, and the rows
+    # held in memory until it, grow with the WAL (~160 MB more per batch folded): 256 MB
+    # trades that memory for the CPU. A restart replays up to that much WAL.
     conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL}'")
     return conn
 
