@@ -38,3 +38,10 @@ def test_commits_stay_in_the_wal_until_it_passes_the_threshold_then_fold(tmp_pat
     reopened = duckdb.connect(str(path), read_only=True)
     assert reopened.execute("SELECT count(*) FROM rows").fetchone()[0] == 1000 + len(sizes) * 1000
     reopened.close()
+
+
+def test_state_runs_its_statements_on_one_thread(tmp_path):
+    # A batch's statements are small: a second worker thread cost more CPU than it saved.
+    conn = open_state(tmp_path / "state.duckdb")
+    assert conn.execute("SELECT current_setting('threads')").fetchone()[0] == 1
+    conn.close()
