@@ -544,16 +544,17 @@ class ProfileBuilder:
         # temporary table cost twice the Arrow copy to write. The groups below and the
         # roll-up read them. A record's rows all carry its current person (appends take
         # the batch's final person; merges and splits move all of a person's or a
-        # record's rows). Only latest traits read a row's value and key (the key, one per
-        # event, is the costliest column to decode): the other rows leave them out.
+        # record's rows). Only latest traits keep a row's value and key; the other rows
+        # have them set to NULL in the same pass: one scan of both tables, where two (one
+        # without value and key, one for latest traits) cost 1.5x as much for 10,000
+        # stored persons of a 300,000-person store.
         person_rows = self.conn.sql(
-            """SELECT * EXCLUDE (value, last_key) FROM trait_rows
+            """SELECT * REPLACE (
+                   CASE WHEN list_contains($values, trait) THEN value END AS value,
+                   CASE WHEN list_contains($values, trait) THEN last_key END AS last_key)
+               FROM trait_rows
                WHERE person_id IN (SELECT person_id FROM _affected)
-                 AND NOT list_contains($twins, trait) AND NOT list_contains($values, trait)
-               UNION ALL BY NAME
-               SELECT * FROM trait_rows
-               WHERE person_id IN (SELECT person_id FROM _affected)
-                 AND NOT list_contains($twins, trait) AND list_contains($values, trait)""",
+                 AND NOT list_contains($twins, trait)""",
             params={"twins": self._twins, "values": self._rolled_columns["values"]},
         ).to_arrow_reader()
         self.conn.register("_person_rows", person_rows.read_all())
