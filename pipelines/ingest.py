@@ -41,6 +41,7 @@ from faust.types import TP
 from pipelines import topics
 from pipelines.bundles import encode_bundles
 from pipelines.faust_engine import (
+    RawInputConductor,
     ShortFetchConsumer,
     faust_app,
     ready_batches,
@@ -110,6 +111,7 @@ class ForwardedOffsetTransport(aiokafka_driver.Transport):
     """The aiokafka transport with the consumer above."""
 
     Consumer = ForwardedOffsetConsumer
+    Conductor = RawInputConductor
 
 
 class IngestApp(faust.App):

@@ -121,3 +121,34 @@ def test_a_delivery_raising_at_once_propagates(tmp_path: Path) -> None:
             raise AssertionError("the delivery's error was swallowed")
 
     asyncio.run(main())
+
+
+def test_raw_input_events_carry_what_faust_raw_decoding_gives(tmp_path: Path) -> None:
+    """The worker's input channel makes each event from the message itself: the same key,
+    value and headers as Faust's `raw` serializers, an absent key or value included."""
+    from faust.types import TP, Message
+
+    from pipelines.faust_engine import RawInput
+
+    async def main() -> None:
+        app, inputs = faust_app("127.0.0.1:9", tmp_path, "test-raw-input", 100, TesseraApp)
+        app.loop = asyncio.get_running_loop()
+        assert isinstance(inputs, RawInput)
+        faust_raw = app.topic(*inputs.topics, value_serializer="raw", key_serializer="raw")
+        tp = TP("tessera.events.behavioral", 0)
+        for key, value, headers in [
+            (b"user-1", b'{"type":"track"}', [("h", b"1")]),
+            (None, b"\xff not json", []),
+            (b"user-2", None, []),
+        ]:
+            message = Message(tp.topic, 0, 7, 0.0, 0, headers, key, value, None, tp=tp)
+            ours = await inputs.decode(message, propagate=True)
+            theirs = await faust_raw.decode(message, propagate=True)
+            assert (ours.key, ours.value, ours.headers) == (
+                theirs.key,
+                theirs.value,
+                theirs.headers,
+            )
+            assert (ours.key, ours.value, ours.message) == (key, value, message)
+
+    asyncio.run(main())
