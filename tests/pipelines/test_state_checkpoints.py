@@ -100,3 +100,30 @@ def test_a_batch_past_the_compaction_events_merges_row_groups(run, monkeypatch, 
     assert run.pipeline._uncompacted == (0 if due else 2)
     # Merging is on only for that commit and its checkpoint.
     assert conn.execute("SELECT current_setting('max_vacuum_tasks')").fetchall() == [(0,)]
+
+
+def test_a_merge_appends_the_moved_facts_and_leaves_stored_row_groups_as_they_were(run, make_event):
+    guest = {"email": "kim@x.com"}
+    at = "2026-09-0{}T10:00:00Z".format
+    run.feed(
+        make_event("identify", anonymousId="guest", traits=guest, timestamp=at(1)),
+        make_event("page", anonymousId="guest", timestamp=at(1)),
+    )
+    run.feed(make_event("identify", userId="kim", traits={"plan": "pro"}, timestamp=at(2)))
+    conn = run.pipeline.conn
+    conn.execute("CHECKPOINT")
+    tables = ("facts", "trait_facts")
+    stored = {table: _blocks(conn, table, 0) for table in tables}
+    before = conn.execute("SELECT event_key, person_id FROM facts").fetchall()
+    assert len({person for _, person in before}) == 2
+    merge = make_event("identify", userId="kim", traits=guest, timestamp=at(3))
+    assert run.feed(merge).merges == 1
+    conn.execute("CHECKPOINT")
+    # Every fact now names the one surviving person, none lost or doubled ...
+    after = conn.execute("SELECT event_key, person_id FROM facts").fetchall()
+    keys = [key for key, _ in after]
+    assert len(keys) == len(set(keys)) == len(before) + 1  # the merging event's own
+    assert {key for key, _ in before} < set(keys)
+    assert len({person for _, person in after}) == 1
+    # ... moved by deleting and appending them: what was stored was not rewritten.
+    assert {table: _blocks(conn, table, 0) for table in tables} == stored
