@@ -68,14 +68,6 @@ INDEX_LOOKUPS = 1_000
 # WAL written before DuckDB folds it into the database file (see open_state).
 CHECKPOINT_WAL = "256MB"
 
-# Events between two checkpoints that also merge partly filled row groups (`Pipeline._commit`);
-# the checkpoints in between only fold the WAL (see open_state). About every fifth checkpoint
-# at 10,000-event batches: the merges reclaim deleted rows (folded accumulators, replaced
-# consent) and join the small row groups each checkpoint leaves.
-COMPACT_EVENTS = 500_000
-# DuckDB's own limit on merge tasks per table and checkpoint, used by those checkpoints.
-COMPACT_TASKS = 100
-
 # Where a batch was read: (topic, partition) -> (first offset, last offset), both included.
 Extent = dict[tuple[str, int], tuple[int, int]]
 
@@ -239,14 +231,12 @@ def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
     # held in memory until it, grow with the WAL (~160 MB more per batch folded): 256 MB
     # trades that memory for the CPU. A restart replays up to that much WAL.
     conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL}'")
-    # Appends after a checkpoint start a row group of their own, and by default a checkpoint
-    # then merges runs of partly filled row groups into fewer (DuckDB's vacuum): at every
-    # checkpoint it rewrote the tail of each append-only table, whose row groups it had left
-    # part-filled the time before. At 300,000 persons, after five 10k-event batches, it
-    # rewrote 339k lineage rows to place 49k (1.8 of 4.4 CPU-s; consent_state 0.50 -> 0.06 s
-    # without it), and the whole checkpoint cost 4.4 CPU-s against 0.8-0.9 without merging.
-    # Checkpoints here only fold the WAL; every COMPACT_EVENTS events one merges too.
-    conn.execute("SET max_vacuum_tasks = 0")
+    # Most of a checkpoint at 300,000 persons is DuckDB merging part-filled row groups (its
+    # vacuum; appends after a checkpoint start a row group of their own): lineage's 49k new
+    # rows made it rewrite 339k. Checkpoints without merging (`max_vacuum_tasks = 0`) cost
+    # 0.8 CPU-s against 4.4-4.7, but a merging one every 500,000 events, which deleted rows
+    # need, then cost as much as the merges it put off (500,000 events: 0.98x in all) and
+    # left a 1.25x larger file: merging stays on.
     return conn
 
 
@@ -285,8 +275,6 @@ class Pipeline:
         # Per-subject keys (None: nothing is sealed); erasure requests and their certificates.
         self.keys = key_store
         self.privacy = PrivacyRequests(SubjectEraser(self.conn, self.identity, key_store))
-        # Events committed since the last checkpoint that merged row groups (`_commit`).
-        self._uncompacted = 0
 
     def close(self) -> None:
         self.conn.close()
@@ -382,7 +370,6 @@ class Pipeline:
                 raise _StageFailure(str(exc)) from exc
             self._record_offsets(consumed)
             emit(outputs)
-            self._uncompacted += len(batch)
             self._commit()
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -393,26 +380,8 @@ class Pipeline:
 
     def _commit(self) -> None:
         """Make the batch's state durable: DuckDB appends its rows to the tables and their
-        indexes and writes them to the WAL; past `CHECKPOINT_WAL` a checkpoint follows.
-
-        Once `COMPACT_EVENTS` events were committed since the last one, the checkpoint also
-        merges partly filled row groups: merging is on for the commit (whose own checkpoint,
-        if the WAL is due, does it) and a checkpoint follows it (a checkpoint rewrites only
-        tables changed since the one before, so one right after a commit's does nothing)."""
-        if self._uncompacted < COMPACT_EVENTS:
-            self.conn.execute("COMMIT")
-            return
-        self.conn.execute(f"SET max_vacuum_tasks = {COMPACT_TASKS}")
-        try:
-            self.conn.execute("COMMIT")
-            try:
-                self.conn.execute("CHECKPOINT")
-            except duckdb.Error as exc:  # the batch is committed: a later one merges
-                log.warning("checkpoint merging row groups failed: %s", exc)
-            else:
-                self._uncompacted = 0
-        finally:
-            self.conn.execute("SET max_vacuum_tasks = 0")
+        indexes and writes them to the WAL; past `CHECKPOINT_WAL` a checkpoint follows."""
+        self.conn.execute("COMMIT")
 
     def _quarantine(
         self,
