@@ -76,12 +76,6 @@ SELECT * FROM trait_state UNION ALL SELECT * FROM trait_deltas;
 """
 # The tables holding accumulator rows: merges and splits move both (erasures delete from both).
 TRAIT_TABLES = ("trait_state", "trait_deltas")
-# Fact tables whose rows a merge or split moves to another person by deleting and appending
-# them (`ProfileBuilder._move`): an UPDATE of `person_id` in place made the next checkpoint
-# rewrite that column in every row group a moved row lay in, and a person's facts lie
-# anywhere (at 300,000 persons, 115 facts and 246 trait facts moved in five batches cost
-# their checkpoint ~0.17 CPU-s; appended, nothing beyond the appends).
-FACT_TABLES = ("facts", "trait_facts")
 # One batch's accumulator rows summed per key (`ProfileBuilder._accumulate`): the events
 # counted, their amount (0 without one), first and last time, the key and value of the
 # latest (time, key) event, and the person of the batch's first event on that key; appended.
@@ -471,9 +465,7 @@ class ProfileBuilder:
         remap = pa.table({"loser": list(merged), "survivor": list(merged.values())})
         self.conn.register("_remap", remap)
         try:
-            for table in FACT_TABLES:
-                self._move(table, "JOIN _remap r ON t.person_id = r.loser", "r.survivor")
-            for table in TRAIT_TABLES:
+            for table in ("facts", "trait_facts", *TRAIT_TABLES):
                 self.conn.execute(
                     f"UPDATE {table} SET person_id = r.survivor FROM _remap r "
                     f"WHERE {table}.person_id = r.loser"
@@ -493,33 +485,13 @@ class ProfileBuilder:
             pa.table({"record_id": list(moved), "person_id": list(moved.values())}),
         )
         try:
-            for table in FACT_TABLES:
-                self._move(
-                    table,
-                    "JOIN _moved_records m ON t.record_id = m.record_id "
-                    "AND t.person_id IS DISTINCT FROM m.person_id",
-                    "m.person_id",
-                )
-            for table in TRAIT_TABLES:
+            for table in ("facts", "trait_facts", *TRAIT_TABLES):
                 self.conn.execute(
                     f"UPDATE {table} SET person_id = m.person_id FROM _moved_records m "
                     f"WHERE {table}.record_id = m.record_id"
                 )
         finally:
             self.conn.unregister("_moved_records")
-
-    def _move(self, table: str, join: str, person: str) -> None:
-        """Give the rows of `table` that `join` (on `t`) selects the person `person` by
-        deleting them and appending them again (see FACT_TABLES)."""
-        q = self.conn.execute
-        q(
-            f"""CREATE OR REPLACE TEMP TABLE _moved_facts AS
-                SELECT t.rowid AS moved_row, t.* REPLACE ({person} AS person_id)
-                FROM {table} t {join}"""
-        )
-        q(f"DELETE FROM {table} WHERE rowid IN (SELECT moved_row FROM _moved_facts)")
-        q(f"INSERT INTO {table} BY NAME SELECT * EXCLUDE (moved_row) FROM _moved_facts")
-        q("DROP TABLE _moved_facts")
 
     def persons_holding(self, identifiers: set[Identifier]) -> set[str]:
         """The persons whose identity records carry any of `identifiers` (consent subjects)."""
