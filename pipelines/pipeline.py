@@ -233,10 +233,10 @@ def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
     conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL}'")
     # Most of a checkpoint at 300,000 persons is DuckDB merging part-filled row groups (its
     # vacuum; appends after a checkpoint start a row group of their own): lineage's 49k new
-    # rows made it rewrite 339k. Checkpoints without merging (`max_vacuum_tasks = 0`) cost
-    # 0.8 CPU-s against 4.4-4.7, but a merging one every 500,000 events, which deleted rows
-    # need, then cost as much as the merges it put off (500,000 events: 0.98x in all) and
-    # left a 1.25x larger file: merging stays on.
+    # rows made it rewrite 339k. Without merging (`max_vacuum_tasks = 0`) the checkpoint of
+    # five 10k-event batches cost 0.8 CPU-s, not 4.4-4.7, but a merging one every 500,000
+    # events (deleted rows need one) then cost as much as the merges it put off (0.98x over
+    # 500,000 events in all) and left a 1.25x larger file: merging stays on.
     return conn
 
 
