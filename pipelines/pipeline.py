@@ -236,6 +236,12 @@ def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
     # `bench_stages` runs alternating one and two threads: 0.91x the CPU-seconds on an
     # empty store (batches of 1,000 and of 10,000), 0.95x on a store of 300,000 persons.
     conn.execute("SET threads = 1")
+    # Most of a checkpoint at 300,000 persons is DuckDB merging part-filled row groups (its
+    # vacuum; appends after a checkpoint start a row group of their own): lineage's 49k new
+    # rows made it rewrite 339k. Without merging (`max_vacuum_tasks = 0`) the checkpoint of
+    # five 10k-event batches cost 0.8 CPU-s, not 4.4-4.7, but a merging one every 500,000
+    # events (deleted rows need one) then cost as much as the merges it put off (0.98x over
+    # 500,000 events in all) and left a 1.25x larger file: merging stays on.
     return conn
 
 
