@@ -37,6 +37,7 @@ from identity.records import identity_record
 from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
 from pipelines.identity_commands import RejectLink, parse_command
+from pipelines.state_memory import StateMemory
 from pipelines.stored_keys import StoredKeys
 from profiles.builder import ProfileBuilder, traits_of
 from profiles.segments import Segment, SegmentMembership, load_segments
@@ -217,8 +218,9 @@ def source_position(record: SourceRecord) -> tuple[str, int, int]:
     return (record.topic, record.partition, record.offset)
 
 
-def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
-    """Open (creating if needed) a DuckDB state file with the session settings stages rely on."""
+def open_state(path: Path | str, memory: StateMemory | None = None) -> duckdb.DuckDBPyConnection:
+    """Open (creating if needed) a DuckDB state file with the session settings stages rely on;
+    `memory` bounds DuckDB's memory (default: `StateMemory.from_env()`)."""
     conn = duckdb.connect(str(path))
     conn.execute("SET TimeZone = 'UTC'")
     # A commit is durable once its WAL is written; a checkpoint then rewrites every row
@@ -231,6 +233,9 @@ def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
     # held in memory until it, grow with the WAL (~160 MB more per batch folded): 256 MB
     # trades that memory for the CPU. A restart replays up to that much WAL.
     conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL}'")
+    # DuckDB's share of the process's memory, bounded (TESSERA_STATE_MEMORY_LIMIT) and
+    # spilling beside the state file: see pipelines/state_memory.py.
+    (memory or StateMemory.from_env()).apply(conn, path)
     return conn
 
 
