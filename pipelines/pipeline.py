@@ -221,6 +221,7 @@ def source_position(record: SourceRecord) -> tuple[str, int, int]:
 def open_state(path: Path | str, memory: StateMemory | None = None) -> duckdb.DuckDBPyConnection:
     """Open (creating if needed) a DuckDB state file with the session settings stages rely on;
     `memory` bounds DuckDB's memory (default: `StateMemory.from_env()`)."""
+    memory = memory or StateMemory.from_env()  # a bad setting fails before the file opens
     conn = duckdb.connect(str(path))
     conn.execute("SET TimeZone = 'UTC'")
     # A commit is durable once its WAL is written; a checkpoint then rewrites every row
@@ -235,7 +236,7 @@ def open_state(path: Path | str, memory: StateMemory | None = None) -> duckdb.Du
     conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL}'")
     # DuckDB's share of the process's memory, bounded (TESSERA_STATE_MEMORY_LIMIT) and
     # spilling beside the state file: see pipelines/state_memory.py.
-    (memory or StateMemory.from_env()).apply(conn, path)
+    memory.apply(conn, path)
     return conn
 
 

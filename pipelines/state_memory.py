@@ -54,7 +54,12 @@ class StateMemory:
         return cls(limit, env.get(TEMP_DIR_ENV, "").strip() or None)
 
     def apply(self, conn: duckdb.DuckDBPyConnection, path: Path | str) -> None:
-        """Set the limit and the temporary directory on `conn`, the state opened at `path`."""
+        """Set the limit and the temporary directory on `conn`, the state opened at `path`.
+
+        Set after opening rather than as connection config: DuckDB refuses a second
+        connection to a file open with a different config, and readers in the same process
+        (audits, tests) open the state with none. So the WAL replayed at open (at most a
+        checkpoint threshold's worth) is read before the limit holds."""
         conn.execute(f"SET memory_limit = '{self.memory_limit}'")
         temp = self.temp_directory
         if temp is None and str(path) != ":memory:":

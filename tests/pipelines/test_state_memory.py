@@ -55,10 +55,26 @@ def test_a_limit_that_is_not_a_size_is_refused_with_the_variable_named(limit):
         StateMemory.from_env({MEMORY_LIMIT_ENV: limit})
 
 
-def test_sizes_in_any_unit_are_accepted():
+def test_sizes_in_any_unit_are_accepted_by_the_check_and_by_duckdb():
     for limit in ("512MB", "1536 MiB", "2GiB", "1.5GB"):
-        assert StateMemory.from_env({MEMORY_LIMIT_ENV: limit}).memory_limit == limit
+        memory = StateMemory.from_env({MEMORY_LIMIT_ENV: limit})
+        assert memory.memory_limit == limit
+        conn = open_state(":memory:", memory)
+        assert _setting(conn, "memory_limit") == _as_duckdb_shows(limit)
+        conn.close()
     assert StateMemory.from_env({}).memory_limit == DEFAULT_MEMORY_LIMIT
+
+
+def test_a_reader_in_the_same_process_still_opens_the_bounded_state(tmp_path):
+    """Audits and tests open the state file with a plain connect beside the worker's; a
+    limit given as connection config would make DuckDB refuse them."""
+    path = tmp_path / "state.duckdb"
+    conn = open_state(path, StateMemory("300MB"))
+    conn.execute("CREATE TABLE t AS SELECT 1 AS x")
+    reader = duckdb.connect(str(path))
+    assert reader.execute("SELECT x FROM t").fetchall() == [(1,)]
+    reader.close()
+    conn.close()
 
 
 def test_past_the_limit_a_query_spills_beside_the_state_and_still_answers(tmp_path):
