@@ -32,6 +32,7 @@ reached mid-run counts in the commit that triggered it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -221,6 +222,24 @@ def source_digest(tree: Path) -> str:
     return digest.hexdigest()
 
 
+def _reset_peak_rss() -> None:
+    """Start this process's peak resident memory (VmHWM) afresh from what it holds now
+    (Linux; elsewhere a no-op), so the peak read later is the timed part's alone."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory since the last reset, in MiB (0 without /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def warm_state(warm_events: Path, batch_size: int, cached: Path) -> int:
     """Fill `cached` (unless it exists) with this code's state after `warm_events`, fed in
     batches of `batch_size`; returns the number of warm events (the timed ones follow)."""
@@ -293,6 +312,8 @@ def run_stages(
 
         profiler = Profiler(interval=0.002)
         profiler.start()
+    _reset_peak_rss()
+    rss_start = _peak_rss_mb()
     cpu0 = time.process_time()
     wall = feed(pipeline, lines, batch_size, first=first)
     # The batches' share of checkpoints: DuckDB writes a batch's rows into the database
@@ -302,6 +323,7 @@ def run_stages(
     pipeline.conn.execute("CHECKPOINT")
     clock.seconds[CHECKPOINT_LABEL] += time.process_time() - began
     cpu = time.process_time() - cpu0
+    peak_rss = _peak_rss_mb()
     if profiler is not None:
         profiler.stop()
         profile.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
@@ -314,6 +336,8 @@ def run_stages(
         "wall_s": wall,
         "spans": dict(clock.seconds),
         "outcomes": outcomes,
+        "rss_start_mb": rss_start,
+        "peak_rss_mb": peak_rss,
     }
     if outputs_file is not None:
         outputs_file.write_bytes(b"".join(line + b"\n" for line in output_lines(kept)))
@@ -405,6 +429,13 @@ def report(
             0,
         )
     )
+    if "peak_rss_mb" in after:
+        lines.append(
+            row("RSS at the first batch, MiB", b.get("rss_start_mb"), after["rss_start_mb"], 0)
+        )
+        lines.append(
+            row("peak RSS over the batches, MiB", b.get("peak_rss_mb"), after["peak_rss_mb"], 0)
+        )
     lines += ["", "| stage (exclusive CPU) | before s/10k | share | after s/10k | share |"]
     lines.append("|---|---:|---:|---:|---:|")
     labels = [

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import multiprocessing
 import os
 import random
 import resource
@@ -153,6 +154,35 @@ def returning_lines(warm: list[bytes], events: int, seed: int) -> list[bytes]:
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), in MiB (Linux; 0 where /proc
+    is missing)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _write_datasets(folder: Path, persons: int, probe_events: int) -> None:
+    """The cost point's inputs: the warm events, the probe's, and the returning ones. In a
+    process of its own: the generator holds every event of a dataset to sort it (3.2 GB at
+    300,000 persons), which would otherwise be the measured process's peak."""
+    from pipelines.bench import END
+    from pipelines.produce import read_lines
+    from synthetic.events import write_dataset
+
+    warm = folder / "warm.jsonl"
+    write_dataset(warm, None, persons=persons, events=2 * persons, seed=7, end=END)
+    probe = folder / "probe.jsonl"
+    write_dataset(probe, None, persons=probe_events // 50, events=probe_events, seed=8, end=END)
+    returning = returning_lines(list(read_lines(warm)), probe_events, seed=9)
+    (folder / "returning.jsonl").write_bytes(b"".join(line + b"\n" for line in returning))
+
+
 def _timed_feed(pipeline: Pipeline, lines: list[bytes], batch_size: int, first: int) -> dict:
     """Feed `lines` (offsets from `first`); wall-clock and CPU seconds of this process."""
     from pipelines.bench import feed
@@ -183,35 +213,43 @@ def cost(
     with the store; each tenth is also reported on stderr as it ends."""
     import duckdb
 
-    from pipelines.bench import END
     from pipelines.produce import read_lines
-    from synthetic.events import write_dataset
 
     fill_batch = fill_batch or batch_size
     folder.mkdir(parents=True, exist_ok=True)
-    warm, probe = folder / "warm.jsonl", folder / "probe.jsonl"
-    write_dataset(warm, None, persons=persons, events=2 * persons, seed=7, end=END)
-    write_dataset(probe, None, persons=probe_events // 50, events=probe_events, seed=8, end=END)
+    writer = multiprocessing.get_context("spawn").Process(
+        target=_write_datasets, args=(folder, persons, probe_events)
+    )
+    writer.start()
+    writer.join()
+    if writer.exitcode != 0:
+        raise RuntimeError(f"writing the cost point's events failed (exit {writer.exitcode})")
     state = folder / "state.duckdb"
     for stale in (state, state.with_name(state.name + ".wal")):
         stale.unlink(missing_ok=True)
     pipeline = Pipeline(state)
-    warm_lines = list(read_lines(warm))
+    warm = folder / "warm.jsonl"
+    warm_events = sum(1 for _ in read_lines(warm))
     load_before = os.getloadavg()[0]
     fill = []
-    for first, end in fill_parts(len(warm_lines), fill_batch):
-        part = _timed_feed(pipeline, warm_lines[first:end], fill_batch, first)
-        part.update(stored=end, rss_mb=rss_mb(), load=os.getloadavg()[0])
+    for first, end in fill_parts(warm_events, fill_batch):
+        # One tenth of the events in memory at a time: a worker holds a batch, not the topic.
+        lines = list(itertools.islice(read_lines(warm), first, end))
+        part = _timed_feed(pipeline, lines, fill_batch, first)
+        del lines
+        part.update(stored=end, rss_mb=rss_mb(), peak_rss_mb=peak_rss_mb(), load=os.getloadavg()[0])
         fill.append(part)
         print(orjson.dumps({"fill": part}).decode(), file=sys.stderr, flush=True)
     rss_before = rss_mb()
-    probed = _timed_feed(pipeline, list(read_lines(probe)), batch_size, len(warm_lines))
+    probed = _timed_feed(
+        pipeline, list(read_lines(folder / "probe.jsonl")), batch_size, warm_events
+    )
     rss_after = rss_mb()
     returning = _timed_feed(
         pipeline,
-        returning_lines(warm_lines, probe_events, seed=9),
+        list(read_lines(folder / "returning.jsonl")),
         batch_size,
-        len(warm_lines) + probe_events,
+        warm_events + probe_events,
     )
     pipeline.close()
     conn = duckdb.connect(str(state), read_only=True)
@@ -222,13 +260,13 @@ def cost(
     result = {
         "persons": persons,
         "persons_stored": stored,
-        "warm_events": len(warm_lines),
+        "warm_events": warm_events,
         "fill_batch": fill_batch,
         "batch": batch_size,
         "warm_seconds": warm_seconds,
         "warm_cpu_seconds": warm_cpu,
-        "warm_rate": len(warm_lines) / warm_seconds,
-        "warm_cpu_rate": len(warm_lines) / warm_cpu,
+        "warm_rate": warm_events / warm_seconds,
+        "warm_cpu_rate": warm_events / warm_cpu,
         "fill": fill,
         "probe_events": probe_events,
         "probe_seconds": probed["seconds"],
@@ -242,6 +280,8 @@ def cost(
         "returning_cpu_rate": returning["cpu_rate"],
         "rss_before_mb": rss_before,
         "rss_after_mb": rss_after,
+        # The stages' own peak: the events are written by another process, and this one
+        # holds a tenth of them at a time.
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "state_mb": state.stat().st_size / 2**20,
         "load_before": load_before,

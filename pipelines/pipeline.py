@@ -37,6 +37,7 @@ from identity.records import identity_record
 from identity.resolver import IdentityResolver, Resolution
 from pipelines import topics
 from pipelines.identity_commands import RejectLink, parse_command
+from pipelines.state_memory import StateMemory
 from pipelines.stored_keys import StoredKeys
 from profiles.builder import ProfileBuilder, traits_of
 from profiles.segments import Segment, SegmentMembership, load_segments
@@ -217,8 +218,10 @@ def source_position(record: SourceRecord) -> tuple[str, int, int]:
     return (record.topic, record.partition, record.offset)
 
 
-def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
-    """Open (creating if needed) a DuckDB state file with the session settings stages rely on."""
+def open_state(path: Path | str, memory: StateMemory | None = None) -> duckdb.DuckDBPyConnection:
+    """Open (creating if needed) a DuckDB state file with the session settings stages rely on;
+    `memory` bounds DuckDB's memory (default: `StateMemory.from_env()`)."""
+    memory = memory or StateMemory.from_env()  # a bad setting fails before the file opens
     conn = duckdb.connect(str(path))
     conn.execute("SET TimeZone = 'UTC'")
     # A commit is durable once its WAL is written; a checkpoint then rewrites every row
@@ -242,6 +245,9 @@ def open_state(path: Path | str) -> duckdb.DuckDBPyConnection:
     # five 10k-event batches cost 0.8 CPU-s, not 4.4-4.7, but a merging one every 500,000
     # events (deleted rows need one) then cost as much as the merges it put off (0.98x over
     # 500,000 events in all) and left a 1.25x larger file: merging stays on.
+    # DuckDB's share of the process's memory, bounded (TESSERA_STATE_MEMORY_LIMIT) and
+    # spilling beside the state file: see pipelines/state_memory.py.
+    memory.apply(conn, path)
     return conn
 
 

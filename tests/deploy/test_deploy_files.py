@@ -37,6 +37,7 @@ from packaging.specifiers import SpecifierSet
 from pipelines import kafka as tessera_kafka
 from pipelines import topics
 from pipelines.cli import app as cli_app
+from pipelines.state_memory import MEMORY_LIMIT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -60,6 +61,7 @@ TESSERA_ENV = {
     "TESSERA_KAFKA_SASL_USERNAME",
     "TESSERA_KAFKA_SASL_PASSWORD",
     "TESSERA_KAFKA_SSL_CAFILE",
+    "TESSERA_STATE_MEMORY_LIMIT",
 }
 SUBCOMMANDS = {"worker", "serve"}
 ENTRY_SCRIPT = "/opt/flink/usrlib/tessera_flink_job.py"
@@ -905,7 +907,7 @@ def test_tessera_environment_names_are_the_ones_the_code_reads():
         for p in command.params
         if isinstance(p.envvar, str)
     }
-    read_by_code = read_by_cli | set(tessera_kafka._SECURITY_ENV)
+    read_by_code = read_by_cli | set(tessera_kafka._SECURITY_ENV) | {MEMORY_LIMIT_ENV}
     assert read_by_code >= TESSERA_ENV, TESSERA_ENV - read_by_code
     used = set()
     for path in DEPLOY.rglob("*"):
