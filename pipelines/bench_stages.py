@@ -230,7 +230,9 @@ def _reset_peak_rss() -> None:
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak resident memory since the last reset, in MiB (0 without /proc)."""
+    """This process's peak resident memory since the last reset, in MiB (0 without /proc).
+    Not shared with bench_worker's: a run imports the measured checkout's modules, which
+    may predate it."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

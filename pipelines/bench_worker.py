@@ -32,16 +32,27 @@ from pipelines.kafka import BatchProducer
 from pipelines.pipeline import OutRecord, Pipeline
 
 
-def rss_mb() -> float:
-    """This process's resident memory now, in MiB (Linux; 0 where /proc is missing)."""
+def _status_mb(field: str) -> float:
+    """A memory field of this process's /proc status (`VmRSS`, `VmHWM`), in MiB (Linux; 0
+    where /proc is missing)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), in MiB."""
+    return _status_mb("VmHWM")
 
 
 def main(
@@ -152,19 +163,6 @@ def returning_lines(warm: list[bytes], events: int, seed: int) -> list[bytes]:
         event["timestamp"] = later.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         out.append(orjson.dumps(event))
     return out
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (VmHWM), in MiB (Linux; 0 where /proc
-    is missing)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def _write_datasets(folder: Path, persons: int, probe_events: int) -> None:
