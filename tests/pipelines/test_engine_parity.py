@@ -390,14 +390,18 @@ def test_a_killed_flink_job_restarts_without_losing_or_doubling(dataset, tmp_pat
     lines, expected = dataset
     log, data_dir = tmp_path / "flink.log", tmp_path / "flink"
     want = full_output(expected)
+    half = len(lines) // 2
     with EmbeddedBroker() as broker:
-        produce_events(lines, broker.bootstrap)
+        # Half the input first, so the kill lands mid-stream however fast the worker is:
+        # a quarter of the lineage is out (some batches committed) and the rest unproduced.
+        produce_events(lines[:half], broker.bootstrap)
         with worker_process("flink", broker.bootstrap, data_dir, 150, log, 1000) as worker:
             wait_for_outcomes(
-                broker.bootstrap, {topics.LINEAGE: want[topics.LINEAGE] // 2}, worker, log
+                broker.bootstrap, {topics.LINEAGE: want[topics.LINEAGE] // 4}, worker, log
             )
             kill_session(worker)
         crashed_at = len(committed_outcomes(data_dir))
+        produce_events(lines[half:], broker.bootstrap)
         with worker_process("flink", broker.bootstrap, data_dir, 150, log, 1000) as worker:
             wait_for_outcomes(broker.bootstrap, want, worker, log)
         outputs = {topic: read_topic(broker.bootstrap, topic) for topic in topics.OUTPUT_TOPICS}
