@@ -245,14 +245,28 @@ def test_worker_killed_at_random_points_loses_and_doubles_nothing(fresh_stack, d
     rng = random.Random()
     seed = rng.randrange(1_000_000)
     rng.seed(seed)
-    cli("produce", str(dataset.file), "--bootstrap", stack.bootstrap)
+    # The stream arrives in parts, a tenth of it ahead of each kill point and the last tenth
+    # after the kills, so each kill lands mid-stream however fast the worker is (produced
+    # at once, the whole input could be processed before the last kill).
+    produced = 0
+
+    def produce_up_to(end: int) -> None:
+        nonlocal produced
+        if end > produced:
+            part = stack.data_dir / f"events-{produced}.jsonl"
+            part.write_bytes(b"".join(line + b"\n" for line in dataset.lines[produced:end]))
+            cli("produce", str(part), "--bootstrap", stack.bootstrap)
+            produced = end
+
     kills = []
     for fraction in sorted(rng.uniform(0.1, 0.8) for _ in range(KILLS)):
+        produce_up_to(int(min(fraction + 0.1, 0.9) * len(dataset.lines)))
         wait_for_progress(stack, int(fraction * dataset.received))
         time.sleep(rng.uniform(0, 1.0))  # anywhere in a batch: consuming, staging, emitting
         kills.append(received(stack))
         assert stack.stop_process("worker", signal.SIGKILL) == -signal.SIGKILL
         stack.start_worker()
+    produce_up_to(len(dataset.lines))
     assert all(k < dataset.received for k in kills), (seed, kills)  # killed mid-stream
     assert_matches_ground_truth(stack, dataset)
     assert stack.stop_process("worker") == 0
