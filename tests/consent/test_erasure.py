@@ -314,7 +314,11 @@ def test_erasure_end_to_end_leaves_no_plaintext_anywhere(sealed_stack):
             and _lookup(stack, "phone", BOB_PHONE).json()
         )
     )["person_id"]
-    _produce(stack, [*alice_events(), linking_event()])
+    # Alice is a person of her own before the event that links her to Bob, so the two
+    # persons merge (in one batch with it, her records would join Bob's person instead).
+    _produce(stack, alice_events())
+    _poll(lambda: _lookup(stack, "email", ALICE_EMAIL).status_code == 200)
+    _produce(stack, [linking_event()])
     merged = _poll(
         lambda: (
             (r := _lookup(stack, "email", ALICE_EMAIL)).status_code == 200
