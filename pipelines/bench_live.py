@@ -85,12 +85,15 @@ class SteadyProducer(threading.Thread):
         self.sent_at: dict[int, float] = {}
         self.probes = 0
         self.error: BaseException | None = None
+        self.cpu = 0.0  # this thread's CPU-seconds, once it has run
 
     def run(self) -> None:
         try:
             self._run()
         except BaseException as exc:  # surfaced by the caller, never swallowed
             self.error = exc
+        finally:
+            self.cpu = time.thread_time()
 
     def _run(self) -> None:
         tick = 0.05
@@ -130,8 +133,15 @@ class ProbeWatcher(threading.Thread):
         self.api_url, self.api_key, self.producer = api_url, api_key, producer
         self.seen_at: dict[int, float] = {}
         self.stop = threading.Event()
+        self.cpu = 0.0  # this thread's CPU-seconds, once it has stopped
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.cpu = time.thread_time()
+
+    def _run(self) -> None:
         headers = {"X-API-Key": self.api_key}
         with httpx.Client(base_url=self.api_url, timeout=5, headers=headers) as http:
             number = 1
@@ -218,17 +228,118 @@ def probe_hops(bootstrap: str, sent_at: dict[int, float]) -> dict[int, dict[str,
     return hops
 
 
-def freshness(lines: Sequence[bytes], rate: float, folder: Path, seconds: float) -> dict[str, Any]:
-    """Produce `rate` events/s for `seconds` into a fresh stack; probe latency to the API."""
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_cpu(path: str) -> float:
+    """CPU-seconds (user + system) of a process or thread from its /proc stat file; 0 if gone."""
+    try:
+        with open(path, "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _machine_busy() -> float:
+    """CPU-seconds all cores spent not idle since boot (every process, ours or not)."""
+    with open("/proc/stat", "rb") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = values[:7]
+    return (user + nice + system + irq + softirq) / _TICKS  # not steal: not ours to use
+
+
+class CpuMeter:
+    """CPU-seconds each process of the stack and the bench process spend in a window.
+
+    Processes are read from /proc (`pid/stat`); `bench` is the whole bench process (its
+    producer and watcher threads time themselves), `bench librdkafka` the threads of its
+    producer's client (`rdk:*`); `machine`, every process on the machine, ours or not.
+    """
+
+    def __init__(self, processes: dict[str, int]) -> None:
+        self.processes = processes
+        self.start = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        sample = {name: _stat_cpu(f"/proc/{pid}/stat") for name, pid in self.processes.items()}
+        sample["bench"] = _stat_cpu("/proc/self/stat")
+        sample["bench librdkafka"] = sum(
+            _stat_cpu(f"/proc/self/task/{tid}/stat")
+            for tid in os.listdir("/proc/self/task")
+            if _comm(f"/proc/self/task/{tid}/comm").startswith("rdk:")
+        )
+        sample["machine"] = _machine_busy()
+        sample["wall"] = time.monotonic()
+        return sample
+
+    def stop(self) -> dict[str, float]:
+        """CPU-seconds per part since the meter was made; `wall`: the window's seconds."""
+        end = self._sample()
+        return {name: round(end[name] - self.start[name], 2) for name in end}
+
+
+def _comm(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def process_threads(pid: int) -> dict[str, tuple[float, float]]:
+    """A process's threads ("tid comm"): seconds on a CPU and seconds runnable but waiting
+    for one (`schedstat`), for telling the stage thread from the event loop (the main
+    thread, tid == pid) and the clients' threads, and a full machine from a busy thread."""
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        name = f"{tid} {_comm(f'/proc/{pid}/task/{tid}/comm')}"
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                ran, waited, _ = (int(v) / 1e9 for v in handle.read().split())
+        except OSError:
+            continue
+        threads[name] = (ran, waited)
+    return threads
+
+
+TOPOLOGIES = ("single", "split")
+
+
+def _start_topology(stack: LocalStack, topology: str) -> None:
+    """`split`: an ingest worker in front of the stack's worker, which is the stage owner."""
+    if topology == "split":
+        stack.start_worker("ingest", role="ingest")
+
+
+def freshness(
+    lines: Sequence[bytes],
+    rate: float,
+    folder: Path,
+    seconds: float,
+    topology: str = "single",
+) -> dict[str, Any]:
+    """Produce `rate` events/s for `seconds` into a fresh stack; probe latency to the API.
+
+    `topology`: `single`, one worker (`--role all`); `split`, one ingest worker
+    (`--role ingest`) forwarding to the stage owner (`--role stages`).
+    """
     count = min(len(lines), int(rate * seconds))
     key = _admin_key(folder)
-    with LocalStack(folder / "stack") as stack:
+    options = {"role": "stages"} if topology == "split" else {}
+    with LocalStack(folder / "stack", worker_options=options) as stack:
+        _start_topology(stack, topology)
         _wait_until_serving(stack, key)
         producer = SteadyProducer(stack.bootstrap, lines[:count], rate, probe_every=0.2)
         watcher = ProbeWatcher(stack.api_url, key, producer)
+        pids = {name: process.pid for name, process in stack.processes.items()}
+        assert stack.broker.process is not None
+        pids["broker"] = stack.broker.process.pid
         started = time.time()
         producer.start()
         watcher.start()
+        meter = CpuMeter(pids)
+        threads_before = {name: process_threads(pids[name]) for name in ("worker", "api")}
         producer.join()
         produced_for = time.time() - started
         if producer.error:
@@ -236,16 +347,29 @@ def freshness(lines: Sequence[bytes], rate: float, folder: Path, seconds: float)
         deadline = time.monotonic() + 600
         while len(watcher.seen_at) < producer.probes and time.monotonic() < deadline:
             time.sleep(0.1)
+        cpu = meter.stop()
+        threads_after = {name: process_threads(pids[name]) for name in ("worker", "api")}
         watcher.stop.set()
         watcher.join()
+        cpu.update({"bench producer": producer.cpu, "bench watcher": watcher.cpu})
+        replica = httpx.get(f"{stack.api_url}/healthz", timeout=10).json().get("replica", {})
         drained_for = time.time() - started
         hops = probe_hops(stack.bootstrap, producer.sent_at)
+    # The six busiest threads of the worker and of the API: [on a CPU, waiting for one], s.
+    threads = {}
+    for process, after in threads_after.items():
+        spent = {}
+        for name, (ran, waited) in after.items():
+            ran_before, waited_before = threads_before[process].get(name, (0.0, 0.0))
+            spent[name] = [round(ran - ran_before, 2), round(waited - waited_before, 2)]
+        threads[process] = dict(sorted(spent.items(), key=lambda kv: -kv[1][0])[:6])
     latencies = sorted(
         watcher.seen_at[n] - producer.sent_at[n] for n in watcher.seen_at if n in producer.sent_at
     )
     served = {n: watcher.seen_at[n] - hops[n]["emitted"] - producer.sent_at[n] for n in hops}
     return {
         "rate": rate,
+        "topology": topology,
         "achieved_rate": count / produced_for,
         "events": count,
         "probes": producer.probes,
@@ -259,6 +383,12 @@ def freshness(lines: Sequence[bytes], rate: float, folder: Path, seconds: float)
         "stages_p50": percentile(sorted(h["stages"] for h in hops.values()), 50),
         "served_p50": percentile(sorted(served.values()), 50),
         "batch_p50": percentile(sorted(h["batch"] for h in hops.values()), 50),
+        # CPU-seconds from the first event produced to the last probe served.
+        "cpu": cpu,
+        "threads": threads,
+        "replica_applies": replica.get("applies"),
+        "replica_records": replica.get("records_applied"),
+        "replica_apply_cpu": replica.get("apply_cpu_seconds"),
     }
 
 
@@ -424,11 +554,17 @@ def _code_of(checkout: Path | None) -> Iterator[None]:
 
 
 def compare_freshness(
-    rates: Sequence[int], seconds: float, baseline: Path | None, rounds: int, workdir: Path
+    rates: Sequence[int],
+    seconds: float,
+    baseline: Path | None,
+    rounds: int,
+    workdir: Path,
+    topologies: Sequence[str] = ("single",),
 ) -> list[dict[str, Any]]:
     """Freshness of this checkout's stack and, alternately in the same run, of `baseline`'s
     (another checkout: its worker and API run its code; the producer and the probe watcher
-    are this module's, so both are measured alike). One JSON line per run on stdout."""
+    are this module's, so both are measured alike), in each of `topologies` (alternating
+    too). One JSON line per run on stdout."""
     from pipelines.bench import END
     from pipelines.produce import read_lines
     from synthetic.events import write_dataset
@@ -441,17 +577,19 @@ def compare_freshness(
     codes: list[tuple[str, Path | None]] = [("after", None)]
     if baseline is not None:
         codes.insert(0, ("before", baseline))
+    runs = [(code, topology) for topology in topologies for code in codes]
     results = []
     for round_ in range(rounds):
         for rate in rates:
-            for label, checkout in codes if round_ % 2 == 0 else codes[::-1]:
-                folder = workdir / f"{label}-r{rate}-{round_}"
+            for (label, checkout), topology in runs if round_ % 2 == 0 else runs[::-1]:
+                folder = workdir / f"{label}-{topology}-r{rate}-{round_}"
                 shutil.rmtree(folder, ignore_errors=True)
                 with _code_of(checkout):
-                    result = {"code": label, "round": round_}
-                    result.update(freshness(lines, rate, folder, seconds))
+                    result = {"code": label, "round": round_, "load": os.getloadavg()[0]}
+                    result.update(freshness(lines, rate, folder, seconds, topology))
                 print(orjson.dumps(result).decode(), flush=True)
                 results.append(result)
+                shutil.rmtree(folder, ignore_errors=True)
     return results
 
 
@@ -463,6 +601,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--baseline", type=Path, help="checkout whose stack is 'before'")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--topologies",
+        default="single",
+        help="comma-separated: single (one worker), split (an ingest worker + the stage owner)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path(".tessera/bench-freshness"))
     args = parser.parse_args(argv)
     rates = [int(r) for r in args.rates.split(",") if r]
@@ -472,7 +615,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # starts: inside a checkout it would shadow the baseline's code with that checkout's.
     os.chdir(workdir)
     baseline = args.baseline.resolve() if args.baseline else None
-    compare_freshness(rates, args.seconds, baseline, args.rounds, workdir)
+    topologies = [t for t in args.topologies.split(",") if t]
+    if unknown := set(topologies) - set(TOPOLOGIES):
+        parser.error(f"unknown topologies {sorted(unknown)}; choose from {TOPOLOGIES}")
+    compare_freshness(rates, args.seconds, baseline, args.rounds, workdir, topologies)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ class ReplicaFollower:
         self.batch_size = batch_size
         self.wait = wait  # the longest one poll waits when nothing has been fetched
         self.applied = 0
+        self.applies = 0  # transactions: `applied` over this is the records per apply
+        self.apply_cpu = 0.0  # this thread's CPU-seconds in `ProfileStore.apply`
         self.last_error: str | None = None
         # Partitions read to their end at least once since start. End of partition comes from
         # fetch responses' high-water mark, which Tansu reports correctly (ListOffsets it does not).
@@ -139,8 +141,11 @@ class ReplicaFollower:
                         )
                     )
                 if records:
+                    began = time.thread_time()
                     self.store.apply(records)
+                    self.apply_cpu += time.thread_time() - began
                     self.applied += len(records)
+                    self.applies += 1
                 for position, at_end in ended.items():  # only once applied
                     if at_end:
                         self._at_end.add(position)

@@ -195,6 +195,8 @@ def create_app(
                 "following": follower.alive,
                 "caught_up": follower.caught_up,
                 "records_applied": follower.applied,
+                "applies": follower.applies,
+                "apply_cpu_seconds": round(follower.apply_cpu, 3),
                 "last_error": follower.last_error,
             }
             if not follower.alive:

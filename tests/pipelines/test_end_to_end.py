@@ -104,6 +104,9 @@ def test_the_api_is_ready_only_with_a_caught_up_replica(streamed):
     assert httpx.get(f"{stack.api_url}/readyz").json() == {"status": "ready"}
     replica = httpx.get(f"{stack.api_url}/healthz").json()["replica"]
     assert replica["following"] and replica["caught_up"] and replica["records_applied"] > 0
+    # Each apply is one transaction of at least one record, and its CPU is counted.
+    assert 1 <= replica["applies"] <= replica["records_applied"]
+    assert replica["apply_cpu_seconds"] > 0
     # Everything on the topics is applied: the counts are final, not a moment in between.
     stats = httpx.get(f"{stack.api_url}/v1/stats").json()
     assert stats["replica"] == {"caught_up": True, "at_end": True}
