@@ -186,6 +186,8 @@ _CONFIGURATIONS: ContextVar[dict[int, tuple[Any, tuple[Any, ...], Any]] | None] 
 _GRAPHS: ContextVar[tuple[dict[bytes, Any], dict[bytes, Any]] | None] = ContextVar(
     "tessera_gx_graphs", default=None
 )
+# The domain frames (rows a metric reads) of the current validation, by domain kwargs.
+_DOMAINS: ContextVar[dict[bytes, Any] | None] = ContextVar("tessera_gx_domains", default=None)
 # The validation dependencies of the previous validation (read) and the current one (filled).
 _DEPENDENCIES: ContextVar[tuple[dict[bytes, Any], dict[bytes, Any]] | None] = ContextVar(
     "tessera_gx_dependencies", default=None
@@ -227,6 +229,7 @@ def _gx() -> tuple[Any, Any]:
     )
     _reuse_metric_graphs()
     _memoise_regex_parse()
+    _share_domain_records()
     id_dict.convert_to_json_serializable = _plain_json(
         id_dict.convert_to_json_serializable, id_dict.IDDict
     )
@@ -381,6 +384,32 @@ def _configuration_key(configuration: Any) -> bytes:
         option=orjson.OPT_SORT_KEYS,
         default=str,
     )
+
+
+def _share_domain_records() -> None:
+    """Let the metrics of one validation that read the same domain share its rows.
+
+    A column pair's domain is the frame without the rows where either column is null: GX
+    drops them again for each of the four or five metrics of the pair's expectation (the
+    condition, its count, values and index list, the filtered row count), a copy of the
+    whole frame each time. Inside QualitySuites.validate a domain is computed once per
+    domain kwargs; pandas' copy-on-write keeps a shared frame from being changed by a reader.
+    """
+    from great_expectations.execution_engine import PandasExecutionEngine
+
+    records = PandasExecutionEngine.get_domain_records
+
+    def shared(self: Any, domain_kwargs: dict) -> Any:
+        memo = _DOMAINS.get()
+        if memo is None or "column" in domain_kwargs:  # a single column's domain is the frame
+            return records(self, domain_kwargs=domain_kwargs)
+        key = orjson.dumps(domain_kwargs, option=orjson.OPT_SORT_KEYS, default=str)
+        data = memo.get(key)
+        if data is None:
+            data = memo[key] = records(self, domain_kwargs=domain_kwargs)
+        return data
+
+    PandasExecutionEngine.get_domain_records = shared
 
 
 def _memoise_regex_parse() -> None:
@@ -630,6 +659,7 @@ class QualitySuites:
             kept = _GRAPHS.set((self._graphs, graphs))
             dependencies: dict[bytes, Any] = {}
             kept_dependencies = _DEPENDENCIES.set((self._dependencies, dependencies))
+            domains = _DOMAINS.set({})
             try:
                 # What GX's v1 Validator.validate_expectation_suite runs on its validator.
                 configurations = validator.process_expectations_for_validation(
@@ -642,6 +672,7 @@ class QualitySuites:
                     runtime_configuration={},
                 )
             finally:
+                _DOMAINS.reset(domains)
                 _DEPENDENCIES.reset(kept_dependencies)
                 _GRAPHS.reset(kept)
                 _CONFIGURATIONS.reset(token)
