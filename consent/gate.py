@@ -173,14 +173,18 @@ class ConsentGate:
             self.conn.unregister("_gate_ids")
         state: dict[tuple[Identifier, str], ConsentRecord] = {}
         rowids: dict[tuple[Identifier, str], int] = {}
+        # An event's statements share its time (a purpose per preference, for each of its
+        # identifiers): each stored time becomes a datetime once.
+        times: dict[int, datetime] = {}
         for r in rows:
             identifier = Identifier(r[0], r[1])
             if identifier not in identifiers:  # the same value under another type
                 continue
             key = (identifier, r[2])
-            state[key] = ConsentRecord(
-                r[2], r[3], _EPOCH + timedelta(microseconds=r[4]), r[5], r[6], r[7], r[8]
-            )
+            ts = times.get(r[4])
+            if ts is None:
+                ts = times[r[4]] = _EPOCH + timedelta(microseconds=r[4])
+            state[key] = ConsentRecord(r[2], r[3], ts, r[5], r[6], r[7], r[8])
             rowids[key] = r[9]
         return state, rowids
 
@@ -243,9 +247,17 @@ class ConsentGate:
             prefs = carried_preferences(event)
             for stated, granted in prefs.items():
                 status = "granted" if granted else "denied"
-                remember(
-                    ids, ConsentRecord(stated, status, ts, "event-context", None, None, event_key)
-                )
+                record = ConsentRecord(stated, status, ts, "event-context", None, None, event_key)
+                # `remember`, inline: about four statements an event, each for every id.
+                for identifier in ids:
+                    key = (identifier, stated)
+                    current = get(key)
+                    if (
+                        current is None
+                        or ts > current.ts
+                        or (ts == current.ts and current.status != status)
+                    ):
+                        state[key] = changed[key] = record
             purpose = purpose_of(kind)
             if purpose is None:
                 decisions.append(_NO_CONSENT_NEEDED)

@@ -161,6 +161,37 @@ def test_metric_graphs_kept_from_the_previous_batch_validate_as_graphs_built_ane
     assert not all(outcome.success for outcome in result)
 
 
+def test_each_column_pair_domain_is_read_once_per_validation(monkeypatch):
+    # GX drops the rows missing either column of a pair for each metric of the pair's
+    # expectation; the rows a validation reads are computed once per domain.
+    from great_expectations.execution_engine import PandasExecutionEngine
+
+    suites = QualitySuites(QualityConfig())
+    frame = _frame(suites, order("p-1", order_id="o-9"), refund("p-2", order_id="o-9", total=30.0))
+    computed: list[tuple] = []
+    records = PandasExecutionEngine.get_domain_records
+
+    def counted(self, domain_kwargs):
+        if "column_A" in domain_kwargs:
+            computed.append(tuple(sorted(domain_kwargs.items())))
+        return records(self, domain_kwargs)
+
+    # Beneath the sharing: what the shared method hands to GX's own.
+    monkeypatch.setattr(PandasExecutionEngine, "get_domain_records", counted)
+    from quality import suites as module
+
+    module._share_domain_records()
+    window = (NOW - timedelta(days=30)).timestamp(), NOW.timestamp()
+    result = suites.validate(frame, window)
+    pairs = [o for o in result if "column_A" in o.expectation_config.kwargs]
+    assert len(pairs) == 2
+    assert len(computed) == len(set(computed)) == 2
+    # And the alerts, in GX's BASIC format, still carry the figures the report reads.
+    alerts = [o for o in result if "mostly" in o.expectation_config.kwargs]
+    assert alerts and all("unexpected_index_list" not in o.result for o in alerts)
+    assert all("element_count" in o.result and "missing_count" in o.result for o in alerts)
+
+
 def test_the_engine_keeps_no_metric_of_a_validated_batch():
     # Every micro-batch has the same GX batch id, and the clock metrics of each window a new
     # id: kept by the engine, they would grow with every batch.
