@@ -188,3 +188,36 @@ def test_an_operator_split_rebuilds_both_profiles_and_bad_commands_are_dead_lett
     reasons = [dict(o.headers)["tessera.reason"] for o in run.on(topics.REJECTED)]
     assert reasons == [b"invalid_command", b"invalid_command"]
     assert run.feed(command.value, topic=topics.IDENTITY_COMMANDS).duplicates == 1
+
+
+def test_offsets_per_partition_only_move_forward_and_the_journal_holds_the_last_batch(
+    run, make_event
+):
+    def at(topic, partition, offset, user):
+        return SourceRecord(topic, partition, offset, orjson.dumps(make_event("page", userId=user)))
+
+    first = [
+        at(topics.BEHAVIORAL, 0, 7, "u1"),
+        at(topics.BEHAVIORAL, 2, 3, "u2"),
+        at(topics.BEHAVIORAL, 0, 5, "u3"),
+        at(topics.TRANSACTIONAL, 1, 40, "u4"),
+    ]
+    run.pipeline.process(first, lambda _outputs: None)
+    assert run.pipeline.committed_offsets() == {
+        (topics.BEHAVIORAL, 0): 8,
+        (topics.BEHAVIORAL, 2): 4,
+        (topics.TRANSACTIONAL, 1): 41,
+    }
+    # A later batch with a redelivered, older offset of one partition and a new partition.
+    later = [at(topics.BEHAVIORAL, 0, 2, "u5"), at(topics.BEHAVIORAL, 3, 0, "u6")]
+    run.pipeline.process(later, lambda _outputs: None)
+    assert run.pipeline.committed_offsets() == {
+        (topics.BEHAVIORAL, 0): 8,
+        (topics.BEHAVIORAL, 2): 4,
+        (topics.BEHAVIORAL, 3): 1,
+        (topics.TRANSACTIONAL, 1): 41,
+    }
+    journal = run.pipeline.conn.execute("SELECT slot, extent FROM batch_journal").fetchall()
+    assert [(slot, orjson.loads(extent)) for slot, extent in journal] == [
+        (0, [[topics.BEHAVIORAL, 0, 2, 2], [topics.BEHAVIORAL, 3, 0, 0]])
+    ]
