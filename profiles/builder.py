@@ -641,21 +641,28 @@ class ProfileBuilder:
         )
 
     def _stated(
-        self, by_name: dict[str, list[tuple[datetime, str, Any]]]
+        self, by_name: dict[str, list[tuple[datetime, str, str]]]
     ) -> dict[str, dict[str, Any]]:
-        """A view's identify traits from their allowed (UTC ts, event key, value), by strategy;
-        each trait's values in (ts, event key) order.
+        """A view's identify traits from their allowed (UTC ts, event key, JSON value), by
+        strategy; each trait's values in (ts, event key) order.
 
         The times come naive (UTC wall time): DuckDB turns a TIMESTAMPTZ into an aware
-        datetime through pytz, which cost more than the query that read them."""
+        datetime through pytz, which cost more than the query that read them. Values are
+        parsed only where the strategy reads them: the latest or first value alone."""
         traits = {}
+        strategy_of = self.traits.strategy
         for name, values in by_name.items():
-            ts, event_key, _ = values[-1]  # they come in (ts, event key) order
-            traits[name] = {
-                "value": merge_identify_trait(self.traits.strategy(name), values, ordered=True),
-                "ts": ts.isoformat() + "+00:00",
-                "event_key": event_key,
-            }
+            ts, event_key, last = values[-1]  # they come in (ts, event key) order
+            strategy = strategy_of(name)
+            if strategy == "latest":
+                value = orjson.loads(last)
+            elif strategy == "first":
+                value = orjson.loads(values[0][2])
+            else:
+                value = merge_identify_trait(
+                    strategy, [(t, k, orjson.loads(v)) for t, k, v in values], ordered=True
+                )
+            traits[name] = {"value": value, "ts": ts.isoformat() + "+00:00", "event_key": event_key}
         return traits
 
     def _build(self, affected: list[str]) -> dict[str, dict[str, Any]]:
@@ -684,7 +691,7 @@ class ProfileBuilder:
         totals: dict[tuple[str, str], dict[str, Totals]] = {}
         for number, trait, *row in q(_ROLLUP, self._rolled_columns).fetchall():
             totals.setdefault(view_of[number], {})[trait] = Totals(*row)
-        stated: dict[tuple[str, str], dict[str, list[tuple[datetime, str, Any]]]] = {}
+        stated: dict[tuple[str, str], dict[str, list[tuple[datetime, str, str]]]] = {}
         for person, view, name, value, ts, event_key in q(
             """SELECT a.person_id, a.scope, t.name, t.value, timezone('UTC', t.ts), t.event_key
                FROM trait_facts t JOIN facts f USING (event_key)
@@ -695,7 +702,7 @@ class ProfileBuilder:
                ORDER BY 1, 2, 3, 5, 6"""
         ).fetchall():
             by_name = stated.setdefault((person, view), {})
-            by_name.setdefault(name, []).append((ts, event_key, orjson.loads(value)))
+            by_name.setdefault(name, []).append((ts, event_key, value))
         # All identifiers index the profile for lookups; a view shows only those of records
         # that contributed an allowed event to it: the same for views that share a roll-up
         # (they allow the same groups), read once for those (`_ag_shared`).

@@ -86,6 +86,9 @@ class TraitCatalog:
     _rollups: dict[str, RollupPlan] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _reads: dict[date, tuple[tuple[str, str, str | None], ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def strategy(self, name: str) -> str:
         return self.strategies.get(name, self.default_strategy)
@@ -577,6 +580,25 @@ def _sum_or_mean(spec: TraitSpec, rows: Iterable[tuple[str, int, Decimal]]) -> d
     return {g: _money(totals[g]) for g in sorted(totals)}
 
 
+def _read_plan(catalog: TraitCatalog, today: date) -> tuple[tuple[str, str, str | None], ...]:
+    """What `at_read` works out at `today`, once per day rather than per view: (name, first
+    day, last day) of each window, (name, the time trait, None) of each `days_since`, in
+    catalog order."""
+    plan = catalog._reads.get(today)
+    if plan is None:
+        end = today.isoformat()
+        plan = tuple(
+            (spec.name, (today - timedelta(days=spec.window_days - 1)).isoformat(), end)
+            if spec.window_days
+            else (spec.name, spec.of or "", None)
+            for spec in catalog.computed
+            if spec.window_days or spec.op == "days_since"
+        )
+        catalog._reads.clear()  # one day's plan at a time
+        catalog._reads[today] = plan
+    return plan
+
+
 def at_read(
     catalog: TraitCatalog, computed: dict[str, Any], windows: dict[str, Any], now: datetime
 ) -> dict[str, Any]:
@@ -586,15 +608,13 @@ def at_read(
     """
     today = now.astimezone(UTC).date()
     out = dict(computed)
-    for spec in catalog.computed:
-        if spec.window_days:
-            start = (today - timedelta(days=spec.window_days - 1)).isoformat()
-            end = today.isoformat()
-            days = windows.get(spec.name) or {}
-            out[spec.name] = sum(n for day, n in days.items() if start <= day <= end)
-        elif spec.op == "days_since":
-            stamp = computed.get(spec.of or "")
-            out[spec.name] = (
+    for name, start, end in _read_plan(catalog, today):
+        if end is not None:
+            days = windows.get(name) or {}
+            out[name] = sum(n for day, n in days.items() if start <= day <= end)
+        else:
+            stamp = computed.get(start)
+            out[name] = (
                 (today - datetime.fromisoformat(stamp).astimezone(UTC).date()).days
                 if stamp
                 else None
