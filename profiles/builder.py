@@ -36,6 +36,7 @@ from profiles.traits import (
     merge_identify_trait,
     rolled_columns,
     rollup,
+    rollup_plan,
 )
 
 # One accumulator row: its key (record, ingestion purpose, jurisdiction, trait, bucket), the
@@ -152,7 +153,7 @@ WITH horizons AS (  -- windows keep the days after the view's last event less th
                FILTER (WHERE list_contains($values, s.trait)) AS value
     FROM _person_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     LEFT JOIN horizons h ON h.view = a.view
-    WHERE s.trait <> '{SEEN}'  -- no computed trait reads the groups' own rows
+    WHERE (s.trait <> '{SEEN}' OR $read_seen)  -- the groups' own rows, for `SEEN`'s twins
       AND (NOT list_contains($windowed, s.trait)
            OR split_part(s.bucket, '|', 1) > coalesce(h.horizon, ''))
     GROUP BY a.view, s.trait, s.bucket  -- `day` follows from these
@@ -262,10 +263,18 @@ class ProfileBuilder:
         self._folded_rows = self._count("trait_state")
         self._delta_rows = self._count("trait_deltas")
         self._unfolded: list[int] = []  # the slices a fold under way has still to fold
+        # Traits read through another's rows (their own rows are never read): window
+        # twins through the trait they twin, and `SEEN`'s twins through `SEEN`.
+        self._read_through = dict(self.traits.window_twins)
         self._fill_window_twins()
         self._rolled_columns = rolled_columns(self.traits)
-        # Window twins are read through the trait they twin: their rows are never read.
-        self._twins = self._rolled_columns.pop("twins")
+        self._rolled_columns.pop("twins")
+        self._twins = sorted(self._read_through)
+        if any(source == SEEN for source in self._read_through.values()):
+            self._rolled_columns["firsts"] = sorted({*self._rolled_columns["firsts"], SEEN})
+            self._rolled_columns["lasts"] = sorted({*self._rolled_columns["lasts"], SEEN})
+        self._rolled_columns["read_seen"] = SEEN in self._read_through.values()
+        self._rollup_plan = rollup_plan(self.traits, self._read_through)
         # What silence means, per jurisdiction and purpose: the fallback of every view.
         self._defaults = pa.table(
             {
@@ -290,20 +299,28 @@ class ProfileBuilder:
         they hold the same rows, unless one joined the catalog after events were stored:
         it lacks their rows, and so would every twin rolled up through it. A twin behind
         the fullest of its family (fewer events counted) gets that one's rows, which is
-        what a rebuild from every event would give it.
+        what a rebuild from every event would give it. `SEEN`'s twins
+        (`TraitCatalog.seen_twins`) are read through `SEEN` when their history is its own.
         """
         families: dict[str, list[str]] = {}
         for twin, first in self.traits.window_twins.items():
             families.setdefault(first, [first]).append(twin)
-        if not families:
+        seen_twins = self.traits.seen_twins
+        if not families and not seen_twins:
             return
         counted = dict(
             self.conn.execute(
                 """SELECT trait, sum(n)::BIGINT FROM trait_rows
                    WHERE trait IN (SELECT unnest(?)) GROUP BY trait""",
-                [[name for names in families.values() for name in names]],
+                [[name for names in families.values() for name in names] + [SEEN, *seen_twins]],
             ).fetchall()
         )
+        # `SEEN`'s twins count every event as `SEEN` does: one that counted as many holds
+        # the same rows (one that joined the catalog after events were stored counted
+        # fewer, and keeps reading its own).
+        for name in seen_twins:
+            if counted.get(name, 0) == counted.get(SEEN, 0):
+                self._read_through[name] = SEEN
         behind: list[tuple[str, str]] = []  # (twin, the fullest of its family)
         for names in families.values():
             fullest = max(names, key=lambda name: (counted.get(name, 0), name))
@@ -624,21 +641,28 @@ class ProfileBuilder:
         )
 
     def _stated(
-        self, by_name: dict[str, list[tuple[datetime, str, Any]]]
+        self, by_name: dict[str, list[tuple[datetime, str, str]]]
     ) -> dict[str, dict[str, Any]]:
-        """A view's identify traits from their allowed (UTC ts, event key, value), by strategy;
-        each trait's values in (ts, event key) order.
+        """A view's identify traits from their allowed (UTC ts, event key, JSON value), by
+        strategy; each trait's values in (ts, event key) order.
 
         The times come naive (UTC wall time): DuckDB turns a TIMESTAMPTZ into an aware
-        datetime through pytz, which cost more than the query that read them."""
+        datetime through pytz, which cost more than the query that read them. Values are
+        parsed only where the strategy reads them: the latest or first value alone."""
         traits = {}
+        strategy_of = self.traits.strategy
         for name, values in by_name.items():
-            ts, event_key, _ = values[-1]  # they come in (ts, event key) order
-            traits[name] = {
-                "value": merge_identify_trait(self.traits.strategy(name), values, ordered=True),
-                "ts": ts.isoformat() + "+00:00",
-                "event_key": event_key,
-            }
+            ts, event_key, last = values[-1]  # they come in (ts, event key) order
+            strategy = strategy_of(name)
+            if strategy == "latest":
+                value = orjson.loads(last)
+            elif strategy == "first":
+                value = orjson.loads(values[0][2])
+            else:
+                value = merge_identify_trait(
+                    strategy, [(t, k, orjson.loads(v)) for t, k, v in values], ordered=True
+                )
+            traits[name] = {"value": value, "ts": ts.isoformat() + "+00:00", "event_key": event_key}
         return traits
 
     def _build(self, affected: list[str]) -> dict[str, dict[str, Any]]:
@@ -667,7 +691,7 @@ class ProfileBuilder:
         totals: dict[tuple[str, str], dict[str, Totals]] = {}
         for number, trait, *row in q(_ROLLUP, self._rolled_columns).fetchall():
             totals.setdefault(view_of[number], {})[trait] = Totals(*row)
-        stated: dict[tuple[str, str], dict[str, list[tuple[datetime, str, Any]]]] = {}
+        stated: dict[tuple[str, str], dict[str, list[tuple[datetime, str, str]]]] = {}
         for person, view, name, value, ts, event_key in q(
             """SELECT a.person_id, a.scope, t.name, t.value, timezone('UTC', t.ts), t.event_key
                FROM trait_facts t JOIN facts f USING (event_key)
@@ -678,7 +702,7 @@ class ProfileBuilder:
                ORDER BY 1, 2, 3, 5, 6"""
         ).fetchall():
             by_name = stated.setdefault((person, view), {})
-            by_name.setdefault(name, []).append((ts, event_key, orjson.loads(value)))
+            by_name.setdefault(name, []).append((ts, event_key, value))
         # All identifiers index the profile for lookups; a view shows only those of records
         # that contributed an allowed event to it: the same for views that share a roll-up
         # (they allow the same groups), read once for those (`_ag_shared`).
@@ -698,13 +722,14 @@ class ProfileBuilder:
             elif person in profiles:
                 profiles[person]["identifiers"][id_type] = values
         rolled: dict[tuple[str, str], tuple[dict, dict, dict, dict]] = {}
+        plan = self._rollup_plan
         for (person, view), of in sorted(shared.items()):
             # Every shared view has allowed groups (`_ag_shared`), even if none of their
             # rows feeds a computed trait.
             if person not in profiles:
                 continue
             if (person, of) not in rolled:
-                computed, windows = rollup(self.traits, totals.get((person, of), {}))
+                computed, windows = rollup(self.traits, totals.get((person, of), {}), plan)
                 rolled[(person, of)] = (
                     shown.get((person, of), {}),
                     self._stated(stated.get((person, of), {})),

@@ -17,7 +17,7 @@ Two clocks, kept apart: buckets are event time (the day an event happened); wind
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -83,6 +83,12 @@ class TraitCatalog:
     _by_kind: dict[str, KindPlan] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _rollups: dict[str, RollupPlan] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _reads: dict[date, tuple[tuple[str, str, str | None], ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def strategy(self, name: str) -> str:
         return self.strategies.get(name, self.default_strategy)
@@ -109,6 +115,22 @@ class TraitCatalog:
                 if first != spec.name:
                     twins[spec.name] = first
         return twins
+
+    @cached_property
+    def seen_twins(self) -> tuple[str, ...]:
+        """Traits whose accumulator rows are those of `SEEN`: counts (without a window),
+        first and last times of every event kind. Each event adds the same row (bucket '',
+        no amount, no value) to them as to `SEEN`, so a roll-up may read theirs through
+        `SEEN`'s once their stored history is its own (`ProfileBuilder` checks)."""
+        return tuple(
+            sorted(
+                spec.name
+                for spec in self.computed
+                if "*" in spec.kinds
+                and not spec.window_days
+                and spec.op in ("count", "first_time", "last_time")
+            )
+        )
 
     def plan_for(self, kind: str) -> KindPlan:
         """What an event of `kind` adds to, worked out once per kind (`accumulate`)."""
@@ -420,51 +442,122 @@ def _money(value: Decimal) -> float:
     return float(value.quantize(CENT))
 
 
+def _read_count(row: Totals | None) -> Any:
+    return row.n if row else 0
+
+
+def _read_distinct(row: Totals | None) -> Any:
+    return row.buckets if row else 0
+
+
+def _read_first(row: Totals | None) -> Any:
+    stamp = row.first_ts if row else None
+    return stamp.isoformat() + "+00:00" if stamp else None
+
+
+def _read_last(row: Totals | None) -> Any:
+    stamp = row.last_ts if row else None
+    return stamp.isoformat() + "+00:00" if stamp else None
+
+
+def _read_latest(row: Totals | None) -> Any:
+    return orjson.loads(row.value) if row and row.value else None
+
+
+def _read_open(row: Totals | None) -> Any:
+    keys = (row.keys or []) if row else []
+    opened = {k[5:] for k in keys if k.startswith("open|")}
+    closed = {k[6:] for k in keys if k.startswith("close|")}
+    return len(opened - closed)
+
+
+def _first_of(bucket: tuple[str, int, Decimal]) -> str:
+    return bucket[0]
+
+
+def _reader(spec: TraitSpec) -> Callable[[Totals | None], Any]:
+    """How one non-windowed trait's value follows from its Totals (`rollup`)."""
+    if spec.op == "count":
+        return _read_count
+    if spec.op == "distinct_count":
+        return _read_distinct
+    if spec.op == "first_time":
+        return _read_first
+    if spec.op == "last_time":
+        return _read_last
+    if spec.op == "latest":
+        return _read_latest
+    if spec.op == "open_count":
+        return _read_open
+    if spec.op in ("sum", "mean"):
+
+        def summed(row: Totals | None) -> Any:
+            if not row:
+                return _sum_or_mean(spec, [])
+            buckets = zip(row.keys or [], row.counts or [], row.amounts or [], strict=True)
+            return _sum_or_mean(spec, sorted(buckets, key=_first_of))
+
+        return summed
+    k = spec.k  # top
+
+    def ranked(row: Totals | None) -> Any:
+        if not row:
+            return []
+        counted = sorted(zip(row.keys or [], row.counts or [], strict=True), key=_by_count)
+        return [bucket for bucket, _ in counted[:k]]
+
+    return ranked
+
+
+def _by_count(bucket: tuple[str, int]) -> tuple[int, str]:
+    return -bucket[1], bucket[0]
+
+
+class RollupPlan(NamedTuple):
+    """A catalog's roll-up worked out once (`rollup`): (name, source, reader) of each
+    non-windowed computed trait, and (name, source) of each windowed one, in catalog order."""
+
+    computed: tuple[tuple[str, str, Callable[[Totals | None], Any]], ...]
+    windowed: tuple[tuple[str, str], ...]
+
+
+def rollup_plan(catalog: TraitCatalog, read_through: dict[str, str] | None = None) -> RollupPlan:
+    """A catalog's roll-up, worked out once for many views (`rollup`). In: the traits read
+    through another's Totals (default: the window twins)."""
+    if read_through is None:
+        read_through = catalog.window_twins
+    computed, windowed = [], []
+    for spec in catalog.computed:
+        source = read_through.get(spec.name, spec.name)
+        if spec.window_days:
+            windowed.append((spec.name, source))
+        elif spec.op != "days_since":
+            computed.append((spec.name, source, _reader(spec)))
+    return RollupPlan(tuple(computed), tuple(windowed))
+
+
 def rollup(
-    catalog: TraitCatalog, totals: dict[str, Totals]
+    catalog: TraitCatalog, totals: dict[str, Totals], plan: RollupPlan | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The computed traits of one view, and the daily buckets its windowed traits read.
 
-    In: the view's Totals per trait name. Out: (computed, windows); windowed traits and
-    `days_since` are left to `at_read`. Days no later than the longest window before the
-    view's last event are already dropped: no read at or after it needs them.
+    In: the view's Totals per trait name, and the catalog's `rollup_plan` (default: the
+    window twins read through the trait they twin). Out: (computed, windows); windowed
+    traits and `days_since` are left to `at_read`. Days no later than the longest window
+    before the view's last event are already dropped: no read at or after it needs them.
     """
-    computed: dict[str, Any] = {}
+    if plan is None:
+        plan = catalog._rollups.get("") or catalog._rollups.setdefault("", rollup_plan(catalog))
+    computed = {name: read(totals.get(source)) for name, source, read in plan.computed}
     windows: dict[str, dict[str, int]] = {}
-    twins = catalog.window_twins
     days: dict[str, dict[str, int]] = {}  # window twins share one read of their days
-    for spec in catalog.computed:
-        source = twins.get(spec.name, spec.name)
-        row = totals.get(source)
-        if spec.op == "days_since":
-            continue
-        keys = (row.keys or []) if row else []
-        counts = (row.counts or []) if row else []
-        if spec.window_days:
-            if source not in days:
-                days[source] = dict(sorted(zip(keys, counts, strict=True)))
-            windows[spec.name] = days[source]
-        elif spec.op == "count":
-            computed[spec.name] = row.n if row else 0
-        elif spec.op == "distinct_count":
-            computed[spec.name] = row.buckets if row else 0
-        elif spec.op in ("sum", "mean"):
-            amounts = (row.amounts or []) if row else []
-            computed[spec.name] = _sum_or_mean(
-                spec, sorted(zip(keys, counts, amounts, strict=True), key=lambda r: r[0])
+    for name, source in plan.windowed:
+        if source not in days:
+            row = totals.get(source)
+            days[source] = (
+                dict(sorted(zip(row.keys or [], row.counts or [], strict=True))) if row else {}
             )
-        elif spec.op in ("first_time", "last_time"):
-            stamp = (row.first_ts if spec.op == "first_time" else row.last_ts) if row else None
-            computed[spec.name] = stamp.isoformat() + "+00:00" if stamp else None
-        elif spec.op == "latest":
-            computed[spec.name] = orjson.loads(row.value) if row and row.value else None
-        elif spec.op == "top":
-            ranked = sorted(zip(keys, counts, strict=True), key=lambda r: (-r[1], r[0]))
-            computed[spec.name] = [bucket for bucket, _ in ranked[: spec.k]]
-        elif spec.op == "open_count":
-            opened = {k[5:] for k in keys if k.startswith("open|")}
-            closed = {k[6:] for k in keys if k.startswith("close|")}
-            computed[spec.name] = len(opened - closed)
+        windows[name] = days[source]
     return computed, windows
 
 
@@ -487,6 +580,25 @@ def _sum_or_mean(spec: TraitSpec, rows: Iterable[tuple[str, int, Decimal]]) -> d
     return {g: _money(totals[g]) for g in sorted(totals)}
 
 
+def _read_plan(catalog: TraitCatalog, today: date) -> tuple[tuple[str, str, str | None], ...]:
+    """What `at_read` works out at `today`, once per day rather than per view: (name, first
+    day, last day) of each window, (name, the time trait, None) of each `days_since`, in
+    catalog order."""
+    plan = catalog._reads.get(today)
+    if plan is None:
+        end = today.isoformat()
+        plan = tuple(
+            (spec.name, (today - timedelta(days=spec.window_days - 1)).isoformat(), end)
+            if spec.window_days
+            else (spec.name, spec.of or "", None)
+            for spec in catalog.computed
+            if spec.window_days or spec.op == "days_since"
+        )
+        catalog._reads.clear()  # one day's plan at a time
+        catalog._reads[today] = plan
+    return plan
+
+
 def at_read(
     catalog: TraitCatalog, computed: dict[str, Any], windows: dict[str, Any], now: datetime
 ) -> dict[str, Any]:
@@ -496,15 +608,13 @@ def at_read(
     """
     today = now.astimezone(UTC).date()
     out = dict(computed)
-    for spec in catalog.computed:
-        if spec.window_days:
-            start = (today - timedelta(days=spec.window_days - 1)).isoformat()
-            end = today.isoformat()
-            days = windows.get(spec.name) or {}
-            out[spec.name] = sum(n for day, n in days.items() if start <= day <= end)
-        elif spec.op == "days_since":
-            stamp = computed.get(spec.of or "")
-            out[spec.name] = (
+    for name, start, end in _read_plan(catalog, today):
+        if end is not None:
+            days = windows.get(name) or {}
+            out[name] = sum(n for day, n in days.items() if start <= day <= end)
+        else:
+            stamp = computed.get(start)
+            out[name] = (
                 (today - datetime.fromisoformat(stamp).astimezone(UTC).date()).days
                 if stamp
                 else None

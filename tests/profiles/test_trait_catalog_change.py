@@ -96,3 +96,29 @@ def test_a_twin_added_later_holds_the_whole_history(
     assert total["sessions_1d"] > 0
     for person, views in rebuilt.items():
         assert restarted[person] == views, person
+
+
+def test_a_count_of_every_event_added_later_counts_only_what_came_after(
+    run, make_event, tmp_path, monkeypatch
+):
+    """A count of every event kind holds `_seen`'s rows and is read through them, unless
+    it joined the catalog after events were stored: then it keeps its own, shorter count."""
+    batches = _batches(make_event)
+    for batch in batches[:2]:  # stored under the packaged catalog
+        run.feed(*batch)
+    run.pipeline.close()
+    path = tmp_path / "traits.yaml"
+    text = traits.TRAITS_PATH.read_text()
+    path.write_text(
+        text.replace("\ncomputed:\n", "\ncomputed:\n  all_events: {op: count, kinds: ['*']}\n", 1)
+    )
+    monkeypatch.setattr(traits, "TRAITS_PATH", path)
+    run.pipeline = Pipeline(tmp_path / "state.duckdb")  # restarted with the new count
+    for batch in batches[2:]:
+        run.feed(*batch)
+    views = _views(run.pipeline)
+    counted = {
+        name: sum(v["subject_access"]["computed"][name] for v in views.values())
+        for name in ("event_count", "all_events")
+    }
+    assert counted == {"event_count": 120, "all_events": 80}
