@@ -27,8 +27,8 @@ from pathlib import Path
 import faust
 import orjson
 
-from pipelines.faust_engine import faust_app, ready_batches, source_records
-from pipelines.kafka import BatchProducer
+from pipelines.faust_engine import TesseraWorker, faust_app, ready_batches, source_records
+from pipelines.kafka import OUTPUT_SETTINGS, BatchProducer
 from pipelines.pipeline import OutRecord, Pipeline
 
 
@@ -68,7 +68,7 @@ def main(
     staged = mode in ("pipeline", "pipeline-quality-off")
     quality = mode == "pipeline"
     pipeline = Pipeline(data_dir / "state.duckdb", quality=quality) if staged else None
-    producer = BatchProducer(bootstrap) if staged else None
+    producer = BatchProducer(bootstrap, **OUTPUT_SETTINGS) if staged else None
     state = {"n": 0, "t0": 0.0, "first_at": 0.0, "stage_s": 0.0, "emit_s": 0.0, "batches": 0}
     samples: list[tuple[float, float, int]] = []  # (unix time, RSS MiB, events processed)
 
@@ -125,7 +125,7 @@ def main(
                 print(orjson.dumps(result).decode(), flush=True)
                 os._exit(0)
 
-    faust.Worker(
+    TesseraWorker(
         app, loglevel="error", quiet=True, redirect_stdouts=False
     ).execute_from_commandline()
 

@@ -45,7 +45,7 @@ from consent.keys import configured_key_store
 from identity.model import ScoringModel
 from pipelines import topics
 from pipelines.bundles import decode_bundle
-from pipelines.kafka import BatchProducer, DeliveryError, faust_credentials
+from pipelines.kafka import OUTPUT_SETTINGS, BatchProducer, DeliveryError, faust_credentials
 from pipelines.pipeline import BatchReport, Pipeline, SourceRecord
 from pipelines.replay import ReplayCut, Unit
 
@@ -307,6 +307,21 @@ class TesseraApp(faust.App):
         return StoredOffsetTransport(self.conf.broker_consumer, self)
 
 
+class TesseraWorker(faust.Worker):
+    """Faust's worker, whose root logger stays at the level asked for.
+
+    Faust sets the root logger to DEBUG so that its startup spinner turns on every record,
+    and leaves the filtering to the handler: then every debug call of aiokafka, mode and
+    Faust (per fetch request, frame sent or read, timer tick) builds a record only for the
+    handler to drop it.
+    """
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, level)
+        if level:
+            logger.setLevel(level)
+
+
 def faust_app(
     bootstrap: str,
     data_dir: Path,
@@ -534,7 +549,8 @@ def build_app(
         buffered=2 * take if bundled else None,
     )
     runner = StageRunner(
-        open_pipeline(data_dir / "state.duckdb", identity_model), BatchProducer(bootstrap)
+        open_pipeline(data_dir / "state.duckdb", identity_model),
+        BatchProducer(bootstrap, **OUTPUT_SETTINGS),
     )
     app.tessera_runner = runner  # type: ignore[attr-defined]
     app.tessera_pipeline = runner.pipeline  # type: ignore[attr-defined]
@@ -592,7 +608,7 @@ def run_worker(
         bundled=bundled,
         **options,
     )
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker = TesseraWorker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()
     finally:

@@ -43,6 +43,7 @@ from pipelines.bundles import encode_bundles
 from pipelines.faust_engine import (
     RawInputConductor,
     ShortFetchConsumer,
+    TesseraWorker,
     faust_app,
     ready_batches,
     source_records,
@@ -149,7 +150,7 @@ def run_ingest_worker(
 ) -> None:
     """Run an ingest worker until SIGINT/SIGTERM: the bundle in flight is sent, then exit 0."""
     app = build_ingest_app(bootstrap, data_dir, **options)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker = TesseraWorker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()
     finally:

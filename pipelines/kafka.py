@@ -96,6 +96,13 @@ class DeliveryError(RuntimeError):
     """Some outputs were not acknowledged by the broker; the batch must not commit."""
 
 
+# For the pipeline's outputs, which only librdkafka clients read (the API's replica, the
+# changelog consumer, the tools): lz4 batches halve the broker's CPU for them and the wait
+# for its acknowledgement (measured). Not for everything: aiokafka (Faust) reads the input
+# topics and the stage bundles, and its lz4 codec needs a package this project lacks.
+OUTPUT_SETTINGS: dict[str, Any] = {"compression.type": "lz4"}
+
+
 class BatchProducer:
     """Produces a batch of records and returns only once the broker has acknowledged all."""
 
@@ -107,6 +114,9 @@ class BatchProducer:
                     "enable.idempotence": True,
                     "linger.ms": 5,
                     "message.max.bytes": 4 * 1024 * 1024,
+                    # Delivery reports only for failures: a delivered record costs no Python
+                    # call (a batch of 10,000 events makes ~13,000 outputs).
+                    "delivery.report.only.error": True,
                     **extra,
                 },
             )
@@ -116,20 +126,21 @@ class BatchProducer:
         """Produce and flush. Out: how many were sent. Raises DeliveryError on any failure."""
         errors: list[KafkaError] = []
 
-        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-            if err is not None:
-                errors.append(err)
+        def on_failure(err: KafkaError | None, _msg: Any) -> None:
+            errors.append(err)  # type: ignore[arg-type]
 
+        produce = self._producer.produce
         count = 0
         for record in records:
+            headers = record.headers
             while True:
                 try:
-                    self._producer.produce(
+                    produce(
                         record.topic,
-                        value=record.value,
-                        key=record.key,
-                        headers=list(record.headers) or None,
-                        on_delivery=on_delivery,
+                        record.value,
+                        record.key,
+                        headers=list(headers) if headers else None,
+                        on_delivery=on_failure,
                     )
                     break
                 except BufferError:

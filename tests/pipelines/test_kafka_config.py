@@ -1,14 +1,24 @@
 import asyncio
 import inspect
+import logging
 
 import faust
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from pipelines.faust_engine import FETCH_WAIT_MS, TesseraApp, faust_app
+from pipelines import topics
+from pipelines.broker import free_port
+from pipelines.faust_engine import FETCH_WAIT_MS, TesseraApp, TesseraWorker, faust_app
 from pipelines.flink_launch import FlinkUnavailable, flink_python, run_in_flink_python
 from pipelines.ingest import IngestApp
-from pipelines.kafka import client_config, faust_credentials, java_client_properties
+from pipelines.kafka import (
+    BatchProducer,
+    DeliveryError,
+    client_config,
+    faust_credentials,
+    java_client_properties,
+)
+from pipelines.pipeline import OutRecord
 
 
 def test_plaintext_by_default(monkeypatch):
@@ -91,3 +101,27 @@ def test_worker_fetches_wait_at_most_the_short_fetch_wait(tmp_path, app_class):
 
     assert asyncio.run(worker_consumer_wait()) == FETCH_WAIT_MS < 1500
     assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start)
+
+
+def test_the_worker_leaves_the_root_logger_at_its_level(tmp_path):
+    # Faust's worker sets the root logger to DEBUG (for its startup spinner) and filters at
+    # the handler, so every debug call of aiokafka and mode would build a record to drop.
+    app, _ = faust_app("127.0.0.1:9", tmp_path, "log-level", 100)
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    try:
+        for worker_class, debug in ((faust.Worker, True), (TesseraWorker, False)):
+            worker_class(app, loglevel="warn", quiet=True)._setup_logging()
+            assert logging.getLogger("aiokafka").isEnabledFor(logging.DEBUG) is debug
+            assert logging.getLogger("aiokafka").isEnabledFor(logging.WARNING)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+
+
+def test_records_the_broker_never_acknowledges_fail_the_send():
+    # Delivery reports come only for failures: those must still reach the batch.
+    producer = BatchProducer(f"127.0.0.1:{free_port()}", **{"message.timeout.ms": 300})
+    records = [OutRecord(topics.LINEAGE, f"k{i}".encode(), b"v") for i in range(3)]
+    with pytest.raises(DeliveryError, match="3 records failed"):
+        producer.send(records, timeout=30)
