@@ -140,7 +140,7 @@ class StageOperator(KeyedProcessFunction):
         # Imported here: these run in the Python worker, not in the client that builds the job.
         from consent.keys import configured_key_store
         from identity.model import ScoringModel, load_model
-        from pipelines.kafka import BatchProducer
+        from pipelines.kafka import OUTPUT_SETTINGS, BatchProducer
         from pipelines.pipeline import Pipeline
         from pipelines.replay import ReplayCut
 
@@ -153,7 +153,7 @@ class StageOperator(KeyedProcessFunction):
         self.pipeline = Pipeline(
             self.state_path, identity_model=model, key_store=configured_key_store()
         )
-        self.producer = BatchProducer(self.bootstrap)
+        self.producer = BatchProducer(self.bootstrap, **OUTPUT_SETTINGS)
         # After a crash between a batch's outputs and its commit: replay it as it was cut.
         self.replay = ReplayCut(self.pipeline.interrupted_extent())
         self.buffer = runtime_context.get_list_state(
