@@ -247,17 +247,9 @@ class ConsentGate:
             prefs = carried_preferences(event)
             for stated, granted in prefs.items():
                 status = "granted" if granted else "denied"
-                record = ConsentRecord(stated, status, ts, "event-context", None, None, event_key)
-                # `remember`, inline: about four statements an event, each for every id.
-                for identifier in ids:
-                    key = (identifier, stated)
-                    current = get(key)
-                    if (
-                        current is None
-                        or ts > current.ts
-                        or (ts == current.ts and current.status != status)
-                    ):
-                        state[key] = changed[key] = record
+                remember(
+                    ids, ConsentRecord(stated, status, ts, "event-context", None, None, event_key)
+                )
             purpose = purpose_of(kind)
             if purpose is None:
                 decisions.append(_NO_CONSENT_NEEDED)

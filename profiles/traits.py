@@ -475,20 +475,22 @@ def _first_of(bucket: tuple[str, int, Decimal]) -> str:
     return bucket[0]
 
 
+# The readers that need nothing of the spec but its op.
+_PLAIN_READERS: dict[str, Callable[[Totals | None], Any]] = {
+    "count": _read_count,
+    "distinct_count": _read_distinct,
+    "first_time": _read_first,
+    "last_time": _read_last,
+    "latest": _read_latest,
+    "open_count": _read_open,
+}
+
+
 def _reader(spec: TraitSpec) -> Callable[[Totals | None], Any]:
     """How one non-windowed trait's value follows from its Totals (`rollup`)."""
-    if spec.op == "count":
-        return _read_count
-    if spec.op == "distinct_count":
-        return _read_distinct
-    if spec.op == "first_time":
-        return _read_first
-    if spec.op == "last_time":
-        return _read_last
-    if spec.op == "latest":
-        return _read_latest
-    if spec.op == "open_count":
-        return _read_open
+    plain = _PLAIN_READERS.get(spec.op)
+    if plain is not None:
+        return plain
     if spec.op in ("sum", "mean"):
 
         def summed(row: Totals | None) -> Any:
