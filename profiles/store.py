@@ -22,8 +22,8 @@ import orjson
 import pyarrow as pa
 
 from consent.keys import SubjectKeyStore, is_sealed
+from consent.ledger import CHAIN_FIELDS, LedgerEntry, canonical_json, store_entries
 from consent.ledger import SCHEMA_SQL as LEDGER_SCHEMA_SQL
-from consent.ledger import LedgerEntry, store_entries
 from identity.normalise import Identifier, parse_identifier
 from identity.resolver import unfreeze_at_exit
 from pipelines import topics
@@ -62,6 +62,10 @@ CREATE TABLE IF NOT EXISTS replica_offsets (
 """
 
 log = logging.getLogger("tessera.replica")
+
+# WAL between checkpoints: a larger one folds more applies per checkpoint (less CPU) and
+# keeps more rows in memory until it, and a restart replays up to that much.
+CHECKPOINT_WAL = "64MB"
 
 FOLLOWED_TOPICS = (
     topics.PROFILES_CHANGELOG,
@@ -137,6 +141,15 @@ class ProfileStore:
         self.conn = duckdb.connect(str(path), read_only=read_only)
         self.conn.execute("SET TimeZone = 'UTC'")
         if not read_only:
+            # The follower's applies are a dozen statements over a few thousand rows each:
+            # as in the worker (pipelines/pipeline.py), one DuckDB thread, and a checkpoint
+            # per CHECKPOINT_WAL of WAL rather than DuckDB's 16 MB (at 5,000 events/s, one
+            # every few seconds, each merging the row groups the applies since the last one
+            # started). See BENCHMARKS.md, *The replica's apply*. Reads share the setting: on a
+            # store of 100,000 events /stats and /quality took the same with one thread as
+            # with two (6 and 5 ms of CPU and of wall time).
+            self.conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL}'")
+            self.conn.execute("SET threads = 1")
             self.conn.execute(SCHEMA_SQL)
             # The lineage ledger as published, hashes included, so audits verify the chain here.
             self.conn.execute(LEDGER_SCHEMA_SQL)
@@ -185,7 +198,8 @@ class ProfileStore:
         # The latest change per (segment, person): entered (with its time) or not.
         memberships: dict[tuple[str, str], tuple[bool, str | None]] = {}
         positions: dict[tuple[str, int], int] = {}
-        ledger: list[LedgerEntry] = []
+        ledger: dict[int, LedgerEntry] = {}  # by sequence number
+        texts: dict[int, str] = {}  # each entry's canonical JSON, as the ledger stores it
         for record in records:
             position = (record.topic, record.partition)
             positions[position] = max(positions.get(position, 0), record.offset + 1)
@@ -197,7 +211,12 @@ class ProfileStore:
             elif record.topic == topics.LINEAGE and record.value:
                 entry = orjson.loads(record.value)
                 if "hash" in entry:
-                    ledger.append(LedgerEntry.from_record(entry))
+                    # `LedgerEntry.from_record` without its copy: the chain fields taken
+                    # out of the decoded record leave the entry; its canonical text kept.
+                    seq, prev_hash, digest = (entry.pop(f) for f in CHAIN_FIELDS)
+                    chained = LedgerEntry(int(seq), entry, str(prev_hash), str(digest))
+                    ledger[chained.seq] = chained  # re-delivered in this chunk: once
+                    texts[chained.seq] = canonical_json(entry).decode()
                 outcome = _DECISION_OUTCOME.get(entry.get("decision"), "applied")
                 reason = entry.get("purpose") if outcome == "withheld" else None
                 source = (entry.get("source") or {}).get("topic")
@@ -230,7 +249,7 @@ class ProfileStore:
             cur.execute("BEGIN TRANSACTION")
             try:
                 packed, held, now_held = self._apply_profiles(cur, profiles)
-                store_entries(cur, ledger, replace=True)
+                store_entries(cur, list(ledger.values()), replace=True, texts=list(texts.values()))
                 if outcomes:
                     self._upsert(
                         cur,
@@ -304,14 +323,15 @@ class ProfileStore:
                 for certificate in certificates:
                     erased_held += self._apply_erasure(cur, certificate)
                 self._apply_memberships(cur, memberships)
-                self._upsert(
-                    cur,
-                    "replica_offsets",
-                    {
-                        "topic": [t for t, _ in positions],
-                        "partition": [p for _, p in positions],
-                        "next_offset": list(positions.values()),
-                    },
+                # A few rows: literal parameters, not an Arrow table (1.4 ms a statement).
+                cur.execute(
+                    "INSERT OR REPLACE INTO replica_offsets VALUES "
+                    + ", ".join(["(?, ?, ?)"] * len(positions)),
+                    [
+                        v
+                        for (topic, part), offset in positions.items()
+                        for v in (topic, part, offset)
+                    ],
                 )
                 cur.execute("COMMIT")
             except BaseException:
@@ -534,8 +554,8 @@ class ProfileStore:
         One Arrow batch sorted by person id; DuckDB parses the documents and unnests the
         identifiers, so no per-profile Python runs here. Out: the stored (compressed)
         documents by person id; while the in-memory identifier index follows writes, the
-        identifiers (type, value) the persons held before and those (type, value, person
-        id) they hold now, as the table changed.
+        identifiers (type, value) the persons no longer hold and those (type, value, person
+        id) newly held, as the table changed.
         """
         if not profiles:
             return {}, [], []
@@ -555,31 +575,74 @@ class ProfileStore:
                 "DELETE FROM profile_documents "
                 "WHERE person_id IN (SELECT person_id FROM _replica_changed)"
             )
-            held = cur.execute(
-                "DELETE FROM profile_identifiers "
-                "WHERE person_id IN (SELECT person_id FROM _replica_changed)"
-                + (" RETURNING id_type, id_value" if returning else "")
-            ).fetchall()
             cur.execute(
                 """INSERT INTO profile_documents
                    SELECT person_id, packed, coalesce((doc->>'version')::BIGINT, 0)
                    FROM _replica_changed WHERE doc IS NOT NULL"""
             )
-            cur.execute(
-                """INSERT OR REPLACE INTO profile_identifiers
-                   SELECT id_type, unnest(id_values) AS id_value, person_id FROM (
-                       SELECT person_id, unnest(map_keys(m)) AS id_type,
-                              unnest(map_values(m)) AS id_values
-                       FROM (SELECT person_id,
-                                    json_transform(doc->'identifiers', '"MAP(VARCHAR, VARCHAR[])"') AS m
-                             FROM _replica_changed WHERE doc IS NOT NULL))
-                   ORDER BY id_type, id_value"""
-                + (" RETURNING id_type, id_value, person_id" if returning else "")
+            # Only the identifiers that changed are written: a profile's change seldom
+            # changes its identifiers, and deleting and inserting every one again cost
+            # more than the rest of its document's apply. What the persons hold now
+            # (one scan, as the delete of them all was) against what their documents list.
+            before = set(
+                cur.execute(
+                    "SELECT id_type, id_value, person_id FROM profile_identifiers "
+                    "WHERE person_id IN (SELECT person_id FROM _replica_changed)"
+                ).fetchall()
             )
-            now_held = cur.fetchall() if returning else []
+            claimed = cur.execute(
+                """SELECT id_type, unnest(id_values) AS id_value, person_id FROM (
+                           SELECT person_id, unnest(map_keys(m)) AS id_type,
+                                  unnest(map_values(m)) AS id_values
+                           FROM (SELECT person_id,
+                                        json_transform(doc->'identifiers', '"MAP(VARCHAR, VARCHAR[])"') AS m
+                                 FROM _replica_changed WHERE doc IS NOT NULL))
+                       ORDER BY id_type, id_value, person_id"""
+            ).fetchall()
         finally:
             cur.unregister("_replica_changed")
-        return packed, held if returning else [], now_held
+        # An identifier two changed documents list goes to the lesser person id (while
+        # every row was inserted again, to whichever DuckDB's sort put first; either way
+        # a later apply's document takes it).
+        after = set({(t, v): (t, v, p) for t, v, p in reversed(claimed)}.values())
+        removed, added = sorted(before - after), sorted(after - before)
+        if removed:  # held no more (an identifier another person takes is replaced below)
+            self._rows(
+                cur,
+                "DELETE FROM profile_identifiers USING _replica_rows r "
+                "WHERE profile_identifiers.id_type = r.id_type "
+                "AND profile_identifiers.id_value = r.id_value "
+                "AND profile_identifiers.person_id = r.person_id",
+                removed,
+            )
+        if added:  # in key order, as the index is
+            self._rows(
+                cur,
+                "INSERT OR REPLACE INTO profile_identifiers SELECT * FROM _replica_rows",
+                added,
+            )
+        # For the in-memory index, as the table changed (the identifiers a person keeps
+        # are in neither list: the index holds them already).
+        held = [(id_type, value) for id_type, value, _ in removed] if returning else []
+        return packed, held, added if returning else []
+
+    @staticmethod
+    def _rows(cur: duckdb.DuckDBPyConnection, sql: str, rows: list[tuple[str, str, str]]) -> None:
+        """Run `sql` over identifier rows (type, value, person id) as table _replica_rows."""
+        cur.register(
+            "_replica_rows",
+            pa.table(
+                {
+                    "id_type": [r[0] for r in rows],
+                    "id_value": [r[1] for r in rows],
+                    "person_id": [r[2] for r in rows],
+                }
+            ),
+        )
+        try:
+            cur.execute(sql)
+        finally:
+            cur.unregister("_replica_rows")
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -1,0 +1,105 @@
+"""ProfileStore.apply writes only the identifiers that changed: the table, the in-memory
+index and replays end as if every changed person's identifiers were written again."""
+
+from __future__ import annotations
+
+import orjson
+
+from consent.ledger import GENESIS_HASH, LedgerEntry, canonical_json, entry_hash, verify_chain
+from pipelines import topics
+from profiles.store import ConsumedRecord, ProfileStore
+
+
+class Changelog:
+    """Changelog records at growing offsets, as a replica consumes them."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def __call__(self, person: str, identifiers: dict[str, list[str]] | None) -> ConsumedRecord:
+        self.offset += 1
+        doc = None
+        if identifiers is not None:
+            doc = orjson.dumps(
+                {"person_id": person, "version": self.offset, "identifiers": identifiers}
+            )
+        return ConsumedRecord(topics.PROFILES_CHANGELOG, 0, self.offset, person.encode(), doc)
+
+
+def _table(store: ProfileStore) -> dict[tuple[str, str], str]:
+    rows = store.reader().execute("SELECT id_type, id_value, person_id FROM profile_identifiers")
+    return {(t, v): p for t, v, p in rows.fetchall()}
+
+
+def _index_agrees(store: ProfileStore) -> dict[tuple[str, str], str]:
+    table = _table(store)
+    everything = table | {("email", e): "" for e in ("a1", "a2", "a3", "b1", "gone")}
+    for id_type, value in everything:
+        assert store.identifiers.person(id_type, value) == table.get((id_type, value)), value
+    return table
+
+
+def test_only_changed_identifiers_are_written_and_the_index_follows(tmp_path):
+    store = ProfileStore(tmp_path / "replica.duckdb")
+    change = Changelog()
+    try:
+        store.apply([change("p_a", {"email": ["a1", "a2"]}), change("p_b", {"email": ["b1"]})])
+        store.warm(freeze=False)  # the index loaded: from now on it follows each write
+        assert _index_agrees(store) == {
+            ("email", "a1"): "p_a",
+            ("email", "a2"): "p_a",
+            ("email", "b1"): "p_b",
+        }
+
+        # A loses a2 and gains a3; B's change keeps its identifiers as they were.
+        store.apply([change("p_a", {"email": ["a1", "a3"]}), change("p_b", {"email": ["b1"]})])
+        assert _index_agrees(store) == {
+            ("email", "a1"): "p_a",
+            ("email", "a3"): "p_a",
+            ("email", "b1"): "p_b",
+        }
+
+        # B's document takes a1 while A's is unchanged: the latest write holds it.
+        store.apply([change("p_b", {"email": ["b1", "a1"]})])
+        assert _index_agrees(store)[("email", "a1")] == "p_b"
+
+        # Both documents list a1 in one apply: the lesser person id holds it.
+        store.apply([change("p_b", {"email": ["b1", "a1"]}), change("p_a", {"email": ["a1"]})])
+        table = _index_agrees(store)
+        assert table == {("email", "a1"): "p_a", ("email", "b1"): "p_b"}
+
+        # A tombstone drops what the person held; a replay of it changes nothing.
+        tombstone = change("p_b", None)
+        store.apply([tombstone])
+        store.apply([tombstone])
+        assert _index_agrees(store) == {("email", "a1"): "p_a"}
+        assert store.get("p_b") is None
+    finally:
+        store.close()
+
+
+def test_a_lineage_entry_delivered_twice_in_one_apply_is_stored_once(tmp_path):
+    store = ProfileStore(tmp_path / "replica.duckdb")
+    entries, prev = [], GENESIS_HASH
+    for seq, decision in ((1, "allowed"), (2, "withheld")):
+        entry = {"event_key": f"e{seq}", "decision": decision, "purpose": "ads", "kind": "x"}
+        digest = entry_hash(prev, entry)
+        entries.append(LedgerEntry(seq, entry, prev, digest))
+        prev = digest
+    values = [orjson.dumps(e.as_record(), option=orjson.OPT_SORT_KEYS) for e in entries]
+    records = [
+        ConsumedRecord(topics.LINEAGE, 0, offset, b"k", value)
+        for offset, value in enumerate([values[0], values[1], values[1]])
+    ]
+    try:
+        store.apply(records)
+        store.apply(records)  # re-delivered: the same rows
+        rows = store.reader().execute("SELECT seq, entry FROM lineage ORDER BY seq").fetchall()
+        assert [(seq, text) for seq, text in rows] == [
+            (e.seq, canonical_json(e.entry).decode()) for e in entries
+        ]
+        assert verify_chain(store.conn).ok
+        outcomes = store.stats()
+        assert (outcomes["applied"], outcomes["withheld"]) == (1, 1)
+    finally:
+        store.close()
