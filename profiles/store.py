@@ -205,7 +205,10 @@ class ProfileStore:
             positions[position] = max(positions.get(position, 0), record.offset + 1)
             key = (record.key or b"").decode("utf-8", "replace")
             if record.topic == topics.PROFILES_CHANGELOG:
-                profiles[key] = self._open(record.value)  # latest per key wins, as compacted
+                # Latest per key wins, as compacted; kept in the order of each key's latest
+                # record (an identifier two documents list goes to the later one).
+                profiles.pop(key, None)
+                profiles[key] = self._open(record.value)
             elif record.topic == topics.ERASURES and record.value:
                 certificates.append(orjson.loads(record.value))
             elif record.topic == topics.LINEAGE and record.value:
@@ -565,6 +568,7 @@ class ProfileStore:
                 "person_id": list(profiles),
                 "doc": [v.decode() if v is not None else None for v in profiles.values()],
                 "packed": [packed.get(p) for p in profiles],
+                "arrived": list(range(len(profiles))),  # the order of the documents
             }
         ).sort_by("person_id")
         # RETURNING only when the index needs the rows: loading a store skips their cost.
@@ -591,20 +595,20 @@ class ProfileStore:
                 ).fetchall()
             )
             claimed = cur.execute(
-                """SELECT id_type, unnest(id_values) AS id_value, person_id FROM (
-                           SELECT person_id, unnest(map_keys(m)) AS id_type,
+                """SELECT id_type, unnest(id_values) AS id_value, person_id, arrived FROM (
+                           SELECT person_id, arrived, unnest(map_keys(m)) AS id_type,
                                   unnest(map_values(m)) AS id_values
-                           FROM (SELECT person_id,
+                           FROM (SELECT person_id, arrived,
                                         json_transform(doc->'identifiers', '"MAP(VARCHAR, VARCHAR[])"') AS m
                                  FROM _replica_changed WHERE doc IS NOT NULL))
-                       ORDER BY id_type, id_value, person_id"""
+                       ORDER BY id_type, id_value, arrived"""
             ).fetchall()
         finally:
             cur.unregister("_replica_changed")
-        # An identifier two changed documents list goes to the lesser person id (while
-        # every row was inserted again, to whichever DuckDB's sort put first; either way
-        # a later apply's document takes it).
-        after = set({(t, v): (t, v, p) for t, v, p in reversed(claimed)}.values())
+        # An identifier two changed documents list goes to the later document, as it does
+        # when the two fall into different applies: the holder does not depend on how
+        # records fall into applies.
+        after = set({(t, v): (t, v, p) for t, v, p, _ in claimed}.values())
         removed, added = sorted(before - after), sorted(after - before)
         if removed:  # held no more (an identifier another person takes is replaced below)
             self._rows(

@@ -63,10 +63,22 @@ def test_only_changed_identifiers_are_written_and_the_index_follows(tmp_path):
         store.apply([change("p_b", {"email": ["b1", "a1"]})])
         assert _index_agrees(store)[("email", "a1")] == "p_b"
 
-        # Both documents list a1 in one apply: the lesser person id holds it.
+        # Both documents list a1 in one apply: the later document holds it, as it would
+        # from two applies (whichever person id sorts first).
         store.apply([change("p_b", {"email": ["b1", "a1"]}), change("p_a", {"email": ["a1"]})])
         table = _index_agrees(store)
         assert table == {("email", "a1"): "p_a", ("email", "b1"): "p_b"}
+        store.apply([change("p_a", {"email": ["a1"]}), change("p_b", {"email": ["b1", "a1"]})])
+        assert _index_agrees(store)[("email", "a1")] == "p_b"
+        # A person's earlier document in the same apply does not count: only the latest.
+        store.apply(
+            [
+                change("p_a", {"email": ["a1"]}),
+                change("p_b", {"email": ["b1", "a1"]}),
+                change("p_a", {"email": ["a1"]}),
+            ]
+        )
+        assert _index_agrees(store)[("email", "a1")] == "p_a"
 
         # A tombstone drops what the person held; a replay of it changes nothing.
         tombstone = change("p_b", None)
