@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import shlex
 import signal
 import sys
 from datetime import UTC, datetime
@@ -397,7 +398,7 @@ def bench(
     def numbers(text: str) -> list[int]:
         return [int(s.replace("_", "")) for s in text.split(",") if s.strip()]
 
-    command = " ".join(["tessera", *sys.argv[1:]])
+    command = shlex.join(["tessera", *sys.argv[1:]])  # as typed: an empty list stays ''
     counts = numbers(sizes)
     results = []
     with progress(console) as bar:
