@@ -306,12 +306,6 @@ def process_threads(pid: int) -> dict[str, tuple[float, float]]:
 TOPOLOGIES = ("single", "split")
 
 
-def _start_topology(stack: LocalStack, topology: str) -> None:
-    """`split`: an ingest worker in front of the stack's worker, which is the stage owner."""
-    if topology == "split":
-        stack.start_worker("ingest", role="ingest")
-
-
 def freshness(
     lines: Sequence[bytes],
     rate: float,
@@ -326,9 +320,10 @@ def freshness(
     """
     count = min(len(lines), int(rate * seconds))
     key = _admin_key(folder)
-    options = {"role": "stages"} if topology == "split" else {}
-    with LocalStack(folder / "stack", worker_options=options) as stack:
-        _start_topology(stack, topology)
+    split = topology == "split"
+    with LocalStack(folder / "stack", worker_options={"role": "stages"} if split else {}) as stack:
+        if split:  # an ingest worker in front of the stack's worker, the stage owner
+            stack.start_worker("ingest", role="ingest")
         _wait_until_serving(stack, key)
         producer = SteadyProducer(stack.bootstrap, lines[:count], rate, probe_every=0.2)
         watcher = ProbeWatcher(stack.api_url, key, producer)

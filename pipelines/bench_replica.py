@@ -61,9 +61,8 @@ def _apply_run(outputs: Path, db: Path, chunk: int) -> dict:
     cpu = time.process_time() - cpu0
     tables = table_digests(store.conn)
     store.close()
-    return {"records": len(records), "applies": -(-len(records) // chunk), "cpu_s": cpu} | {
-        "tables": tables
-    }
+    applies = -(-len(records) // chunk)
+    return {"records": len(records), "applies": applies, "cpu_s": cpu, "tables": tables}
 
 
 def _measure(tree: Path, outputs: Path, workdir: Path, chunk: int) -> dict:

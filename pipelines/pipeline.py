@@ -214,12 +214,8 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def source_position(record: SourceRecord) -> tuple[str, int, int]:
-    """Where a record sits in its topic: the order batches are processed in."""
-    return (record.topic, record.partition, record.offset)
-
-
-# `source_position` without a Python call per record (the sort key of every batch).
+# Where a record sits in its topic, (topic, partition, offset): the order batches are
+# processed in (an attrgetter: no Python call per record in the sort of every batch).
 _POSITION = attrgetter("topic", "partition", "offset")
 
 
@@ -712,16 +708,10 @@ class Pipeline:
             "attributes": _attribute_names(event),
         }
 
-    @staticmethod
-    def outcome_of(item: _Item) -> str:
-        if not item.contract.ok:
-            return REJECTED
-        assert item.decision is not None
-        return APPLIED if item.decision.decision in (ALLOWED, CONSENT_RECORDED) else WITHHELD
-
     def _record_outcomes(self, items: list[_Item], report: BatchReport) -> None:
-        # Each item's outcome (`outcome_of`) and its reason in one pass: the first reason's
-        # code when rejected, the purpose it lacked when withheld.
+        # Each item's outcome and its reason in one pass: rejected (the first reason's code)
+        # when its contract failed, applied when consent allowed or recorded it, otherwise
+        # withheld (the purpose it lacked).
         outcomes: list[str] = []
         reasons: list[str | None] = []
         for item in items:

@@ -268,7 +268,6 @@ class ProfileBuilder:
         self._read_through = dict(self.traits.window_twins)
         self._fill_window_twins()
         self._rolled_columns = rolled_columns(self.traits)
-        self._rolled_columns.pop("twins")
         self._twins = sorted(self._read_through)
         if any(source == SEEN for source in self._read_through.values()):
             self._rolled_columns["firsts"] = sorted({*self._rolled_columns["firsts"], SEEN})

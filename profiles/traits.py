@@ -83,9 +83,6 @@ class TraitCatalog:
     _by_kind: dict[str, KindPlan] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    _rollups: dict[str, RollupPlan] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
     _reads: dict[date, tuple[tuple[str, str, str | None], ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -115,6 +112,11 @@ class TraitCatalog:
                 if first != spec.name:
                     twins[spec.name] = first
         return twins
+
+    @cached_property
+    def default_rollup(self) -> RollupPlan:
+        """The catalog's `rollup_plan` with window twins read through the trait they twin."""
+        return rollup_plan(self)
 
     @cached_property
     def seen_twins(self) -> tuple[str, ...]:
@@ -430,7 +432,6 @@ def rolled_columns(catalog: TraitCatalog) -> dict[str, Any]:
         "values": named("latest"),
         "keyed": named("sum", "mean", "top", "open_count"),
         "windowed": sorted(spec.name for spec in catalog.computed if spec.window_days),
-        "twins": sorted(catalog.window_twins),
         "day_sums": sorted(
             spec.name for spec in catalog.computed if spec.window_days and spec.op == "count"
         ),
@@ -549,7 +550,7 @@ def rollup(
     before the view's last event are already dropped: no read at or after it needs them.
     """
     if plan is None:
-        plan = catalog._rollups.get("") or catalog._rollups.setdefault("", rollup_plan(catalog))
+        plan = catalog.default_rollup
     computed = {name: read(totals.get(source)) for name, source, read in plan.computed}
     windows: dict[str, dict[str, int]] = {}
     days: dict[str, dict[str, int]] = {}  # window twins share one read of their days
