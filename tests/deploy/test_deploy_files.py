@@ -1065,7 +1065,10 @@ def test_build_context_keeps_the_sources_and_drops_local_state(name):
         if line.strip() and not line.startswith("#")
     ]
     needed = ["pyproject.toml", "README.md"]
-    needed += [f"{pkg}/__init__.py" for pkg in PYPROJECT["tool"]["setuptools"]["packages"]]
+    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
+        folder = package.replace(".", "/")  # data folders are packages without __init__.py
+        init = f"{folder}/__init__.py"
+        needed.append(init if (ROOT / init).exists() else folder)
     for command in instructions(DOCKER / name):
         if command.cmd.upper() == "COPY" and not from_stage(command) and command.value[0] != ".":
             needed.extend(command.value[:-1])
