@@ -231,7 +231,7 @@ def probe_hops(bootstrap: str, sent_at: dict[int, float]) -> dict[int, dict[str,
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_cpu(path: str) -> float:
+def stat_cpu(path: str) -> float:
     """CPU-seconds (user + system) of a process or thread from its /proc stat file; 0 if gone."""
     try:
         with open(path, "rb") as handle:
@@ -262,10 +262,10 @@ class CpuMeter:
         self.start = self._sample()
 
     def _sample(self) -> dict[str, float]:
-        sample = {name: _stat_cpu(f"/proc/{pid}/stat") for name, pid in self.processes.items()}
-        sample["bench"] = _stat_cpu("/proc/self/stat")
+        sample = {name: stat_cpu(f"/proc/{pid}/stat") for name, pid in self.processes.items()}
+        sample["bench"] = stat_cpu("/proc/self/stat")
         sample["bench librdkafka"] = sum(
-            _stat_cpu(f"/proc/self/task/{tid}/stat")
+            stat_cpu(f"/proc/self/task/{tid}/stat")
             for tid in os.listdir("/proc/self/task")
             if _comm(f"/proc/self/task/{tid}/comm").startswith("rdk:")
         )

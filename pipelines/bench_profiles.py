@@ -39,6 +39,7 @@ import uvloop
 
 from pipelines import topics
 from pipelines.bench_identity import write_section
+from pipelines.bench_live import stat_cpu
 from pipelines.broker import free_port
 
 SECTION = "## Profile API"
@@ -179,12 +180,6 @@ def serve(db: Path, keys: Path, port: int, cache_entries: int) -> None:
         proxy_headers=False,  # no proxy in front: spare every request the middleware
         timeout_keep_alive=120,
     )
-
-
-def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mb(pid: int) -> float:
@@ -420,7 +415,7 @@ def _load_run(
     """One load process at `rate` lookups/s and `trivial` calls/s (default: rate/10);
     with the `server`'s pid, the CPU time it spent per request too."""
     trivial = rate / 10 if trivial is None else trivial
-    cpu = _cpu_seconds(server) if server else float("nan")
+    cpu = stat_cpu(f"/proc/{server}/stat") if server else float("nan")
     driver = subprocess.run(
         [
             sys.executable,
@@ -449,7 +444,7 @@ def _load_run(
     }
     if server:
         # Load-independent: the server's own CPU per request, whatever else runs beside it.
-        spent = _cpu_seconds(server) - cpu
+        spent = stat_cpu(f"/proc/{server}/stat") - cpu
         run["server_cpu_ms_per_request"] = spent * 1000 / max(1, len(latencies["_lag"]))
     for kind in ("lookup", "trivial"):
         values = latencies.get(kind, [])
