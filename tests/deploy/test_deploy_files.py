@@ -711,9 +711,10 @@ def test_probes_target_declared_ports_and_the_health_endpoint():
                 assert get["port"] in ports or get["port"] in ports.values(), (owner, kind)
     (api,) = k8s_one("Deployment", "tessera-api")["spec"]["template"]["spec"]["containers"]
     assert {"readinessProbe", "livenessProbe"} <= set(api)
-    # The worker serves nothing: no port, so no HTTP probe could be meaningful.
+    # The worker serves only its metrics, from a thread that answers while the stages are
+    # stuck: no HTTP probe could be meaningful.
     (worker,) = k8s_one("StatefulSet", "tessera-worker")["spec"]["template"]["spec"]["containers"]
-    assert "ports" not in worker
+    assert [p["name"] for p in worker["ports"]] == ["metrics"]
     assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(worker)
 
 
@@ -885,6 +886,11 @@ def test_tessera_command_lines_parse_with_the_cli(where, args, env, mounts, monk
     if args[0] == "serve":
         assert params["host"] == "0.0.0.0", f"{where}: unreachable from outside the container"
         assert_serve_port_matches(where, params["port"])
+    if args[0] == "worker" and params["role"].value == "stages":
+        # The stage owner's metrics feed the Grafana dashboard: served, and reachable.
+        assert params["metrics_port"], f"{where}: the stage owner serves no metrics"
+        assert params["metrics_host"] == "0.0.0.0", f"{where}: metrics unreachable from outside"
+        assert_metrics_port_declared(where, params["metrics_port"])
 
 
 def assert_serve_port_matches(where: str, port: int) -> None:
@@ -897,6 +903,30 @@ def assert_serve_port_matches(where: str, port: int) -> None:
     else:
         (api,) = k8s_one("Deployment", "tessera-api")["spec"]["template"]["spec"]["containers"]
         assert [p["containerPort"] for p in api["ports"]] == [port]
+
+
+def assert_metrics_port_declared(where: str, port: int) -> None:
+    if where.startswith("compose:"):
+        service = compose()["services"][where.split(":", 1)[1]]
+        assert [int(p) for p in service["expose"]] == [port]
+    else:
+        owner = where.split(":", 1)[1]
+        kind, name = owner.split("/")
+        (worker,) = k8s_one(kind, name)["spec"]["template"]["spec"]["containers"]
+        assert {p["name"]: p["containerPort"] for p in worker["ports"]} == {"metrics": port}
+        service = k8s_one("Service", name)
+        assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+            ("metrics", port, "metrics")
+        ]
+
+
+def test_the_stage_owner_serves_metrics_in_compose_and_kubernetes():
+    stage_owners = [
+        where
+        for where, args, *_ in INVOCATIONS
+        if args[0] == "worker" and "--role" in args and args[args.index("--role") + 1] == "stages"
+    ]
+    assert sorted(stage_owners) == ["compose:tessera-worker", "k8s:StatefulSet/tessera-worker"]
 
 
 def test_tessera_environment_names_are_the_ones_the_code_reads():
