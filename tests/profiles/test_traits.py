@@ -358,6 +358,8 @@ def test_a_batch_adds_to_the_accumulators_as_its_events_one_batch_each_would():
     assert (first_ts, last_ts) == (START + timedelta(minutes=10), START + timedelta(minutes=30))
     assert by_trait["lifetime_value"][:2] == (2, Decimal("25.00"))
     # One row per ingestion purpose: pages, orders and surveys are ingested for different ones.
-    assert sum(row[5] for row in together if row[3] == "event_count") == 7
-    assert min(row[7] for row in together if row[3] == "first_seen") == START + timedelta(minutes=5)
-    assert max(row[8] for row in together if row[3] == "last_seen") == START + timedelta(minutes=40)
+    # The counts, first and last times of every event are `_seen`'s rows, written once.
+    assert sum(row[5] for row in together if row[3] == "_seen") == 7
+    assert min(row[7] for row in together if row[3] == "_seen") == START + timedelta(minutes=5)
+    assert max(row[8] for row in together if row[3] == "_seen") == START + timedelta(minutes=40)
+    assert not {"event_count", "first_seen", "last_seen"} & {row[3] for row in together}
