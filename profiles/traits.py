@@ -10,6 +10,8 @@ it belongs to one (purpose, jurisdiction), a consent change only changes which r
 view adds up. A view is the roll-up of its allowed rows, never a rescan of events: DuckDB
 sums the rows per trait (per day for windowed traits), `rollup` turns those totals into
 the view's traits, and views of a person that allow the same rows share one roll-up.
+Traits whose events would add the same rows as another's (`TraitCatalog.row_families`)
+are read through that trait's rows rather than written.
 
 Two clocks, kept apart: buckets are event time (the day an event happened); windows and
 `days_since` are evaluated when read (`at_read`), against the reader's clock.
@@ -102,8 +104,8 @@ class TraitCatalog:
     def window_twins(self) -> dict[str, str]:
         """Windowed traits that differ from another only in their window, each mapped to
         the first of its kind: they add to the same daily buckets, and a roll-up keeps the
-        same days for every window (after the longest), so one's days serve both (a twin
-        that joins the catalog later is given the others' buckets first: `ProfileBuilder`)."""
+        same days for every window (after the longest), so one's days serve both (the
+        builder reads each through the one its store holds: `row_families`)."""
         firsts: dict[tuple[str, frozenset[str], tuple[str, ...]], str] = {}
         twins = {}
         for spec in sorted(self.computed, key=lambda s: s.name):
@@ -148,14 +150,6 @@ class TraitCatalog:
 
         return tuple(
             sorted(tuple(sorted(names, key=order)) for names in families.values() if len(names) > 1)
-        )
-
-    @cached_property
-    def seen_twins(self) -> tuple[str, ...]:
-        """Traits whose accumulator rows are those of `SEEN`: counts (without a window),
-        first and last times of every event kind."""
-        return tuple(
-            sorted(name for family in self.row_families if family[0] == SEEN for name in family[1:])
         )
 
     def plan_for(self, kind: str, unwritten: frozenset[str] = frozenset()) -> KindPlan:

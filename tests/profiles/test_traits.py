@@ -146,6 +146,44 @@ computed:
     assert catalog.window_twins == {"views_7d": "views_30d", "sessions_7d": "sessions_1d"}
 
 
+def test_traits_that_add_the_same_rows_are_one_family(tmp_path):
+    path = tmp_path / "traits.yaml"
+    path.write_text(
+        """
+computed:
+  events: {op: count, kinds: ["*"]}
+  seen_at: {op: last_time, kinds: ["*", page]}
+  pages: {op: count, kinds: [page]}
+  first_page: {op: first_time, kinds: [page]}
+  views_7d: {op: count, kinds: [page], window_days: 7}
+  views_30d: {op: count, kinds: [page], window_days: 30}
+  spent: {op: sum, kinds: [order_completed], subtract_kinds: [order_refunded], field: total,
+          group_by: currency, distinct_by: order_id}
+  bought: {op: sum, kinds: [order_completed], field: total, group_by: currency,
+           distinct_by: order_id}
+  basket: {op: mean, kinds: [order_completed], field: total, group_by: currency,
+           distinct_by: order_id}
+  average: {op: mean, kinds: [order_completed], field: total, group_by: currency}
+  cats: {op: top, kinds: [page], field: category}
+  cat_count: {op: distinct_count, kinds: [page], field: category}
+  cats_7d: {op: distinct_count, kinds: [page], field: category, window_days: 7}
+  name: {op: latest, kinds: [page], field: name}
+  name_anywhere: {op: latest, kinds: ["*"], field: name}
+"""
+    )
+    catalog = load_traits(path, known_kinds={"page", "order_completed", "order_refunded"})
+    # `_seen` first, then sums (a mean's rows are a sum's additions), then by name; a
+    # windowed count, another subtraction or amount (no distinct_by), another kind set:
+    # families apart.
+    assert catalog.row_families == (
+        ("_seen", "events", "seen_at"),
+        ("bought", "basket"),
+        ("cat_count", "cats"),
+        ("first_page", "pages"),
+        ("views_30d", "views_7d"),
+    )
+
+
 def test_merge_strategies_for_identify_traits():
     t = [START + timedelta(minutes=m) for m in range(3)]
     values = [(t[1], "b", 5), (t[0], "a", 9), (t[2], "c", 2)]
