@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS trait_facts (
     PRIMARY KEY (event_key, name)
 );
 CREATE TABLE IF NOT EXISTS profile_versions (person_id VARCHAR PRIMARY KEY, version BIGINT);
+-- Traits whose events add the same accumulator rows as another's (`TraitCatalog.row_families`)
+-- and are read through that trait's rows (`source`) rather than written: since when decides
+-- which history a trait has, so it is kept (`ProfileBuilder._settle_sources`).
+CREATE TABLE IF NOT EXISTS trait_sources (trait VARCHAR PRIMARY KEY, source VARCHAR NOT NULL);
 -- Computed-trait accumulators (profiles/traits.py): one row per identity record, ingestion
 -- purpose, jurisdiction, trait and bucket; events add to them, merges and splits move them.
 -- The key is kept unique by `_FOLD` alone: no index (maintaining an index on five strings
@@ -81,15 +85,17 @@ TRAIT_TABLES = ("trait_state", "trait_deltas")
 # counted, their amount (0 without one), first and last time, the key and value of the
 # latest (time, key) event, and the person of the batch's first event on that key; appended.
 # `latest` numbers the batch's events by (time, key): an integer to order by, where a
-# (time, key) struct cost a third of the statement.
+# (time, key) struct cost a third of the statement. Each row carries its event's columns
+# (taken in Arrow), and the table is the caller's local `_trait_rows`, read by DuckDB's
+# replacement scan: a join with a second table, and registering both, cost 1.2x as much.
 _STATE_APPEND = """
 INSERT INTO trait_deltas BY NAME
-SELECT arg_min(e.person_id, e.event) AS person_id, e.record_id, e.purpose, e.jurisdiction,
-       r.trait, r.bucket, count(*) AS n, coalesce(sum(r.amount), 0) AS amount,
-       min(e.ts) AS first_ts, max(e.ts) AS last_ts,
-       arg_max(r.value, e.latest) AS value, arg_max(e.event_key, e.latest) AS last_key
-FROM _trait_rows r JOIN _trait_events e USING (event)
-GROUP BY e.record_id, e.purpose, e.jurisdiction, r.trait, r.bucket
+SELECT arg_min(person_id, event) AS person_id, record_id, purpose, jurisdiction,
+       trait, bucket, count(*) AS n, coalesce(sum(amount), 0) AS amount,
+       min(ts) AS first_ts, max(ts) AS last_ts,
+       arg_max(value, latest) AS value, arg_max(event_key, latest) AS last_key
+FROM _trait_rows
+GROUP BY record_id, purpose, jurisdiction, trait, bucket
 """
 # A fold of the deltas of one slice of the records (`{slice}`, a condition on `record_id`),
 # in four statements. `_fold_sums`: the deltas summed per key (the person of the latest
@@ -263,15 +269,13 @@ class ProfileBuilder:
         self._folded_rows = self._count("trait_state")
         self._delta_rows = self._count("trait_deltas")
         self._unfolded: list[int] = []  # the slices a fold under way has still to fold
-        # Traits read through another's rows (their own rows are never read): window
-        # twins through the trait they twin, and `SEEN`'s twins through `SEEN`.
-        self._read_through = dict(self.traits.window_twins)
-        self._fill_window_twins()
-        self._rolled_columns = rolled_columns(self.traits)
+        # Traits read through another's rows (`_settle_sources`): never written; their own
+        # rows, in a store written before, are deleted.
+        self._read_through: dict[str, str] = {}
+        self._settle_sources()
+        self._unwritten = frozenset(self._read_through)
+        self._rolled_columns = rolled_columns(self.traits, self._read_through)
         self._twins = sorted(self._read_through)
-        if any(source == SEEN for source in self._read_through.values()):
-            self._rolled_columns["firsts"] = sorted({*self._rolled_columns["firsts"], SEEN})
-            self._rolled_columns["lasts"] = sorted({*self._rolled_columns["lasts"], SEEN})
         self._rolled_columns["read_seen"] = SEEN in self._read_through.values()
         self._rollup_plan = rollup_plan(self.traits, self._read_through)
         # What silence means, per jurisdiction and purpose: the fallback of every view.
@@ -291,50 +295,87 @@ class ProfileBuilder:
         conn.register("_consent_defaults", self._defaults)
         conn.register("_views", pa.table({"scope": list(self.policy.purposes)}))
 
-    def _fill_window_twins(self) -> None:
-        """Give each windowed trait its window twins' whole history.
+    @property
+    def read_through(self) -> dict[str, str]:
+        """The traits read through another trait's accumulator rows (never written): each
+        mapped to that trait."""
+        return dict(self._read_through)
 
-        Twins (`TraitCatalog.window_twins`) add every event to the same daily buckets, so
-        they hold the same rows, unless one joined the catalog after events were stored:
-        it lacks their rows, and so would every twin rolled up through it. A twin behind
-        the fullest of its family (fewer events counted) gets that one's rows, which is
-        what a rebuild from every event would give it. `SEEN`'s twins
-        (`TraitCatalog.seen_twins`) are read through `SEEN` when their history is its own.
+    def _settle_sources(self) -> None:
+        """Choose, in each family of traits that add the same rows (`row_families`), the
+        traits whose rows are written and those read through them (`_read_through`, kept
+        in `trait_sources`).
+
+        A trait whose stored history is its family's source's (as many events counted;
+        every trait of an empty store) is read through it, and its own rows, if a store
+        written before holds them, are deleted. So is a window twin behind the fullest of
+        its family (fewer events counted: it joined the catalog after events were stored),
+        which is what a rebuild from every event would give it. Any other trait that joined
+        its family later keeps its own, shorter history and is written. A trait read
+        through one that left its family (removed from the catalog, or changed) is given
+        that one's rows first, and written from then on.
         """
-        families: dict[str, list[str]] = {}
-        for twin, first in self.traits.window_twins.items():
-            families.setdefault(first, [first]).append(twin)
-        seen_twins = self.traits.seen_twins
-        if not families and not seen_twins:
+        q = self.conn.execute
+        recorded = dict(q("SELECT trait, source FROM trait_sources").fetchall())
+        family_of = {name: family for family in self.traits.row_families for name in family}
+        specs = {spec.name: spec for spec in self.traits.computed}
+        copied = 0
+        for trait, source in sorted(recorded.items()):
+            if trait in specs and source in family_of.get(trait, ()):
+                continue
+            if trait in specs:  # its source left the family: its history becomes its own
+                ((rows,),) = q(
+                    """INSERT INTO trait_deltas BY NAME
+                       SELECT * REPLACE (?::VARCHAR AS trait) FROM trait_rows WHERE trait = ?""",
+                    [trait, source],
+                ).fetchall()
+                copied += rows
+            q("DELETE FROM trait_sources WHERE trait = ?", [trait])
+            del recorded[trait]
+        self._delta_rows += copied
+        if not family_of:
             return
-        counted = dict(
-            self.conn.execute(
-                """SELECT trait, sum(n)::BIGINT FROM trait_rows
-                   WHERE trait IN (SELECT unnest(?)) GROUP BY trait""",
-                [[name for names in families.values() for name in names] + [SEEN, *seen_twins]],
+        counted = {  # events counted, and those counted as additions (a mean's rows)
+            trait: (n, added)
+            for trait, n, added in q(
+                """SELECT trait, sum(n)::BIGINT,
+                          coalesce(sum(n) FILTER (WHERE NOT starts_with(bucket, '-|')), 0)::BIGINT
+                   FROM trait_rows WHERE trait IN (SELECT unnest(?)) GROUP BY trait""",
+                [sorted(family_of)],
             ).fetchall()
-        )
-        # `SEEN`'s twins count every event as `SEEN` does: one that counted as many holds
-        # the same rows (one that joined the catalog after events were stored counted
-        # fewer, and keeps reading its own).
-        for name in seen_twins:
-            if counted.get(name, 0) == counted.get(SEEN, 0):
-                self._read_through[name] = SEEN
-        behind: list[tuple[str, str]] = []  # (twin, the fullest of its family)
-        for names in families.values():
-            fullest = max(names, key=lambda name: (counted.get(name, 0), name))
-            behind += [(n, fullest) for n in names if counted.get(n, 0) < counted.get(fullest, 0)]
-        if not behind:
-            return
-        self.fold()  # the copies below take one row per key, from `trait_state` alone
-        for name, fullest in behind:
-            self.conn.execute("DELETE FROM trait_state WHERE trait = ?", [name])
-            self.conn.execute(
-                """INSERT INTO trait_state BY NAME
-                   SELECT * REPLACE (?::VARCHAR AS trait) FROM trait_state WHERE trait = ?""",
-                [name, fullest],
+        }
+
+        def events(trait: str, as_of: str) -> int:
+            n, added = counted.get(trait, (0, 0))
+            return added if as_of != SEEN and specs[as_of].op == "mean" else n
+
+        gone: list[str] = []  # traits now read through another, their own rows deleted
+        for family in self.traits.row_families:
+            written = [name for name in family if name not in recorded]
+            source = min(  # `SEEN`, else a sum (a mean lacks its subtractions), the fullest
+                written,
+                key=lambda n: (n != SEEN, n != SEEN and specs[n].op != "sum", -events(n, n)),
             )
-        self._folded_rows = self._count("trait_state")
+            windowed = source != SEEN and bool(specs[source].window_days)
+            for name in written:
+                if name != source and (windowed or events(name, name) == events(source, name)):
+                    self._read_through[name] = source
+                    gone.append(name)
+        for name, held in recorded.items():  # through a trait that stays written, or its source
+            self._read_through[name] = self._read_through.get(held, held)
+        changed = {n: s for n, s in self._read_through.items() if recorded.get(n) != s}
+        if changed:
+            q(
+                """INSERT OR REPLACE INTO trait_sources
+                   SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[])""",
+                [list(changed), list(changed.values())],
+            )
+        if gone:
+            for table in TRAIT_TABLES:
+                q(f"DELETE FROM {table} WHERE trait IN (SELECT unnest(?))", [gone])
+            self._folded_rows = self._count("trait_state")
+            self._delta_rows = self._count("trait_deltas")
+            q("CHECKPOINT")  # a store written before, settled once: not a batch's to write
 
     def _count(self, table: str) -> int:
         ((rows,),) = self.conn.execute(f"SELECT count(*) FROM {table}").fetchall()
@@ -402,7 +443,9 @@ class ProfileBuilder:
         rows: list[tuple[str, str, Decimal | None, Any]] = []
         event_of: list[int] = []  # each row's event, by position in `events`
         for number, (fact, event) in enumerate(events):
-            added = accumulate(self.traits, fact["kind"], event, fact["ts"], fact["event_key"])
+            added = accumulate(
+                self.traits, fact["kind"], event, fact["ts"], fact["event_key"], self._unwritten
+            )
             rows += added
             event_of += [number] * len(added)
         if not rows:
@@ -426,24 +469,20 @@ class ProfileBuilder:
                 "event_key": [f["event_key"] for f in facts],
             }
         )
-        trait_rows = pa.table(
-            {
-                "event": pa.array(event_of, pa.int32()),
-                "trait": pa.array(traits, pa.string()),
-                "bucket": pa.array(buckets, pa.string()),
-                "amount": pa.array(amounts, pa.decimal128(18, 2)),
-                "value": pa.array(
+        by_row = trait_events.take(pa.array(event_of, pa.int32()))
+        _trait_rows = pa.Table.from_arrays(  # read by `_STATE_APPEND`, by its name
+            [
+                *by_row.columns,
+                pa.array(traits, pa.string()),
+                pa.array(buckets, pa.string()),
+                pa.array(amounts, pa.decimal128(18, 2)),
+                pa.array(
                     [None if v is None else orjson.dumps(v).decode() for v in values], pa.string()
                 ),
-            }
+            ],
+            names=[*by_row.column_names, "trait", "bucket", "amount", "value"],
         )
-        self.conn.register("_trait_events", trait_events)
-        self.conn.register("_trait_rows", trait_rows)
-        try:
-            ((appended,),) = self.conn.execute(_STATE_APPEND).fetchall()
-        finally:
-            self.conn.unregister("_trait_events")
-            self.conn.unregister("_trait_rows")
+        ((appended,),) = self.conn.execute(_STATE_APPEND).fetchall()
         self._delta_rows += appended
         self._fold_step()
 

@@ -10,6 +10,8 @@ it belongs to one (purpose, jurisdiction), a consent change only changes which r
 view adds up. A view is the roll-up of its allowed rows, never a rescan of events: DuckDB
 sums the rows per trait (per day for windowed traits), `rollup` turns those totals into
 the view's traits, and views of a person that allow the same rows share one roll-up.
+Traits whose events would add the same rows as another's (`TraitCatalog.row_families`)
+are read through that trait's rows rather than written.
 
 Two clocks, kept apart: buckets are event time (the day an event happened); windows and
 `days_since` are evaluated when read (`at_read`), against the reader's clock.
@@ -80,7 +82,7 @@ class TraitCatalog:
     computed: tuple[TraitSpec, ...]
     default_strategy: str = "latest"
     strategies: dict[str, str] = field(default_factory=dict)
-    _by_kind: dict[str, KindPlan] = field(
+    _by_kind: dict[frozenset[str], dict[str, KindPlan]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     _reads: dict[date, tuple[tuple[str, str, str | None], ...]] = field(
@@ -102,8 +104,8 @@ class TraitCatalog:
     def window_twins(self) -> dict[str, str]:
         """Windowed traits that differ from another only in their window, each mapped to
         the first of its kind: they add to the same daily buckets, and a roll-up keeps the
-        same days for every window (after the longest), so one's days serve both (a twin
-        that joins the catalog later is given the others' buckets first: `ProfileBuilder`)."""
+        same days for every window (after the longest), so one's days serve both (the
+        builder reads each through the one its store holds: `row_families`)."""
         firsts: dict[tuple[str, frozenset[str], tuple[str, ...]], str] = {}
         twins = {}
         for spec in sorted(self.computed, key=lambda s: s.name):
@@ -119,26 +121,46 @@ class TraitCatalog:
         return rollup_plan(self)
 
     @cached_property
-    def seen_twins(self) -> tuple[str, ...]:
-        """Traits whose accumulator rows are those of `SEEN`: counts (without a window),
-        first and last times of every event kind. Each event adds the same row (bucket '',
-        no amount, no value) to them as to `SEEN`, so a roll-up may read theirs through
-        `SEEN`'s once their stored history is its own (`ProfileBuilder` checks)."""
+    def row_families(self) -> tuple[tuple[str, ...], ...]:
+        """Sets of traits whose events add the same accumulator rows, so that one trait's
+        rows serve them all (`ProfileBuilder` writes one and reads the others through it):
+        counts, first and last times of the same kinds (`SEEN` with those of every kind),
+        window twins, sums and means of one amount (a mean reads a sum's additions alone),
+        and traits of one op over the same field and kinds. Each family lists the traits
+        that may hold its rows first: `SEEN`, then sums, then the others, each by name."""
+        families: dict[tuple, list[str]] = {}
+        amounts: dict[tuple, list[tuple]] = {}  # the sum families of each amount
+        for spec in self.computed:
+            key = _rows_key(spec)
+            if key is None:
+                continue
+            families.setdefault(key, []).append(spec.name)
+            if spec.op == "sum":
+                amounts.setdefault(key[:-1], []).append(key)
+        for key in [k for k in families if k[0] == "amount" and k[-1] is None]:
+            sums = sorted(amounts.get(key[:-1], []), key=lambda k: min(families[k]))
+            if sums:  # means join the first sum family of their amount
+                families[sums[0]] += families.pop(key)
+        if ("event", frozenset({"*"}), False) in families:
+            families[("event", frozenset({"*"}), False)].append(SEEN)
+        by_name = {spec.name: spec for spec in self.computed}
+
+        def order(name: str) -> tuple[bool, bool, str]:
+            return name != SEEN, by_name[name].op != "sum" if name != SEEN else False, name
+
         return tuple(
-            sorted(
-                spec.name
-                for spec in self.computed
-                if "*" in spec.kinds
-                and not spec.window_days
-                and spec.op in ("count", "first_time", "last_time")
-            )
+            sorted(tuple(sorted(names, key=order)) for names in families.values() if len(names) > 1)
         )
 
-    def plan_for(self, kind: str) -> KindPlan:
-        """What an event of `kind` adds to, worked out once per kind (`accumulate`)."""
-        plan = self._by_kind.get(kind)
+    def plan_for(self, kind: str, unwritten: frozenset[str] = frozenset()) -> KindPlan:
+        """What an event of `kind` adds to, worked out once per kind (`accumulate`), less
+        the rows of `unwritten` traits (read through another's: `row_families`)."""
+        plans = self._by_kind.get(unwritten)
+        if plans is None:
+            plans = self._by_kind[unwritten] = {}
+        plan = plans.get(kind)
         if plan is None:
-            plan = self._by_kind[kind] = _plan(self.computed, kind)
+            plan = plans[kind] = _plan(self.computed, kind, unwritten)
         return plan
 
 
@@ -153,11 +175,31 @@ class KindPlan(NamedTuple):
     daily: bool
 
 
-def _plan(computed: tuple[TraitSpec, ...], kind: str) -> KindPlan:
+def _rows_key(spec: TraitSpec) -> tuple | None:
+    """What decides the accumulator rows of a trait (`TraitCatalog.row_families`); None for
+    a trait without rows. A sum's key ends with what it subtracts, a mean's with None."""
+    kinds = frozenset({"*"}) if "*" in spec.kinds else spec.kinds
+    if spec.op in ("count", "first_time", "last_time"):
+        return ("event", kinds, bool(spec.window_days))
+    if spec.op in ("sum", "mean"):
+        subtracts = spec.subtract_kinds if spec.op == "sum" else None
+        return ("amount", kinds, spec.fields[0], spec.group_by, spec.distinct_by, subtracts)
+    if spec.op == "latest":
+        return ("latest", kinds, spec.fields[0])
+    if spec.op == "open_count":
+        return ("open", kinds, spec.close_kinds, spec.fields[0])
+    if spec.op in ("distinct_count", "top"):
+        return ("values", kinds, spec.fields, bool(spec.window_days))
+    return None
+
+
+def _plan(
+    computed: tuple[TraitSpec, ...], kind: str, unwritten: frozenset[str] = frozenset()
+) -> KindPlan:
     fixed: list[tuple[str, bool]] = [(SEEN, False)]
     steps: dict[tuple, tuple[list[str], TraitSpec, str]] = {}
     for spec in computed:
-        if spec.op == "days_since":
+        if spec.op == "days_since" or spec.name in unwritten:
             continue
         side = ""
         if spec.op in ("sum", "mean"):
@@ -363,10 +405,16 @@ def _first(event: dict[str, Any], path: str | None, ts: datetime) -> str:
 
 
 def accumulate(
-    catalog: TraitCatalog, kind: str, event: dict[str, Any], ts: datetime, event_key: str
+    catalog: TraitCatalog,
+    kind: str,
+    event: dict[str, Any],
+    ts: datetime,
+    event_key: str,
+    unwritten: frozenset[str] = frozenset(),
 ) -> list[tuple[str, str, Decimal | None, Any]]:
-    """The (trait, bucket, amount, latest value) rows one applied event adds to."""
-    plan = catalog.plan_for(kind)
+    """The (trait, bucket, amount, latest value) rows one applied event adds to, but those
+    of `unwritten` traits (read through another trait's rows)."""
+    plan = catalog.plan_for(kind, unwritten)
     day = ts.astimezone(UTC).date().isoformat() if plan.daily else ""
     rows = [(name, day if daily else "", None, None) for name, daily in plan.fixed]
     for names, spec, side in plan.steps:
@@ -418,12 +466,16 @@ class Totals(NamedTuple):
     amounts: list[Decimal] | None
 
 
-def rolled_columns(catalog: TraitCatalog) -> dict[str, Any]:
+def rolled_columns(
+    catalog: TraitCatalog, read_through: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The SQL parameters of a roll-up: which traits each optional Totals column is read
-    for, which traits keep daily buckets and the longest window (`ProfileBuilder`)."""
+    for (a trait read through another's rows: that one's), which traits keep daily buckets
+    and the longest window (`ProfileBuilder`)."""
+    through = read_through or {}
 
     def named(*ops: str) -> list[str]:
-        return sorted(spec.name for spec in catalog.computed if spec.op in ops)
+        return sorted({through.get(s.name, s.name) for s in catalog.computed if s.op in ops})
 
     return {
         "amounts": named("sum", "mean"),
@@ -431,9 +483,15 @@ def rolled_columns(catalog: TraitCatalog) -> dict[str, Any]:
         "lasts": named("last_time"),
         "values": named("latest"),
         "keyed": named("sum", "mean", "top", "open_count"),
-        "windowed": sorted(spec.name for spec in catalog.computed if spec.window_days),
+        "windowed": sorted(
+            {through.get(s.name, s.name) for s in catalog.computed if s.window_days}
+        ),
         "day_sums": sorted(
-            spec.name for spec in catalog.computed if spec.window_days and spec.op == "count"
+            {
+                through.get(s.name, s.name)
+                for s in catalog.computed
+                if s.window_days and s.op == "count"
+            }
         ),
         "max_window": catalog.max_window,
     }
@@ -576,7 +634,7 @@ def _sum_or_mean(spec: TraitSpec, rows: Iterable[tuple[str, int, Decimal]]) -> d
             each = amount / n if spec.distinct_by else amount
             totals[group] = totals.get(group, Decimal(0)) + each
             counts[group] = counts.get(group, 0) + 1
-        else:
+        elif spec.op == "sum":  # a mean read through a sum's rows leaves its subtractions
             totals[group] = totals.get(group, Decimal(0)) - amount
     if spec.op == "mean":
         return {g: _money(totals[g] / counts[g]) for g in sorted(counts)}

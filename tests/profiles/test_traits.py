@@ -146,6 +146,44 @@ computed:
     assert catalog.window_twins == {"views_7d": "views_30d", "sessions_7d": "sessions_1d"}
 
 
+def test_traits_that_add_the_same_rows_are_one_family(tmp_path):
+    path = tmp_path / "traits.yaml"
+    path.write_text(
+        """
+computed:
+  events: {op: count, kinds: ["*"]}
+  seen_at: {op: last_time, kinds: ["*", page]}
+  pages: {op: count, kinds: [page]}
+  first_page: {op: first_time, kinds: [page]}
+  views_7d: {op: count, kinds: [page], window_days: 7}
+  views_30d: {op: count, kinds: [page], window_days: 30}
+  spent: {op: sum, kinds: [order_completed], subtract_kinds: [order_refunded], field: total,
+          group_by: currency, distinct_by: order_id}
+  bought: {op: sum, kinds: [order_completed], field: total, group_by: currency,
+           distinct_by: order_id}
+  basket: {op: mean, kinds: [order_completed], field: total, group_by: currency,
+           distinct_by: order_id}
+  average: {op: mean, kinds: [order_completed], field: total, group_by: currency}
+  cats: {op: top, kinds: [page], field: category}
+  cat_count: {op: distinct_count, kinds: [page], field: category}
+  cats_7d: {op: distinct_count, kinds: [page], field: category, window_days: 7}
+  name: {op: latest, kinds: [page], field: name}
+  name_anywhere: {op: latest, kinds: ["*"], field: name}
+"""
+    )
+    catalog = load_traits(path, known_kinds={"page", "order_completed", "order_refunded"})
+    # `_seen` first, then sums (a mean's rows are a sum's additions), then by name; a
+    # windowed count, another subtraction or amount (no distinct_by), another kind set:
+    # families apart.
+    assert catalog.row_families == (
+        ("_seen", "events", "seen_at"),
+        ("bought", "basket"),
+        ("cat_count", "cats"),
+        ("first_page", "pages"),
+        ("views_30d", "views_7d"),
+    )
+
+
 def test_merge_strategies_for_identify_traits():
     t = [START + timedelta(minutes=m) for m in range(3)]
     values = [(t[1], "b", 5), (t[0], "a", 9), (t[2], "c", 2)]
@@ -358,6 +396,8 @@ def test_a_batch_adds_to_the_accumulators_as_its_events_one_batch_each_would():
     assert (first_ts, last_ts) == (START + timedelta(minutes=10), START + timedelta(minutes=30))
     assert by_trait["lifetime_value"][:2] == (2, Decimal("25.00"))
     # One row per ingestion purpose: pages, orders and surveys are ingested for different ones.
-    assert sum(row[5] for row in together if row[3] == "event_count") == 7
-    assert min(row[7] for row in together if row[3] == "first_seen") == START + timedelta(minutes=5)
-    assert max(row[8] for row in together if row[3] == "last_seen") == START + timedelta(minutes=40)
+    # The counts, first and last times of every event are `_seen`'s rows, written once.
+    assert sum(row[5] for row in together if row[3] == "_seen") == 7
+    assert min(row[7] for row in together if row[3] == "_seen") == START + timedelta(minutes=5)
+    assert max(row[8] for row in together if row[3] == "_seen") == START + timedelta(minutes=40)
+    assert not {"event_count", "first_seen", "last_seen"} & {row[3] for row in together}
