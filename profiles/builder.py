@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from itertools import chain
 from typing import Any, NamedTuple
 
 import duckdb
@@ -238,18 +239,28 @@ def traits_of(event: dict[str, Any]) -> dict[str, Any]:
 
 
 class AllowedGroups(NamedTuple):
-    """What a rebuild's persons may show, per view: (person, scope). `views`: each view's
-    allowed groups (record, ingestion purpose, jurisdiction), each with the day of its last
-    event less the longest window; `shared`: the view whose roll-up it shares (the least
-    scope allowing the same groups); `view_of`: the shared views by number; `shown`: each
-    shared view's identifiers by type; `identifiers`: each person's identifiers by type,
-    whatever the view."""
+    """What a rebuild's persons may show, per view: (person, scope). `views`: the (ingestion
+    purpose, jurisdiction) of each view's allowed groups; `records`: the records of each
+    person's groups of a purpose and jurisdiction, which a view allows all or none of;
+    `shared`: the view whose roll-up it shares (the least scope allowing the same groups);
+    `view_of`: the shared views by number; `shown`: each shared view's identifiers by type;
+    `identifiers`: each person's identifiers by type, whatever the view."""
 
-    views: dict[tuple[str, str], list[tuple[str, str, str, str | None]]]
+    views: dict[tuple[str, str], list[tuple[str, str]]]
+    records: dict[tuple[str, str, str], list[str]]
     shared: dict[tuple[str, str], str]
     view_of: dict[int, tuple[str, str]]
     shown: dict[tuple[str, str], dict[str, list[str]]]
     identifiers: dict[str, dict[str, list[str]]]
+
+    def groups(self, view: tuple[str, str]) -> list[tuple[str, str, str]]:
+        """A view's allowed groups: (record, ingestion purpose, jurisdiction)."""
+        person = view[0]
+        return [
+            (record, purpose, jurisdiction)
+            for purpose, jurisdiction in self.views[view]
+            for record in self.records[(person, purpose, jurisdiction)]
+        ]
 
 
 def _sorted_ids(by_type: dict[str, set[str]]) -> dict[str, list[str]]:
@@ -622,29 +633,32 @@ class ProfileBuilder:
                 status = defaults.get((jurisdiction, purpose))
             return status == "granted"
 
-        # The groups, and the day of each one's last event less the longest window.
-        groups = q(
-            """SELECT person_id, record_id, purpose, jurisdiction,
+        # The groups by person, ingestion purpose and jurisdiction: their records, and the
+        # day of their last event less the longest window. A view allows or refuses all of
+        # one person's groups of a purpose and jurisdiction, so the views are worked out
+        # per such class of groups, not per group.
+        classes = q(
+            """WITH g AS (
+                   SELECT person_id, record_id, purpose, jurisdiction, max(last_ts) AS last_ts
+                   FROM _person_rows WHERE trait = ? AND bucket = '' GROUP BY ALL
+               )
+               SELECT person_id, purpose, jurisdiction, list(record_id),
                       strftime(timezone('UTC', max(last_ts))::DATE - ?, '%Y-%m-%d')
-               FROM _person_rows WHERE trait = ? AND bucket = '' GROUP BY ALL""",
-            [self.traits.max_window, SEEN],
+               FROM g GROUP BY ALL""",
+            [SEEN, self.traits.max_window],
         ).fetchall()
-        # Each view's groups (with their horizons): the views a person's groups of one
-        # ingestion purpose and jurisdiction go in are worked out once.
-        views: dict[tuple[str, str], list[tuple[str, str, str, str | None]]] = {}
-        views_of: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
-        for person, *group in groups:
-            _, purpose, jurisdiction, _ = group
-            into = views_of.get((person, purpose, jurisdiction))
-            if into is None:
-                # What is held, consent aside: a subject access request's view.
-                into = [(person, SUBJECT_ACCESS)]
-                if purpose == "" or granted(person, purpose, jurisdiction):
-                    into += [(person, s) for s in scopes if granted(person, s, jurisdiction)]
-                views_of[(person, purpose, jurisdiction)] = into
-            member = tuple(group)
-            for view in into:
-                views.setdefault(view, []).append(member)
+        views: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        records_in: dict[tuple[str, str, str], list[str]] = {}
+        horizon_of: dict[tuple[str, str, str], str | None] = {}
+        for person, purpose, jurisdiction, records, horizon in classes:
+            records_in[(person, purpose, jurisdiction)] = records
+            horizon_of[(person, purpose, jurisdiction)] = horizon
+            # What is held, consent aside: a subject access request's view.
+            into = [SUBJECT_ACCESS]
+            if purpose == "" or granted(person, purpose, jurisdiction):
+                into += [s for s in scopes if granted(person, s, jurisdiction)]
+            for scope in into:
+                views.setdefault((person, scope), []).append((purpose, jurisdiction))
         # Views of a person that allow the same groups add up the same rows (consent
         # mostly agrees across purposes): each set is rolled up once, for its least scope.
         sets = {view: (view[0], tuple(sorted(members))) for view, members in views.items()}
@@ -688,18 +702,22 @@ class ProfileBuilder:
         for number, view in enumerate(sorted(v for v, of in shared.items() if of == v[1]), 1):
             view_of[number] = view
             person, scope = view
-            members = views[view]
-            records, purposes, jurisdictions, horizons = zip(*members, strict=True)
-            scope_col += [scope] * len(members)
-            person_col += [person] * len(members)
-            record_col += records
-            purpose_col += purposes
-            jurisdiction_col += jurisdictions
-            number_col += [number] * len(members)
+            members = [(purpose, j, records_in[(person, purpose, j)]) for purpose, j in views[view]]
             # Windows keep the days after the view's last event less the longest window.
-            horizon_col += [max((h for h in horizons if h is not None), default="")] * len(members)
+            horizons = [horizon_of[(person, purpose, j)] for purpose, j, _ in members]
+            horizon = max((h for h in horizons if h is not None), default="")
+            for purpose, jurisdiction, records in members:
+                n = len(records)
+                scope_col += [scope] * n
+                person_col += [person] * n
+                record_col += records
+                purpose_col += [purpose] * n
+                jurisdiction_col += [jurisdiction] * n
+                number_col += [number] * n
+                horizon_col += [horizon] * n
+            records = frozenset(chain.from_iterable(records for _, _, records in members))
             # A view shows the identifiers of the records that contributed to it.
-            for holder, ids in identifiers_of(frozenset(records)).items():
+            for holder, ids in identifiers_of(records).items():
                 known = shown.get((holder, scope))
                 if known is not None:  # records of one holder in two persons' views
                     ids = {
@@ -738,7 +756,7 @@ class ProfileBuilder:
             person: dict(identifiers_of(frozenset(records)).get(person, {}))
             for person, records in records_of.items()
         }
-        return AllowedGroups(views, shared, view_of, shown, identifiers)
+        return AllowedGroups(views, records_in, shared, view_of, shown, identifiers)
 
     def _stated(
         self, by_name: dict[str, list[tuple[datetime, str, str]]]
@@ -778,7 +796,7 @@ class ProfileBuilder:
                 "SELECT DISTINCT person_id FROM facts WHERE person_id IN (SELECT person_id FROM _affected)"
             ).fetchall()
         }
-        _, shared, view_of, shown, indexed = self._allowed_groups(affected)
+        _, _, shared, view_of, shown, indexed = self._allowed_groups(affected)
         totals: dict[tuple[str, str], dict[str, Totals]] = {}
         for number, trait, *row in q(_ROLLUP, self._rollup_params).fetchall():
             totals.setdefault(view_of[number], {})[trait] = Totals(*row)

@@ -58,17 +58,16 @@ def rebuilt():
     affected = sorted(persons)
     pipeline.conn.register("_affected", pa.table({"person_id": affected}))
     allowed = pipeline.builder._allowed_groups(affected)
+    groups = [(view, group) for view in allowed.views for group in allowed.groups(view)]
     pipeline.conn.register(
         "_ag",
         pa.table(
             {
-                "person_id": [
-                    person for (person, _), groups in allowed.views.items() for _ in groups
-                ],
-                "scope": [scope for (_, scope), groups in allowed.views.items() for _ in groups],
-                "record_id": [g[0] for groups in allowed.views.values() for g in groups],
-                "purpose": [g[1] for groups in allowed.views.values() for g in groups],
-                "jurisdiction": [g[2] for groups in allowed.views.values() for g in groups],
+                "person_id": [person for (person, _), _ in groups],
+                "scope": [scope for (_, scope), _ in groups],
+                "record_id": [group[0] for _, group in groups],
+                "purpose": [group[1] for _, group in groups],
+                "jurisdiction": [group[2] for _, group in groups],
             }
         ),
     )
