@@ -137,7 +137,8 @@ FOLD_SLICES = 4
 # into Python objects cost more than the query. Lists come in no order (`rollup` sorts
 # them), and only for one view of each set of views that allow the same groups. Views are
 # `_ag_shared`'s integer ids: grouping ~140k rows on an integer instead of the person and
-# scope strings cut a fifth of the query.
+# scope strings cut a fifth of the query. Each `_ag_shared` row carries its view's horizon
+# (worked out with the groups): a second join of the rows to find it cost more.
 _ROLLUP = f"""
 WITH buckets AS (
     SELECT a.view, s.trait, s.bucket, sum(s.n)::BIGINT AS n,
@@ -299,23 +300,12 @@ class ProfileBuilder:
         self._rolled_columns["read_seen"] = SEEN in self._read_through.values()
         self._rollup_params = {k: v for k, v in self._rolled_columns.items() if k != "max_window"}
         self._rollup_plan = rollup_plan(self.traits, self._read_through)
-        # What silence means, per jurisdiction and purpose: the fallback of every view.
-        self._defaults = pa.table(
-            {
-                "jurisdiction": [j for j in policy.jurisdictions for _ in policy.purposes],
-                "purpose": [p for _ in policy.jurisdictions for p in policy.purposes],
-                "status": [
-                    policy.default_status(j, p)
-                    for j in policy.jurisdictions
-                    for p in policy.purposes
-                ],
-            }
-        )
-        # Both fixed for the builder's life: registered once, not in every batch's rebuild
-        # (a registration and its removal cost ~1 ms of catalogue work each time).
+        # What silence means, per jurisdiction and purpose: the fallback of every view (a
+        # jurisdiction the policy does not name has none: denied).
         self._default_of = {
-            (j, p): status
-            for j, p, status in zip(*self._defaults.to_pydict().values(), strict=True)
+            (j, p): policy.default_status(j, p)
+            for j in policy.jurisdictions
+            for p in policy.purposes
         }
         self._scopes = list(self.policy.purposes)
 
@@ -580,8 +570,9 @@ class ProfileBuilder:
         A group is (identity record, ingestion purpose, jurisdiction). It belongs in the view
         for purpose P when the person currently consents to P and to the ingestion purpose:
         their identifiers' latest statement, else the jurisdiction's default. Worked out in
-        Python over a few thousand groups: the SQL statements and temporary tables it took
-        before cost more, and most of that whatever the batch's size.
+        Python per class of groups (a person's groups of one ingestion purpose and
+        jurisdiction): the five temporary tables and three more queries this took in SQL
+        cost more, most of it whatever the batch's size.
         """
         q = self.conn.execute
         # The affected persons' accumulator rows, read once into Arrow: every read of
@@ -687,14 +678,14 @@ class ProfileBuilder:
             values in order: once per set of records (a person's views mostly show one)."""
             known = by_records.get(records)
             if known is None:
-                sets: dict[str, dict[str, set[str]]] = {}
+                found: dict[str, dict[str, set[str]]] = {}
                 for record in records:
                     holder = owner.get(record)
                     if holder is not None:
-                        by_type = sets.setdefault(holder, {})
+                        by_type = found.setdefault(holder, {})
                         for id_type, value in ids_of[record]:
                             by_type.setdefault(id_type, set()).add(value)
-                known = {holder: _sorted_ids(by_type) for holder, by_type in sets.items()}
+                known = {holder: _sorted_ids(by_type) for holder, by_type in found.items()}
                 by_records[records] = known
             return known
 
