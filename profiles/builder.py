@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
 
 import duckdb
 import orjson
@@ -142,14 +143,10 @@ FOLD_SLICES = 4
 # into Python objects cost more than the query. Lists come in no order (`rollup` sorts
 # them), and only for one view of each set of views that allow the same groups. Views are
 # `_ag_shared`'s integer ids: grouping ~140k rows on an integer instead of the person and
-# scope strings cut a fifth of the query.
+# scope strings cut a fifth of the query. Each `_ag_shared` row carries its view's horizon
+# (worked out with the groups): a second join of the rows to find it cost more.
 _ROLLUP = f"""
-WITH horizons AS (  -- windows keep the days after the view's last event less the longest window
-    SELECT a.view,
-           strftime(timezone('UTC', max(s.last_ts))::DATE - $max_window, '%Y-%m-%d') AS horizon
-    FROM _person_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
-    WHERE s.trait = '{SEEN}' AND s.bucket = '' GROUP BY ALL
-), buckets AS (
+WITH buckets AS (
     SELECT a.view, s.trait, s.bucket, sum(s.n)::BIGINT AS n,
            CASE WHEN list_contains($windowed, s.trait) THEN split_part(s.bucket, '|', 1) END AS day,
            sum(s.amount) FILTER (WHERE list_contains($amounts, s.trait)) AS amount,
@@ -158,10 +155,8 @@ WITH horizons AS (  -- windows keep the days after the view's last event less th
            arg_max(s.value, (s.last_ts, s.last_key))
                FILTER (WHERE list_contains($values, s.trait)) AS value
     FROM _person_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
-    LEFT JOIN horizons h ON h.view = a.view
     WHERE (s.trait <> '{SEEN}' OR $read_seen)  -- the groups' own rows, for `SEEN`'s twins
-      AND (NOT list_contains($windowed, s.trait)
-           OR split_part(s.bucket, '|', 1) > coalesce(h.horizon, ''))
+      AND (NOT list_contains($windowed, s.trait) OR split_part(s.bucket, '|', 1) > a.horizon)
     GROUP BY a.view, s.trait, s.bucket  -- `day` follows from these
 ), days AS (
     SELECT view, trait, day,
@@ -250,6 +245,36 @@ def traits_of(event: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in traits.items() if v is not None and v != ""}
 
 
+class AllowedGroups(NamedTuple):
+    """What a rebuild's persons may show, per view: (person, scope). `views`: the (ingestion
+    purpose, jurisdiction) of each view's allowed groups; `records`: the records of each
+    person's groups of a purpose and jurisdiction, which a view allows all or none of;
+    `shared`: the view whose roll-up it shares (the least scope allowing the same groups);
+    `view_of`: the shared views by number; `shown`: each shared view's identifiers by type;
+    `identifiers`: each person's identifiers by type, whatever the view."""
+
+    views: dict[tuple[str, str], list[tuple[str, str]]]
+    records: dict[tuple[str, str, str], list[str]]
+    shared: dict[tuple[str, str], str]
+    view_of: dict[int, tuple[str, str]]
+    shown: dict[tuple[str, str], dict[str, list[str]]]
+    identifiers: dict[str, dict[str, list[str]]]
+
+    def groups(self, view: tuple[str, str]) -> list[tuple[str, str, str]]:
+        """A view's allowed groups: (record, ingestion purpose, jurisdiction)."""
+        person = view[0]
+        return [
+            (record, purpose, jurisdiction)
+            for purpose, jurisdiction in self.views[view]
+            for record in self.records[(person, purpose, jurisdiction)]
+        ]
+
+
+def _sorted_ids(by_type: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Identifier values by type, types and values in order."""
+    return {id_type: sorted(by_type[id_type]) for id_type in sorted(by_type)}
+
+
 class ProfileBuilder:
     """Facts in DuckDB and the SQL that aggregates them into profiles, a batch at a time."""
 
@@ -277,23 +302,16 @@ class ProfileBuilder:
         self._rolled_columns = rolled_columns(self.traits, self._read_through)
         self._twins = sorted(self._read_through)
         self._rolled_columns["read_seen"] = SEEN in self._read_through.values()
+        self._rollup_params = {k: v for k, v in self._rolled_columns.items() if k != "max_window"}
         self._rollup_plan = rollup_plan(self.traits, self._read_through)
-        # What silence means, per jurisdiction and purpose: the fallback of every view.
-        self._defaults = pa.table(
-            {
-                "jurisdiction": [j for j in policy.jurisdictions for _ in policy.purposes],
-                "purpose": [p for _ in policy.jurisdictions for p in policy.purposes],
-                "status": [
-                    policy.default_status(j, p)
-                    for j in policy.jurisdictions
-                    for p in policy.purposes
-                ],
-            }
-        )
-        # Both fixed for the builder's life: registered once, not in every batch's rebuild
-        # (a registration and its removal cost ~1 ms of catalogue work each time).
-        conn.register("_consent_defaults", self._defaults)
-        conn.register("_views", pa.table({"scope": list(self.policy.purposes)}))
+        # What silence means, per jurisdiction and purpose: the fallback of every view (a
+        # jurisdiction the policy does not name has none: denied).
+        self._default_of = {
+            (j, p): policy.default_status(j, p)
+            for j in policy.jurisdictions
+            for p in policy.purposes
+        }
+        self._scopes = list(self.policy.purposes)
 
     @property
     def read_through(self) -> dict[str, str]:
@@ -579,19 +597,21 @@ class ProfileBuilder:
         try:
             return self._build(affected)
         finally:
-            self.conn.unregister("_affected")
-            self.conn.unregister("_person_rows")
+            for name in ("_affected", "_person_rows", "_affected_records", "_ag_shared"):
+                self.conn.unregister(name)
 
-    def _allowed_groups(self, affected: list[str]) -> None:
-        """`_person_rows` (Arrow, registered until `build` returns): the affected persons'
-        accumulator rows; `_affected_records`: their identity records; `_ids`: each affected
-        person's identifiers, by record; `_ag`: each affected person's accumulator group once
-        per view it may appear in; `_shared_views`: the view whose roll-up each view shares;
-        `_ag_shared`: `_ag` of those, each view numbered (`view`).
+    def _allowed_groups(self, affected: list[str]) -> AllowedGroups:
+        """The affected persons' views and what each allows (`AllowedGroups`). Registered
+        until `build` returns (Arrow): `_person_rows`, the affected persons' accumulator
+        rows; `_affected_records`, their identity records; `_ag_shared`, the groups of each
+        view whose roll-up others share, each such view numbered (`view`), with its horizon.
 
         A group is (identity record, ingestion purpose, jurisdiction). It belongs in the view
         for purpose P when the person currently consents to P and to the ingestion purpose:
-        their identifiers' latest statement, else the jurisdiction's default.
+        their identifiers' latest statement, else the jurisdiction's default. Worked out in
+        Python per class of groups (a person's groups of one ingestion purpose and
+        jurisdiction): the five temporary tables and three more queries this took in SQL
+        cost more, most of it whatever the batch's size.
         """
         q = self.conn.execute
         # The affected persons' accumulator rows, read once into Arrow: every read of
@@ -614,69 +634,159 @@ class ProfileBuilder:
         ).to_arrow_reader()
         self.conn.register("_person_rows", person_rows.read_all())
         held = self.records_of(affected)
-        if held is not None:  # no read of the store, whose size it would cost
-            self.conn.register("_held_records", held)
-            try:
-                q("CREATE OR REPLACE TEMP TABLE _affected_records AS FROM _held_records")
-            finally:
-                self.conn.unregister("_held_records")
-        else:
+        if held is None:
             # `id_records` is a view that works out every record's current person: read once.
-            q(
-                f"""CREATE OR REPLACE TEMP TABLE _affected_records AS
-                SELECT person_id, record_id, {", ".join(STRONG_FIELDS)} FROM id_records
+            held = self.conn.sql(
+                f"""SELECT person_id, record_id, {", ".join(STRONG_FIELDS)} FROM id_records
                 WHERE person_id IN (SELECT person_id FROM _affected)"""
-            )
-        q(
-            f"""CREATE OR REPLACE TEMP TABLE _ids AS SELECT * FROM (
-                UNPIVOT _affected_records ON {", ".join(STRONG_FIELDS)} INTO NAME id_type VALUE id_value)"""
-        )
-        q(
-            f"""CREATE OR REPLACE TEMP TABLE _ag AS
-            WITH ids AS (
-                SELECT DISTINCT person_id, id_type, id_value FROM _ids
-            ), latest AS (  -- a person's consent: their identifiers' latest statement
-                SELECT i.person_id, s.purpose, arg_max(s.status, s.ts) AS status
-                FROM ids i JOIN consent_state s USING (id_type, id_value) GROUP BY ALL
-            ), groups AS (
-                SELECT DISTINCT person_id, record_id, purpose, jurisdiction FROM _person_rows
-                WHERE trait = '{SEEN}' AND bucket = ''
-            )
-            SELECT v.scope, g.* FROM groups g CROSS JOIN _views v
-            LEFT JOIN latest lv ON lv.person_id = g.person_id AND lv.purpose = v.scope
-            LEFT JOIN _consent_defaults dv
-                   ON dv.jurisdiction = g.jurisdiction AND dv.purpose = v.scope
-            LEFT JOIN latest lp ON lp.person_id = g.person_id AND lp.purpose = g.purpose
-            LEFT JOIN _consent_defaults dp
-                   ON dp.jurisdiction = g.jurisdiction AND dp.purpose = g.purpose
-            WHERE coalesce(lv.status, dv.status, 'denied') = 'granted'
-              AND (g.purpose = '' OR coalesce(lp.status, dp.status, 'denied') = 'granted')
-            UNION ALL BY NAME  -- what is held, consent aside: a subject access request's view
-            SELECT '{SUBJECT_ACCESS}' AS scope, g.* FROM groups g"""
-        )
+            ).to_arrow_table()
+        self.conn.register("_affected_records", held)
+        # A person's consent per purpose: their identifiers' latest statement.
+        latest = {
+            (person, purpose): status
+            for person, purpose, status in q(
+                f"""WITH ids AS (
+                    SELECT DISTINCT person_id, id_type, id_value FROM (
+                        UNPIVOT _affected_records ON {", ".join(STRONG_FIELDS)}
+                        INTO NAME id_type VALUE id_value)
+                )
+                SELECT i.person_id, s.purpose, arg_max(s.status, s.ts)
+                FROM ids i JOIN consent_state s USING (id_type, id_value) GROUP BY ALL"""
+            ).fetchall()
+        }
+        defaults = self._default_of
+        scopes = self._scopes
+
+        def granted(person: str, purpose: str, jurisdiction: str) -> bool:
+            status = latest.get((person, purpose))
+            if status is None:
+                status = defaults.get((jurisdiction, purpose))
+            return status == "granted"
+
+        # The groups by person, ingestion purpose and jurisdiction: their records, and the
+        # day of their last event less the longest window. A view allows or refuses all of
+        # one person's groups of a purpose and jurisdiction, so the views are worked out
+        # per such class of groups, not per group.
+        classes = q(
+            """WITH g AS (
+                   SELECT person_id, record_id, purpose, jurisdiction, max(last_ts) AS last_ts
+                   FROM _person_rows WHERE trait = ? AND bucket = '' GROUP BY ALL
+               )
+               SELECT person_id, purpose, jurisdiction, list(record_id),
+                      strftime(timezone('UTC', max(last_ts))::DATE - ?, '%Y-%m-%d')
+               FROM g GROUP BY ALL""",
+            [SEEN, self.traits.max_window],
+        ).fetchall()
+        views: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        records_in: dict[tuple[str, str, str], list[str]] = {}
+        horizon_of: dict[tuple[str, str, str], str | None] = {}
+        for person, purpose, jurisdiction, records, horizon in classes:
+            records_in[(person, purpose, jurisdiction)] = records
+            horizon_of[(person, purpose, jurisdiction)] = horizon
+            # What is held, consent aside: a subject access request's view.
+            into = [SUBJECT_ACCESS]
+            if purpose == "" or granted(person, purpose, jurisdiction):
+                into += [s for s in scopes if granted(person, s, jurisdiction)]
+            for scope in into:
+                views.setdefault((person, scope), []).append((purpose, jurisdiction))
         # Views of a person that allow the same groups add up the same rows (consent
-        # mostly agrees across purposes): each set is rolled up once, for its first scope.
-        # A view's groups as one sorted list of joined strings (the unit separator is in
-        # no identifier, purpose or jurisdiction): grouping on it, then joining back,
-        # costs less than sorting structs and partitioning a window by them.
-        q(
-            """CREATE OR REPLACE TEMP TABLE _shared_views AS
-            WITH views AS (
-                SELECT person_id, scope,
-                       list_sort(list(concat_ws(chr(31), record_id, purpose, jurisdiction)))
-                           AS groups
-                FROM _ag GROUP BY ALL
+        # mostly agrees across purposes): each set is rolled up once, for its least scope.
+        sets = {view: (view[0], tuple(sorted(members))) for view, members in views.items()}
+        least: dict[tuple[str, tuple], str] = {}
+        for (_, scope), key in sets.items():
+            if key not in least or scope < least[key]:
+                least[key] = scope
+        shared = {view: least[key] for view, key in sets.items()}
+        # Identifiers by record, and the records' persons (as the store has them now).
+        columns = held.to_pydict()
+        owner = dict(zip(columns["record_id"], columns["person_id"], strict=True))
+        ids_of = {
+            record: [(t, v) for t, v in zip(STRONG_FIELDS, values, strict=True) if v is not None]
+            for record, *values in zip(
+                columns["record_id"], *(columns[t] for t in STRONG_FIELDS), strict=True
             )
-            SELECT v.person_id, v.scope, s.shared FROM views v
-            JOIN (SELECT person_id, groups, min(scope) AS shared FROM views GROUP BY ALL) s
-            USING (person_id, groups)"""
+        }
+        view_of: dict[int, tuple[str, str]] = {}
+        cols: tuple[list, ...] = ([], [], [], [], [], [], [])
+        scope_col, person_col, record_col, purpose_col, jurisdiction_col, number_col = cols[:6]
+        horizon_col = cols[6]
+        by_records: dict[frozenset[str], dict[str, dict[str, list[str]]]] = {}
+
+        def identifiers_of(records: frozenset[str]) -> dict[str, dict[str, list[str]]]:
+            """The identifiers of `records` by holder (each record's person now), types and
+            values in order: once per set of records (a person's views mostly show one)."""
+            known = by_records.get(records)
+            if known is None:
+                found: dict[str, dict[str, set[str]]] = {}
+                for record in records:
+                    holder = owner.get(record)
+                    if holder is not None:
+                        by_type = found.setdefault(holder, {})
+                        for id_type, value in ids_of[record]:
+                            by_type.setdefault(id_type, set()).add(value)
+                known = {holder: _sorted_ids(by_type) for holder, by_type in found.items()}
+                by_records[records] = known
+            return known
+
+        shown: dict[tuple[str, str], dict[str, list[str]]] = {}
+        for number, view in enumerate(sorted(v for v, of in shared.items() if of == v[1]), 1):
+            view_of[number] = view
+            person, scope = view
+            members = [(purpose, j, records_in[(person, purpose, j)]) for purpose, j in views[view]]
+            # Windows keep the days after the view's last event less the longest window.
+            horizons = [horizon_of[(person, purpose, j)] for purpose, j, _ in members]
+            horizon = max((h for h in horizons if h is not None), default="")
+            for purpose, jurisdiction, records in members:
+                n = len(records)
+                scope_col += [scope] * n
+                person_col += [person] * n
+                record_col += records
+                purpose_col += [purpose] * n
+                jurisdiction_col += [jurisdiction] * n
+                number_col += [number] * n
+                horizon_col += [horizon] * n
+            records = frozenset(chain.from_iterable(records for _, _, records in members))
+            # A view shows the identifiers of the records that contributed to it.
+            for holder, ids in identifiers_of(records).items():
+                known = shown.get((holder, scope))
+                if known is not None:  # records of one holder in two persons' views
+                    ids = {
+                        t: sorted({*known.get(t, ()), *ids.get(t, ())})
+                        for t in sorted({*known, *ids})
+                    }
+                shown[(holder, scope)] = ids
+        self.conn.register(
+            "_ag_shared",
+            pa.table(
+                [
+                    pa.array(scope_col, pa.string()),
+                    pa.array(person_col, pa.string()),
+                    pa.array(record_col, pa.string()),
+                    pa.array(purpose_col, pa.string()),
+                    pa.array(jurisdiction_col, pa.string()),
+                    pa.array(number_col, pa.int32()),
+                    pa.array(horizon_col, pa.string()),
+                ],
+                names=[
+                    "scope",
+                    "person_id",
+                    "record_id",
+                    "purpose",
+                    "jurisdiction",
+                    "view",
+                    "horizon",
+                ],
+            ),
         )
-        q(
-            """CREATE OR REPLACE TEMP TABLE _ag_shared AS
-            SELECT a.*, dense_rank() OVER (ORDER BY a.person_id, a.scope)::INTEGER AS view
-            FROM _ag a SEMI JOIN _shared_views v
-            ON v.person_id = a.person_id AND v.scope = a.scope AND v.shared = a.scope"""
-        )
+        # All identifiers index the profile: every identifier of its records.
+        records_of: dict[str, set[str]] = {}
+        for record, person in owner.items():
+            records_of.setdefault(person, set()).add(record)
+        identifiers = {
+            person: dict(identifiers_of(frozenset(records)).get(person, {}))
+            for person, records in records_of.items()
+        }
+        return AllowedGroups(views, records_in, shared, view_of, shown, identifiers)
 
     def _stated(
         self, by_name: dict[str, list[tuple[datetime, str, str]]]
@@ -716,18 +826,9 @@ class ProfileBuilder:
                 "SELECT DISTINCT person_id FROM facts WHERE person_id IN (SELECT person_id FROM _affected)"
             ).fetchall()
         }
-        self._allowed_groups(affected)
-        shared = {
-            (person, view): of for person, view, of in q("SELECT * FROM _shared_views").fetchall()
-        }
-        view_of = {
-            number: (person, scope)
-            for number, person, scope in q(
-                "SELECT DISTINCT view, person_id, scope FROM _ag_shared"
-            ).fetchall()
-        }
+        _, _, shared, view_of, shown, indexed = self._allowed_groups(affected)
         totals: dict[tuple[str, str], dict[str, Totals]] = {}
-        for number, trait, *row in q(_ROLLUP, self._rolled_columns).fetchall():
+        for number, trait, *row in q(_ROLLUP, self._rollup_params).fetchall():
             totals.setdefault(view_of[number], {})[trait] = Totals(*row)
         stated: dict[tuple[str, str], dict[str, list[tuple[datetime, str, str]]]] = {}
         for person, view, name, value, ts, event_key in q(
@@ -741,24 +842,9 @@ class ProfileBuilder:
         ).fetchall():
             by_name = stated.setdefault((person, view), {})
             by_name.setdefault(name, []).append((ts, event_key, value))
-        # All identifiers index the profile for lookups; a view shows only those of records
-        # that contributed an allowed event to it: the same for views that share a roll-up
-        # (they allow the same groups), read once for those (`_ag_shared`).
-        shown: dict[tuple[str, str], dict[str, list[str]]] = {}
-        for person, scope, id_type, values in q(
-            """SELECT person_id, scope, id_type, list(id_value ORDER BY id_value) FROM (
-                   SELECT DISTINCT person_id, scope, id_type, id_value FROM _ids
-                   JOIN (SELECT DISTINCT record_id, scope FROM _ag_shared) v USING (record_id)
-               ) GROUP BY ALL
-               UNION ALL  -- the profile's own (no scope): every identifier of its records
-               SELECT person_id, NULL, id_type, list(DISTINCT id_value ORDER BY id_value)
-               FROM _ids GROUP BY ALL
-               ORDER BY 1, 2 NULLS FIRST, 3"""
-        ).fetchall():
-            if scope is not None:
-                shown.setdefault((person, scope), {})[id_type] = values
-            elif person in profiles:
-                profiles[person]["identifiers"][id_type] = values
+        for person, ids in indexed.items():
+            if person in profiles:
+                profiles[person]["identifiers"] = ids
         rolled: dict[tuple[str, str], tuple[dict, dict, dict, dict]] = {}
         plan = self._rollup_plan
         for (person, view), of in sorted(shared.items()):

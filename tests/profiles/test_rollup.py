@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pytest
 
 from pipelines.pipeline import Pipeline, SourceRecord
@@ -43,7 +44,8 @@ def _shifted(raw: bytes, days: int) -> bytes:
 @pytest.fixture(scope="module")
 def rebuilt():
     """A synthetic stream whose first third happened a month earlier, in batches; then
-    every person rebuilt. Out: (pipeline, profiles, stored rows per view)."""
+    every person rebuilt. Out: (pipeline, profiles, stored rows per view, the build's
+    `AllowedGroups`)."""
     lines = [raw for raw, _ in generate(persons=40, events=1500, seed=11, end=END)]
     lines = [_shifted(raw, 30) if n < 500 else raw for n, raw in enumerate(lines)]
     pipeline = Pipeline(":memory:", quality=False)
@@ -52,8 +54,24 @@ def rebuilt():
         pipeline.process(records[start : start + 300], lambda _outputs: None)
     persons = {p for (p,) in pipeline.conn.execute("SELECT person_id FROM facts").fetchall()}
     profiles = pipeline.builder.build(persons)
+    # Each view's allowed (record, purpose, jurisdiction) groups, as the build works them out.
+    affected = sorted(persons)
+    pipeline.conn.register("_affected", pa.table({"person_id": affected}))
+    allowed = pipeline.builder._allowed_groups(affected)
+    groups = [(view, group) for view in allowed.views for group in allowed.groups(view)]
+    pipeline.conn.register(
+        "_ag",
+        pa.table(
+            {
+                "person_id": [person for (person, _), _ in groups],
+                "scope": [scope for (_, scope), _ in groups],
+                "record_id": [group[0] for _, group in groups],
+                "purpose": [group[1] for _, group in groups],
+                "jurisdiction": [group[2] for _, group in groups],
+            }
+        ),
+    )
     rows: dict[tuple[str, str], list[tuple]] = defaultdict(list)
-    # `_ag`, left by the build: each view's allowed (record, purpose, jurisdiction) groups.
     for person, scope, *row in pipeline.conn.execute(
         """SELECT a.person_id, a.scope, s.trait, s.bucket, sum(s.n)::BIGINT, sum(s.amount),
                   min(s.first_ts), max(s.last_ts), arg_max(s.value, (s.last_ts, s.last_key))
@@ -61,7 +79,7 @@ def rebuilt():
            GROUP BY ALL ORDER BY ALL"""
     ).fetchall():
         rows[(person, scope)].append(tuple(row))
-    yield pipeline, profiles, rows
+    yield pipeline, profiles, rows, allowed
     pipeline.close()
 
 
@@ -128,7 +146,7 @@ def _by_definition(
 
 
 def test_every_view_equals_the_definition_of_its_traits(rebuilt):
-    pipeline, profiles, rows = rebuilt
+    pipeline, profiles, rows, _ = rebuilt
     catalog = pipeline.builder.traits
     through = pipeline.builder.read_through
     # Read through `_seen`, another's rows or a window twin's, and never written.
@@ -157,7 +175,7 @@ def test_every_view_equals_the_definition_of_its_traits(rebuilt):
 def test_the_stream_reaches_every_op_the_horizon_and_views_that_differ(rebuilt):
     """Guards the comparison above: it saw every kind of trait, windows that dropped old
     days, and persons whose views allow different groups (so roll-ups are not all shared)."""
-    pipeline, profiles, rows = rebuilt
+    _, profiles, rows, allowed = rebuilt
     views = [v for doc in profiles.values() for v in doc["views"].values()]
     for name in ("top_categories", "open_tickets", "last_csat", "average_order_value"):
         assert any(v["computed"][name] for v in views), name
@@ -176,7 +194,5 @@ def test_the_stream_reaches_every_op_the_horizon_and_views_that_differ(rebuilt):
         if len({orjson.dumps(v["computed"]) for v in doc["views"].values()}) > 1
     ]
     assert differing, "every person's views rolled up the same rows"
-    shared = pipeline.conn.execute(
-        "SELECT count(*), count(DISTINCT (person_id, shared)) FROM _shared_views"
-    ).fetchone()
-    assert shared[1] < shared[0]
+    shared = allowed.shared
+    assert len({(person, of) for (person, _), of in shared.items()}) < len(shared)
