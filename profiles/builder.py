@@ -517,12 +517,20 @@ class ProfileBuilder:
                 by_type.setdefault(identifier.type, []).append(identifier.value)
         if not by_type:
             return set()
-        # One pass over the records for every type (a query per type scanned them each time).
-        held = " OR ".join(f"list_contains(?, {id_type})" for id_type in by_type)
+        # One pass over the stored records for every type (a query per type scanned them
+        # each time), each type's values a hash semi-join: `list_contains` searched the
+        # whole list at every stored record. Only the records found are then given their
+        # current person as `id_records` does (identity/resolver.py), not every moved record.
+        held = " OR ".join(f"{id_type} IN (SELECT unnest(?))" for id_type in by_type)
         return {
             person
             for (person,) in self.conn.execute(
-                f"SELECT DISTINCT person_id FROM id_records WHERE {held}", list(by_type.values())
+                f"""WITH held AS (SELECT record_id, person_id FROM id_records_base WHERE {held})
+                SELECT DISTINCT coalesce(m.person_id, h.person_id) FROM held h LEFT JOIN (
+                    SELECT record_id, arg_max(person_id, seq) AS person_id FROM id_record_moves
+                    WHERE record_id IN (SELECT record_id FROM held) GROUP BY record_id
+                ) m USING (record_id)""",
+                list(by_type.values()),
             ).fetchall()
         }
 
