@@ -894,15 +894,25 @@ class IdentityResolver:
             names=names,
         )
 
-    def founded_by(self, records: Iterable[str]) -> dict[str, str] | None:
-        """The person each of `records` founded, for those that founded one (what
-        `id_persons.founder` says), from the in-memory index. None while the index is not
-        loaded, or if a record founded more than one person (the caller reads the store)."""
+    def merged_into(self, persons: list[str]) -> dict[str, list[str]] | None:
+        """Those of `persons` others merged into, each with the persons founded by one of
+        its records now (`id_persons.founder`) other than itself, sorted; from the in-memory
+        index. None while the index is not loaded, or if a record founded more than one
+        person (the caller reads the store)."""
         index = self._index
         if index is None or not index.founders_unique:
             return None
-        founded = index.founded
-        return {record: founded[record] for record in records if record in founded}
+        founded, members = index.founded, index.members
+        merged = {}
+        for person in persons:
+            others = {
+                founder_of
+                for record in members.get(person, ())
+                if (founder_of := founded.get(record)) is not None and founder_of != person
+            }
+            if others:
+                merged[person] = sorted(others)
+        return merged
 
     def person_of_record(self, record_id: str) -> str | None:
         """The person a record belongs to now, or None."""

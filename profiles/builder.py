@@ -258,9 +258,9 @@ class ProfileBuilder:
         # Persons -> their identity records and strong identifiers (an Arrow table), or None:
         # the identity resolver's in-memory index, set by the pipeline; else `id_records`.
         self.records_of: Callable[[list[str]], pa.Table | None] = lambda _persons: None
-        # Records -> the person each founded (for those that founded one), or None: the
+        # Persons -> those merged into each (sorted; only persons with some), or None: the
         # identity resolver's in-memory index, set by the pipeline; else `id_persons`.
-        self.founded_by: Callable[[list[str]], dict[str, str] | None] = lambda _records: None
+        self.merged_into: Callable[[list[str]], dict[str, list[str]] | None] = lambda _p: None
         self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
         self._folded_rows = self._count("trait_state")
@@ -675,26 +675,20 @@ class ProfileBuilder:
             traits[name] = {"value": value, "ts": ts.isoformat() + "+00:00", "event_key": event_key}
         return traits
 
-    def _merged_from(self) -> dict[str, list[str]]:
+    def _merged_from(self, affected: list[str]) -> dict[str, list[str]]:
         """Each affected person's merged-in persons, sorted: the persons founded by a record
         now in this profile (`_affected_records`), other than itself. From the identity
         index when it has the founders: `id_persons` read whole grows with the store."""
-        held = self.conn.execute("SELECT person_id, record_id FROM _affected_records").fetchall()
-        founded = self.founded_by([record for _, record in held])
-        if founded is None:
-            return dict(
-                self.conn.execute(
-                    """SELECT r.person_id, list(DISTINCT p.person_id ORDER BY p.person_id)
-                       FROM id_persons p JOIN _affected_records r ON r.record_id = p.founder
-                       WHERE p.person_id <> r.person_id GROUP BY r.person_id"""
-                ).fetchall()
-            )
-        merged: dict[str, set[str]] = {}
-        for person, record in held:
-            founder_of = founded.get(record)
-            if founder_of is not None and founder_of != person:
-                merged.setdefault(person, set()).add(founder_of)
-        return {person: sorted(persons) for person, persons in merged.items()}
+        merged = self.merged_into(affected)
+        if merged is not None:
+            return merged
+        return dict(
+            self.conn.execute(
+                """SELECT r.person_id, list(DISTINCT p.person_id ORDER BY p.person_id)
+                   FROM id_persons p JOIN _affected_records r ON r.record_id = p.founder
+                   WHERE p.person_id <> r.person_id GROUP BY r.person_id"""
+            ).fetchall()
+        )
 
     def _build(self, affected: list[str]) -> dict[str, dict[str, Any]]:
         q = self.conn.execute
@@ -774,7 +768,7 @@ class ProfileBuilder:
                 "computed": computed,
                 "windows": windows,
             }
-        for person, merged in self._merged_from().items():
+        for person, merged in self._merged_from(affected).items():
             if person in profiles:
                 profiles[person]["merged_from"] = merged
         for person, version in q(
