@@ -44,6 +44,11 @@ class CandidateIndex:
         self.person_of: dict[str, str] = {}  # record -> person
         self.members: dict[str, set[str]] = {}  # person -> records
         self.born: dict[str, tuple[datetime, str]] = {}  # person -> (first seen, id): its age
+        # record -> the person it founded (`id_persons.founder`): who a profile merged in.
+        # A record founds at most one person (a split revives the person a record founded
+        # rather than found another); `founders_unique` is False if a store says otherwise.
+        self.founded: dict[str, str] = {}
+        self.founders_unique = True
         self.cannot: set[frozenset[str]] = set()  # record pairs an operator rejected
 
     @classmethod
@@ -64,15 +69,23 @@ class CandidateIndex:
                 records.append((record_id, dict(zip(RECORD_FIELDS, values, strict=True))))
                 index.assign(record_id, person)
             index.add(records)
-        for person_id, first_ts in conn.execute(
-            "SELECT person_id, first_ts FROM id_persons"
+        for person_id, first_ts, founder in conn.execute(
+            "SELECT person_id, first_ts, founder FROM id_persons"
         ).fetchall():
-            index.born[persons.get(person_id, person_id)] = (first_ts, person_id)
+            person = persons.get(person_id, person_id)
+            index.born[person] = (first_ts, person_id)
+            if founder is not None:
+                index.found(founder, person)
         index.cannot = {
             frozenset(pair)
             for pair in conn.execute("SELECT record_l, record_r FROM id_cannot_link").fetchall()
         }
         return index
+
+    def found(self, record_id: str, person: str) -> None:
+        """Record that `person` was founded by `record_id` (a row of `id_persons`)."""
+        if self.founded.setdefault(record_id, person) != person:
+            self.founders_unique = False
 
     def assign(self, record_id: str, person: str) -> None:
         """Record that `record_id` belongs to `person` now (moving it if it had another)."""

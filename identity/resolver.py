@@ -523,7 +523,9 @@ class IdentityResolver:
         # Every record of a merged-away person moves to the survivor.
         moved = {r: survivor for loser, survivor in merged.items() for r in index.members[loser]}
         self._write(new, person, created, moved, edges, unions)
-        for survivor, ts, _, _ in created:
+        for survivor, ts, _, founder in created:
+            if survivor not in index.born:  # the row `_add_persons` wrote
+                index.found(founder, survivor)
             index.born[survivor] = (ts, survivor)
         for record, target in (*((r, person[r]) for r in new), *moved.items()):
             index.assign(record, target)
@@ -849,7 +851,9 @@ class IdentityResolver:
         self._add_persons(created)
         self._repoint(moved)  # the records a split moved
         if self._index is not None:
-            for person, first_ts, _, _ in created:
+            for person, first_ts, _, founder in created:
+                if person not in self._index.born:  # the row `_add_persons` wrote
+                    self._index.found(founder, person)
                 self._index.born[person] = (first_ts, person)
             for record, person in moved.items():
                 self._index.assign(record, person)
@@ -889,6 +893,26 @@ class IdentityResolver:
             [pa.array([row[i] for row in rows], pa.string()) for i in range(len(names))],
             names=names,
         )
+
+    def merged_into(self, persons: list[str]) -> dict[str, list[str]] | None:
+        """Those of `persons` others merged into, each with the persons founded by one of
+        its records now (`id_persons.founder`) other than itself, sorted; from the in-memory
+        index. None while the index is not loaded, or if a record founded more than one
+        person (the caller reads the store)."""
+        index = self._index
+        if index is None or not index.founders_unique:
+            return None
+        founded, members = index.founded, index.members
+        merged = {}
+        for person in persons:
+            others = {
+                founder_of
+                for record in members.get(person, ())
+                if (founder_of := founded.get(record)) is not None and founder_of != person
+            }
+            if others:
+                merged[person] = sorted(others)
+        return merged
 
     def person_of_record(self, record_id: str) -> str | None:
         """The person a record belongs to now, or None."""

@@ -289,6 +289,9 @@ class ProfileBuilder:
         # Persons -> their identity records and strong identifiers (an Arrow table), or None:
         # the identity resolver's in-memory index, set by the pipeline; else `id_records`.
         self.records_of: Callable[[list[str]], pa.Table | None] = lambda _persons: None
+        # Persons -> those merged into each (sorted; only persons with some), or None: the
+        # identity resolver's in-memory index, set by the pipeline; else `id_persons`.
+        self.merged_into: Callable[[list[str]], dict[str, list[str]] | None] = lambda _p: None
         self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
         self._folded_rows = self._count("trait_state")
@@ -574,12 +577,20 @@ class ProfileBuilder:
                 by_type.setdefault(identifier.type, []).append(identifier.value)
         if not by_type:
             return set()
-        # One pass over the records for every type (a query per type scanned them each time).
-        held = " OR ".join(f"list_contains(?, {id_type})" for id_type in by_type)
+        # One pass over the stored records for every type (a query per type scanned them
+        # each time), each type's values a hash semi-join: `list_contains` searched the
+        # whole list at every stored record. Only the records found are then given their
+        # current person as `id_records` does (identity/resolver.py), not every moved record.
+        held = " OR ".join(f"{id_type} IN (SELECT unnest(?))" for id_type in by_type)
         return {
             person
             for (person,) in self.conn.execute(
-                f"SELECT DISTINCT person_id FROM id_records WHERE {held}", list(by_type.values())
+                f"""WITH held AS (SELECT record_id, person_id FROM id_records_base WHERE {held})
+                SELECT DISTINCT coalesce(m.person_id, h.person_id) FROM held h LEFT JOIN (
+                    SELECT record_id, arg_max(person_id, seq) AS person_id FROM id_record_moves
+                    WHERE record_id IN (SELECT record_id FROM held) GROUP BY record_id
+                ) m USING (record_id)""",
+                list(by_type.values()),
             ).fetchall()
         }
 
@@ -813,6 +824,21 @@ class ProfileBuilder:
             traits[name] = {"value": value, "ts": ts.isoformat() + "+00:00", "event_key": event_key}
         return traits
 
+    def _merged_from(self, affected: list[str]) -> dict[str, list[str]]:
+        """Each affected person's merged-in persons, sorted: the persons founded by a record
+        now in this profile (`_affected_records`), other than itself. From the identity
+        index when it has the founders: `id_persons` read whole grows with the store."""
+        merged = self.merged_into(affected)
+        if merged is not None:
+            return merged
+        return dict(
+            self.conn.execute(
+                """SELECT r.person_id, list(DISTINCT p.person_id ORDER BY p.person_id)
+                   FROM id_persons p JOIN _affected_records r ON r.record_id = p.founder
+                   WHERE p.person_id <> r.person_id GROUP BY r.person_id"""
+            ).fetchall()
+        )
+
     def _build(self, affected: list[str]) -> dict[str, dict[str, Any]]:
         q = self.conn.execute
         profiles: dict[str, dict[str, Any]] = {
@@ -867,12 +893,7 @@ class ProfileBuilder:
                 "computed": computed,
                 "windows": windows,
             }
-        for person, merged in q(
-            # Persons that founded a record now in this profile: everyone merged into it.
-            """SELECT r.person_id, list(DISTINCT p.person_id ORDER BY p.person_id)
-               FROM id_persons p JOIN _affected_records r ON r.record_id = p.founder
-               WHERE p.person_id <> r.person_id GROUP BY r.person_id"""
-        ).fetchall():
+        for person, merged in self._merged_from(affected).items():
             if person in profiles:
                 profiles[person]["merged_from"] = merged
         for person, version in q(

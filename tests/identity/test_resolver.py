@@ -466,3 +466,72 @@ def test_records_of_persons_from_the_index_equal_the_stores_after_merges_and_a_s
     assert held.column_names == ["person_id", "record_id", *STRONG_FIELDS]
     assert len(stored) > len(persons) - 1  # some persons hold several records
     assert sorted(tuple(row.values()) for row in held.to_pylist()) == sorted(stored)
+
+
+def test_merged_in_persons_from_the_index_equal_the_stores_after_merges_and_a_split(model):
+    """The profile rebuild reads who merged into a profile (the persons founded by one of
+    its records, `id_persons.founder`) from the index: as batches create persons and a
+    split revives one, and as loaded from the store, it says what the store says."""
+    r = Resolver(model)
+    assert r.identity.merged_into(["anyone"]) is None  # not loaded: read the store
+    rows = [normalise_record(raw) for raw in identity_records(150, seed=5)]
+    for start in range(0, len(rows), 60):
+        r.feed(*rows[start : start + 60])
+    r.identity.reject_link(*sorted(r.identity.index.person_of)[:2], "test", "cmd", T0)
+    r.feed(rec(user_id="late-1"), rec(user_id="late-1", email="late@example.org"))
+    persons = [*sorted(set(r.identity.index.person_of.values())), "nobody"]
+    stored = dict(
+        r.conn.execute(
+            """SELECT r.person_id, list(DISTINCT p.person_id ORDER BY p.person_id)
+               FROM id_persons p JOIN id_records r ON r.record_id = p.founder
+               WHERE p.person_id <> r.person_id GROUP BY r.person_id"""
+        ).fetchall()
+    )
+    assert stored  # some persons were merged into others
+    assert r.identity.merged_into(persons) == stored
+    r.identity.forget()
+    r.identity.index  # noqa: B018 (loads it from the store)
+    assert r.identity.merged_into(persons) == stored
+    assert r.identity.merged_into(persons[::2]) == {
+        p: m for p, m in stored.items() if p in persons[::2]
+    }
+
+
+def test_the_persons_holding_consent_subjects_are_those_of_the_stores_records(model):
+    """A consent change re-scopes every person holding its identifiers: the profile
+    builder finds them among the stored records, each with its current person (a merge
+    or a split moved some)."""
+    from consent.policy import load_policy
+    from identity.normalise import Identifier
+    from identity.records import STRONG_FIELDS
+    from profiles.builder import ProfileBuilder
+
+    r = Resolver(model)
+    rows = [normalise_record(raw) for raw in identity_records(150, seed=5)]
+    for start in range(0, len(rows), 60):
+        r.feed(*rows[start : start + 60])
+    r.identity.reject_link(*sorted(r.identity.index.person_of)[:2], "test", "cmd", T0)
+    ((moves,),) = r.conn.execute("SELECT count(*) FROM id_record_moves").fetchall()
+    assert moves > 0
+    builder = ProfileBuilder(r.conn, load_policy())
+    held = [
+        Identifier(id_type, value)
+        for row in r.conn.execute(f"SELECT {', '.join(STRONG_FIELDS)} FROM id_records").fetchall()[
+            ::4
+        ]
+        for id_type, value in zip(STRONG_FIELDS, row, strict=True)
+        if value is not None
+    ]
+    identifiers = {*held, Identifier("email", "nobody@example.org"), Identifier("name", "x")}
+    expected = {
+        person
+        for (person,) in r.conn.execute(
+            f"""SELECT DISTINCT person_id FROM id_records WHERE {
+                " OR ".join(f"{t} IN (SELECT unnest(?))" for t in STRONG_FIELDS)
+            }""",
+            [[i.value for i in held if i.type == t] for t in STRONG_FIELDS],
+        ).fetchall()
+    }
+    assert len(expected) > 10
+    assert builder.persons_holding(identifiers) == expected
+    assert builder.persons_holding({Identifier("email", "nobody@example.org")}) == set()
