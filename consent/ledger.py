@@ -163,29 +163,31 @@ class LineageLedger:
 
     def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
         self.conn = conn
-        # The last head seen: the head is at or after it unless a rollback undid appends.
-        self._seen_seq = 0
+        # The last head seen (seq, hash), or None: the head is at or after it unless a
+        # rollback undid appends.
+        self._seen: tuple[int, str] | None = None
         conn.execute(SCHEMA_SQL)
 
     def head(self) -> tuple[int, str]:
         """The last sequence number and hash (0 and the genesis hash when empty)."""
-        rows = []
-        if self._seen_seq:
-            # Row groups wholly before the last head seen are skipped by their statistics,
-            # where the top-1 over every seq grew with the ledger. Nothing found (a rollback
-            # undid that head): asked again over all.
+        if self._seen is not None:
+            # Still the head when that entry is stored as seen and none follows it: two
+            # reads of the key index (~0.26 ms), where the top-1 over the row groups after
+            # it cost ~0.75 ms a batch. Otherwise (a rollback undid it, another writer
+            # appended) the head is asked for again over all.
+            seq, digest = self._seen
             rows = self.conn.execute(
-                "SELECT seq, hash FROM lineage WHERE seq >= ? ORDER BY seq DESC LIMIT 1",
-                [self._seen_seq],
+                "SELECT seq, hash FROM lineage WHERE seq IN (?, ?)", [seq, seq + 1]
             ).fetchall()
-        if not rows:
-            rows = self.conn.execute(
-                "SELECT seq, hash FROM lineage ORDER BY seq DESC LIMIT 1"
-            ).fetchall()
+            if rows == [(seq, digest)]:
+                return seq, digest
+        rows = self.conn.execute(
+            "SELECT seq, hash FROM lineage ORDER BY seq DESC LIMIT 1"
+        ).fetchall()
         if not rows:
             return 0, GENESIS_HASH
-        self._seen_seq = rows[0][0]
-        return rows[0][0], rows[0][1]
+        self._seen = (rows[0][0], rows[0][1])
+        return self._seen
 
     def append(self, entries: list[dict[str, Any]]) -> list[LedgerEntry]:
         """Chain and store entries in order. In: entry contents. Out: the chained entries."""
@@ -205,6 +207,7 @@ class LineageLedger:
             texts.append(body.decode())
             prev = digest
         store_entries(self.conn, chained, texts=texts)
+        self._seen = (seq, prev)
         return chained
 
     def verify(self) -> VerifyResult:

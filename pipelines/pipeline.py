@@ -744,8 +744,7 @@ class Pipeline:
         # Column by column: the table pa.table makes from the lists, in half the time.
         self.conn.register("_outcomes", pa.table({k: pa.array(v) for k, v in rows.items()}))
         try:
-            self.conn.execute("INSERT INTO outcomes BY NAME SELECT * FROM _outcomes")
-            self.stored_keys.add("_outcomes")
+            self.stored_keys.insert("_outcomes")
         finally:
             self.conn.unregister("_outcomes")
 

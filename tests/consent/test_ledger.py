@@ -67,3 +67,18 @@ def test_appends_after_a_rolled_back_batch_chain_onto_the_committed_head():
     (next_entry,) = ledger.append([{"event_key": "e3"}])
     assert (next_entry.seq, next_entry.prev_hash) == (4, committed[-1].hash)
     assert ledger.verify().ok and ledger.verify().entries == 4
+
+
+def test_appends_chain_onto_entries_another_ledger_appended_to_the_same_table():
+    conn = open_state(":memory:")
+    ledger, other = LineageLedger(conn), LineageLedger(conn)
+    ledger.append([{"event_key": "a"}])  # the head this ledger remembers
+    (theirs,) = other.append([{"event_key": "b"}])
+    (ours,) = ledger.append([{"event_key": "c"}])
+    assert (ours.seq, ours.prev_hash) == (3, theirs.hash)
+    conn.execute("BEGIN TRANSACTION")
+    other.append([{"event_key": "undone"}])
+    conn.execute("ROLLBACK")
+    (after,) = other.append([{"event_key": "d"}])  # its remembered head was rolled back
+    assert (after.seq, after.prev_hash) == (4, ours.hash)
+    assert ledger.verify().ok and ledger.verify().entries == 4

@@ -11,6 +11,8 @@ from pipelines.bench_stages import (
     CHECKPOINT_LABEL,
     HEADING,
     SPANS,
+    TIMERS_LABEL,
+    SpanClock,
     compare_outputs,
     replace_section,
     report,
@@ -41,8 +43,10 @@ def test_stage_spans_add_up_and_leave_outcomes_as_a_plain_run(tmp_path):
     assert measured["events"] == 240
     # The generator repeats a few events on purpose: a duplicate has no outcome of its own.
     assert measured["outcomes"] == expected and 230 < sum(expected.values()) <= 240
-    labels = {label for label, _, _ in SPANS} | {CHECKPOINT_LABEL}
+    labels = {label for label, _, _ in SPANS} | {CHECKPOINT_LABEL, TIMERS_LABEL}
     assert set(measured["spans"]) <= labels
+    # The timers' own cost is a line of its own, out of the lines that call timed spans.
+    assert measured["spans"][TIMERS_LABEL] > 0
     assert {"contract checks", "consent gate", "profile rebuild"} <= set(measured["spans"])
     # The commit and the batches' share of checkpoints are counted, not left in "other".
     assert {"state commit", CHECKPOINT_LABEL} <= set(measured["spans"])
@@ -156,3 +160,15 @@ def test_a_batch_leaves_no_cycle_holding_its_events(tmp_path, make_event):
         gc.enable()
     pipeline.close()
     assert left == []
+
+
+def test_the_timers_own_cost_is_taken_out_of_the_spans_and_counted_once_per_call():
+    clock = SpanClock()
+    clock.calibrate(calls=2_000, rounds=2)
+    assert clock._inner > 0 and clock._outer > 0 and not clock.seconds  # starts from zero
+    inner = clock.wrap("inner", lambda: None)
+    outer = clock.wrap("outer", lambda: [inner() for _ in range(50)])
+    outer()
+    assert clock.calls == {"inner": 50, "outer": 1}
+    per_call = clock._inner + clock._outer
+    assert abs(clock.seconds[TIMERS_LABEL] - 51 * per_call) < 1e-9
