@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import struct
 import threading
 import zlib
 from collections.abc import Sequence
@@ -31,8 +32,8 @@ from profiles.reads import DocumentCache, IdentifierIndex
 from profiles.traits import TraitCatalog, at_read, load_traits
 
 SCHEMA_SQL = """
--- Each changelog document zlib-compressed on its own: a point read decompresses one
--- document, not the column segment a JSON column would share with its neighbours.
+-- Each changelog document compressed on its own (see _pack): a point read decompresses
+-- one document, not the column segment a JSON column would share with its neighbours.
 CREATE TABLE IF NOT EXISTS profile_documents (
     person_id VARCHAR PRIMARY KEY, doc BLOB, version BIGINT
 );
@@ -111,9 +112,28 @@ def _timestamp(text: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+# A stored document: _LZ4 + its length (4 bytes, little-endian) + an LZ4 block. LZ4 packs
+# a ~7 KB document in ~3 us against zlib's (level 1) ~21 us, and unpacks it in ~1.5 us
+# against ~9, for ~20% more bytes. Stores written before hold zlib streams, whose first
+# byte is 0x78 (zlib.compress's header): both are read.
+_LZ4 = b"L"
+_LZ4_CODEC = pa.Codec("lz4_raw")
+_LENGTH = struct.Struct("<I")
+
+
+def _pack(document: bytes) -> bytes:
+    """A changelog document (JSON bytes) as stored."""
+    return _LZ4 + _LENGTH.pack(len(document)) + _LZ4_CODEC.compress(document, asbytes=True)
+
+
 def _unpack(blob: bytes) -> dict[str, Any]:
     """A stored (compressed) document as read."""
-    return orjson.loads(zlib.decompress(blob))
+    if blob[:1] != _LZ4:
+        return orjson.loads(zlib.decompress(blob))
+    (length,) = _LENGTH.unpack_from(blob, 1)
+    return orjson.loads(
+        _LZ4_CODEC.decompress(memoryview(blob)[5:], decompressed_size=length, asbytes=True)
+    )
 
 
 class ProfileStore:
@@ -562,7 +582,7 @@ class ProfileStore:
         """
         if not profiles:
             return {}, [], []
-        packed = {p: zlib.compress(v, 1) for p, v in profiles.items() if v is not None}
+        packed = {p: _pack(v) for p, v in profiles.items() if v is not None}
         changed = pa.table(
             {
                 "person_id": list(profiles),

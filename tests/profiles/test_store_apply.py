@@ -3,6 +3,8 @@ index and replays end as if every changed person's identifiers were written agai
 
 from __future__ import annotations
 
+import zlib
+
 import orjson
 
 from consent.ledger import GENESIS_HASH, LedgerEntry, canonical_json, entry_hash, verify_chain
@@ -113,5 +115,29 @@ def test_a_lineage_entry_delivered_twice_in_one_apply_is_stored_once(tmp_path):
         assert verify_chain(store.conn).ok
         outcomes = store.stats()
         assert (outcomes["applied"], outcomes["withheld"]) == (1, 1)
+    finally:
+        store.close()
+
+
+def test_documents_stored_zlib_compressed_by_an_older_replica_still_read(tmp_path):
+    changelog = Changelog()
+    store = ProfileStore(tmp_path / "replica.duckdb")
+    try:
+        store.apply([changelog("p1", {"email": ["a1"]}), changelog("p2", {"email": ["b1"]})])
+        new = store.document("p1")
+        assert new == {"person_id": "p1", "version": 1, "identifiers": {"email": ["a1"]}}
+        ((blob,),) = (
+            store.reader()
+            .execute("SELECT doc FROM profile_documents WHERE person_id = 'p2'")
+            .fetchall()
+        )
+        assert not blob.startswith(b"x")  # packed anew, not zlib's stream
+        old = {"person_id": "p2", "version": 2, "identifiers": {"email": ["b1"]}}
+        store.conn.execute(
+            "UPDATE profile_documents SET doc = ? WHERE person_id = 'p2'",
+            [zlib.compress(orjson.dumps(old), 1)],
+        )
+        store.cache.invalidate(["p2"])
+        assert store.document("p2") == old
     finally:
         store.close()
