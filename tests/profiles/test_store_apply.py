@@ -141,3 +141,51 @@ def test_documents_stored_zlib_compressed_by_an_older_replica_still_read(tmp_pat
         assert store.document("p2") == old
     finally:
         store.close()
+
+
+def _contents(store: ProfileStore) -> dict[str, list[tuple]]:
+    tables = [t for (t,) in store.reader().execute("SHOW TABLES").fetchall()]
+    return {
+        t: sorted(store.reader().execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables
+    }
+
+
+def test_records_re_delivered_after_a_restart_store_what_one_delivery_stores(
+    tmp_path, run, make_event
+):
+    """Ledger entries, outcomes, dead letters, identity events and quality reports are
+    inserted, not upserted; an apply whose records are partly stored already (a follower
+    restarted before its last offsets were stored) is applied again as upserts."""
+    us = {"location": {"country": "US"}}
+    run.feed(
+        make_event("page", anonymousId="dev-1", context=us),
+        make_event("identify", userId="u-1", traits={"email": "a@example.org"}, context=us),
+        b"not json",
+    )
+    run.feed(
+        make_event("identify", userId="u-1", anonymousId="dev-1", context=us),
+        make_event("page", userId="u-2", context=us),
+        b"{broken",
+    )
+    records = [
+        ConsumedRecord(o.topic, 0, n, o.key, o.value, o.headers) for n, o in enumerate(run.outputs)
+    ]
+    kinds = {r.topic for r in records}
+    assert {topics.LINEAGE, topics.REJECTED, topics.IDENTITY_LINKS} <= kinds
+    assert topics.QUALITY_REPORTS in kinds
+    once, again = ProfileStore(tmp_path / "once.duckdb"), ProfileStore(tmp_path / "again.duckdb")
+    try:
+        half = len(records) // 2
+        once.apply(records[:half])
+        once.apply(records[half:])
+        again.apply(records[:half])
+        again.apply(records[half // 2 :])  # the second half of the first apply again
+        again.apply(records)  # everything again
+        assert _contents(again) == _contents(once)
+        assert verify_chain(again.conn).ok
+        stats = again.stats()
+        assert stats == once.stats()
+        assert stats["rejected"] == 2 and stats["received"] == 6
+    finally:
+        once.close()
+        again.close()
