@@ -613,7 +613,8 @@ class ProfileStore:
         changed = pa.table(
             {
                 "person_id": list(profiles),
-                "doc": [v.decode() if v is not None else None for v in profiles.values()],
+                # As bytes and cast (UTF-8 checked in Arrow): a tenth of decoding each.
+                "doc": pa.array(list(profiles.values()), pa.binary()).cast(pa.string()),
                 "packed": [packed.get(p) for p in profiles],
                 "arrived": list(range(len(profiles))),  # the order of the documents
             }
@@ -634,37 +635,45 @@ class ProfileStore:
             # Only the identifiers that changed are written: a profile's change seldom
             # changes its identifiers, and deleting and inserting every one again cost
             # more than the rest of its document's apply. What the persons hold now
-            # (one scan, as the delete of them all was) against what their documents list.
-            before = set(
-                cur.execute(
-                    "SELECT id_type, id_value, person_id FROM profile_identifiers "
-                    "WHERE person_id IN (SELECT person_id FROM _replica_changed)"
-                ).fetchall()
-            )
-            claimed = cur.execute(
-                """SELECT id_type, unnest(id_values) AS id_value, person_id, arrived FROM (
+            # (one scan, as the delete of them all was) against what their documents
+            # list, compared here rather than fetched whole (every identifier of every
+            # changed person) and compared in Python. An identifier two changed documents
+            # list goes to the later document, as it does when the two fall into different
+            # applies: the holder does not depend on how records fall into applies.
+            diff = cur.execute(
+                """WITH listed AS (
+                       SELECT id_type, unnest(id_values) AS id_value, person_id, arrived FROM (
                            SELECT person_id, arrived, unnest(map_keys(m)) AS id_type,
                                   unnest(map_values(m)) AS id_values
                            FROM (SELECT person_id, arrived,
                                         json_transform(doc->'identifiers', '"MAP(VARCHAR, VARCHAR[])"') AS m
-                                 FROM _replica_changed WHERE doc IS NOT NULL))
-                       ORDER BY id_type, id_value, arrived"""
+                                 FROM _replica_changed WHERE doc IS NOT NULL))),
+                   now_held AS (
+                       SELECT id_type, id_value, arg_max(person_id, arrived) AS person_id
+                       FROM listed GROUP BY id_type, id_value),
+                   held AS (
+                       SELECT id_type, id_value, person_id FROM profile_identifiers
+                       WHERE person_id IN (SELECT person_id FROM _replica_changed))
+                   SELECT false, * FROM (FROM held EXCEPT FROM now_held)
+                   UNION ALL
+                   SELECT true, * FROM (FROM now_held EXCEPT FROM held)
+                   ORDER BY 1, 2, 3, 4"""
             ).fetchall()
         finally:
             cur.unregister("_replica_changed")
-        # An identifier two changed documents list goes to the later document, as it does
-        # when the two fall into different applies: the holder does not depend on how
-        # records fall into applies.
-        after = set({(t, v): (t, v, p) for t, v, p, _ in claimed}.values())
-        removed, added = sorted(before - after), sorted(after - before)
-        if removed:  # held no more (an identifier another person takes is replaced below)
+        removed = [(t, v, p) for new, t, v, p in diff if not new]
+        added = [(t, v, p) for new, t, v, p in diff if new]
+        # Held no more by anyone: deleted. One another person takes is replaced below.
+        taken = {(t, v) for t, v, _ in added}
+        gone = [row for row in removed if (row[0], row[1]) not in taken]
+        if gone:
             self._rows(
                 cur,
                 "DELETE FROM profile_identifiers USING _replica_rows r "
                 "WHERE profile_identifiers.id_type = r.id_type "
                 "AND profile_identifiers.id_value = r.id_value "
                 "AND profile_identifiers.person_id = r.person_id",
-                removed,
+                gone,
             )
         if added:  # in key order, as the index is
             self._rows(
