@@ -506,18 +506,15 @@ class ProfileStore:
     def _apply_membership(
         self, cur: duckdb.DuckDBPyConnection, links: list[dict[str, Any]]
     ) -> None:
-        """Follow which person each identity record belongs to, in link-event order."""
+        """Follow which person each identity record belongs to, in link-event order.
+
+        One write for the apply's merges and one for its assignments, in place of an update
+        (a scan of the table) per merge: a merge moves the records assigned before it in
+        this apply in memory, and the stored ones by the composed renames, applied before
+        the assignments (which come later in link-event order, or were moved already).
+        """
         assign: dict[str, str] = {}
-
-        def flush() -> None:
-            if assign:
-                self._upsert(
-                    cur,
-                    "identity_membership",
-                    {"record_id": list(assign), "person_id": list(assign.values())},
-                )
-                assign.clear()
-
+        renamed: dict[str, str] = {}  # a person whose stored records now belong to another
         for link in links:
             detail, person = link.get("detail") or {}, link.get("person_id")
             if link["kind"] == "person_created" and detail.get("record_id"):
@@ -525,15 +522,36 @@ class ProfileStore:
             elif link["kind"] == "record_linked":
                 assign[detail["record_l"]] = assign[detail["record_r"]] = person
             elif link["kind"] == "merge":
-                flush()
-                cur.execute(
-                    "UPDATE identity_membership SET person_id = ? WHERE person_id = ?",
-                    [person, link["other_person_id"]],
-                )
+                gone = link["other_person_id"]
+                for record, holder in assign.items():
+                    if holder == gone:
+                        assign[record] = person
+                for stored, holder in renamed.items():
+                    if holder == gone:
+                        renamed[stored] = person
+                renamed.setdefault(gone, person)
             elif link["kind"] == "split":
                 for record in detail.get("records") or []:
                     assign[record] = link["other_person_id"]
-        flush()
+        renamed = {stored: holder for stored, holder in renamed.items() if stored != holder}
+        if renamed:
+            cur.register(
+                "_replica_renamed",
+                pa.table({"old_id": list(renamed), "person_id": list(renamed.values())}),
+            )
+            try:
+                cur.execute(
+                    """UPDATE identity_membership SET person_id = r.person_id
+                       FROM _replica_renamed r WHERE identity_membership.person_id = r.old_id"""
+                )
+            finally:
+                cur.unregister("_replica_renamed")
+        if assign:
+            self._upsert(
+                cur,
+                "identity_membership",
+                {"record_id": list(assign), "person_id": list(assign.values())},
+            )
 
     def explain(self, person_id: str) -> dict[str, Any] | None:
         """Why a person is one person: its records, the links holding them, its history."""

@@ -189,3 +189,37 @@ def test_records_re_delivered_after_a_restart_store_what_one_delivery_stores(
     finally:
         once.close()
         again.close()
+
+
+def test_merges_in_one_apply_move_records_as_applied_one_by_one(tmp_path):
+    """A merge moves the records stored and those assigned earlier in the same apply;
+    records assigned after it stay; merges compose (B into A, then A into C)."""
+    offsets = iter(range(100))
+
+    def link(kind: str, person: str, other: str | None = None, **detail) -> ConsumedRecord:
+        n = next(offsets)
+        value = {"link_id": f"l{n}", "kind": kind, "person_id": person, "ts": f"{n:04d}"}
+        value |= {"other_person_id": other, "detail": detail}
+        return ConsumedRecord(topics.IDENTITY_LINKS, 0, n, None, orjson.dumps(value))
+
+    store = ProfileStore(tmp_path / "replica.duckdb")
+    try:
+        store.apply(
+            [
+                link("person_created", p, record_id=r)
+                for r, p in (("r1", "A"), ("r2", "B"), ("r3", "C"))
+            ]
+        )
+        store.apply(
+            [
+                link("record_linked", "B", record_l="r4", record_r="r5"),
+                link("merge", "A", "B"),
+                link("person_created", "B", record_id="r6"),
+                link("merge", "C", "A"),
+                link("split", "C", "D", records=["r5"]),
+            ]
+        )
+        owners = store.record_owners({f"r{n}" for n in range(1, 7)})
+        assert owners == {"r1": "C", "r2": "C", "r3": "C", "r4": "C", "r5": "D", "r6": "B"}
+    finally:
+        store.close()
