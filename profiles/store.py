@@ -361,11 +361,12 @@ class ProfileStore:
         with self._write_lock:
             cur = self.conn.cursor()
             # Ledger entries, outcomes, dead letters, identity events and quality reports
-            # arrive once each unless re-delivered (a follower restarted before storing its
-            # offsets, a worker re-publishing after a crash): plain inserts first (an
-            # upsert probes the key and writes the row over; ~20% of those tables' cost),
-            # and, when one of their keys is stored already, the apply again as upserts.
-            # Either way the same rows are stored.
+            # arrive once each unless published again (a worker that crashed after
+            # publishing a batch and before committing it processes the batch again, and
+            # its second outputs replace the first): plain inserts first (an upsert probes
+            # the key and writes the row over; ~20% of those tables' cost), and, when one
+            # of their keys is stored already, the apply again as upserts. Either way the
+            # same rows are stored.
             for fresh in (True, False):
                 cur.execute("BEGIN TRANSACTION")
                 try:

@@ -154,8 +154,8 @@ def test_records_re_delivered_after_a_restart_store_what_one_delivery_stores(
     tmp_path, run, make_event
 ):
     """Ledger entries, outcomes, dead letters, identity events and quality reports are
-    inserted, not upserted; an apply whose records are partly stored already (a follower
-    restarted before its last offsets were stored) is applied again as upserts."""
+    inserted, not upserted; an apply whose records are partly stored already (a worker
+    published a batch again after a crash) is applied again as upserts."""
     us = {"location": {"country": "US"}}
     run.feed(
         make_event("page", anonymousId="dev-1", context=us),
@@ -221,5 +221,27 @@ def test_merges_in_one_apply_move_records_as_applied_one_by_one(tmp_path):
         )
         owners = store.record_owners({f"r{n}" for n in range(1, 7)})
         assert owners == {"r1": "C", "r2": "C", "r3": "C", "r4": "C", "r5": "D", "r6": "B"}
+    finally:
+        store.close()
+
+
+def test_a_lineage_entry_published_again_with_other_content_replaces_the_first(tmp_path):
+    """A worker that crashed before committing a batch chains it again: its second
+    entries (same sequence numbers) are the ones kept, their outcomes too."""
+    store = ProfileStore(tmp_path / "replica.duckdb")
+
+    def published(offset: int, decision: str) -> ConsumedRecord:
+        entry = {"event_key": "e1", "decision": decision, "purpose": "ads", "kind": "x"}
+        chained = LedgerEntry(1, entry, GENESIS_HASH, entry_hash(GENESIS_HASH, entry))
+        value = orjson.dumps(chained.as_record(), option=orjson.OPT_SORT_KEYS)
+        return ConsumedRecord(topics.LINEAGE, 0, offset, b"e1", value)
+
+    try:
+        store.apply([published(0, "allowed")])
+        store.apply([published(1, "withheld")])
+        ((text,),) = store.reader().execute("SELECT entry FROM lineage").fetchall()
+        assert orjson.loads(text)["decision"] == "withheld"
+        assert verify_chain(store.conn).ok
+        assert (store.stats()["applied"], store.stats()["withheld"]) == (0, 1)
     finally:
         store.close()
