@@ -112,11 +112,12 @@ def store_entries(
         }
     )
     conn.register("_ledger_new", table)
-    try:
-        verb = "INSERT OR REPLACE" if replace else "INSERT"
-        conn.execute(f"{verb} INTO lineage SELECT * FROM _ledger_new")
-    finally:
-        conn.unregister("_ledger_new")
+    verb = "INSERT OR REPLACE" if replace else "INSERT"
+    conn.execute(f"{verb} INTO lineage SELECT * FROM _ledger_new")
+    # Not after a failure: the transaction is aborted (an unregister would raise in place of
+    # the error, a stored seq's constraint error the replica falls back on) and its rollback
+    # drops the view; outside one, the next register replaces it.
+    conn.unregister("_ledger_new")
 
 
 def _entry_problem(

@@ -3,6 +3,8 @@ index and replays end as if every changed person's identifiers were written agai
 
 from __future__ import annotations
 
+import zlib
+
 import orjson
 
 from consent.ledger import GENESIS_HASH, LedgerEntry, canonical_json, entry_hash, verify_chain
@@ -113,5 +115,133 @@ def test_a_lineage_entry_delivered_twice_in_one_apply_is_stored_once(tmp_path):
         assert verify_chain(store.conn).ok
         outcomes = store.stats()
         assert (outcomes["applied"], outcomes["withheld"]) == (1, 1)
+    finally:
+        store.close()
+
+
+def test_documents_stored_zlib_compressed_by_an_older_replica_still_read(tmp_path):
+    changelog = Changelog()
+    store = ProfileStore(tmp_path / "replica.duckdb")
+    try:
+        store.apply([changelog("p1", {"email": ["a1"]}), changelog("p2", {"email": ["b1"]})])
+        new = store.document("p1")
+        assert new == {"person_id": "p1", "version": 1, "identifiers": {"email": ["a1"]}}
+        ((blob,),) = (
+            store.reader()
+            .execute("SELECT doc FROM profile_documents WHERE person_id = 'p2'")
+            .fetchall()
+        )
+        assert not blob.startswith(b"x")  # packed anew, not zlib's stream
+        old = {"person_id": "p2", "version": 2, "identifiers": {"email": ["b1"]}}
+        store.conn.execute(
+            "UPDATE profile_documents SET doc = ? WHERE person_id = 'p2'",
+            [zlib.compress(orjson.dumps(old), 1)],
+        )
+        store.cache.invalidate(["p2"])
+        assert store.document("p2") == old
+    finally:
+        store.close()
+
+
+def _contents(store: ProfileStore) -> dict[str, list[tuple]]:
+    tables = [t for (t,) in store.reader().execute("SHOW TABLES").fetchall()]
+    return {
+        t: sorted(store.reader().execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables
+    }
+
+
+def test_records_re_delivered_after_a_restart_store_what_one_delivery_stores(
+    tmp_path, run, make_event
+):
+    """Ledger entries, outcomes, dead letters, identity events and quality reports are
+    inserted, not upserted; an apply whose records are partly stored already (a worker
+    published a batch again after a crash) is applied again as upserts."""
+    us = {"location": {"country": "US"}}
+    run.feed(
+        make_event("page", anonymousId="dev-1", context=us),
+        make_event("identify", userId="u-1", traits={"email": "a@example.org"}, context=us),
+        b"not json",
+    )
+    run.feed(
+        make_event("identify", userId="u-1", anonymousId="dev-1", context=us),
+        make_event("page", userId="u-2", context=us),
+        b"{broken",
+    )
+    records = [
+        ConsumedRecord(o.topic, 0, n, o.key, o.value, o.headers) for n, o in enumerate(run.outputs)
+    ]
+    kinds = {r.topic for r in records}
+    assert {topics.LINEAGE, topics.REJECTED, topics.IDENTITY_LINKS} <= kinds
+    assert topics.QUALITY_REPORTS in kinds
+    once, again = ProfileStore(tmp_path / "once.duckdb"), ProfileStore(tmp_path / "again.duckdb")
+    try:
+        half = len(records) // 2
+        once.apply(records[:half])
+        once.apply(records[half:])
+        again.apply(records[:half])
+        again.apply(records[half // 2 :])  # the second half of the first apply again
+        again.apply(records)  # everything again
+        assert _contents(again) == _contents(once)
+        assert verify_chain(again.conn).ok
+        stats = again.stats()
+        assert stats == once.stats()
+        assert stats["rejected"] == 2 and stats["received"] == 6
+    finally:
+        once.close()
+        again.close()
+
+
+def test_merges_in_one_apply_move_records_as_applied_one_by_one(tmp_path):
+    """A merge moves the records stored and those assigned earlier in the same apply;
+    records assigned after it stay; merges compose (B into A, then A into C)."""
+    offsets = iter(range(100))
+
+    def link(kind: str, person: str, other: str | None = None, **detail) -> ConsumedRecord:
+        n = next(offsets)
+        value = {"link_id": f"l{n}", "kind": kind, "person_id": person, "ts": f"{n:04d}"}
+        value |= {"other_person_id": other, "detail": detail}
+        return ConsumedRecord(topics.IDENTITY_LINKS, 0, n, None, orjson.dumps(value))
+
+    store = ProfileStore(tmp_path / "replica.duckdb")
+    try:
+        store.apply(
+            [
+                link("person_created", p, record_id=r)
+                for r, p in (("r1", "A"), ("r2", "B"), ("r3", "C"))
+            ]
+        )
+        store.apply(
+            [
+                link("record_linked", "B", record_l="r4", record_r="r5"),
+                link("merge", "A", "B"),
+                link("person_created", "B", record_id="r6"),
+                link("merge", "C", "A"),
+                link("split", "C", "D", records=["r5"]),
+            ]
+        )
+        owners = store.record_owners({f"r{n}" for n in range(1, 7)})
+        assert owners == {"r1": "C", "r2": "C", "r3": "C", "r4": "C", "r5": "D", "r6": "B"}
+    finally:
+        store.close()
+
+
+def test_a_lineage_entry_published_again_with_other_content_replaces_the_first(tmp_path):
+    """A worker that crashed before committing a batch chains it again: its second
+    entries (same sequence numbers) are the ones kept, their outcomes too."""
+    store = ProfileStore(tmp_path / "replica.duckdb")
+
+    def published(offset: int, decision: str) -> ConsumedRecord:
+        entry = {"event_key": "e1", "decision": decision, "purpose": "ads", "kind": "x"}
+        chained = LedgerEntry(1, entry, GENESIS_HASH, entry_hash(GENESIS_HASH, entry))
+        value = orjson.dumps(chained.as_record(), option=orjson.OPT_SORT_KEYS)
+        return ConsumedRecord(topics.LINEAGE, 0, offset, b"e1", value)
+
+    try:
+        store.apply([published(0, "allowed")])
+        store.apply([published(1, "withheld")])
+        ((text,),) = store.reader().execute("SELECT entry FROM lineage").fetchall()
+        assert orjson.loads(text)["decision"] == "withheld"
+        assert verify_chain(store.conn).ok
+        assert (store.stats()["applied"], store.stats()["withheld"]) == (0, 1)
     finally:
         store.close()
