@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from itertools import islice
 from typing import Any, NamedTuple
 
 import duckdb
@@ -139,54 +140,81 @@ def _carried_statements(prefs: tuple[tuple[str, bool], ...]) -> tuple[dict[str, 
 
 
 class ConsentGate:
-    """Consent state in DuckDB plus the decision rule; decides a whole batch at once."""
+    """Consent state in DuckDB plus the decision rule; decides a whole batch at once.
 
-    def __init__(self, conn: duckdb.DuckDBPyConnection, policy: PurposePolicy) -> None:
+    The stored consent of the identifier values recent batches named is kept in memory
+    between batches (`forget` drops it), so a batch reads only the values it has not seen.
+    The copy is the state's as of the caller's open transaction: whoever rolls that back,
+    or changes `consent_state` other than through `decide` (erasure), must call `forget`.
+    """
+
+    # Identifier values whose stored consent is kept: about 1 KB each with four purposes'
+    # rows (measured), so ~50 MB at most; past it, the values longest unused are dropped
+    # after a batch (at 5,000 events/s, about half a minute of distinct subjects).
+    KEPT_VALUES = 50_000
+
+    def __init__(
+        self, conn: duckdb.DuckDBPyConnection, policy: PurposePolicy, kept_values: int = KEPT_VALUES
+    ) -> None:
         self.conn = conn
         self.policy = policy
+        self.kept_values = kept_values
         # Identifiers whose consent the last `decide` changed: their persons' views rebuild.
         self.last_changed: set[Identifier] = set()
+        # The stored rows of every kept value (under any identifier type), by key, and each
+        # kept value's keys, least recently used first: a value is kept whole or not at all.
+        self._state: dict[tuple[Identifier, str], ConsentRecord] = {}
+        self._keys_of: dict[str, list[tuple[Identifier, str]]] = {}
+        # Whether `erased_subjects` is known to be empty (None: not known).
+        self._none_erased: bool | None = None
         conn.execute(SCHEMA_SQL)
         conn.execute(ERASURE_SCHEMA_SQL)
 
-    def _load(
-        self, identifiers: set[Identifier]
-    ) -> tuple[dict[tuple[Identifier, str], ConsentRecord], dict[tuple[Identifier, str], int]]:
-        """The stored consent of `identifiers`, and each stored row's rowid (valid in this
-        transaction: `_store` deletes the rows a batch replaces by it)."""
-        if not identifiers:
-            return {}, {}
-        wanted = pa.table({"id_value": list({i.value for i in identifiers})})
-        self.conn.register("_gate_ids", wanted)
+    def forget(self) -> None:
+        """Drop what is kept of the stored state: call it after a rollback of a transaction
+        `decide` ran in, and after consent or erasure state changed by another path."""
+        self._state.clear()
+        self._keys_of.clear()
+        self._none_erased = None
+
+    def _load(self, values: set[str]) -> None:
+        """Keep the stored consent of `values` (all their rows, whatever the identifier type)."""
+        if not values:
+            return
+        self.conn.register("_gate_ids", pa.table({"id_value": list(values)}))
         try:
-            # Matched on the value alone (its type checked below): the whole table is scanned
-            # either way, and hashing one column of each row instead of two, with no join
-            # output to build, cost two thirds as much (DuckDB 2.0, 982,000 rows). The time
-            # as epoch microseconds: DuckDB's own TIMESTAMPTZ conversion (pytz per row) cost
-            # half again as much as building the datetime here.
+            # Matched on the value alone: the whole table is scanned either way, and hashing
+            # one column of each row instead of two, with no join output to build, cost two
+            # thirds as much (DuckDB 2.0, 982,000 rows). The time as epoch microseconds:
+            # DuckDB's own TIMESTAMPTZ conversion (pytz per row) cost half again as much as
+            # building the datetime here.
             rows = self.conn.execute(
                 """SELECT s.id_type, s.id_value, s.purpose, s.status, epoch_us(s.ts), s.source,
-                          s.policy_version, s.jurisdiction, s.event_key, s.rowid
+                          s.policy_version, s.jurisdiction, s.event_key
                    FROM consent_state s WHERE s.id_value IN (SELECT id_value FROM _gate_ids)"""
             ).fetchall()
         finally:
             self.conn.unregister("_gate_ids")
-        state: dict[tuple[Identifier, str], ConsentRecord] = {}
-        rowids: dict[tuple[Identifier, str], int] = {}
+        state, keys_of = self._state, self._keys_of
+        for value in values:
+            keys_of[value] = []
         # An event's statements share its time (a purpose per preference, for each of its
         # identifiers): each stored time becomes a datetime once.
         times: dict[int, datetime] = {}
         for r in rows:
-            identifier = Identifier(r[0], r[1])
-            if identifier not in identifiers:  # the same value under another type
-                continue
-            key = (identifier, r[2])
+            key = (Identifier(r[0], r[1]), r[2])
             ts = times.get(r[4])
             if ts is None:
                 ts = times[r[4]] = _EPOCH + timedelta(microseconds=r[4])
             state[key] = ConsentRecord(r[2], r[3], ts, r[5], r[6], r[7], r[8])
-            rowids[key] = r[9]
-        return state, rowids
+            keys_of[r[1]].append(key)
+
+    def _any_erased(self) -> bool:
+        if self._none_erased is None:
+            self._none_erased = not self.conn.execute(
+                "SELECT 1 FROM erased_subjects LIMIT 1"
+            ).fetchall()
+        return not self._none_erased
 
     def decide(
         self,
@@ -198,7 +226,9 @@ class ConsentGate:
         Out: one GateDecision per item. Consent statements (consent events and carried
         preferences) update the stored state in the caller's transaction.
         """
-        state, rowids = self._load({i for item in items for i in item[4]})
+        keys_of = self._keys_of
+        self._load({i.value for item in items for i in item[4]}.difference(keys_of))
+        state = self._state
         changed: dict[tuple[Identifier, str], ConsentRecord] = {}
 
         get = state.get
@@ -210,19 +240,23 @@ class ConsentGate:
                 current = get(key)
                 # An older statement loses. A restatement keeps the newer time: a statement
                 # older than it but newer than the first must still lose (out of order).
-                if (
-                    current is None
-                    or ts > current.ts
-                    or (ts == current.ts and current.status != status)
-                ):
-                    state[key] = changed[key] = record
+                if current is None:
+                    keys_of[identifier.value].append(key)
+                elif ts < current.ts or (ts == current.ts and current.status == status):
+                    continue
+                state[key] = changed[key] = record
 
         decisions: list[GateDecision] = []
         purpose_of = self.policy.event_purposes.get
         # A jurisdiction default depends on the country and purpose alone: one decision
         # object per pair, shared by every event it decides (decisions are immutable).
         defaults: dict[tuple[str | None, str], GateDecision] = {}
-        erased = erased_before(self.conn, [item[3:] for item in items])  # (ts, ids) each
+        # (ts, ids) each; no statement at all while nobody has been erased.
+        erased = (
+            erased_before(self.conn, [item[3:] for item in items])
+            if self._any_erased()
+            else [None] * len(items)
+        )
         for (event_key, kind, event, ts, ids), erasure in zip(items, erased, strict=True):
             if erasure is not None:
                 # An erased subject's event from before the erasure (a replay, a late
@@ -296,41 +330,39 @@ class ConsentGate:
                 )
                 defaults[(country, purpose)] = decision
             decisions.append(decision)
-        self._store(changed, rowids)
+        self._store(changed)
         self.last_changed = {identifier for identifier, _ in changed}
         return decisions
 
-    def _store(
-        self,
-        changed: dict[tuple[Identifier, str], ConsentRecord],
-        rowids: dict[tuple[Identifier, str], int],
-    ) -> None:
-        """Replace the changed rows: the stored ones deleted by rowid, then all inserted."""
-        if not changed:
-            return
-        # Columns by transposing the tuples (identifiers, records) in C, not row by row: a
-        # ConsentRecord's fields are `_STATE_SCHEMA`'s after the identifier, in its order.
-        id_types, id_values = zip(*(identifier for identifier, _ in changed), strict=True)
-        columns = [id_types, id_values, *zip(*changed.values(), strict=True)]
-        table = pa.table([list(column) for column in columns], schema=_STATE_SCHEMA)
-        replaced = [rowids[key] for key in changed if key in rowids]
-        self.conn.register("_gate_changed", table)
-        try:
-            # Delete then insert: INSERT OR REPLACE over rows that mostly exist cost ten
-            # times as much here (DuckDB 2.0, ~9,000 restated rows a batch: 0.35 s vs 0.04 s).
-            # Only rows `_load` found are deleted, by the rowid it read: a scan of the rowid
-            # alone, where matching on the key compared the strings of every stored row
-            # (half the CPU at 1M rows); a batch of new subjects deletes nothing.
-            if replaced:
-                self.conn.register(
-                    "_gate_replaced", pa.table({"row": pa.array(replaced, pa.int64())})
+    def _store(self, changed: dict[tuple[Identifier, str], ConsentRecord]) -> None:
+        """Write the rows of the values `changed` touched: all of them deleted by value, then
+        inserted from the kept state. Then drop the values longest unused past the bound."""
+        keys_of, state = self._keys_of, self._state
+        if changed:
+            values = {identifier.value for identifier, _ in changed}
+            keys = [key for value in values for key in keys_of[value]]
+            # Columns by transposing the tuples (identifiers, records) in C, not row by row: a
+            # ConsentRecord's fields are `_STATE_SCHEMA`'s after the identifier, in its order.
+            id_types, id_values = zip(*(identifier for identifier, _ in keys), strict=True)
+            columns = [id_types, id_values, *zip(*map(state.__getitem__, keys), strict=True)]
+            table = pa.table([list(column) for column in columns], schema=_STATE_SCHEMA)
+            self.conn.register("_gate_changed", table)
+            try:
+                # Every row of a touched value, by the value alone: one column hashed per
+                # stored row, where the whole key cost twice that, and deleting by the rowids
+                # a load had read needed that load (a scan with every column). The rows of the
+                # value left unchanged are inserted again as they were. INSERT OR REPLACE over
+                # rows that mostly exist cost ten times a delete and insert (DuckDB 2.0).
+                self.conn.execute(
+                    "DELETE FROM consent_state WHERE id_value IN (SELECT id_value FROM _gate_changed)"
                 )
-                try:
-                    self.conn.execute(
-                        "DELETE FROM consent_state WHERE rowid IN (SELECT row FROM _gate_replaced)"
-                    )
-                finally:
-                    self.conn.unregister("_gate_replaced")
-            self.conn.execute("INSERT INTO consent_state SELECT * FROM _gate_changed")
-        finally:
-            self.conn.unregister("_gate_changed")
+                self.conn.execute("INSERT INTO consent_state SELECT * FROM _gate_changed")
+            finally:
+                self.conn.unregister("_gate_changed")
+            for value in values:  # used last: kept longest
+                keys_of[value] = keys_of.pop(value)
+        excess = len(keys_of) - self.kept_values
+        if excess > 0:
+            for value in list(islice(keys_of, excess)):
+                for key in keys_of.pop(value):
+                    del state[key]

@@ -399,6 +399,7 @@ class Pipeline:
             self.conn.execute("ROLLBACK")
             self.identity.forget()  # its in-memory index saw the batch the store did not keep
             self.stored_keys.forget()  # so did the stored keys
+            self.gate.forget()  # and the consent it keeps
             raise
         return report
 
@@ -566,6 +567,8 @@ class Pipeline:
         )
         command_items, decided = self._apply_commands(commands, report)
         erasures = self.privacy.erase(requests, key_of=_hash, known=self._known)
+        if requests:
+            self.gate.forget()  # an erasure deletes consent and marks subjects erased
         report.duplicates += erasures.duplicates
         decided += erasures.resolutions
         raised = self.identity.apply_threshold("identity-threshold", datetime.now(UTC))

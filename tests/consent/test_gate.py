@@ -1,9 +1,14 @@
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import orjson
+import pytest
+
+from consent.erasure import erasure_request
 from consent.gate import ALLOWED, CONSENT_RECORDED, WITHHELD, ConsentGate, carried_preferences
 from consent.policy import load_policy
 from identity.normalise import Identifier
-from pipelines.pipeline import open_state
+from pipelines import topics
+from pipelines.pipeline import Pipeline, SourceRecord, open_state
 
 A = Identifier("anonymous_id", "a1")
 
@@ -115,3 +120,104 @@ def test_carried_preferences_keep_only_booleans():
     stated = carried_preferences({"context": {"consent": {"categoryPreferences": mixed}}})
     assert stated == {"analytics": True, "personalization": False}
     assert carried_preferences({"context": {"consent": {"categoryPreferences": ["x"]}}}) == {}
+
+
+# -- the stored consent the gate keeps between batches ---------------------------------------
+
+
+def test_kept_consent_is_bounded_and_decides_as_the_stored_state():
+    g = ConsentGate(open_state(":memory:"), load_policy(), kept_values=2)
+    subjects = [Identifier("anonymous_id", f"a{n}") for n in range(5)]
+    for n, subject in enumerate(subjects):  # a grant each, then their kept rows dropped
+        event = {
+            "type": "page",
+            "context": {"consent": {"categoryPreferences": {"analytics": True}}},
+        }
+        g.decide([(f"e{n}", "page", event, at(1), [subject])])
+        assert len(g._keys_of) <= 2
+    assert {i.value for i, _ in g._state} <= {"a3", "a4"}
+    event = {"type": "page", "context": {"location": {"country": "DE"}}}
+    decisions = g.decide([(f"d{n}", "page", event, at(2), [s]) for n, s in enumerate(subjects)])
+    assert [(d.decision, d.consent_ref) for d in decisions] == [
+        (ALLOWED, f"e{n}") for n in range(5)
+    ]
+
+
+PAST = datetime(2026, 10, 1, tzinfo=UTC)
+
+
+def _event(message_id: str, minute: int, country: str = "DE", **fields) -> dict:
+    return {
+        "type": "page",
+        "messageId": message_id,
+        "userId": "u1",
+        "timestamp": (PAST + timedelta(minutes=minute)).isoformat(),
+        "context": {"location": {"country": country}},
+        **fields,
+    }
+
+
+def _grant(message_id: str, minute: int) -> dict:
+    return {
+        "type": "consent",
+        "messageId": message_id,
+        "userId": "u1",
+        "timestamp": (PAST + timedelta(minutes=minute)).isoformat(),
+        "consent": {"purpose": "analytics", "status": "granted", "source": "cmp"},
+    }
+
+
+class Feed:
+    """A pipeline over real state, fed batches of events; each event's lineage entry."""
+
+    def __init__(self, path) -> None:
+        self.pipeline = Pipeline(path / "state.duckdb", quality=False)
+        self.offset = 0
+        self.lineage: dict[str, dict] = {}
+
+    def __call__(self, *events: dict, topic: str = topics.BEHAVIORAL, emit=None) -> None:
+        batch = []
+        for event in events:
+            batch.append(SourceRecord(topic, 0, self.offset, orjson.dumps(event)))
+            self.offset += 1
+
+        def keep(outputs):
+            for o in outputs:
+                if o.topic == topics.LINEAGE:
+                    entry = orjson.loads(o.value)
+                    self.lineage[entry["event_key"]] = entry
+
+        self.pipeline.process(batch, emit or keep)
+
+    def decided(self, key: str) -> tuple[str, str]:
+        return self.lineage[key]["decision"], self.lineage[key]["basis"]
+
+
+def test_consent_of_a_rolled_back_batch_does_not_decide_later_ones(tmp_path):
+    feed = Feed(tmp_path)
+    feed(_event("p0", 0, "US"))  # the subject is known, nothing consented
+
+    def broker_down(_outputs):
+        raise ConnectionError("broker unreachable")
+
+    with pytest.raises(ConnectionError):  # the grant's batch is rolled back
+        feed(_grant("c1", 1), topic=topics.CONSENT, emit=broker_down)
+    feed(_event("p1", 2))
+    # The state holds no grant: the jurisdiction's default (EU: analytics denied) decides.
+    assert feed.decided("p1") == ("withheld", "jurisdiction-default")
+    feed.pipeline.close()
+
+
+def test_consent_erased_with_its_subject_does_not_decide_later_events(tmp_path):
+    feed = Feed(tmp_path)
+    feed(_event("p0", 0, "US"), _grant("c1", 1))
+    feed(_event("p1", 2))
+    assert feed.decided("p1") == ("allowed", "stored-consent")
+    request = erasure_request(Identifier("user_id", "u1"), "test")
+    request["requested_at"] = (PAST + timedelta(minutes=10)).isoformat()
+    feed(request, topic=topics.PRIVACY)
+    feed(_event("p2", 5), _event("p3", 20))
+    # Before the erasure: the erased subject's; after it: a new start, nothing consented.
+    assert feed.decided("p2") == ("withheld", "erased-subject")
+    assert feed.decided("p3") == ("withheld", "jurisdiction-default")
+    feed.pipeline.close()
