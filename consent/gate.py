@@ -1,9 +1,11 @@
 """The consent gate: decides, per event, whether the subject consented to the purpose it serves.
 
 Consent is recorded per identifier and purpose, latest timestamp wins (out-of-order
-consent events resolve by their own time). An event is decided by, in order: the
-preferences it carries itself (`context.consent.categoryPreferences`), the stored
-consent of any of its identifiers, then the policy's default for its jurisdiction.
+consent events resolve by their own time; of two at the same time, the later to arrive).
+An event is decided by, in order: the preferences it carries itself
+(`context.consent.categoryPreferences`), the latest stored consent of any of its
+identifiers (of equally recent ones, a refusal: the profile builder resolves a person's
+identifiers the same way), then the policy's default for its jurisdiction.
 Before all of that, an event of an erased subject from before the erasure is withheld.
 """
 
@@ -302,8 +304,17 @@ class ConsentGate:
             latest = None
             for identifier in ids:
                 held = state.get((identifier, purpose))
-                # The first of equally recent statements wins, as max() would pick it.
-                if held is not None and (latest is None or held.ts > latest.ts):
+                # Of equally recent statements under different identifiers, a refusal
+                # wins, whatever the identifiers' order (as `ProfileBuilder` resolves them).
+                if held is not None and (
+                    latest is None
+                    or held.ts > latest.ts
+                    or (
+                        held.ts == latest.ts
+                        and latest.status == "granted"
+                        and held.status != "granted"
+                    )
+                ):
                     latest = held
             if latest is not None:
                 decisions.append(

@@ -652,7 +652,8 @@ class ProfileBuilder:
                 WHERE person_id IN (SELECT person_id FROM _affected)"""
             ).to_arrow_table()
         self.conn.register("_affected_records", held)
-        # A person's consent per purpose: their identifiers' latest statement.
+        # A person's consent per purpose: their identifiers' latest statement; of equally
+        # recent ones, a refusal (as the gate decides an event).
         latest = {
             (person, purpose): status
             for person, purpose, status in q(
@@ -661,7 +662,8 @@ class ProfileBuilder:
                         UNPIVOT _affected_records ON {", ".join(STRONG_FIELDS)}
                         INTO NAME id_type VALUE id_value)
                 )
-                SELECT i.person_id, s.purpose, arg_max(s.status, s.ts)
+                SELECT i.person_id, s.purpose,
+                       arg_max(s.status, (s.ts, s.status <> 'granted'))
                 FROM ids i JOIN consent_state s USING (id_type, id_value) GROUP BY ALL"""
             ).fetchall()
         }

@@ -11,6 +11,7 @@ from pipelines import topics
 from pipelines.pipeline import Pipeline, SourceRecord, open_state
 
 A = Identifier("anonymous_id", "a1")
+B = Identifier("user_id", "u1")
 
 
 def at(hour: int) -> datetime:
@@ -221,3 +222,14 @@ def test_consent_erased_with_its_subject_does_not_decide_later_events(tmp_path):
     assert feed.decided("p2") == ("withheld", "erased-subject")
     assert feed.decided("p3") == ("withheld", "jurisdiction-default")
     feed.pipeline.close()
+
+
+@pytest.mark.parametrize("order", [(A, B), (B, A)])
+def test_equally_recent_statements_under_two_identifiers_resolve_to_the_refusal(order):
+    g = gate()
+    granted = ("c1", "consent_change", consent("c1", "analytics", "granted", 1)[2], at(1), [A])
+    denied = ("c2", "consent_change", consent("c2", "analytics", "denied", 1)[2], at(1), [B])
+    g.decide([granted, denied])
+    event = ("e1", "page", {"type": "page", "context": {}}, at(2), list(order))
+    decision = g.decide([event])[0]
+    assert (decision.decision, decision.consent_ref) == (WITHHELD, "c2")

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -239,3 +240,29 @@ def test_a_read_for_p_never_returns_an_attribute_from_an_event_without_consent_f
             )
         }
         assert returned == expected, purpose
+
+
+def anonymous_consent(purpose: str, status: str, minute: int) -> dict[str, Any]:
+    """A statement made under the anonymous id alone (a cookie banner before login)."""
+    event = consent(purpose, status, minute)
+    del event["userId"]
+    event["anonymousId"] = "a1"
+    return event
+
+
+@pytest.mark.parametrize("denied_first", [True, False])
+def test_equally_recent_statements_under_two_identifiers_resolve_to_the_refusal(run, denied_first):
+    # One person holds u1 and a1; at the same instant a1 refused and u1 granted. Whatever
+    # order the two arrive in, the refusal decides, and every rebuild agrees.
+    identified = identify(5, {"first_name": "Ada"}, country="US")
+    identified["anonymousId"] = "a1"
+    statements = [
+        anonymous_consent("personalization", "denied", 10),
+        consent("personalization", "granted", 10),
+    ]
+    feed(run, identified, *(statements if denied_first else statements[::-1]))
+    person = person_of(run)
+    assert read(run, person, "personalization") is None
+    feed(run, identify(20, {"last_name": "Lovelace"}, country="US"))  # a rebuild
+    assert read(run, person, "personalization") is None
+    assert read(run, person, "subject_access")["traits"]["last_name"]["value"] == "Lovelace"
