@@ -273,15 +273,20 @@ def test_records_without_device_ids_keep_the_content_address_they_always_had():
     )
 
 
+def _merged_and_split(r: Resolver) -> None:
+    """Feed 150 records in batches of 60 (merges among them), then split one link."""
+    rows = [normalise_record(raw) for raw in identity_records(150, seed=5)]
+    for start in range(0, len(rows), 60):
+        r.feed(*rows[start : start + 60])
+    r.identity.reject_link(*sorted(r.identity.index.person_of)[:2], "test", "cmd", T0)
+
+
 def test_the_index_kept_in_memory_equals_the_index_rebuilt_from_the_store(model):
     """What a rollback or a restart rebuilds is what the batches maintained."""
     from identity.index import CandidateIndex
 
     r = Resolver(model)
-    rows = [normalise_record(raw) for raw in identity_records(150, seed=5)]
-    for start in range(0, len(rows), 60):
-        r.feed(*rows[start : start + 60])
-    r.identity.reject_link(*sorted(r.identity.index.person_of)[:2], "test", "cmd", T0)
+    _merged_and_split(r)
     kept = r.identity.index
     rebuilt = CandidateIndex.load(r.conn, kept.rules, kept.tf_columns)
     assert len(set(kept.members)) < len(kept.person_of)  # some records were linked
@@ -451,10 +456,7 @@ def test_records_of_persons_from_the_index_equal_the_stores_after_merges_and_a_s
 
     r = Resolver(model)
     assert r.identity.records_of_persons(["anyone"]) is None  # not loaded: read the store
-    rows = [normalise_record(raw) for raw in identity_records(150, seed=5)]
-    for start in range(0, len(rows), 60):
-        r.feed(*rows[start : start + 60])
-    r.identity.reject_link(*sorted(r.identity.index.person_of)[:2], "test", "cmd", T0)
+    _merged_and_split(r)
     persons = [*sorted(set(r.identity.index.person_of.values()))[::3], "nobody"]
     held = r.identity.records_of_persons(persons)
     columns = ", ".join(STRONG_FIELDS)
@@ -474,10 +476,7 @@ def test_merged_in_persons_from_the_index_equal_the_stores_after_merges_and_a_sp
     split revives one, and as loaded from the store, it says what the store says."""
     r = Resolver(model)
     assert r.identity.merged_into(["anyone"]) is None  # not loaded: read the store
-    rows = [normalise_record(raw) for raw in identity_records(150, seed=5)]
-    for start in range(0, len(rows), 60):
-        r.feed(*rows[start : start + 60])
-    r.identity.reject_link(*sorted(r.identity.index.person_of)[:2], "test", "cmd", T0)
+    _merged_and_split(r)
     r.feed(rec(user_id="late-1"), rec(user_id="late-1", email="late@example.org"))
     persons = [*sorted(set(r.identity.index.person_of.values())), "nobody"]
     stored = dict(
@@ -507,10 +506,7 @@ def test_the_persons_holding_consent_subjects_are_those_of_the_stores_records(mo
     from profiles.builder import ProfileBuilder
 
     r = Resolver(model)
-    rows = [normalise_record(raw) for raw in identity_records(150, seed=5)]
-    for start in range(0, len(rows), 60):
-        r.feed(*rows[start : start + 60])
-    r.identity.reject_link(*sorted(r.identity.index.person_of)[:2], "test", "cmd", T0)
+    _merged_and_split(r)
     ((moves,),) = r.conn.execute("SELECT count(*) FROM id_record_moves").fetchall()
     assert moves > 0
     builder = ProfileBuilder(r.conn, load_policy())
