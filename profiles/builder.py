@@ -843,6 +843,11 @@ class ProfileBuilder:
 
     def _build(self, affected: list[str]) -> dict[str, dict[str, Any]]:
         q = self.conn.execute
+        views, _, shared, view_of, shown, indexed = self._allowed_groups(affected)
+        # The persons with a profile are those with facts: every fact adds a `SEEN` row to
+        # its group (and erasures, merges and splits move or delete facts and accumulator
+        # rows alike), so each has its subject access view, from the rows already read.
+        # A `DISTINCT` over `facts` for them cost a pass over the whole table.
         profiles: dict[str, dict[str, Any]] = {
             person: {
                 "person_id": person,
@@ -850,11 +855,8 @@ class ProfileBuilder:
                 "views": {},
                 "merged_from": [],
             }
-            for (person,) in q(
-                "SELECT DISTINCT person_id FROM facts WHERE person_id IN (SELECT person_id FROM _affected)"
-            ).fetchall()
+            for person in sorted({person for person, scope in views if scope == SUBJECT_ACCESS})
         }
-        _, _, shared, view_of, shown, indexed = self._allowed_groups(affected)
         totals: dict[tuple[str, str], dict[str, Totals]] = {}
         for number, trait, *row in q(_ROLLUP, self._rollup_params).fetchall():
             totals.setdefault(view_of[number], {})[trait] = Totals(*row)
