@@ -471,6 +471,10 @@ def _memoise_regex_parse() -> None:
     alternations: a quarter of a micro-batch's validation. The parse is a pure function of
     the pattern; what the data decides (non-ASCII, newlines) is still asked per call.
 
+    pandas then walks the parsed nodes four times per call, looking only at assertions,
+    back references, categories and anchors: the nodes kept are those (the currency
+    alternation's ~540 literals and branches answered none of its questions; its match on
+    a batch's currencies, 0.30 -> 0.25 ms).
     """
     try:
         from pandas.core.arrays._arrow_string_mixins import ArrowStringArrayMixin
@@ -479,7 +483,15 @@ def _memoise_regex_parse() -> None:
     nodes = getattr(ArrowStringArrayMixin, "_regex_nodes", None)
     if nodes is None or hasattr(nodes, "cache_info"):
         return
-    ArrowStringArrayMixin._regex_nodes = staticmethod(lru_cache(maxsize=64)(nodes))
+    _parser = ArrowStringArrayMixin._re_parser()
+    asked = frozenset(
+        (_parser.ASSERT, _parser.ASSERT_NOT, _parser.GROUPREF, _parser.CATEGORY, _parser.AT)
+    )
+
+    def relevant(pat: str) -> list[tuple[Any, Any]]:
+        return [(op, argument) for op, argument in nodes(pat) if op in asked]
+
+    ArrowStringArrayMixin._regex_nodes = staticmethod(lru_cache(maxsize=64)(relevant))
 
 
 def _plain_json(convert: Callable[[Any], Any], id_dict: type) -> Callable[[Any], Any]:
