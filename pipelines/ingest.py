@@ -47,6 +47,7 @@ from pipelines.faust_engine import (
     faust_app,
     ready_batches,
     source_records,
+    tune_collector,
 )
 from pipelines.kafka import BatchProducer
 from pipelines.pipeline import OutRecord, SourceRecord
@@ -133,6 +134,7 @@ def build_ingest_app(
     app, inputs = faust_app(bootstrap, data_dir, app_id, batch_size, app_class=IngestApp)
     forwarder = Forwarder(BatchProducer(bootstrap))
     app.tessera_forwarder = forwarder  # type: ignore[attr-defined]
+    tune_collector()
 
     @app.agent(inputs)
     async def forward(stream: faust.StreamT) -> None:
