@@ -10,6 +10,9 @@ under test chosen by PYTHONPATH; the baseline's runs and this checkout's alterna
 `--rounds` of each. The tables of the two stores are compared (row counts and an
 order-free digest), the wall-clock fields of the outputs left out as `bench_stages` does.
 
+`--prefill-persons N` starts each store with N other persons (see `_prefill`), so the
+applies meet the table sizes of a long-running replica.
+
 Like the live API, each run moves what it holds before the clock (the records to apply)
 out of the garbage collector's way (`gc.freeze`), as the API does once it has warmed.
 """
@@ -23,11 +26,47 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
+if TYPE_CHECKING:
+    from profiles.store import ProfileStore
 
-def _apply_run(outputs: Path, db: Path, chunk: int) -> dict:
+
+def _prefill(store: ProfileStore, persons: int) -> None:
+    """`persons` other persons in the store before the clock, as a long-running replica
+    holds: a document, three identifiers and three identity records each (ids no
+    synthetic event uses), checkpointed, so an apply's scans meet a store of that size."""
+    if not persons:
+        return
+    from profiles.store import _pack
+
+    doc = _pack(orjson.dumps({"person_id": "x", "version": 1, "identifiers": {}, "views": {}}))
+    # Ids shaped as the stages' (hex after the same prefixes), so they interleave with the
+    # applied ones in every key order and no min/max filter skips them.
+    person = "'p_' || md5('bulk-' || i)[:16]"
+    cur = store.conn.cursor()
+    cur.execute(
+        f"INSERT INTO profile_documents SELECT {person}, ?, 1 FROM range(?) r(i)",
+        [doc, persons],
+    )
+    cur.execute(
+        f"""INSERT INTO profile_identifiers SELECT t, p || md5(t || i), {person}
+            FROM range(?) r(i),
+                 (VALUES ('anonymous_id', 'anon-'), ('email', ''), ('user_id', 'u-')) k(t, p)""",
+        [persons],
+    )
+    cur.execute(
+        f"""INSERT INTO identity_membership SELECT 'r_' || md5('bulk-' || i || '-' || j)[:24],
+                   {person}
+            FROM range(?) r(i), range(3) s(j)""",
+        [persons],
+    )
+    cur.execute("CHECKPOINT")
+
+
+def _apply_run(outputs: Path, db: Path, chunk: int, prefill: int = 0) -> dict:
     """One measured run of this interpreter's `ProfileStore.apply` over `outputs`."""
     from pipelines.bench_stages import table_digests
     from profiles.store import FOLLOWED_TOPICS, ConsumedRecord, ProfileStore
@@ -52,6 +91,7 @@ def _apply_run(outputs: Path, db: Path, chunk: int) -> dict:
             )
         )
     store = ProfileStore(db)
+    _prefill(store, prefill)
     gc.collect()
     gc.freeze()
     cpu0 = time.process_time()
@@ -65,10 +105,11 @@ def _apply_run(outputs: Path, db: Path, chunk: int) -> dict:
     return {"records": len(records), "applies": applies, "cpu_s": cpu, "tables": tables}
 
 
-def _measure(tree: Path, outputs: Path, workdir: Path, chunk: int) -> dict:
+def _measure(tree: Path, outputs: Path, workdir: Path, chunk: int, prefill: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     db = workdir / f"replica-{tree.name}.duckdb"
     args = [sys.executable, "-P", __file__, "--run", str(outputs), str(db), str(chunk)]
+    args.append(str(prefill))
     done = subprocess.run(args, env=env, cwd=tree, capture_output=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"apply run in {tree} failed:\n{done.stderr.decode()[-3000:]}")
@@ -82,6 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", default="1500", help="records per apply, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="checkout whose store is 'before'")
+    parser.add_argument(
+        "--prefill-persons",
+        type=int,
+        default=0,
+        help="other persons in the store before the applies (a larger store's scans)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path(".tessera/bench-replica"))
     args = parser.parse_args(argv)
 
@@ -99,12 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "PYTHONPATH": str(here)}
     subprocess.run(stages, env=env, cwd=here, check=True, stdout=subprocess.DEVNULL)
     trees = ([args.baseline.resolve()] if args.baseline else []) + [here]
-    print(f"{args.events:,} events; CPU-s per 10,000 events (each run), load {os.getloadavg()}")
+    print(
+        f"{args.events:,} events, {args.prefill_persons:,} persons before; CPU-s per 10,000 "
+        f"events (each run), load {os.getloadavg()}"
+    )
     for chunk in (int(c) for c in args.chunks.split(",")):
         runs: dict[Path, list[dict]] = {tree: [] for tree in trees}
         for _ in range(args.rounds):
             for tree in trees:
-                runs[tree].append(_measure(tree, outputs, workdir, chunk))
+                runs[tree].append(_measure(tree, outputs, workdir, chunk, args.prefill_persons))
         per10k = {
             tree: [r["cpu_s"] * 10_000 / args.events for r in results]
             for tree, results in runs.items()
@@ -123,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--run":
-    print(orjson.dumps(_apply_run(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))).decode())
+    run = _apply_run(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    print(orjson.dumps(run).decode())
 elif __name__ == "__main__":
     main()
