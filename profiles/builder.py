@@ -720,9 +720,14 @@ class ProfileBuilder:
             )
         }
         view_of: dict[int, tuple[str, str]] = {}
-        cols: tuple[list, ...] = ([], [], [], [], [], [], [])
-        scope_col, person_col, record_col, purpose_col, jurisdiction_col, number_col = cols[:6]
-        horizon_col = cols[6]
+        # `_ag_shared`'s columns, a row per group of each shared view.
+        scope_col: list[str] = []
+        person_col: list[str] = []
+        record_col: list[str] = []
+        purpose_col: list[str] = []
+        jurisdiction_col: list[str] = []
+        number_col: list[int] = []
+        horizon_col: list[str] = []
         by_records: dict[frozenset[str], dict[str, dict[str, list[str]]]] = {}
 
         def identifiers_of(records: frozenset[str]) -> dict[str, dict[str, list[str]]]:

@@ -155,9 +155,7 @@ class TraitCatalog:
     def plan_for(self, kind: str, unwritten: frozenset[str] = frozenset()) -> KindPlan:
         """What an event of `kind` adds to, worked out once per kind (`accumulate`), less
         the rows of `unwritten` traits (read through another's: `row_families`)."""
-        plans = self._by_kind.get(unwritten)
-        if plans is None:
-            plans = self._by_kind[unwritten] = {}
+        plans = self._by_kind.setdefault(unwritten, {})
         plan = plans.get(kind)
         if plan is None:
             plan = plans[kind] = _plan(self.computed, kind, unwritten)
@@ -474,8 +472,12 @@ def rolled_columns(
     and the longest window (`ProfileBuilder`)."""
     through = read_through or {}
 
+    def read_for(keep: Callable[[TraitSpec], bool]) -> list[str]:
+        """The traits whose rows are read for the traits `keep` picks."""
+        return sorted({through.get(s.name, s.name) for s in catalog.computed if keep(s)})
+
     def named(*ops: str) -> list[str]:
-        return sorted({through.get(s.name, s.name) for s in catalog.computed if s.op in ops})
+        return read_for(lambda spec: spec.op in ops)
 
     return {
         "amounts": named("sum", "mean"),
@@ -483,16 +485,8 @@ def rolled_columns(
         "lasts": named("last_time"),
         "values": named("latest"),
         "keyed": named("sum", "mean", "top", "open_count"),
-        "windowed": sorted(
-            {through.get(s.name, s.name) for s in catalog.computed if s.window_days}
-        ),
-        "day_sums": sorted(
-            {
-                through.get(s.name, s.name)
-                for s in catalog.computed
-                if s.window_days and s.op == "count"
-            }
-        ),
+        "windowed": read_for(lambda spec: bool(spec.window_days)),
+        "day_sums": read_for(lambda spec: bool(spec.window_days) and spec.op == "count"),
         "max_window": catalog.max_window,
     }
 
