@@ -261,13 +261,8 @@ def _reuse_metric_graphs() -> None:
     third of a micro-batch's validation, whatever its rows): from the configuration, the
     batch id and the runtime configuration only, never the data. Inside
     QualitySuites.validate a graph built for the same three in the previous validation is
-    handed back instead. The clock expectation's window moves every batch: its graph from
-    the previous validation is handed back with the new window written into its metrics
-    (`_moved_window`), and a fresh copy of its configuration.
+    handed back instead; the clock expectation, whose window moves, is built anew.
     """
-    import copy
-
-    from great_expectations.validator.validation_graph import ExpectationValidationGraph
     from great_expectations.validator.validator import Validator
 
     build = Validator._generate_metric_dependency_subgraphs_for_each_expectation_configuration
@@ -298,14 +293,6 @@ def _reuse_metric_graphs() -> None:
         for configuration in expectation_configurations:
             key = context + _configuration_key(configuration)
             kept = current.get(key) or previous.get(key)
-            shape = None
-            if _WINDOW_KWARGS & configuration.kwargs.keys():
-                shape = context + _configuration_key(configuration, without=_WINDOW_KWARGS)
-            if kept is None and shape is not None:
-                moved = current.get(shape) or previous.get(shape)
-                if moved is not None:
-                    kept = _moved_window(moved, configuration, self.active_batch_id, copy.deepcopy)
-                    kept = (ExpectationValidationGraph(kept[1], kept[0].graph), kept[1])
             if kept is None:
                 # One at a time, as GX's own loop does: a configuration whose graph fails
                 # yields its failed result and is not kept.
@@ -317,8 +304,6 @@ def _reuse_metric_graphs() -> None:
                     continue
                 kept = (built[0], processed[0])
             current[key] = kept
-            if shape is not None:
-                current[shape] = kept
             graphs.append(kept[0])
             processed_configurations.append(kept[1])
         return graphs, failures, processed_configurations
@@ -382,49 +367,14 @@ def _reuse_validation_dependencies(expectations: Sequence[Any]) -> None:
         owner.get_validation_dependencies = dependencies
 
 
-# The kwargs of a window (the clock expectation's bounds): they reach the metrics as values.
-_WINDOW_KWARGS = frozenset({"min_value", "max_value"})
-
-
-def _moved_window(
-    kept: tuple[Any, Any], configuration: Any, batch_id: Any, deepcopy: Callable[[Any], Any]
-) -> tuple[Any, Any]:
-    """A metric graph built for a configuration that differs only in its window, moved to
-    `configuration`'s window: the window's values in every metric's value kwargs, and the
-    metric ids (GX computes an id once, from its kwargs). Out: (graph, configuration as GX
-    processes it), like the graphs GX builds."""
-    graph, processed = kept
-    old = processed.kwargs
-    new = {key: configuration.kwargs.get(key) for key in _WINDOW_KWARGS}
-    metrics = {id(m): m for edge in graph.graph.edges for m in (edge.left, edge.right) if m}
-    for metric in metrics.values():
-        values = metric.metric_value_kwargs
-        moved = [key for key in new if key in values]
-        for key in moved:
-            if values[key] == old.get(key):  # (kwargs may be shared: moved once)
-                values[key] = new[key]
-        if moved:
-            metric._id = type(metric.id)(
-                metric.metric_name, metric.id.metric_domain_kwargs_id, values.to_id()
-            )
-    graph.graph._edge_ids = {edge.id for edge in graph.graph.edges}
-    evaluated = deepcopy(configuration)
-    if batch_id:
-        evaluated.kwargs.update({"batch_id": batch_id})
-    return graph, evaluated
-
-
-def _configuration_key(configuration: Any, without: frozenset[str] = frozenset()) -> bytes:
+def _configuration_key(configuration: Any) -> bytes:
     """What an expectation's configuration says, as bytes: the fields `to_json_dict` writes
     but its rendered content (GX's marshmallow dump of it, with deep copies, cost a twentieth
-    of a micro-batch's validation). `without` names kwargs left out."""
-    kwargs = configuration.kwargs
-    if without:
-        kwargs = {key: value for key, value in kwargs.items() if key not in without}
+    of a micro-batch's validation)."""
     return orjson.dumps(
         [
             configuration.type,
-            kwargs,
+            configuration.kwargs,
             configuration.meta,
             configuration.id,
             configuration.notes,
