@@ -18,15 +18,19 @@ GENESIS_HASH = "0" * 64
 # Fields a published ledger record carries besides the entry's own content.
 CHAIN_FIELDS = ("seq", "prev_hash", "hash")
 
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS lineage (
+# The entries (~850 bytes of JSON each, most of the table's bytes) are compressed with zstd,
+# not DuckDB's default dictionary/FSST: a checkpoint writing 50,000 new entries and merging
+# the table's last row group cost ~0.65x the CPU, in half the space (one-off probes on the
+# ledger of a store of 300,000 persons). Nothing on a batch's path reads them: the head is
+# read by `seq` and `hash`.
+_COLUMNS = """
     seq BIGINT PRIMARY KEY,
     event_key VARCHAR NOT NULL,
-    entry JSON NOT NULL,
+    entry JSON NOT NULL USING COMPRESSION zstd,
     prev_hash VARCHAR NOT NULL,
     hash VARCHAR NOT NULL
-);
 """
+SCHEMA_SQL = f"CREATE TABLE IF NOT EXISTS lineage ({_COLUMNS});"
 
 # Entries are orjson's output, valid JSON by construction: typed as JSON text, DuckDB stores
 # them without parsing each one again (pyarrow >= 19; older ones give plain text, parsed).
@@ -159,6 +163,28 @@ def verify_chain(conn: duckdb.DuckDBPyConnection) -> VerifyResult:
     return VerifyResult(True, count)
 
 
+def _compress_entries(conn: duckdb.DuckDBPyConnection) -> None:
+    """Rewrite, once, a ledger created before its entries were compressed with zstd: a
+    column's compression is set when its table is created. Same rows, in one transaction
+    (~2.6 CPU-s for 630,000 entries)."""
+    ((sql,),) = conn.execute(
+        "SELECT sql FROM duckdb_tables() WHERE table_name = 'lineage' "
+        "AND database_name = current_database() AND schema_name = current_schema()"
+    ).fetchall()
+    if "USING COMPRESSION ZSTD" in sql.upper():
+        return
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        conn.execute(f"CREATE TABLE _lineage_zstd ({_COLUMNS})")
+        conn.execute("INSERT INTO _lineage_zstd SELECT * FROM lineage ORDER BY seq")
+        conn.execute("DROP TABLE lineage")
+        conn.execute("ALTER TABLE _lineage_zstd RENAME TO lineage")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 class LineageLedger:
     """The ledger in DuckDB; appends happen inside the caller's transaction."""
 
@@ -168,6 +194,7 @@ class LineageLedger:
         # rollback undid appends.
         self._seen: tuple[int, str] | None = None
         conn.execute(SCHEMA_SQL)
+        _compress_entries(conn)
 
     def head(self) -> tuple[int, str]:
         """The last sequence number and hash (0 and the genesis hash when empty)."""

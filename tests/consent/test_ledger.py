@@ -82,3 +82,44 @@ def test_appends_chain_onto_entries_another_ledger_appended_to_the_same_table():
     (after,) = other.append([{"event_key": "d"}])  # its remembered head was rolled back
     assert (after.seq, after.prev_hash) == (4, ours.hash)
     assert ledger.verify().ok and ledger.verify().entries == 4
+
+
+def test_a_ledger_stored_before_entries_were_compressed_is_rewritten_once_unchanged(tmp_path):
+    path = tmp_path / "state.duckdb"
+    conn = open_state(path)
+    # The table as created before: no column compression named.
+    conn.execute(
+        "CREATE TABLE lineage (seq BIGINT PRIMARY KEY, event_key VARCHAR NOT NULL, "
+        "entry JSON NOT NULL, prev_hash VARCHAR NOT NULL, hash VARCHAR NOT NULL)"
+    )
+    source = LineageLedger(open_state(":memory:"))
+    source.append([{"event_key": f"e{i}", "n": i} for i in range(3000)])
+    rows = source.conn.execute("SELECT * FROM lineage ORDER BY seq").fetchall()
+    stored = source.conn.sql("SELECT * FROM lineage ORDER BY seq").to_arrow_table()  # noqa: F841
+    conn.execute("INSERT INTO lineage SELECT * FROM stored")
+    conn.execute("CHECKPOINT")
+
+    ledger = LineageLedger(conn)
+    (sql,) = conn.execute("SELECT sql FROM duckdb_tables() WHERE table_name = 'lineage'").fetchone()
+    assert "USING COMPRESSION ZSTD" in sql.upper()
+    assert conn.execute("SELECT * FROM lineage ORDER BY seq").fetchall() == rows
+    assert ledger.verify().ok and ledger.verify().entries == 3000
+    (appended,) = ledger.append([{"event_key": "next"}])
+    assert (appended.seq, appended.prev_hash) == (3001, rows[-1][4])
+    conn.execute("CHECKPOINT")
+    compressions = {
+        method
+        for (method,) in conn.execute(
+            "SELECT DISTINCT compression FROM pragma_storage_info('lineage') "
+            "WHERE column_name = 'entry' AND segment_type <> 'VALIDITY'"
+        ).fetchall()
+    }
+    assert compressions <= {"ZSTD", "Constant"} and "ZSTD" in compressions
+    conn.close()
+    # Opened again, it is not rewritten: the same table.
+    conn = open_state(path)
+    oid = "SELECT table_oid FROM duckdb_tables() WHERE table_name = 'lineage'"
+    before = conn.execute(oid).fetchone()
+    LineageLedger(conn)
+    assert conn.execute(oid).fetchone() == before
+    assert conn.execute("SELECT count(*) FROM lineage").fetchone() == (3001,)
