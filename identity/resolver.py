@@ -172,6 +172,7 @@ class IdentityResolver:
         self._index: CandidateIndex | None = None
         self._threshold_checked = False
         self._moves: int | None = None  # rows in id_record_moves (None: not counted yet)
+        self._last_seq: int | None = None  # its highest seq (None: not read yet)
         # This batch's scored pairs above the threshold, with their per-comparison evidence.
         self._scored: dict[tuple[str, str], dict[str, Any]] = {}
         self._score_view = False
@@ -202,6 +203,7 @@ class IdentityResolver:
         self._index = None
         self._threshold_checked = False
         self._moves = None
+        self._last_seq = None
         self._score_view = False  # a rolled-back batch may have created it
 
     def apply_threshold(self, key: str, ts: datetime) -> Resolution | None:
@@ -638,50 +640,47 @@ class IdentityResolver:
                 rows[person[0]] = person
         if not rows:
             return
-        self.conn.register(
-            "_identity_rows",
-            _table(
-                {
-                    "person_id": list(rows),
-                    "first_ts": [c[1] for c in rows.values()],
-                    "first_event": [c[2] for c in rows.values()],
-                    "founder": [c[3] for c in rows.values()],
-                }
-            ),
+        # Read by the statement below by its local name (a replacement scan).
+        _identity_rows = _table(
+            {
+                "person_id": list(rows),
+                "first_ts": [c[1] for c in rows.values()],
+                "first_event": [c[2] for c in rows.values()],
+                "founder": [c[3] for c in rows.values()],
+            }
         )
-        try:
-            where = (
-                ""
-                if known is not None
-                else " WHERE person_id NOT IN (SELECT person_id FROM id_persons)"
-            )
-            self.conn.execute(f"INSERT INTO id_persons BY NAME SELECT * FROM _identity_rows{where}")
-        finally:
-            self.conn.unregister("_identity_rows")
+        where = (
+            ""
+            if known is not None
+            else " WHERE person_id NOT IN (SELECT person_id FROM id_persons)"
+        )
+        self.conn.execute(f"INSERT INTO id_persons BY NAME SELECT * FROM _identity_rows{where}")
 
     def _repoint(self, target: dict[str, str]) -> None:
         """Give records (the keys of `target`) a new person (its values): appended moves,
         folded into a fresh base table once there are FOLD_MOVES of them."""
         if not target:
             return
-        self.conn.register(
-            "_repoint", _table({"source": list(target), "target": list(target.values())})
+        if self._moves is None or self._last_seq is None:
+            # Once per start (and after a rollback or an erasure): the moves' count and
+            # their last number, kept here after that instead of read every batch.
+            ((self._moves, self._last_seq),) = self.conn.execute(
+                "SELECT count(*), coalesce(max(seq), 0) FROM id_record_moves"
+            ).fetchall()
+        # Numbered after the last move, in record order: the same store whatever order
+        # the batch found its moves in.
+        sources = sorted(target)
+        first = self._last_seq + 1
+        self._insert(
+            "id_record_moves",
+            {
+                "record_id": sources,
+                "person_id": [target[s] for s in sources],
+                "seq": pa.array(range(first, first + len(sources)), pa.int64()),
+            },
         )
-        try:
-            # Numbered after the last move, in record order: the same store whatever order
-            # the batch found its moves in.
-            self.conn.execute(
-                """INSERT INTO id_record_moves
-                   SELECT source, target, row_number() OVER (ORDER BY source)
-                          + (SELECT coalesce(max(seq), 0) FROM id_record_moves)
-                   FROM _repoint"""
-            )
-        finally:
-            self.conn.unregister("_repoint")
-        if self._moves is None:
-            ((self._moves,),) = self.conn.execute("SELECT count(*) FROM id_record_moves").fetchall()
-        else:
-            self._moves += len(target)
+        self._last_seq += len(sources)
+        self._moves += len(sources)
         if self._moves >= FOLD_MOVES:
             self.fold_moves()
 
@@ -697,6 +696,7 @@ class IdentityResolver:
         # A fresh table rather than a DELETE: nothing of the old rows stays behind.
         self.conn.execute(f"CREATE OR REPLACE TABLE id_record_moves ({_MOVES_COLUMNS})")
         self._moves = 0
+        self._last_seq = 0
 
     def _insert(self, table: str, columns: dict[str, Any], verb: str = "INSERT") -> None:
         # DuckDB finds the local Arrow table by its name (a replacement scan): a register
