@@ -32,9 +32,9 @@ import gc
 import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import orjson
@@ -142,8 +142,10 @@ class _Cluster:
     persons: set[str] = field(default_factory=set)  # existing persons inside
 
 
-@dataclass(frozen=True)
-class _Edge:
+class _Edge(NamedTuple):
+    # A named tuple rather than a frozen dataclass: a batch makes one per identifier a new
+    # record shares, and a frozen dataclass's constructor sets each field through
+    # object.__setattr__ (a few times slower).
     record_l: str
     record_r: str
     rule: str
@@ -577,7 +579,7 @@ class IdentityResolver:
                     for c in model.comparisons
                     if row[f"gamma_{c}"] != -1
                 }
-                edge = replace(edge, evidence=evidence)
+                edge = edge._replace(evidence=evidence)
             out.append((edge, kind, joined))
         return out
 
@@ -590,9 +592,12 @@ class IdentityResolver:
             "first_ts": [new[r][1] for r in order],
             "first_event": [new[r][0] for r in order],
         }
-        fields = [new[r][2] for r in order]
-        for name in RECORD_FIELDS:
-            rows[name] = [f.get(name) for f in fields]
+        # The index holds each new record's fields as a tuple (RECORD_FIELDS order) by now:
+        # the columns are those tuples transposed.
+        fields = self.index.fields
+        columns = zip(*(fields[r] for r in order), strict=True)
+        for name, values in zip(RECORD_FIELDS, columns, strict=True):
+            rows[name] = pa.array(values, pa.string())
         self._insert("id_records_base", rows)
         self._add_persons(created, self.index.born)
         self._repoint(moved)
