@@ -482,9 +482,17 @@ class IdentityResolver:
         return {frozenset(r) for r in rows if r[0] in records or r[1] in records}
 
     def _conflict(self, a: _Cluster, b: _Cluster, cannot: set[frozenset[str]]) -> str | None:
+        limits, held_by = self.limits, a.ids
         for id_type, values in b.ids.items():
-            limit = self.limits.get(id_type)
-            if limit is not None and len(a.ids.get(id_type, set()) | values) > limit:
+            limit = limits.get(id_type)
+            if limit is None:
+                continue
+            held = held_by.get(id_type)
+            # The union is built only when the two could exceed the limit together.
+            if held is None:
+                if len(values) > limit:
+                    return f"limit:{id_type}"
+            elif len(held) + len(values) > limit and len(held | values) > limit:
                 return f"limit:{id_type}"
         if cannot:
             small, large = sorted((a.records, b.records), key=len)
