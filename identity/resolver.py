@@ -606,17 +606,18 @@ class IdentityResolver:
         columns = zip(*(fields[r] for r in order), strict=True)
         for name, values in zip(RECORD_FIELDS, columns, strict=True):
             rows[name] = pa.array(values, pa.string())
-        self._insert("id_records_base", rows)
-        self._add_persons(created, self.index.born)
-        self._repoint(moved)
+        # Each table below is read by a statement by its local name (a replacement scan).
+        _new_records = _table(rows)
+        _new_persons = self._person_rows(created, self.index.born)
+        _new_moves = self._move_rows(moved)
+        _new_edges = None
         # Every Splink link above the threshold is kept; rule links only where they joined
         # (the rule itself finds the others again when a component is re-clustered).
         used = {(e.record_l, e.record_r) for e, _, _ in unions}
         stored = [e for e in edges if e.rule == "splink" or (e.record_l, e.record_r) in used]
         if stored:
             first_ts = {r: v[1] for r, v in new.items()}
-            self._insert(
-                "id_edges",
+            _new_edges = _table(
                 {
                     "record_l": [e.record_l for e in stored],
                     "record_r": [e.record_r for e in stored],
@@ -638,6 +639,20 @@ class IdentityResolver:
                     ],
                 },
             )
+        # The batch's writes in one call: one trip into DuckDB instead of one per table.
+        self.conn.execute(
+            ";\n".join(
+                f"INSERT INTO {table} BY NAME SELECT * FROM {name}"
+                for table, name, batch in (
+                    ("id_records_base", "_new_records", _new_records),
+                    ("id_persons", "_new_persons", _new_persons),
+                    ("id_record_moves", "_new_moves", _new_moves),
+                    ("id_edges", "_new_edges", _new_edges),
+                )
+                if batch is not None
+            )
+        )
+        self._fold_if_due()
 
     def _add_persons(
         self,
@@ -647,14 +662,28 @@ class IdentityResolver:
         """Remember new persons: (person_id, first_ts, first_event, founding record). A
         person already stored keeps its row; `known` (the index's persons, when the caller
         has them) says which are, otherwise the store does."""
+        _new_persons = self._person_rows(created, known)  # read by its name below
+        if _new_persons is None:
+            return
+        where = (
+            ""
+            if known is not None
+            else " WHERE person_id NOT IN (SELECT person_id FROM id_persons)"
+        )
+        self.conn.execute(f"INSERT INTO id_persons BY NAME SELECT * FROM _new_persons{where}")
+
+    def _person_rows(
+        self, created: list[tuple[str, datetime, str, str]], known: dict[str, Any] | None
+    ) -> pa.Table | None:
+        """The rows of `id_persons` for `created` (each person once, none of `known`), or
+        None if there are none."""
         rows = {}
         for person in created:
             if person[0] not in rows and (known is None or person[0] not in known):
                 rows[person[0]] = person
         if not rows:
-            return
-        # Read by the statement below by its local name (a replacement scan).
-        _identity_rows = _table(
+            return None
+        return _table(
             {
                 "person_id": list(rows),
                 "first_ts": [c[1] for c in rows.values()],
@@ -662,18 +691,21 @@ class IdentityResolver:
                 "founder": [c[3] for c in rows.values()],
             }
         )
-        where = (
-            ""
-            if known is not None
-            else " WHERE person_id NOT IN (SELECT person_id FROM id_persons)"
-        )
-        self.conn.execute(f"INSERT INTO id_persons BY NAME SELECT * FROM _identity_rows{where}")
 
     def _repoint(self, target: dict[str, str]) -> None:
         """Give records (the keys of `target`) a new person (its values): appended moves,
         folded into a fresh base table once there are FOLD_MOVES of them."""
-        if not target:
+        _new_moves = self._move_rows(target)  # read by its name below
+        if _new_moves is None:
             return
+        self.conn.execute("INSERT INTO id_record_moves BY NAME SELECT * FROM _new_moves")
+        self._fold_if_due()
+
+    def _move_rows(self, target: dict[str, str]) -> pa.Table | None:
+        """The rows of `id_record_moves` that give records (the keys of `target`) a new
+        person (its values), counted as written; None if there are none."""
+        if not target:
+            return None
         if self._moves is None or self._last_seq is None:
             # Once per start (and after a rollback or an erasure): the moves' count and
             # their last number, kept here after that instead of read every batch.
@@ -684,17 +716,18 @@ class IdentityResolver:
         # the batch found its moves in.
         sources = sorted(target)
         first = self._last_seq + 1
-        self._insert(
-            "id_record_moves",
+        self._last_seq += len(sources)
+        self._moves += len(sources)
+        return _table(
             {
                 "record_id": sources,
                 "person_id": [target[s] for s in sources],
                 "seq": pa.array(range(first, first + len(sources)), pa.int64()),
-            },
+            }
         )
-        self._last_seq += len(sources)
-        self._moves += len(sources)
-        if self._moves >= FOLD_MOVES:
+
+    def _fold_if_due(self) -> None:
+        if self._moves is not None and self._moves >= FOLD_MOVES:
             self.fold_moves()
 
     def fold_moves(self) -> None:
@@ -710,12 +743,6 @@ class IdentityResolver:
         self.conn.execute(f"CREATE OR REPLACE TABLE id_record_moves ({_MOVES_COLUMNS})")
         self._moves = 0
         self._last_seq = 0
-
-    def _insert(self, table: str, columns: dict[str, Any], verb: str = "INSERT") -> None:
-        # DuckDB finds the local Arrow table by its name (a replacement scan): a register
-        # and an unregister less per insert (1.9 -> 1.5 ms for a batch's 300 records).
-        _identity_rows = _table(columns)  # read by the statement below
-        self.conn.execute(f"{verb} INTO {table} BY NAME SELECT * FROM _identity_rows")
 
     # -- unmerge -----------------------------------------------------------------------------
 
