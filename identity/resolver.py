@@ -55,6 +55,9 @@ DEFAULT_LIMITS = {
     "advertising_id": 5,
 }
 STRENGTH = {name: rank for rank, name in enumerate(STRONG_FIELDS)}
+# The rule of a link through a shared identifier of each type, and its rank by strength.
+_SHARED = {name: f"shared:{name}" for name in STRONG_FIELDS}
+_SHARED_RANK = {_SHARED[name]: rank for name, rank in STRENGTH.items()}
 
 _FIELD_COLUMNS = ", ".join(f"{f} VARCHAR" for f in RECORD_FIELDS)
 # A record's current person is `id_records.person_id`, a view: the person it was stored
@@ -269,9 +272,7 @@ class IdentityResolver:
         if not new:
             return Resolution([index.person_of[r] for r in record_of], {}, {}, set(), log)
         fields_of = {r: v[2] for r, v in new.items()}
-        edges = [
-            _Edge(r, a, f"shared:{name}") for r, a, name in index.deterministic_edges(fields_of)
-        ]
+        edges = [_Edge(r, a, _SHARED[name]) for r, a, name in index.deterministic_edges(fields_of)]
         pairs = index.candidate_pairs(fields_of)
         index.add(fields_of.items())
         if self.model is not None:
@@ -531,7 +532,7 @@ class IdentityResolver:
                 created.append((survivor, ts, key, founder))
                 _log(log, "person_created", survivor, None, "new", key, ts, None, founder)
             person_of_root[root] = survivor
-        person = {r: person_of_root[member_of[r]] for r in member_of}
+        person = {r: person_of_root[member_of[r]] for r in new}
         # Every record of a merged-away person moves to the survivor.
         moved = {r: survivor for loser, survivor in merged.items() for r in index.members[loser]}
         self._write(new, person, created, moved, edges, unions)
@@ -550,7 +551,8 @@ class IdentityResolver:
 
         for edge, kind, _ in unions:
             if kind == "record_linked":
-                _log(log, kind, person[edge.record_l], None, edge.rule, *event_of(edge), edge)
+                survivor = person_of_root[member_of[edge.record_l]]
+                _log(log, kind, survivor, None, edge.rule, *event_of(edge), edge)
         # The first merge that joined each merged-away person, found in one pass.
         merged_by: dict[str, _Edge] = {}
         for edge, kind, joined in unions:
@@ -844,7 +846,7 @@ class IdentityResolver:
                 if value is None:
                     continue
                 if value in anchors:
-                    edges.append(_Edge(row[0], anchors[value], f"shared:{name}"))
+                    edges.append(_Edge(row[0], anchors[value], _SHARED[name]))
                 else:
                     anchors[value] = row[0]
         threshold = self.model.threshold if self.model else 1.0
@@ -999,7 +1001,7 @@ def _ids_of(fields: dict[str, str | None]) -> dict[str, set[str]]:
 def _ordered(edges: list[_Edge]) -> list[_Edge]:
     deterministic = [e for e in edges if e.rule != "splink"]
     probabilistic = [e for e in edges if e.rule == "splink"]
-    deterministic.sort(key=lambda e: STRENGTH[e.rule.split(":", 1)[1]])  # stable: arrival order
+    deterministic.sort(key=lambda e: _SHARED_RANK[e.rule])  # stable: arrival order
     probabilistic.sort(key=lambda e: (-(e.match_weight or 0.0), e.record_l, e.record_r))
     return deterministic + probabilistic
 
