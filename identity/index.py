@@ -103,16 +103,14 @@ class CandidateIndex:
     def identifiers(self, records: Iterable[str]) -> dict[str, set[str]]:
         """The strong identifiers `records` hold between them, by type."""
         ids: dict[str, set[str]] = {}
-        fields = self.fields
-        for record_id in records:
-            # A record's fields start with its strong identifiers, in STRONG_FIELDS order.
-            for name, value in zip(STRONG_FIELDS, fields[record_id], strict=False):
-                if value is not None:
-                    held = ids.get(name)
-                    if held is None:
-                        ids[name] = {value}
-                    else:
-                        held.add(value)
+        # A record's fields start with its strong identifiers, in STRONG_FIELDS order: the
+        # records' tuples transposed give each type's values (zip stops at the shorter).
+        columns = zip(*map(self.fields.__getitem__, records), strict=True)
+        for name, column in zip(STRONG_FIELDS, columns, strict=False):
+            values = set(column)
+            values.discard(None)
+            if values:
+                ids[name] = values
         return ids
 
     def add(self, records: Iterable[tuple[str, Fields]]) -> None:

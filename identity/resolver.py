@@ -32,9 +32,9 @@ import gc
 import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import orjson
@@ -55,6 +55,9 @@ DEFAULT_LIMITS = {
     "advertising_id": 5,
 }
 STRENGTH = {name: rank for rank, name in enumerate(STRONG_FIELDS)}
+# The rule of a link through a shared identifier of each type, and its rank by strength.
+_SHARED = {name: f"shared:{name}" for name in STRONG_FIELDS}
+_SHARED_RANK = {_SHARED[name]: rank for name, rank in STRENGTH.items()}
 
 _FIELD_COLUMNS = ", ".join(f"{f} VARCHAR" for f in RECORD_FIELDS)
 # A record's current person is `id_records.person_id`, a view: the person it was stored
@@ -142,8 +145,10 @@ class _Cluster:
     persons: set[str] = field(default_factory=set)  # existing persons inside
 
 
-@dataclass(frozen=True)
-class _Edge:
+class _Edge(NamedTuple):
+    # A named tuple rather than a frozen dataclass: a batch makes one per identifier a new
+    # record shares, and a frozen dataclass's constructor sets each field through
+    # object.__setattr__ (a few times slower).
     record_l: str
     record_r: str
     rule: str
@@ -172,6 +177,7 @@ class IdentityResolver:
         self._index: CandidateIndex | None = None
         self._threshold_checked = False
         self._moves: int | None = None  # rows in id_record_moves (None: not counted yet)
+        self._last_seq: int | None = None  # its highest seq (None: not read yet)
         # This batch's scored pairs above the threshold, with their per-comparison evidence.
         self._scored: dict[tuple[str, str], dict[str, Any]] = {}
         self._score_view = False
@@ -202,6 +208,7 @@ class IdentityResolver:
         self._index = None
         self._threshold_checked = False
         self._moves = None
+        self._last_seq = None
         self._score_view = False  # a rolled-back batch may have created it
 
     def apply_threshold(self, key: str, ts: datetime) -> Resolution | None:
@@ -265,9 +272,7 @@ class IdentityResolver:
         if not new:
             return Resolution([index.person_of[r] for r in record_of], {}, {}, set(), log)
         fields_of = {r: v[2] for r, v in new.items()}
-        edges = [
-            _Edge(r, a, f"shared:{name}") for r, a, name in index.deterministic_edges(fields_of)
-        ]
+        edges = [_Edge(r, a, _SHARED[name]) for r, a, name in index.deterministic_edges(fields_of)]
         pairs = index.candidate_pairs(fields_of)
         index.add(fields_of.items())
         if self.model is not None:
@@ -478,9 +483,17 @@ class IdentityResolver:
         return {frozenset(r) for r in rows if r[0] in records or r[1] in records}
 
     def _conflict(self, a: _Cluster, b: _Cluster, cannot: set[frozenset[str]]) -> str | None:
+        limits, held_by = self.limits, a.ids
         for id_type, values in b.ids.items():
-            limit = self.limits.get(id_type)
-            if limit is not None and len(a.ids.get(id_type, set()) | values) > limit:
+            limit = limits.get(id_type)
+            if limit is None:
+                continue
+            held = held_by.get(id_type)
+            # The union is built only when the two could exceed the limit together.
+            if held is None:
+                if len(values) > limit:
+                    return f"limit:{id_type}"
+            elif len(held) + len(values) > limit and len(held | values) > limit:
                 return f"limit:{id_type}"
         if cannot:
             small, large = sorted((a.records, b.records), key=len)
@@ -519,7 +532,7 @@ class IdentityResolver:
                 created.append((survivor, ts, key, founder))
                 _log(log, "person_created", survivor, None, "new", key, ts, None, founder)
             person_of_root[root] = survivor
-        person = {r: person_of_root[member_of[r]] for r in member_of}
+        person = {r: person_of_root[member_of[r]] for r in new}
         # Every record of a merged-away person moves to the survivor.
         moved = {r: survivor for loser, survivor in merged.items() for r in index.members[loser]}
         self._write(new, person, created, moved, edges, unions)
@@ -538,7 +551,8 @@ class IdentityResolver:
 
         for edge, kind, _ in unions:
             if kind == "record_linked":
-                _log(log, kind, person[edge.record_l], None, edge.rule, *event_of(edge), edge)
+                survivor = person_of_root[member_of[edge.record_l]]
+                _log(log, kind, survivor, None, edge.rule, *event_of(edge), edge)
         # The first merge that joined each merged-away person, found in one pass.
         merged_by: dict[str, _Edge] = {}
         for edge, kind, joined in unions:
@@ -575,7 +589,7 @@ class IdentityResolver:
                     for c in model.comparisons
                     if row[f"gamma_{c}"] != -1
                 }
-                edge = replace(edge, evidence=evidence)
+                edge = edge._replace(evidence=evidence)
             out.append((edge, kind, joined))
         return out
 
@@ -588,20 +602,24 @@ class IdentityResolver:
             "first_ts": [new[r][1] for r in order],
             "first_event": [new[r][0] for r in order],
         }
-        fields = [new[r][2] for r in order]
-        for name in RECORD_FIELDS:
-            rows[name] = [f.get(name) for f in fields]
-        self._insert("id_records_base", rows)
-        self._add_persons(created, self.index.born)
-        self._repoint(moved)
+        # The index holds each new record's fields as a tuple (RECORD_FIELDS order) by now:
+        # the columns are those tuples transposed.
+        fields = self.index.fields
+        columns = zip(*(fields[r] for r in order), strict=True)
+        for name, values in zip(RECORD_FIELDS, columns, strict=True):
+            rows[name] = pa.array(values, pa.string())
+        # Each table below is read by a statement by its local name (a replacement scan).
+        _new_records = _table(rows)
+        _new_persons = self._person_rows(created, self.index.born)
+        _new_moves = self._move_rows(moved)
+        _new_edges = None
         # Every Splink link above the threshold is kept; rule links only where they joined
         # (the rule itself finds the others again when a component is re-clustered).
         used = {(e.record_l, e.record_r) for e, _, _ in unions}
         stored = [e for e in edges if e.rule == "splink" or (e.record_l, e.record_r) in used]
         if stored:
             first_ts = {r: v[1] for r, v in new.items()}
-            self._insert(
-                "id_edges",
+            _new_edges = _table(
                 {
                     "record_l": [e.record_l for e in stored],
                     "record_r": [e.record_r for e in stored],
@@ -623,6 +641,20 @@ class IdentityResolver:
                     ],
                 },
             )
+        # The batch's writes in one call: one trip into DuckDB instead of one per table.
+        self.conn.execute(
+            ";\n".join(
+                f"INSERT INTO {table} BY NAME SELECT * FROM {name}"
+                for table, name, batch in (
+                    ("id_records_base", "_new_records", _new_records),
+                    ("id_persons", "_new_persons", _new_persons),
+                    ("id_record_moves", "_new_moves", _new_moves),
+                    ("id_edges", "_new_edges", _new_edges),
+                )
+                if batch is not None
+            )
+        )
+        self._fold_if_due()
 
     def _add_persons(
         self,
@@ -632,57 +664,72 @@ class IdentityResolver:
         """Remember new persons: (person_id, first_ts, first_event, founding record). A
         person already stored keeps its row; `known` (the index's persons, when the caller
         has them) says which are, otherwise the store does."""
+        _new_persons = self._person_rows(created, known)  # read by its name below
+        if _new_persons is None:
+            return
+        where = (
+            ""
+            if known is not None
+            else " WHERE person_id NOT IN (SELECT person_id FROM id_persons)"
+        )
+        self.conn.execute(f"INSERT INTO id_persons BY NAME SELECT * FROM _new_persons{where}")
+
+    def _person_rows(
+        self, created: list[tuple[str, datetime, str, str]], known: dict[str, Any] | None
+    ) -> pa.Table | None:
+        """The rows of `id_persons` for `created` (each person once, none of `known`), or
+        None if there are none."""
         rows = {}
         for person in created:
             if person[0] not in rows and (known is None or person[0] not in known):
                 rows[person[0]] = person
         if not rows:
-            return
-        self.conn.register(
-            "_identity_rows",
-            _table(
-                {
-                    "person_id": list(rows),
-                    "first_ts": [c[1] for c in rows.values()],
-                    "first_event": [c[2] for c in rows.values()],
-                    "founder": [c[3] for c in rows.values()],
-                }
-            ),
+            return None
+        return _table(
+            {
+                "person_id": list(rows),
+                "first_ts": [c[1] for c in rows.values()],
+                "first_event": [c[2] for c in rows.values()],
+                "founder": [c[3] for c in rows.values()],
+            }
         )
-        try:
-            where = (
-                ""
-                if known is not None
-                else " WHERE person_id NOT IN (SELECT person_id FROM id_persons)"
-            )
-            self.conn.execute(f"INSERT INTO id_persons BY NAME SELECT * FROM _identity_rows{where}")
-        finally:
-            self.conn.unregister("_identity_rows")
 
     def _repoint(self, target: dict[str, str]) -> None:
         """Give records (the keys of `target`) a new person (its values): appended moves,
         folded into a fresh base table once there are FOLD_MOVES of them."""
-        if not target:
+        _new_moves = self._move_rows(target)  # read by its name below
+        if _new_moves is None:
             return
-        self.conn.register(
-            "_repoint", _table({"source": list(target), "target": list(target.values())})
+        self.conn.execute("INSERT INTO id_record_moves BY NAME SELECT * FROM _new_moves")
+        self._fold_if_due()
+
+    def _move_rows(self, target: dict[str, str]) -> pa.Table | None:
+        """The rows of `id_record_moves` that give records (the keys of `target`) a new
+        person (its values), counted as written; None if there are none."""
+        if not target:
+            return None
+        if self._moves is None or self._last_seq is None:
+            # Once per start (and after a rollback or an erasure): the moves' count and
+            # their last number, kept here after that instead of read every batch.
+            ((self._moves, self._last_seq),) = self.conn.execute(
+                "SELECT count(*), coalesce(max(seq), 0) FROM id_record_moves"
+            ).fetchall()
+        # Numbered after the last move, in record order: the same store whatever order
+        # the batch found its moves in.
+        sources = sorted(target)
+        first = self._last_seq + 1
+        self._last_seq += len(sources)
+        self._moves += len(sources)
+        return _table(
+            {
+                "record_id": sources,
+                "person_id": [target[s] for s in sources],
+                "seq": pa.array(range(first, first + len(sources)), pa.int64()),
+            }
         )
-        try:
-            # Numbered after the last move, in record order: the same store whatever order
-            # the batch found its moves in.
-            self.conn.execute(
-                """INSERT INTO id_record_moves
-                   SELECT source, target, row_number() OVER (ORDER BY source)
-                          + (SELECT coalesce(max(seq), 0) FROM id_record_moves)
-                   FROM _repoint"""
-            )
-        finally:
-            self.conn.unregister("_repoint")
-        if self._moves is None:
-            ((self._moves,),) = self.conn.execute("SELECT count(*) FROM id_record_moves").fetchall()
-        else:
-            self._moves += len(target)
-        if self._moves >= FOLD_MOVES:
+
+    def _fold_if_due(self) -> None:
+        if self._moves is not None and self._moves >= FOLD_MOVES:
             self.fold_moves()
 
     def fold_moves(self) -> None:
@@ -697,12 +744,7 @@ class IdentityResolver:
         # A fresh table rather than a DELETE: nothing of the old rows stays behind.
         self.conn.execute(f"CREATE OR REPLACE TABLE id_record_moves ({_MOVES_COLUMNS})")
         self._moves = 0
-
-    def _insert(self, table: str, columns: dict[str, Any], verb: str = "INSERT") -> None:
-        # DuckDB finds the local Arrow table by its name (a replacement scan): a register
-        # and an unregister less per insert (1.9 -> 1.5 ms for a batch's 300 records).
-        _identity_rows = _table(columns)  # read by the statement below
-        self.conn.execute(f"{verb} INTO {table} BY NAME SELECT * FROM _identity_rows")
+        self._last_seq = 0
 
     # -- unmerge -----------------------------------------------------------------------------
 
@@ -804,7 +846,7 @@ class IdentityResolver:
                 if value is None:
                     continue
                 if value in anchors:
-                    edges.append(_Edge(row[0], anchors[value], f"shared:{name}"))
+                    edges.append(_Edge(row[0], anchors[value], _SHARED[name]))
                 else:
                     anchors[value] = row[0]
         threshold = self.model.threshold if self.model else 1.0
@@ -959,7 +1001,7 @@ def _ids_of(fields: dict[str, str | None]) -> dict[str, set[str]]:
 def _ordered(edges: list[_Edge]) -> list[_Edge]:
     deterministic = [e for e in edges if e.rule != "splink"]
     probabilistic = [e for e in edges if e.rule == "splink"]
-    deterministic.sort(key=lambda e: STRENGTH[e.rule.split(":", 1)[1]])  # stable: arrival order
+    deterministic.sort(key=lambda e: _SHARED_RANK[e.rule])  # stable: arrival order
     probabilistic.sort(key=lambda e: (-(e.match_weight or 0.0), e.record_l, e.record_r))
     return deterministic + probabilistic
 

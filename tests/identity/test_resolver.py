@@ -424,6 +424,50 @@ def test_moved_records_read_through_id_records_before_and_after_folding(model, m
     assert len(set(never.identity.clusters().values())) < len(rows)
 
 
+def test_moves_are_numbered_after_the_stored_ones_across_rollback_erasure_and_restart():
+    """The resolver keeps the last move's number between batches instead of reading it:
+    a rolled-back batch's numbers are given again, an erasure that deleted the last moves
+    and a restarted resolver number after what the store holds, as a read would."""
+    r = Resolver()
+
+    def numbers() -> list[int]:
+        return [
+            n for (n,) in r.conn.execute("SELECT seq FROM id_record_moves ORDER BY seq").fetchall()
+        ]
+
+    def two_persons(n: int) -> None:
+        r.feed(rec(email=f"m{n}@example.org"), key=f"older-{n}")
+        r.feed(rec(user_id=f"m-{n}"), rec(user_id=f"m-{n}", anonymous_id=f"a-{n}"))
+
+    def merge(n: int) -> None:  # the younger person's two records move to the older
+        r.feed(rec(user_id=f"m-{n}", email=f"m{n}@example.org"))
+
+    for n in (1, 2):
+        two_persons(n)
+        merge(n)
+    assert numbers() == [1, 2, 3, 4]
+    two_persons(3)
+    r.conn.execute("BEGIN")
+    r.identity.resolve([("rolled", T0, rec(user_id="m-3", email="m3@example.org"))])
+    r.conn.execute("ROLLBACK")
+    r.identity.forget()  # as the pipeline does after a rollback
+    assert numbers() == [1, 2, 3, 4]
+    merge(3)
+    assert numbers() == [1, 2, 3, 4, 5, 6]
+    moved = [record_id_of(rec(user_id="m-3")), record_id_of(rec(user_id="m-3", anonymous_id="a-3"))]
+    r.conn.execute("BEGIN")
+    r.identity.erase_records(moved, "erasure-1", T0)
+    r.conn.execute("COMMIT")
+    assert numbers() == [1, 2, 3, 4]
+    two_persons(4)
+    merge(4)
+    assert numbers() == [1, 2, 3, 4, 5, 6]
+    r.identity = IdentityResolver(r.conn)  # a restart
+    two_persons(5)
+    merge(5)
+    assert numbers() == list(range(1, 9))
+
+
 def test_a_store_that_kept_id_records_as_a_table_opens_with_its_persons():
     """Stores written before moves were appended keep every record's person."""
     import duckdb
