@@ -188,7 +188,8 @@ def _dead_letter(
 
 def _attribute_names(event: dict[str, Any]) -> list[str]:
     """The sorted names of the attributes an event states about its person (`traits_of`)."""
-    return sorted(str(name)[:128] for name in traits_of(event))
+    traits = traits_of(event)  # none, for most events: no generator and sort for them
+    return sorted([str(name)[:128] for name in traits]) if traits else []
 
 
 class _StageFailure(Exception):
@@ -779,7 +780,7 @@ class Pipeline:
     def _outputs(self, items, entries, resolution, profiles, gone) -> list[OutRecord]:
         out: list[OutRecord] = []
         for item in items:
-            if item.contract.ok:
+            if not item.contract.reasons:  # contract.ok, without a property call an event
                 continue
             schema = (
                 f"{item.contract.kind}/v{item.contract.version}"
