@@ -106,7 +106,9 @@ def store_entries(
         return
     if texts is None:
         texts = [canonical_json(e.entry).decode() for e in chained]
-    table = pa.table(
+    # DuckDB reads the local table by its name (a replacement scan): no register and
+    # unregister around the insert (~0.4 ms an append).
+    _ledger_new = pa.table(
         {
             "seq": pa.array([e.seq for e in chained], pa.int64()),
             "event_key": [e.entry.get("event_key", "") for e in chained],
@@ -115,13 +117,8 @@ def store_entries(
             "hash": [e.hash for e in chained],
         }
     )
-    conn.register("_ledger_new", table)
     verb = "INSERT OR REPLACE" if replace else "INSERT"
     conn.execute(f"{verb} INTO lineage SELECT * FROM _ledger_new")
-    # Not after a failure: the transaction is aborted (an unregister would raise in place of
-    # the error, a stored seq's constraint error the replica falls back on) and its rollback
-    # drops the view; outside one, the next register replaces it.
-    conn.unregister("_ledger_new")
 
 
 def _entry_problem(

@@ -188,7 +188,8 @@ def _dead_letter(
 
 def _attribute_names(event: dict[str, Any]) -> list[str]:
     """The sorted names of the attributes an event states about its person (`traits_of`)."""
-    return sorted(str(name)[:128] for name in traits_of(event))
+    traits = traits_of(event)  # none, for most events: no generator and sort for them
+    return sorted([str(name)[:128] for name in traits]) if traits else []
 
 
 class _StageFailure(Exception):
@@ -457,11 +458,7 @@ class Pipeline:
         # Only keys the stored-key hashes hold can be stored: in a stream of new events,
         # none, and the outcomes table is not read at all; a few are read by key.
         keys = pa.array([i.key for i in items], pa.string())
-        self.conn.register("_batch_keys", pa.table({"event_key": keys}))
-        try:
-            maybe = self.stored_keys.maybe_stored("_batch_keys")
-        finally:
-            self.conn.unregister("_batch_keys")
+        maybe = self.stored_keys.maybe_stored(pa.table({"event_key": keys}))
         known = []
         maybe = sorted(set(maybe))
         if 0 < len(maybe) <= INDEX_LOOKUPS:  # a few redelivered events: no table scan
@@ -471,13 +468,10 @@ class Pipeline:
                 maybe,
             ).fetchall()
         elif maybe:
-            self.conn.register("_batch_keys", pa.table({"event_key": maybe}))
-            try:
-                known = self.conn.execute(
-                    "SELECT event_key, payload_hash, outcome FROM outcomes JOIN _batch_keys USING (event_key)"
-                ).fetchall()
-            finally:
-                self.conn.unregister("_batch_keys")
+            _batch_keys = pa.table({"event_key": maybe})  # read by name (a replacement scan)
+            known = self.conn.execute(
+                "SELECT event_key, payload_hash, outcome FROM outcomes JOIN _batch_keys USING (event_key)"
+            ).fetchall()
         seen = {key: payload_hash for key, payload_hash, _ in known}
         rejected_before = {key for key, _, outcome in known if outcome == REJECTED}
         fresh: list[_Item] = []
@@ -745,11 +739,7 @@ class Pipeline:
             "person_id": [item.person_id for item in items],
         }
         # Column by column: the table pa.table makes from the lists, in half the time.
-        self.conn.register("_outcomes", pa.table({k: pa.array(v) for k, v in rows.items()}))
-        try:
-            self.stored_keys.insert("_outcomes")
-        finally:
-            self.conn.unregister("_outcomes")
+        self.stored_keys.insert(pa.table({k: pa.array(v) for k, v in rows.items()}))
 
     def _record_offsets(self, batch: Sequence[SourceRecord]) -> None:
         """Remember the next offset per partition, in the batch's transaction."""
@@ -760,6 +750,17 @@ class Pipeline:
                 next_offsets[position] = record.offset + 1
         if not next_offsets:
             return
+        params = [value for (t, p), o in next_offsets.items() for value in (t, p, o)]
+        # Once its partitions are stored, one UPDATE of their rows: the upsert below plans a
+        # conflict check and its hash table, ~0.7 ms more a batch (1.1-1.3 against 1.7-2.3).
+        whens = " ".join(['WHEN topic = ? AND "partition" = ? THEN ?::BIGINT'] * len(next_offsets))
+        (updated,) = self.conn.execute(
+            f"""UPDATE source_offsets SET next_offset = greatest(next_offset, CASE {whens} END)
+                WHERE CASE {whens} END IS NOT NULL""",
+            params + params,
+        ).fetchone()
+        if updated == len(next_offsets):
+            return
         # One set-based upsert of its few rows as parameters: executemany costs a statement
         # per partition, an Arrow table registered and scanned ~0.5-1 ms more per batch.
         rows = ", ".join(["(?, ?::INTEGER, ?::BIGINT)"] * len(next_offsets))
@@ -767,7 +768,7 @@ class Pipeline:
             f"""INSERT INTO source_offsets VALUES {rows}
                 ON CONFLICT (topic, "partition") DO UPDATE
                 SET next_offset = greatest(source_offsets.next_offset, excluded.next_offset)""",
-            [value for (t, p), o in next_offsets.items() for value in (t, p, o)],
+            params,
         )
 
     def _sealed(self, letter: OutRecord) -> OutRecord:
@@ -779,7 +780,7 @@ class Pipeline:
     def _outputs(self, items, entries, resolution, profiles, gone) -> list[OutRecord]:
         out: list[OutRecord] = []
         for item in items:
-            if item.contract.ok:
+            if not item.contract.reasons:  # contract.ok, without a property call an event
                 continue
             schema = (
                 f"{item.contract.kind}/v{item.contract.version}"

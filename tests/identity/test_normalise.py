@@ -37,6 +37,15 @@ def test_alias_previous_id_is_an_anonymous_id():
     assert Identifier("anonymous_id", "anon-9") in ids
 
 
+def test_placeholder_and_non_text_ids_are_no_identifiers_and_repeats_count_once():
+    for _ in range(2):  # the second time from the ids' cache: the same answers
+        assert extract_identifiers({"userId": " N/A ", "anonymousId": ["a1"]}) == []
+        assert extract_identifiers({"userId": "   ", "anonymousId": 7}) == []
+        assert extract_identifiers(
+            {"type": "alias", "userId": "u1", "anonymousId": " u1", "previousId": "u1 "}
+        ) == [Identifier("user_id", "u1"), Identifier("anonymous_id", "u1")]
+
+
 def test_segment_device_ids_become_identity_record_fields():
     from identity.records import record_from_event
 

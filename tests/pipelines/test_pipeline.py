@@ -221,3 +221,12 @@ def test_offsets_per_partition_only_move_forward_and_the_journal_holds_the_last_
     assert [(slot, orjson.loads(extent)) for slot, extent in journal] == [
         (0, [[topics.BEHAVIORAL, 0, 2, 2], [topics.BEHAVIORAL, 3, 0, 0]])
     ]
+    # Only stored partitions (their rows updated in place): the older offset stays behind.
+    again = [at(topics.BEHAVIORAL, 0, 6, "u7"), at(topics.BEHAVIORAL, 2, 9, "u8")]
+    run.pipeline.process(again, lambda _outputs: None)
+    assert run.pipeline.committed_offsets() == {
+        (topics.BEHAVIORAL, 0): 8,
+        (topics.BEHAVIORAL, 2): 10,
+        (topics.BEHAVIORAL, 3): 1,
+        (topics.TRANSACTIONAL, 1): 41,
+    }

@@ -26,27 +26,28 @@ def test_stored_keys_are_found_and_new_ones_are_not():
     conn.execute("CREATE TABLE outcomes (event_key VARCHAR PRIMARY KEY)")
     conn.execute("INSERT INTO outcomes VALUES ('a'), ('b'), ('c')")
     stored = StoredKeys(conn, "outcomes", "event_key")
-    _table(conn, "_batch", ["b", "x", "c", "y", "b"])
-    assert stored.maybe_stored("_batch") == ["b", "c", "b"]
+    assert stored.maybe_stored(pa.table({"event_key": ["b", "x", "c", "y", "b"]})) == [
+        "b",
+        "c",
+        "b",
+    ]
     assert [stored.holds(k) for k in ("a", "x", "c", "")] == [True, False, True, False]
-    _table(conn, "_batch", [])
-    assert stored.maybe_stored("_batch") == []
+    assert stored.maybe_stored(pa.table({"event_key": pa.array([], pa.string())})) == []
 
 
 def test_keys_added_after_loading_are_held_before_and_after_the_fold():
     conn = duckdb.connect()
     conn.execute("CREATE TABLE outcomes (event_key VARCHAR PRIMARY KEY)")
     stored = StoredKeys(conn, "outcomes", "event_key")
-    _table(conn, "_batch", ["k-1"])
-    assert stored.maybe_stored("_batch") == []  # loads the empty table
+    assert stored.maybe_stored(pa.table({"event_key": ["k-1"]})) == []  # loads the empty table
     for start in range(0, 80_000, 10_000):  # past the 65,536 recent hashes that fold
         _insert(conn, stored, [f"k-{i}" for i in range(start, start + 10_000)])
     probe = [f"k-{i}" for i in range(0, 80_000, 997)] + ["k-80000", "other"]
-    _table(conn, "_batch", probe)
-    assert stored.maybe_stored("_batch") == probe[:-2]
+    batch = pa.table({"event_key": probe})
+    assert stored.maybe_stored(batch) == probe[:-2]
     assert stored.holds("k-79999") and not stored.holds("k-80000")
     stored.forget()  # reloaded from the table: the same answer
-    assert stored.maybe_stored("_batch") == probe[:-2]
+    assert stored.maybe_stored(batch) == probe[:-2]
 
 
 @pytest.mark.parametrize("index_lookups", [1_000, 2], ids=["by-key", "joined"])
