@@ -53,9 +53,11 @@ CREATE TABLE IF NOT EXISTS facts (
     ts TIMESTAMPTZ NOT NULL, order_id VARCHAR, amount DECIMAL(18, 2), currency VARCHAR,
     ticket_id VARCHAR, score INTEGER, purpose VARCHAR, jurisdiction VARCHAR
 );
+-- Identify traits stated by events, with their event's ingestion purpose and jurisdiction
+-- (as in `facts`), so a rebuild reads a view's traits without a join through `facts`.
 CREATE TABLE IF NOT EXISTS trait_facts (
     event_key VARCHAR, person_id VARCHAR NOT NULL, record_id VARCHAR, name VARCHAR, value JSON,
-    ts TIMESTAMPTZ,
+    ts TIMESTAMPTZ, purpose VARCHAR, jurisdiction VARCHAR,
     PRIMARY KEY (event_key, name)
 );
 CREATE TABLE IF NOT EXISTS profile_versions (person_id VARCHAR PRIMARY KEY, version BIGINT);
@@ -182,7 +184,8 @@ SELECT view, trait, to_json(list(day)) AS keys, to_json(list(n)) AS counts FROM 
 # strategies that merge them all. Fetching every stored value in order cost 4x the rows
 # for the latest-value traits (most), each turned into Python objects and grouped there.
 # Times come naive (UTC wall time): DuckDB turns a TIMESTAMPTZ into an aware datetime
-# through pytz, which cost more than the query that read them.
+# through pytz, which cost more than the query that read them. Each trait row carries its
+# event's purpose and jurisdiction: a join through `facts` for them scanned the whole table.
 _IDENTIFY = """
 SELECT a.person_id, a.scope, t.name, timezone('UTC', max(t.ts)) AS ts,
        arg_max(t.event_key, (t.ts, t.event_key)) AS event_key,
@@ -193,10 +196,9 @@ SELECT a.person_id, a.scope, t.name, timezone('UTC', max(t.ts)) AS ts,
        list(t.value ORDER BY t.ts, t.event_key) FILTER (WHERE CASE
            WHEN list_contains($named::VARCHAR[], t.name) THEN list_contains($merged::VARCHAR[], t.name)
            ELSE $default NOT IN ('latest', 'first') END) AS merged
-FROM trait_facts t JOIN facts f USING (event_key)
-JOIN _ag_shared a ON a.record_id = f.record_id
-                 AND a.purpose = coalesce(f.purpose, '')
-                 AND a.jurisdiction = coalesce(f.jurisdiction, '')
+FROM trait_facts t JOIN _ag_shared a ON a.record_id = t.record_id
+                                    AND a.purpose = coalesce(t.purpose, '')
+                                    AND a.jurisdiction = coalesce(t.jurisdiction, '')
 WHERE t.person_id IN (SELECT person_id FROM _affected)
 GROUP BY ALL ORDER BY 1, 2, 3
 """
@@ -225,6 +227,8 @@ _TRAITS = pa.schema(
         ("name", pa.string()),
         ("value", pa.string()),
         ("ts", pa.timestamp("us", tz="UTC")),
+        ("purpose", pa.string()),
+        ("jurisdiction", pa.string()),
     ]
 )
 CENT = Decimal("0.01")
@@ -321,6 +325,7 @@ class ProfileBuilder:
         self.merged_into: Callable[[list[str]], dict[str, list[str]] | None] = lambda _p: None
         self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
+        self._settle_trait_facts()
         self._folded_rows = self._count("trait_state")
         self._delta_rows = self._count("trait_deltas")
         self._unfolded: list[int] = []  # the slices a fold under way has still to fold
@@ -432,6 +437,21 @@ class ProfileBuilder:
             self._delta_rows = self._count("trait_deltas")
             q("CHECKPOINT")  # a store written before, settled once: not a batch's to write
 
+    def _settle_trait_facts(self) -> None:
+        """Give a store written before `trait_facts` carried them its rows' ingestion purpose
+        and jurisdiction, from their events' facts (once)."""
+        q = self.conn.execute
+        columns = {name for _, name, *_ in q("PRAGMA table_info('trait_facts')").fetchall()}
+        if "jurisdiction" in columns:
+            return
+        q("ALTER TABLE trait_facts ADD COLUMN IF NOT EXISTS purpose VARCHAR")
+        q("ALTER TABLE trait_facts ADD COLUMN jurisdiction VARCHAR")
+        q(
+            """UPDATE trait_facts SET purpose = f.purpose, jurisdiction = f.jurisdiction
+               FROM facts f WHERE f.event_key = trait_facts.event_key"""
+        )
+        q("CHECKPOINT")  # a store written before, settled once: not a batch's to write
+
     def _count(self, table: str) -> int:
         ((rows,),) = self.conn.execute(f"SELECT count(*) FROM {table}").fetchall()
         return rows
@@ -476,6 +496,8 @@ class ProfileBuilder:
                         "name": str(name)[:128],
                         "value": orjson.dumps(value).decode(),
                         "ts": ts,
+                        "purpose": fact["purpose"],
+                        "jurisdiction": fact["jurisdiction"],
                     }
                 )
         new = self._insert("facts", facts, _FACTS)

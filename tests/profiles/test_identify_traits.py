@@ -87,3 +87,39 @@ def test_identify_traits_merge_by_strategy_in_any_batches(run, tmp_path, make_ev
         assert _traits(apart.pipeline) == together
     finally:
         apart.pipeline.close()
+
+
+def test_a_store_written_before_gets_its_trait_rows_purposes_from_facts(run, tmp_path, make_event):
+    """A store whose `trait_facts` lacks the events' purpose and jurisdiction (written before
+    they were kept there) is given them from `facts` when opened, and builds the same."""
+    path = tmp_path / "old.duckdb"
+    first = type(run)(path)
+    events = _identifies(make_event)
+    first.feed(*events[:3])
+    built = _traits(first.pipeline)
+    kept = first.pipeline.conn.execute(
+        "SELECT * FROM trait_facts ORDER BY event_key, name"
+    ).fetchall()
+    assert all(jurisdiction is not None for *_, jurisdiction in kept)
+    # The table as it was before: no purpose or jurisdiction.
+    first.pipeline.conn.execute(
+        """CREATE TABLE old_rows AS
+           SELECT * EXCLUDE (purpose, jurisdiction) FROM trait_facts;
+           DROP TABLE trait_facts;
+           CREATE TABLE trait_facts (
+               event_key VARCHAR, person_id VARCHAR NOT NULL, record_id VARCHAR, name VARCHAR,
+               value JSON, ts TIMESTAMPTZ, PRIMARY KEY (event_key, name));
+           INSERT INTO trait_facts SELECT * FROM old_rows;
+           DROP TABLE old_rows"""
+    )
+    first.pipeline.close()
+
+    reopened = type(run)(path)
+    try:
+        conn = reopened.pipeline.conn
+        assert conn.execute("SELECT * FROM trait_facts ORDER BY event_key, name").fetchall() == kept
+        assert _traits(reopened.pipeline) == built
+        reopened.feed(*events[3:])  # and goes on from there
+        assert _traits(reopened.pipeline) == _expected(reopened.pipeline)
+    finally:
+        reopened.pipeline.close()
