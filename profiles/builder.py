@@ -148,11 +148,14 @@ FOLD_SLICES = 4
 # scope strings cut a fifth of the query. Each `_ag_shared` row carries its view's horizon
 # (worked out with the groups): a second join of the rows to find it cost more. The lists
 # come as JSON text (amounts as decimal strings), parsed by orjson: DuckDB's conversion of
-# list values to Python objects cost three times as much.
+# list values to Python objects cost three times as much. A windowed trait's bucket starts
+# with its event's UTC day, always ten characters (`date.isoformat`, `accumulate`), then
+# `|` and a value or nothing: its first ten characters, where `split_part` on `|` cost 8%
+# of the statement.
 _ROLLUP = f"""
 WITH buckets AS (
     SELECT a.view, s.trait, s.bucket, sum(s.n)::BIGINT AS n,
-           CASE WHEN list_contains($windowed, s.trait) THEN split_part(s.bucket, '|', 1) END AS day,
+           CASE WHEN list_contains($windowed, s.trait) THEN left(s.bucket, 10) END AS day,
            sum(s.amount) FILTER (WHERE list_contains($amounts, s.trait)) AS amount,
            min(s.first_ts) FILTER (WHERE list_contains($firsts, s.trait)) AS first_ts,
            max(s.last_ts) FILTER (WHERE list_contains($lasts, s.trait)) AS last_ts,
@@ -160,7 +163,7 @@ WITH buckets AS (
                FILTER (WHERE list_contains($values, s.trait)) AS value
     FROM _person_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     WHERE (s.trait <> '{SEEN}' OR $read_seen)  -- the groups' own rows, for `SEEN`'s twins
-      AND (NOT list_contains($windowed, s.trait) OR split_part(s.bucket, '|', 1) > a.horizon)
+      AND (NOT list_contains($windowed, s.trait) OR left(s.bucket, 10) > a.horizon)
     GROUP BY a.view, s.trait, s.bucket  -- `day` follows from these
 ), days AS (
     SELECT view, trait, day,
