@@ -53,9 +53,11 @@ CREATE TABLE IF NOT EXISTS facts (
     ts TIMESTAMPTZ NOT NULL, order_id VARCHAR, amount DECIMAL(18, 2), currency VARCHAR,
     ticket_id VARCHAR, score INTEGER, purpose VARCHAR, jurisdiction VARCHAR
 );
+-- Identify traits stated by events, with their event's ingestion purpose and jurisdiction
+-- (as in `facts`), so a rebuild reads a view's traits without a join through `facts`.
 CREATE TABLE IF NOT EXISTS trait_facts (
     event_key VARCHAR, person_id VARCHAR NOT NULL, record_id VARCHAR, name VARCHAR, value JSON,
-    ts TIMESTAMPTZ,
+    ts TIMESTAMPTZ, purpose VARCHAR, jurisdiction VARCHAR,
     PRIMARY KEY (event_key, name)
 );
 CREATE TABLE IF NOT EXISTS profile_versions (person_id VARCHAR PRIMARY KEY, version BIGINT);
@@ -144,11 +146,16 @@ FOLD_SLICES = 4
 # them), and only for one view of each set of views that allow the same groups. Views are
 # `_ag_shared`'s integer ids: grouping ~140k rows on an integer instead of the person and
 # scope strings cut a fifth of the query. Each `_ag_shared` row carries its view's horizon
-# (worked out with the groups): a second join of the rows to find it cost more.
+# (worked out with the groups): a second join of the rows to find it cost more. The lists
+# come as JSON text (amounts as decimal strings), parsed by orjson: DuckDB's conversion of
+# list values to Python objects cost three times as much. A windowed trait's bucket starts
+# with its event's UTC day, always ten characters (`date.isoformat`, `accumulate`), then
+# `|` and a value or nothing: its first ten characters, where `split_part` on `|` cost 8%
+# of the statement.
 _ROLLUP = f"""
 WITH buckets AS (
     SELECT a.view, s.trait, s.bucket, sum(s.n)::BIGINT AS n,
-           CASE WHEN list_contains($windowed, s.trait) THEN split_part(s.bucket, '|', 1) END AS day,
+           CASE WHEN list_contains($windowed, s.trait) THEN left(s.bucket, 10) END AS day,
            sum(s.amount) FILTER (WHERE list_contains($amounts, s.trait)) AS amount,
            min(s.first_ts) FILTER (WHERE list_contains($firsts, s.trait)) AS first_ts,
            max(s.last_ts) FILTER (WHERE list_contains($lasts, s.trait)) AS last_ts,
@@ -156,7 +163,7 @@ WITH buckets AS (
                FILTER (WHERE list_contains($values, s.trait)) AS value
     FROM _person_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     WHERE (s.trait <> '{SEEN}' OR $read_seen)  -- the groups' own rows, for `SEEN`'s twins
-      AND (NOT list_contains($windowed, s.trait) OR split_part(s.bucket, '|', 1) > a.horizon)
+      AND (NOT list_contains($windowed, s.trait) OR left(s.bucket, 10) > a.horizon)
     GROUP BY a.view, s.trait, s.bucket  -- `day` follows from these
 ), days AS (
     SELECT view, trait, day,
@@ -166,12 +173,37 @@ WITH buckets AS (
 SELECT view, trait, sum(n)::BIGINT AS n, count(*)::BIGINT AS buckets,
        timezone('UTC', min(first_ts)) AS first_ts, timezone('UTC', max(last_ts)) AS last_ts,
        any_value(value) AS value,  -- a latest trait has one bucket, ''
-       list(bucket) FILTER (WHERE list_contains($keyed, trait)) AS keys,
-       list(n) FILTER (WHERE list_contains($keyed, trait)) AS counts,
-       list(amount) FILTER (WHERE list_contains($amounts, trait)) AS amounts
+       to_json(list(bucket) FILTER (WHERE list_contains($keyed, trait))) AS keys,
+       to_json(list(n) FILTER (WHERE list_contains($keyed, trait))) AS counts,
+       to_json(list(amount::VARCHAR) FILTER (WHERE list_contains($amounts, trait))) AS amounts
 FROM buckets WHERE day IS NULL GROUP BY ALL
 UNION ALL BY NAME
-SELECT view, trait, list(day) AS keys, list(n) AS counts FROM days GROUP BY ALL
+SELECT view, trait, to_json(list(day)) AS keys, to_json(list(n)) AS counts FROM days GROUP BY ALL
+"""
+
+# A view's identify traits (`ProfileBuilder._stated`), one row per (view, trait name) with
+# what its merge strategy reads: the latest (time, event key)'s time, key and value always,
+# the first value for `first`, and every value in (time, key) order only for the
+# strategies that merge them all. Fetching every stored value in order cost 4x the rows
+# for the latest-value traits (most), each turned into Python objects and grouped there.
+# Times come naive (UTC wall time): DuckDB turns a TIMESTAMPTZ into an aware datetime
+# through pytz, which cost more than the query that read them. Each trait row carries its
+# event's purpose and jurisdiction: a join through `facts` for them scanned the whole table.
+_IDENTIFY = """
+SELECT a.person_id, a.scope, t.name, timezone('UTC', max(t.ts)) AS ts,
+       arg_max(t.event_key, (t.ts, t.event_key)) AS event_key,
+       arg_max(t.value, (t.ts, t.event_key)) AS last,
+       arg_min(t.value, (t.ts, t.event_key)) FILTER (WHERE CASE
+           WHEN list_contains($named::VARCHAR[], t.name) THEN list_contains($firsts::VARCHAR[], t.name)
+           ELSE $default = 'first' END) AS first,
+       list(t.value ORDER BY t.ts, t.event_key) FILTER (WHERE CASE
+           WHEN list_contains($named::VARCHAR[], t.name) THEN list_contains($merged::VARCHAR[], t.name)
+           ELSE $default NOT IN ('latest', 'first') END) AS merged
+FROM trait_facts t JOIN _ag_shared a ON a.record_id = t.record_id
+                                    AND a.purpose = coalesce(t.purpose, '')
+                                    AND a.jurisdiction = coalesce(t.jurisdiction, '')
+WHERE t.person_id IN (SELECT person_id FROM _affected)
+GROUP BY ALL ORDER BY 1, 2, 3
 """
 
 _FACTS = pa.schema(
@@ -198,6 +230,8 @@ _TRAITS = pa.schema(
         ("name", pa.string()),
         ("value", pa.string()),
         ("ts", pa.timestamp("us", tz="UTC")),
+        ("purpose", pa.string()),
+        ("jurisdiction", pa.string()),
     ]
 )
 CENT = Decimal("0.01")
@@ -294,6 +328,7 @@ class ProfileBuilder:
         self.merged_into: Callable[[list[str]], dict[str, list[str]] | None] = lambda _p: None
         self.traits = traits or load_traits(known_kinds=set(policy.event_purposes))
         conn.execute(SCHEMA_SQL)
+        self._settle_trait_facts()
         self._folded_rows = self._count("trait_state")
         self._delta_rows = self._count("trait_deltas")
         self._unfolded: list[int] = []  # the slices a fold under way has still to fold
@@ -315,6 +350,13 @@ class ProfileBuilder:
             for p in policy.purposes
         }
         self._scopes = list(self.policy.purposes)
+        strategies = self.traits.strategies
+        self._identify_params = {
+            "named": sorted(strategies),
+            "firsts": sorted(n for n, s in strategies.items() if s == "first"),
+            "merged": sorted(n for n, s in strategies.items() if s not in ("latest", "first")),
+            "default": self.traits.default_strategy,
+        }
 
     @property
     def read_through(self) -> dict[str, str]:
@@ -398,6 +440,21 @@ class ProfileBuilder:
             self._delta_rows = self._count("trait_deltas")
             q("CHECKPOINT")  # a store written before, settled once: not a batch's to write
 
+    def _settle_trait_facts(self) -> None:
+        """Give a store written before `trait_facts` carried them its rows' ingestion purpose
+        and jurisdiction, from their events' facts (once)."""
+        q = self.conn.execute
+        columns = {name for _, name, *_ in q("PRAGMA table_info('trait_facts')").fetchall()}
+        if "jurisdiction" in columns:
+            return
+        q("ALTER TABLE trait_facts ADD COLUMN IF NOT EXISTS purpose VARCHAR")
+        q("ALTER TABLE trait_facts ADD COLUMN jurisdiction VARCHAR")
+        q(
+            """UPDATE trait_facts SET purpose = f.purpose, jurisdiction = f.jurisdiction
+               FROM facts f WHERE f.event_key = trait_facts.event_key"""
+        )
+        q("CHECKPOINT")  # a store written before, settled once: not a batch's to write
+
     def _count(self, table: str) -> int:
         ((rows,),) = self.conn.execute(f"SELECT count(*) FROM {table}").fetchall()
         return rows
@@ -442,6 +499,8 @@ class ProfileBuilder:
                         "name": str(name)[:128],
                         "value": orjson.dumps(value).decode(),
                         "ts": ts,
+                        "purpose": fact["purpose"],
+                        "jurisdiction": fact["jurisdiction"],
                     }
                 )
         new = self._insert("facts", facts, _FACTS)
@@ -807,26 +866,24 @@ class ProfileBuilder:
         return AllowedGroups(views, records_in, shared, view_of, shown, identifiers)
 
     def _stated(
-        self, by_name: dict[str, list[tuple[datetime, str, str]]]
+        self, by_name: dict[str, tuple[datetime, str, str, str | None, list[str] | None]]
     ) -> dict[str, dict[str, Any]]:
-        """A view's identify traits from their allowed (UTC ts, event key, JSON value), by
-        strategy; each trait's values in (ts, event key) order.
-
-        The times come naive (UTC wall time): DuckDB turns a TIMESTAMPTZ into an aware
-        datetime through pytz, which cost more than the query that read them. Values are
-        parsed only where the strategy reads them: the latest or first value alone."""
+        """A view's identify traits from `_IDENTIFY`'s rows, by name: (naive UTC time and
+        event key of the latest, its JSON value, the first JSON value where the strategy is
+        `first`, every JSON value in (ts, event key) order where it merges them all).
+        Values are parsed only where the strategy reads them."""
         traits = {}
         strategy_of = self.traits.strategy
-        for name, values in by_name.items():
-            ts, event_key, last = values[-1]  # they come in (ts, event key) order
+        loads = orjson.loads
+        for name, (ts, event_key, last, first, merged) in by_name.items():
             strategy = strategy_of(name)
             if strategy == "latest":
-                value = orjson.loads(last)
+                value = loads(last)
             elif strategy == "first":
-                value = orjson.loads(values[0][2])
-            else:
+                value = loads(first)  # type: ignore[arg-type]
+            else:  # its strategy reads the values alone, in order
                 value = merge_identify_trait(
-                    strategy, [(t, k, orjson.loads(v)) for t, k, v in values], ordered=True
+                    strategy, [(ts, event_key, loads(v)) for v in merged or ()], ordered=True
                 )
             traits[name] = {"value": value, "ts": ts.isoformat() + "+00:00", "event_key": event_key}
         return traits
@@ -863,20 +920,25 @@ class ProfileBuilder:
             for person in sorted({person for person, scope in views if scope == SUBJECT_ACCESS})
         }
         totals: dict[tuple[str, str], dict[str, Totals]] = {}
-        for number, trait, *row in q(_ROLLUP, self._rollup_params).fetchall():
-            totals.setdefault(view_of[number], {})[trait] = Totals(*row)
-        stated: dict[tuple[str, str], dict[str, list[tuple[datetime, str, str]]]] = {}
-        for person, view, name, value, ts, event_key in q(
-            """SELECT a.person_id, a.scope, t.name, t.value, timezone('UTC', t.ts), t.event_key
-               FROM trait_facts t JOIN facts f USING (event_key)
-               JOIN _ag_shared a ON a.record_id = f.record_id
-                                AND a.purpose = coalesce(f.purpose, '')
-                                AND a.jurisdiction = coalesce(f.jurisdiction, '')
-               WHERE t.person_id IN (SELECT person_id FROM _affected)
-               ORDER BY 1, 2, 3, 5, 6"""
+        loads = orjson.loads
+        for number, trait, n, buckets, first_ts, last_ts, value, keys, counts, amounts in q(
+            _ROLLUP, self._rollup_params
         ).fetchall():
-            by_name = stated.setdefault((person, view), {})
-            by_name.setdefault(name, []).append((ts, event_key, value))
+            totals.setdefault(view_of[number], {})[trait] = Totals(
+                n,
+                buckets,
+                first_ts,
+                last_ts,
+                value,
+                None if keys is None else loads(keys),
+                None if counts is None else loads(counts),
+                None
+                if amounts is None
+                else [a if a is None else Decimal(a) for a in loads(amounts)],
+            )
+        stated: dict[tuple[str, str], dict[str, tuple]] = {}
+        for person, view, name, *row in q(_IDENTIFY, self._identify_params).fetchall():
+            stated.setdefault((person, view), {})[name] = row
         for person, ids in indexed.items():
             if person in profiles:
                 profiles[person]["identifiers"] = ids
