@@ -18,15 +18,23 @@ GENESIS_HASH = "0" * 64
 # Fields a published ledger record carries besides the entry's own content.
 CHAIN_FIELDS = ("seq", "prev_hash", "hash")
 
-SCHEMA_SQL = """
+
+def schema_sql(entry_compression: str | None = None) -> str:
+    """The ledger table's DDL; `entry_compression` names the DuckDB compression of the
+    entries' column (None: DuckDB chooses one per segment at each checkpoint)."""
+    using = f" USING COMPRESSION {entry_compression}" if entry_compression else ""
+    return f"""
 CREATE TABLE IF NOT EXISTS lineage (
     seq BIGINT PRIMARY KEY,
     event_key VARCHAR NOT NULL,
-    entry JSON NOT NULL,
+    entry JSON NOT NULL{using},
     prev_hash VARCHAR NOT NULL,
     hash VARCHAR NOT NULL
 );
 """
+
+
+SCHEMA_SQL = schema_sql()
 
 # Entries are orjson's output, valid JSON by construction: typed as JSON text, DuckDB stores
 # them without parsing each one again (pyarrow >= 19; older ones give plain text, parsed).

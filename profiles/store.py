@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from consent.keys import SubjectKeyStore, is_sealed
 from consent.ledger import CHAIN_FIELDS, LedgerEntry, canonical_json, store_entries
-from consent.ledger import SCHEMA_SQL as LEDGER_SCHEMA_SQL
+from consent.ledger import schema_sql as ledger_schema_sql
 from identity.normalise import Identifier, parse_identifier
 from identity.resolver import unfreeze_at_exit
 from pipelines import topics
@@ -195,7 +195,12 @@ class ProfileStore:
             self.conn.execute("SET threads = 1")
             self.conn.execute(SCHEMA_SQL)
             # The lineage ledger as published, hashes included, so audits verify the chain here.
-            self.conn.execute(LEDGER_SCHEMA_SQL)
+            # Its entries (~1 KB of JSON each, most of the store's bytes) as zstd: a
+            # checkpoint packs them with less CPU than DuckDB's own choice for text, which
+            # analyses every segment for a dictionary and symbol table, in half the blocks
+            # (97,500 entries: 0.97-1.09 CPU-s against 1.28-1.29 written in applies of 1,100,
+            # 18 MB against 38 MB). A store created before keeps its column as it was.
+            self.conn.execute(ledger_schema_sql(entry_compression="zstd"))
         self._write_lock = threading.Lock()
         # Point reads keep one cursor per thread: opening one costs as much as a lookup.
         self._cursors = threading.local()
