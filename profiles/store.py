@@ -938,7 +938,7 @@ class ProfileStore:
         stalled; the warm state is long-lived by design, so nothing is lost.
         """
         held = self._warm_documents(chunk, attempts)
-        self._load_identifiers()
+        self.load_identifiers()
         if freeze:
             self.freeze()
         return held
@@ -951,8 +951,10 @@ class ProfileStore:
         self.frozen = True
         unfreeze_at_exit()
 
-    def _load_identifiers(self) -> None:
-        """Load the identifier index from a snapshot, writes since then recorded."""
+    def load_identifiers(self) -> None:
+        """Load the identifier index from a snapshot, writes since then recorded: lookups
+        by identifier are then answered from memory (unless the store holds more than the
+        index's capacity, when they go on querying the table)."""
         cur = self.reader()
         # Recording starts and the snapshot is taken with no write in between: a write
         # either is in the snapshot or reports its changes.
