@@ -33,9 +33,11 @@ from profiles.traits import TraitCatalog, at_read, load_traits
 
 SCHEMA_SQL = """
 -- Each changelog document compressed on its own (see _pack): a point read decompresses
--- one document, not the column segment a JSON column would share with its neighbours.
+-- one document, not the column segment a JSON column would share with its neighbours. The
+-- column stores those LZ4 blocks as they are: a checkpoint's search of them for a dictionary
+-- and symbol table would only find them incompressible.
 CREATE TABLE IF NOT EXISTS profile_documents (
-    person_id VARCHAR PRIMARY KEY, doc BLOB, version BIGINT
+    person_id VARCHAR PRIMARY KEY, doc BLOB USING COMPRESSION uncompressed, version BIGINT
 );
 CREATE TABLE IF NOT EXISTS profile_identifiers (
     id_type VARCHAR, id_value VARCHAR, person_id VARCHAR, PRIMARY KEY (id_type, id_value)
