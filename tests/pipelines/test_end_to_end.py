@@ -273,3 +273,34 @@ def test_replaying_the_whole_input_changes_nothing(streamed):
     assert {k: after[k] for k in ("withheld", "persons", "merges")} == {
         k: before[k] for k in ("withheld", "persons", "merges")
     }
+
+
+def test_lookups_by_identifier_are_answered_from_the_loaded_index(streamed):
+    stack, *_ = streamed
+    stats = httpx.get(f"{stack.api_url}/v1/stats").json()
+    # `serve` loads the identifier index even unwarmed, and it follows every apply.
+    assert stats["identifier_index"]["loaded"]
+    admin = {"X-API-Key": stack.keys["admin"]}
+    changelog = consume_all(stack.bootstrap, topics.PROFILES_CHANGELOG, 10**9)
+    latest = {m.key(): m.value() for m in changelog}
+    documents = [orjson.loads(v) for v in latest.values() if v is not None]
+    # The persons whose current documents list each identifier (rarely more than one).
+    listing: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for doc in documents:
+        for id_type, values in doc["identifiers"].items():
+            for value in values:
+                listing[(id_type, value)].add(doc["person_id"])
+    assert len(listing) >= 60
+    with httpx.Client(base_url=stack.api_url, timeout=10, headers=admin) as http:
+        for (id_type, value), persons in sorted(listing.items())[:200]:
+            answer = http.get(
+                "/v1/profiles/lookup",
+                params={"type": id_type, "value": value, "purpose": "subject_access"},
+            )
+            assert answer.status_code == 200, (id_type, value, answer.text)
+            assert answer.json()["person_id"] in persons
+        missing = http.get(
+            "/v1/profiles/lookup",
+            params={"type": "user_id", "value": "nobody-at-all", "purpose": "subject_access"},
+        )
+        assert missing.status_code == 404
