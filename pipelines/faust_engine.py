@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -600,6 +601,10 @@ def build_app(
     )
     app.tessera_runner = runner  # type: ignore[attr-defined]
     app.tessera_pipeline = runner.pipeline  # type: ignore[attr-defined]
+    # Every batch on one thread of its own: from the shared pool, a batch handed over as the
+    # last one returns can find that thread not idle yet and start another (two threads of
+    # 14.1 and 4.8 CPU-s for one run's batches, measured).
+    stage_thread = ThreadPoolExecutor(1, thread_name_prefix="tessera-stages")
     tune_collector()
 
     @app.agent(inputs)
@@ -624,7 +629,7 @@ def build_app(
                 # DuckDB and the producer block: keep the event loop free for heartbeats.
                 # On SIGTERM this await is cancelled, but the thread finishes the batch and
                 # run_worker's close() waits for it: the batch commits or rolls back whole.
-                report = await loop.run_in_executor(None, runner.process, batch, consumed)
+                report = await loop.run_in_executor(stage_thread, runner.process, batch, consumed)
                 if report is None:
                     break  # closed: what is left replays from the stored offsets
                 log.info(
