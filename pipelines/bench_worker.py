@@ -27,7 +27,7 @@ from pathlib import Path
 import faust
 import orjson
 
-from pipelines.faust_engine import TesseraWorker, faust_app, ready_batches, source_records
+from pipelines.faust_engine import TesseraWorker, faust_app, ready_batches
 from pipelines.kafka import OUTPUT_SETTINGS, BatchProducer
 from pipelines.pipeline import OutRecord, Pipeline
 
@@ -100,7 +100,7 @@ def main(
             if not state["n"]:
                 state["t0"], state["first_at"] = time.perf_counter(), time.time()
             if pipeline is not None:
-                batch = source_records(events)
+                batch = events.records  # built as the events arrived
                 began = time.perf_counter()
                 await loop.run_in_executor(None, pipeline.process, batch, emit)
                 state["stage_s"] += time.perf_counter() - began

@@ -46,7 +46,6 @@ from pipelines.faust_engine import (
     TesseraWorker,
     faust_app,
     ready_batches,
-    source_records,
     tune_collector,
 )
 from pipelines.kafka import BatchProducer
@@ -140,7 +139,7 @@ def build_ingest_app(
     async def forward(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
         async for events in ready_batches(stream, batch_size, batch_ms / 1000):
-            records = source_records(events)
+            records = events.records  # built as the events arrived
             sent = await loop.run_in_executor(None, forwarder.forward, records)
             log.info("forwarded %d records in %s bundles", len(records), sent)
 

@@ -10,7 +10,7 @@ import asyncio
 
 import faust
 
-from pipelines.faust_engine import ready_batches
+from pipelines.faust_engine import ready_batches, source_records
 
 
 def _run(max_events: int, scenario, within: float = 0.2) -> list[list[int]]:
@@ -18,6 +18,7 @@ def _run(max_events: int, scenario, within: float = 0.2) -> list[list[int]]:
     `scenario` ran: scenario(agent, started, release) puts events and may hold batch 1."""
     app = faust.App("test-ready-batches", store="memory://", web_enabled=False, autodiscover=False)
     batches: list[list[int]] = []
+    taken: list = []
     started = asyncio.Event()
     release = asyncio.Event()
 
@@ -25,6 +26,9 @@ def _run(max_events: int, scenario, within: float = 0.2) -> list[list[int]]:
     async def stage(stream: faust.StreamT) -> None:
         async for events in ready_batches(stream, max_events, within):
             batches.append([e.value for e in events])
+            # The records built as the events arrived are the events' own.
+            assert events.records == source_records(events)
+            taken.extend(events)
             started.set()
             await release.wait()  # the batch "runs" until the scenario lets it finish
 
@@ -34,6 +38,10 @@ def _run(max_events: int, scenario, within: float = 0.2) -> list[list[int]]:
             release.set()
             total = scenario.total
             while sum(map(len, batches)) < total:
+                await asyncio.sleep(0.01)
+            # Every event is acknowledged once its batch is done (the last one's, too, with
+            # no batch after it).
+            while not all(e.message.acked for e in taken):
                 await asyncio.sleep(0.01)
 
     asyncio.run(asyncio.wait_for(main(), 30))
