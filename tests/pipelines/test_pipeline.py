@@ -196,22 +196,24 @@ def test_offsets_per_partition_only_move_forward_and_the_journal_holds_the_last_
     def at(topic, partition, offset, user):
         return SourceRecord(topic, partition, offset, orjson.dumps(make_event("page", userId=user)))
 
+    def committed_after(batch):
+        run.pipeline.process(batch, lambda _outputs: None)
+        return run.pipeline.committed_offsets()
+
     first = [
         at(topics.BEHAVIORAL, 0, 7, "u1"),
         at(topics.BEHAVIORAL, 2, 3, "u2"),
         at(topics.BEHAVIORAL, 0, 5, "u3"),
         at(topics.TRANSACTIONAL, 1, 40, "u4"),
     ]
-    run.pipeline.process(first, lambda _outputs: None)
-    assert run.pipeline.committed_offsets() == {
+    assert committed_after(first) == {
         (topics.BEHAVIORAL, 0): 8,
         (topics.BEHAVIORAL, 2): 4,
         (topics.TRANSACTIONAL, 1): 41,
     }
     # A later batch with a redelivered, older offset of one partition and a new partition.
     later = [at(topics.BEHAVIORAL, 0, 2, "u5"), at(topics.BEHAVIORAL, 3, 0, "u6")]
-    run.pipeline.process(later, lambda _outputs: None)
-    assert run.pipeline.committed_offsets() == {
+    assert committed_after(later) == {
         (topics.BEHAVIORAL, 0): 8,
         (topics.BEHAVIORAL, 2): 4,
         (topics.BEHAVIORAL, 3): 1,
@@ -223,8 +225,7 @@ def test_offsets_per_partition_only_move_forward_and_the_journal_holds_the_last_
     ]
     # Only stored partitions (their rows updated in place): the older offset stays behind.
     again = [at(topics.BEHAVIORAL, 0, 6, "u7"), at(topics.BEHAVIORAL, 2, 9, "u8")]
-    run.pipeline.process(again, lambda _outputs: None)
-    assert run.pipeline.committed_offsets() == {
+    assert committed_after(again) == {
         (topics.BEHAVIORAL, 0): 8,
         (topics.BEHAVIORAL, 2): 10,
         (topics.BEHAVIORAL, 3): 1,
