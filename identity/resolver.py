@@ -537,7 +537,7 @@ class IdentityResolver:
         moved = {r: survivor for loser, survivor in merged.items() for r in index.members[loser]}
         self._write(new, person, created, moved, edges, unions)
         for survivor, ts, _, founder in created:
-            if survivor not in index.born:  # the row `_add_persons` wrote
+            if survivor not in index.born:  # the row `_write` wrote
                 index.found(founder, survivor)
             index.born[survivor] = (ts, survivor)
         for record, target in (*((r, person[r]) for r in new), *moved.items()):

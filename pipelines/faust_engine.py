@@ -507,17 +507,11 @@ def _acknowledge(stream: faust.StreamT, events: list[EventT]) -> None:
         event.message.ack(consumer)
 
 
-def source_records(events: list[EventT]) -> list[SourceRecord]:
-    """Faust events as the Pipeline's engine-neutral records."""
-    messages = [e.message for e in events]
-    return [SourceRecord(m.topic, m.partition, m.offset, m.value, m.key) for m in messages]
-
-
-def consumed_units(events: list[EventT], bundled: bool) -> list[Unit]:
-    """What was consumed, position by position: each record itself, or a bundle and the
-    records it carries."""
+def consumed_units(events: ReadyBatch, bundled: bool) -> list[Unit]:
+    """What was consumed, position by position: each record itself (`events.records`), or
+    a bundle and the records it carries."""
     if not bundled:
-        return [Unit(r, (r,)) for r in source_records(events)]
+        return [Unit(r, (r,)) for r in events.records]
     return [
         Unit(
             SourceRecord(e.message.topic, e.message.partition, e.message.offset, None),

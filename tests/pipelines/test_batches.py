@@ -10,7 +10,8 @@ import asyncio
 
 import faust
 
-from pipelines.faust_engine import ready_batches, source_records
+from pipelines.faust_engine import ready_batches
+from pipelines.pipeline import SourceRecord
 
 
 def _run(max_events: int, scenario, within: float = 0.2) -> list[list[int]]:
@@ -27,7 +28,10 @@ def _run(max_events: int, scenario, within: float = 0.2) -> list[list[int]]:
         async for events in ready_batches(stream, max_events, within):
             batches.append([e.value for e in events])
             # The records built as the events arrived are the events' own.
-            assert events.records == source_records(events)
+            assert events.records == [
+                SourceRecord(m.topic, m.partition, m.offset, m.value, m.key)
+                for m in (e.message for e in events)
+            ]
             taken.extend(events)
             started.set()
             await release.wait()  # the batch "runs" until the scenario lets it finish
