@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ class SegmentConfigError(ValueError):
     """The segments file is not usable; the message lists every problem found."""
 
 
+Test = Callable[[dict[str, Any], dict[str, Any]], bool]
+
+
 @dataclass(frozen=True)
 class Segment:
     """One declared audience: a purpose view and a condition over its traits."""
@@ -59,34 +63,67 @@ class Segment:
     description: str
     condition: dict[str, Any]
 
+    @cached_property
+    def test(self) -> Test:
+        """The condition as nested closures, built once (on a valid condition): a batch
+        tests every segment of each changed person, and walking the condition's mappings
+        each time was ~30% of it."""
+        return _compiled(self.condition)
+
     def matches(self, traits: dict[str, Any], computed: dict[str, Any]) -> bool:
         """Whether a view's identify traits (values) and computed traits meet the condition."""
-        return _holds(self.condition, traits, computed)
+        return self.test(traits, computed)
+
+    def reads(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The identify traits and the computed traits the condition reads."""
+        stated: set[str] = set()
+        computed: set[str] = set()
+        _reads(self.condition, stated, computed)
+        return frozenset(stated), frozenset(computed)
 
 
-def _value(path: str, traits: dict[str, Any], computed: dict[str, Any]) -> Any:
-    if path.startswith("traits."):
-        return traits.get(path[len("traits.") :])
-    head, _, rest = path.partition(".")
-    value = computed.get(head)
-    return value.get(rest) if rest and isinstance(value, dict) else value
+def _reads(condition: dict[str, Any], stated: set[str], computed: set[str]) -> None:
+    if "all" in condition or "any" in condition:
+        for child in condition.get("all") or condition.get("any"):
+            _reads(child, stated, computed)
+    elif "not" in condition:
+        _reads(condition["not"], stated, computed)
+    elif condition["trait"].startswith("traits."):
+        stated.add(condition["trait"][len("traits.") :])
+    else:
+        computed.add(condition["trait"].partition(".")[0])
 
 
-def _holds(condition: dict[str, Any], traits: dict[str, Any], computed: dict[str, Any]) -> bool:
+def _compiled(condition: dict[str, Any]) -> Test:
+    """A condition as a function of (identify trait values, computed traits)."""
     if "all" in condition:
-        return all(_holds(c, traits, computed) for c in condition["all"])
+        every = [_compiled(c) for c in condition["all"]]
+        return lambda traits, computed: all(part(traits, computed) for part in every)
     if "any" in condition:
-        return any(_holds(c, traits, computed) for c in condition["any"])
+        some = [_compiled(c) for c in condition["any"]]
+        return lambda traits, computed: any(part(traits, computed) for part in some)
     if "not" in condition:
-        return not _holds(condition["not"], traits, computed)
-    value = _value(condition["trait"], traits, computed)
-    op = condition["op"]
-    if op != "exists" and value is None:
-        return False
-    try:
-        return OPERATORS[op](value, condition.get("value"))
-    except TypeError:  # a trait of another type than the condition's (a string vs a number)
-        return False
+        inner = _compiled(condition["not"])
+        return lambda traits, computed: not inner(traits, computed)
+    path, op = condition["trait"], condition["op"]
+    compare, expected, exists = OPERATORS[op], condition.get("value"), op == "exists"
+    stated = path.startswith("traits.")
+    head, _, rest = path.partition(".")
+    if stated:
+        head, rest = path[len("traits.") :], ""
+
+    def test(traits: dict[str, Any], computed: dict[str, Any]) -> bool:
+        found = (traits if stated else computed).get(head)
+        if rest and isinstance(found, dict):
+            found = found.get(rest)
+        if found is None and not exists:
+            return False
+        try:
+            return compare(found, expected)
+        except TypeError:  # a trait of another type than the condition's (a string vs a number)
+            return False
+
+    return test
 
 
 def _check(condition: Any, where: str, catalog: TraitCatalog, problems: list[str]) -> None:
@@ -157,15 +194,23 @@ def load_segments(
 
 
 def view_reads(
-    view: dict[str, Any] | None, catalog: TraitCatalog, now: datetime
+    view: dict[str, Any] | None,
+    catalog: TraitCatalog,
+    now: datetime,
+    names: tuple[frozenset[str], frozenset[str]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """A stored purpose view as segment conditions read it at `now`: (identify trait values,
-    computed traits with windows summed), or None without the view."""
+    computed traits with windows summed), or None without the view. `names`: only these
+    (identify traits, computed traits), as `Segment.reads` gives them."""
     if view is None:
         return None
-    computed = at_read(catalog, view.get("computed") or {}, view.get("windows") or {}, now)
-    traits = {name: t.get("value") for name, t in (view.get("traits") or {}).items()}
-    return traits, computed
+    stored = view.get("traits") or {}
+    if names is None:
+        computed = at_read(catalog, view.get("computed") or {}, view.get("windows") or {}, now)
+        return {name: t.get("value") for name, t in stored.items()}, computed
+    stated, wanted = names
+    computed = at_read(catalog, view.get("computed") or {}, view.get("windows") or {}, now, wanted)
+    return {name: stored[name].get("value") for name in stated if name in stored}, computed
 
 
 class SegmentMembership:
@@ -177,6 +222,12 @@ class SegmentMembership:
         self.conn = conn
         self.catalog = catalog
         self.segments = segments
+        # What the conditions read, so a view is summed only as far as they look.
+        reads = [segment.reads() for segment in segments.values()]
+        self.reads = (
+            frozenset().union(*(stated for stated, _ in reads)),
+            frozenset().union(*(computed for _, computed in reads)),
+        )
         conn.execute(SCHEMA_SQL)
 
     def clock(self, seen: list[datetime]) -> datetime | None:
@@ -185,7 +236,13 @@ class SegmentMembership:
         current = rows[0][0] if rows else None
         latest = max(seen, default=None)
         if latest is not None and (current is None or latest > current):
-            self.conn.execute("INSERT OR REPLACE INTO stream_clock VALUES (0, ?)", [latest])
+            # An UPDATE of its row: INSERT OR REPLACE deletes and re-inserts it through the
+            # key index (~0.85 against ~0.25 ms a batch).
+            (updated,) = self.conn.execute(
+                "UPDATE stream_clock SET ts = ? WHERE id = 0", [latest]
+            ).fetchone()
+            if not updated:
+                self.conn.execute("INSERT INTO stream_clock VALUES (0, ?)", [latest])
             return latest
         return current
 
@@ -202,16 +259,14 @@ class SegmentMembership:
         if not persons or not self.segments:
             return []
         now = self.clock(seen)
-        self.conn.register("_segment_persons", pa.table({"person_id": persons}))
-        try:
-            current = set(
-                self.conn.execute(
-                    "SELECT person_id, segment FROM segment_members "
-                    "WHERE person_id IN (SELECT person_id FROM _segment_persons)"
-                ).fetchall()
-            )
-        finally:
-            self.conn.unregister("_segment_persons")
+        # Read by its local name (a replacement scan): no register and unregister.
+        _segment_persons = pa.table({"person_id": persons})
+        current = set(
+            self.conn.execute(
+                "SELECT person_id, segment FROM segment_members "
+                "WHERE person_id IN (SELECT person_id FROM _segment_persons)"
+            ).fetchall()
+        )
         wanted = set()
         purposes = {segment.purpose for segment in self.segments.values()}
         for person, doc in profiles.items() if now is not None else ():
@@ -229,25 +284,26 @@ class SegmentMembership:
                     else ()
                 )
                 if shared not in summed:
-                    summed[shared] = view_reads(view, self.catalog, now)
+                    summed[shared] = view_reads(view, self.catalog, now, self.reads)
                 reads[purpose] = summed[shared]
             for name, segment in self.segments.items():
                 read = reads[segment.purpose]
-                if read is not None and segment.matches(*read):
+                if read is not None and segment.test(*read):
                     wanted.add((person, name))
+        at = now.isoformat() if now else None
         changes = [
             {
                 "segment": name,
                 "person_id": person,
                 "change": "entered" if (person, name) in wanted else "exited",
                 "purpose": self.segments[name].purpose if name in self.segments else None,
-                "at": now.isoformat() if now else None,
+                "at": at,
                 "version": (profiles.get(person) or {}).get("version"),
             }
             for person, name in sorted(wanted ^ current)
         ]
         if changes:
-            rows = pa.table(
+            _segment_changes = pa.table(  # read by its local name
                 {
                     "segment": [c["segment"] for c in changes],
                     "person_id": [c["person_id"] for c in changes],
@@ -255,17 +311,13 @@ class SegmentMembership:
                     "since": [now] * len(changes),
                 }
             )
-            self.conn.register("_segment_changes", rows)
-            try:
-                self.conn.execute(
-                    """DELETE FROM segment_members USING _segment_changes c
-                       WHERE segment_members.segment = c.segment
-                         AND segment_members.person_id = c.person_id"""
-                )
-                self.conn.execute(
-                    """INSERT INTO segment_members
-                       SELECT segment, person_id, since FROM _segment_changes WHERE entered"""
-                )
-            finally:
-                self.conn.unregister("_segment_changes")
+            self.conn.execute(
+                """DELETE FROM segment_members USING _segment_changes c
+                   WHERE segment_members.segment = c.segment
+                     AND segment_members.person_id = c.person_id"""
+            )
+            self.conn.execute(
+                """INSERT INTO segment_members
+                   SELECT segment, person_id, since FROM _segment_changes WHERE entered"""
+            )
         return changes

@@ -655,15 +655,25 @@ def _read_plan(catalog: TraitCatalog, today: date) -> tuple[tuple[str, str, str 
 
 
 def at_read(
-    catalog: TraitCatalog, computed: dict[str, Any], windows: dict[str, Any], now: datetime
+    catalog: TraitCatalog,
+    computed: dict[str, Any],
+    windows: dict[str, Any],
+    now: datetime,
+    names: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     """The computed traits as of `now`: windows summed over their days, `days_since` counted.
 
     A window of N days at time T holds the UTC days T-N+1 .. T (event time buckets).
+    `names`: only these traits are read (a segment's conditions name few of them).
     """
     today = now.astimezone(UTC).date()
-    out = dict(computed)
-    for name, start, end in _read_plan(catalog, today):
+    plan = _read_plan(catalog, today)
+    if names is None:
+        out = dict(computed)
+    else:
+        out = {name: computed[name] for name in names if name in computed}
+        plan = tuple(entry for entry in plan if entry[0] in names)
+    for name, start, end in plan:
         if end is not None:
             days = windows.get(name) or {}
             out[name] = sum(n for day, n in days.items() if start <= day <= end)

@@ -119,3 +119,77 @@ def test_a_merged_away_person_exits_and_the_survivor_is_evaluated(run, make_even
         {**after[-1], "person_id": kept, "change": "entered"},
     ]
     assert survivor[kept]["views"]["marketing"]["computed"]["order_count"] == 3
+
+
+def test_conditions_hold_as_declared_for_every_operator_and_combinator():
+    from profiles.segments import Segment
+
+    traits = {"plan": "pro", "tags": ["a", "b"], "age": 41, "nick": None}
+    computed = {"order_count": 3, "lifetime_value": {"EUR": 300.0}, "last_csat": "n/a"}
+    cases = [
+        ({"trait": "order_count", "op": ">=", "value": 3}, True),
+        ({"trait": "order_count", "op": ">", "value": 3}, False),
+        ({"trait": "order_count", "op": "<", "value": 4}, True),
+        ({"trait": "order_count", "op": "<=", "value": 2}, False),
+        ({"trait": "order_count", "op": "==", "value": 3}, True),
+        ({"trait": "order_count", "op": "!=", "value": 3}, False),
+        ({"trait": "lifetime_value.EUR", "op": ">", "value": 250}, True),
+        ({"trait": "lifetime_value.USD", "op": "exists", "value": False}, True),
+        ({"trait": "lifetime_value.USD", "op": ">", "value": 0}, False),
+        ({"trait": "last_csat", "op": "<=", "value": 2}, False),  # a string vs a number
+        ({"trait": "traits.plan", "op": "in", "value": ["pro", "team"]}, True),
+        ({"trait": "traits.tags", "op": "contains", "value": "b"}, True),
+        ({"trait": "traits.nick", "op": "exists", "value": True}, False),
+        ({"trait": "traits.missing", "op": "!=", "value": 1}, False),  # absent is no match
+        ({"all": [{"trait": "traits.age", "op": ">", "value": 40}]}, True),
+        (
+            {
+                "any": [
+                    {"trait": "order_count", "op": ">", "value": 9},
+                    {"not": {"trait": "traits.plan", "op": "==", "value": "free"}},
+                ]
+            },
+            True,
+        ),
+        (
+            {
+                "all": [
+                    {"trait": "order_count", "op": ">", "value": 1},
+                    {"not": {"trait": "lifetime_value.EUR", "op": ">", "value": 100}},
+                ]
+            },
+            False,
+        ),
+    ]
+    for condition, expected in cases:
+        segment = Segment("s", "marketing", "", condition)
+        assert segment.matches(traits, computed) is expected, condition
+    assert Segment("s", "marketing", "", cases[-2][0]).reads() == (
+        frozenset({"plan"}),
+        frozenset({"order_count"}),
+    )
+
+
+def test_a_view_read_for_named_traits_gives_what_a_whole_read_gives_for_them():
+    from datetime import UTC, datetime
+
+    from profiles.segments import view_reads
+
+    now = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    view = {
+        "traits": {"plan": {"value": "pro"}, "city": {"value": "Lyon"}},
+        "computed": {"order_count": 2, "last_seen": "2026-11-01T10:00:00+00:00"},
+        "windows": {"page_views_7d": {"2026-11-19": 3, "2026-11-10": 4}},
+    }
+    whole = view_reads(view, CATALOG, now)
+    named = view_reads(
+        view,
+        CATALOG,
+        now,
+        (frozenset({"plan"}), frozenset({"page_views_7d", "days_since_last_seen"})),
+    )
+    assert named == (
+        {"plan": "pro"},
+        {"page_views_7d": 3, "days_since_last_seen": 19},
+    )
+    assert all(whole[1][name] == value for name, value in named[1].items())
