@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -215,17 +216,37 @@ def probe_hops(bootstrap: str, sent_at: dict[int, float]) -> dict[int, dict[str,
     hops: dict[int, dict[str, float]] = {}
     for number, at in emitted.items():
         # The batch's report is produced with its changelog records, just after them.
-        report = next((doc for stamp, doc in reports if stamp >= at - 0.002), None)
-        if report is None or not report.get("checked_at"):
+        index = next((i for i, (stamp, _) in enumerate(reports) if stamp >= at - 0.002), None)
+        if index is None or not reports[index][1].get("checked_at"):
             continue
+        report = reports[index][1]
         began = datetime.fromisoformat(report["checked_at"]).timestamp()
         hops[number] = {
             "to_stages": began - sent_at[number],
             "stages": at - began,
             "emitted": at - sent_at[number],
             "batch": report["events"],
+            # From the batch before producing its outputs to this batch's check.
+            "gap": began - reports[index - 1][0] if index else float("nan"),
         }
     return hops
+
+
+def batch_gaps(bootstrap: str) -> list[float]:
+    """Per batch after the first, the wall seconds from the batch before producing its
+    outputs (its quality report's stamp) to this batch's quality check (`checked_at`):
+    the outputs' acknowledgement and the state commit, handing the batch back, cutting and
+    handing over the next, and its contract check."""
+    batches = sorted(
+        (message.timestamp()[1] / 1000, orjson.loads(message.value()).get("checked_at"))
+        for message in topic_messages(bootstrap, topics.QUALITY_REPORTS)
+        if message.value()
+    )
+    return [
+        datetime.fromisoformat(checked).timestamp() - stamp
+        for (stamp, _), (_, checked) in itertools.pairwise(batches)
+        if checked
+    ]
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -350,6 +371,7 @@ def freshness(
         replica = httpx.get(f"{stack.api_url}/healthz", timeout=10).json().get("replica", {})
         drained_for = time.time() - started
         hops = probe_hops(stack.bootstrap, producer.sent_at)
+        gaps = batch_gaps(stack.bootstrap)
     # The six busiest threads of the worker and of the API: [on a CPU, waiting for one], s.
     threads = {}
     for process, after in threads_after.items():
@@ -377,7 +399,15 @@ def freshness(
         "to_stages_p50": percentile(sorted(h["to_stages"] for h in hops.values()), 50),
         "stages_p50": percentile(sorted(h["stages"] for h in hops.values()), 50),
         "served_p50": percentile(sorted(served.values()), 50),
+        "to_stages_p99": percentile(sorted(h["to_stages"] for h in hops.values()), 99),
+        "stages_p99": percentile(sorted(h["stages"] for h in hops.values()), 99),
+        "served_p99": percentile(sorted(served.values()), 99),
         "batch_p50": percentile(sorted(h["batch"] for h in hops.values()), 50),
+        "gap_p50": percentile(sorted(h["gap"] for h in hops.values()), 50),
+        # Between batches (see batch_gaps): how many, their median and sum, in seconds.
+        "batches": len(gaps) + 1,
+        "between_p50": percentile(sorted(gaps), 50),
+        "between_total": sum(gaps),
         # CPU-seconds from the first event produced to the last probe served.
         "cpu": cpu,
         "threads": threads,

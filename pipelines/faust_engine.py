@@ -401,11 +401,13 @@ async def ready_batches(
     Unlike Faust's `take_events`, which stops taking while the agent works on a batch and
     then waits out `within` every time, events keep arriving into the next batch while
     the current one is processed (at most `max_events` of them: then the stream stalls and
-    Faust stops fetching, so memory stays bounded). A batch is handed over as soon as the
-    previous one is done and the arrivals pause for `settle` seconds, it holds
-    `max_events`, or `within` seconds have passed since it was first looked at. So at a
-    low rate a batch is what came in while the last one ran (small, fresh), and under a
-    backlog batches grow to `max_events`, where per-batch costs are amortised.
+    Faust stops fetching, so memory stays bounded). When the previous batch is done, what
+    arrived while it ran is the next batch, at once: waiting for more would only hold the
+    events already in, and the agent idle. Events that reach an idle agent are handed over
+    once the arrivals pause for `settle` seconds (the rest of their fetch is in), the batch
+    holds `max_events`, or `within` seconds have passed since it was first looked at. So
+    at a low rate a batch is what came in while the last one ran (small, fresh), and under
+    a backlog batches grow to `max_events`, where per-batch costs are amortised.
 
     Each event is acknowledged after the agent has finished with its batch: once the next
     batch is handed over (or there is none yet), so that the stage thread does not wait
@@ -420,6 +422,9 @@ async def ready_batches(
     await stream.maybe_start()
     collector = asyncio.ensure_future(_collect(stream, pending, records, arrived, room, max_events))
     loop = asyncio.get_running_loop()
+    # Whether the events pending arrived while the agent ran a batch: then they are cut as
+    # soon as it is done, without a settle (which costs the agent `settle` or more a batch).
+    came_meanwhile = False
     try:
         while not stream.should_stop:
             if collector.done():
@@ -430,7 +435,7 @@ async def ready_batches(
                 await stream.wait_for_stopped(arrived, timeout=1.0)  # type: ignore[arg-type]
                 continue
             cutoff = loop.time() + within
-            seen = 0
+            seen = len(pending) if came_meanwhile else 0
             while seen < len(pending) < max_events and (left := cutoff - loop.time()) > 0:
                 seen = len(pending)
                 # Grew meanwhile: more of the fetch is coming.
@@ -446,6 +451,7 @@ async def ready_batches(
                 _acknowledge(stream, batch)
                 raise
             loop.call_soon(_acknowledge, stream, batch)
+            came_meanwhile = bool(pending)
     finally:
         collector.cancel()
 

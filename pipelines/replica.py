@@ -17,6 +17,13 @@ from profiles.store import FOLLOWED_TOPICS, ConsumedRecord, ProfileStore
 
 log = logging.getLogger("tessera.replica")
 
+# How long a fetch may wait at the broker for records. A broker that holds a fetch for its
+# whole wait when records arrive meanwhile (Tansu does) delays a change by up to this much,
+# half of it on average, before the replica can apply it. Shorter costs the broker CPU for
+# empty fetches while idle (Tansu, measured: 0.029 of a core at 50 ms, 0.050 at 20 ms,
+# 0.071 at 10 ms).
+FETCH_WAIT_MS = 20
+
 
 class ReplicaFollower:
     """Follows Tessera's output topics and materialises them into a store."""
@@ -108,7 +115,7 @@ class ReplicaFollower:
                     "group.id": "tessera-replica-unused",  # required by librdkafka; never committed
                     "enable.auto.commit": False,
                     "enable.auto.offset.store": False,
-                    "fetch.wait.max.ms": 50,
+                    "fetch.wait.max.ms": FETCH_WAIT_MS,
                     "enable.partition.eof": True,
                 },
             )

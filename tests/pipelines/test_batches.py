@@ -90,3 +90,28 @@ def test_a_batch_is_what_arrived_meanwhile_without_waiting_out_its_time_limit():
     # A batch may take up to an hour to fill, yet nothing more is coming: it is cut now
     # (waiting the hour out would trip the run's 30 s guard).
     assert _run(10, scenario, within=3600) == [[0], [1, 2, 3, 4, 5]]
+
+
+def test_what_arrived_while_a_batch_ran_is_cut_at_once_though_more_keeps_coming():
+    async def scenario(agent, started, release):
+        await agent.put(0, wait=False)
+        await started.wait()  # batch [0] is running
+        for value in range(1, 6):
+            await agent.put(value, wait=False)
+        await asyncio.sleep(0.1)  # taken into the next batch meanwhile
+
+        async def trickle():  # an event every millisecond: arrivals never pause 5 ms
+            for value in range(6, 106):
+                await asyncio.sleep(0.001)
+                await agent.put(value, wait=False)
+
+        release.set()  # batch [0] is done
+        scenario.feeder = asyncio.ensure_future(trickle())
+        await scenario.feeder
+
+    scenario.total = 106
+    batches = _run(1000, scenario, within=3600)
+    # Waiting for a pause would have taken the trickle too, up to the batch size or the
+    # hour; the batch after [0] is what arrived while [0] ran, and nothing else.
+    assert batches[:2] == [[0], [1, 2, 3, 4, 5]]
+    assert [v for batch in batches for v in batch] == list(range(106))
