@@ -251,6 +251,29 @@ def test_an_order_in_the_same_batch_is_known_to_its_refund(stage):
     ]
 
 
+@pytest.mark.parametrize("prepared", [True, False])
+def test_an_order_stored_before_keeps_its_first_figures_when_sent_again(prepared):
+    stage = QualityStage(clock=lambda: NOW)
+    state = duckdb.connect()
+    if prepared:
+        stage.prepare(state)  # the table made once, outside the batches
+    assert codes(stage, order("a", order_id="o-1", total=10.0), state=state) == [[]]
+    # The stored order again (a resent event), beside a new order sent twice in the batch.
+    again = (
+        order("b", order_id="o-1", total=50.0),
+        order("c", order_id="o-2", total=7.0),
+        order("d", order_id="o-2", total=8.0),
+    )
+    assert codes(stage, *again, state=state) == [[], [], []]
+    assert state.execute("SELECT * FROM quality_orders ORDER BY order_id").fetchall() == [
+        ("o-1", "EUR", 10.0),
+        ("o-2", "EUR", 7.0),
+    ]
+    assert codes(stage, refund("r", order_id="o-1", total=20.0), state=state) == [
+        ["refund_exceeds_order"]
+    ]
+
+
 def test_a_null_rate_spike_raises_an_alert_without_blocking_rows(stage):
     pages = [
         {
