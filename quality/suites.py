@@ -35,7 +35,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import duckdb
 import orjson
@@ -386,6 +386,10 @@ def _configuration_key(configuration: Any) -> bytes:
     )
 
 
+# Domain kwargs that make GX's pandas engine drop rows (a column pair's or list's nulls).
+_MULTI_COLUMN = frozenset({"column_A", "column_B", "column_list"})
+
+
 def _share_domain_records() -> None:
     """Let the metrics of one validation that read the same domain share its rows.
 
@@ -395,14 +399,54 @@ def _share_domain_records() -> None:
     whole frame each time. Inside QualitySuites.validate a domain is computed once per
     domain kwargs; pandas' copy-on-write keeps a shared frame from being changed by a reader.
     """
+    import pandas as pd
     from great_expectations.execution_engine import PandasExecutionEngine
 
     records = PandasExecutionEngine.get_domain_records
 
+    class KeptRows(pd.DataFrame):
+        """A column domain's frame that keeps the rows each boolean mask of it selected.
+
+        GX selects a column's non-null rows (`df[df[column].notnull()]`, a copy of every
+        column) for its condition, again for its unexpected values and again for its
+        unexpected index list: the second and third get the first's rows. Only a mask
+        aligned with this frame (its index) is looked up; any other key, and what
+        the selection returns, is plain pandas.
+        """
+
+        _metadata: ClassVar[list[str]] = ["_kept"]
+
+        @property
+        def _constructor(self) -> type:
+            return pd.DataFrame
+
+        def __getitem__(self, key: Any) -> Any:
+            if type(key) is pd.Series and key.dtype == bool and key.index.equals(self.index):
+                mask = key.to_numpy().tobytes()
+                rows = self._kept.get(mask)
+                if rows is None:
+                    rows = self._kept[mask] = super().__getitem__(key)
+                return rows
+            return super().__getitem__(key)
+
     def shared(self: Any, domain_kwargs: dict) -> Any:
         memo = _DOMAINS.get()
-        if memo is None or "column" in domain_kwargs:  # a single column's domain is the frame
+        if memo is None:
             return records(self, domain_kwargs=domain_kwargs)
+        if not _MULTI_COLUMN.intersection(domain_kwargs):
+            # A single column's domain, and the table's, are the frame whatever the column
+            # (GX reads a column metric's values and failing rows through the table's).
+            key = b"frame" + orjson.dumps(
+                {k: v for k, v in domain_kwargs.items() if k != "column"},
+                option=orjson.OPT_SORT_KEYS,
+                default=str,
+            )
+            data = memo.get(key)
+            if data is None:
+                data = KeptRows(records(self, domain_kwargs=domain_kwargs))
+                data._kept = {}
+                memo[key] = data
+            return data
         key = orjson.dumps(domain_kwargs, option=orjson.OPT_SORT_KEYS, default=str)
         data = memo.get(key)
         if data is None:
