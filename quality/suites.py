@@ -991,7 +991,7 @@ class QualityStage:
         columns: dict[str, list[Any]],
         verdict: QualityVerdict,
         state: duckdb.DuckDBPyConnection,
-        stored: frozenset[str] = frozenset(),
+        stored: frozenset[str],
     ) -> None:
         """Keep the batch's accepted orders the state does not hold yet (`stored`: read in
         this batch's transaction, so a plain insert meets no conflict; the first of an order
