@@ -272,6 +272,8 @@ class Pipeline:
         self.policy = policy or load_policy(known_kinds=set(self.registry.kinds()))
         self.conn = open_state(state_path)
         self.conn.execute(SCHEMA_SQL)
+        if self.quality is not None:
+            self.quality.prepare(self.conn)  # its table, outside any batch's transaction
         self.stored_keys = StoredKeys(self.conn, "outcomes", "event_key")
         self.gate = ConsentGate(self.conn, self.policy)
         self.identity = IdentityResolver(self.conn, identity_model)

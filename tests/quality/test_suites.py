@@ -192,6 +192,44 @@ def test_each_column_pair_domain_is_read_once_per_validation(monkeypatch):
     assert all("element_count" in o.result and "missing_count" in o.result for o in alerts)
 
 
+def test_a_columns_non_null_rows_are_selected_once_and_validate_as_gx_alone(monkeypatch):
+    import inspect
+
+    import pandas as pd
+    from great_expectations.execution_engine import PandasExecutionEngine
+
+    suites = QualitySuites(QualityConfig())
+    events = (
+        order("s-1", email="n/a", phone="12345"),
+        order("s-2", currency="ZZZ"),
+        refund("s-3", order_id="o-unseen"),
+        {**order("s-4"), "timestamp": "1999-01-01T00:00:00Z"},
+        order("s-5", email="ann@example.com"),
+    )
+    frame = _frame(suites, *events)
+    window = (NOW - timedelta(days=30)).timestamp(), NOW.timestamp()
+    selections: list[bytes] = []
+    select = pd.DataFrame._getitem_bool_array
+
+    def counted(self, key):
+        selections.append(key.to_numpy().tobytes())
+        return select(self, key)
+
+    monkeypatch.setattr(pd.DataFrame, "_getitem_bool_array", counted)
+    kept = suites.validate(frame, window)
+    kept_selections = len(selections)
+    # GX's own domain records, without the rows kept per validation.
+    own = inspect.getclosurevars(PandasExecutionEngine.get_domain_records).nonlocals["records"]
+    monkeypatch.setattr(PandasExecutionEngine, "get_domain_records", own)
+    selections.clear()
+    alone = suites.validate(frame, window)
+    assert _outcomes(kept) == _outcomes(alone)
+    assert not all(outcome.success for outcome in kept)
+    # GX alone selects a column's non-null rows for each metric that reads them.
+    assert len(selections) > len(set(selections))
+    assert kept_selections < len(selections)
+
+
 def test_the_engine_keeps_no_metric_of_a_validated_batch():
     # Every micro-batch has the same GX batch id, and the clock metrics of each window a new
     # id: kept by the engine, they would grow with every batch.
@@ -248,6 +286,29 @@ def test_an_order_in_the_same_batch_is_known_to_its_refund(stage):
     assert codes(stage, order("o", order_id="o-9"), refund("r", order_id="o-9", total=99.0)) == [
         [],
         ["refund_exceeds_order"],
+    ]
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_an_order_stored_before_keeps_its_first_figures_when_sent_again(prepared):
+    stage = QualityStage(clock=lambda: NOW)
+    state = duckdb.connect()
+    if prepared:
+        stage.prepare(state)  # the table made once, outside the batches
+    assert codes(stage, order("a", order_id="o-1", total=10.0), state=state) == [[]]
+    # The stored order again (a resent event), beside a new order sent twice in the batch.
+    again = (
+        order("b", order_id="o-1", total=50.0),
+        order("c", order_id="o-2", total=7.0),
+        order("d", order_id="o-2", total=8.0),
+    )
+    assert codes(stage, *again, state=state) == [[], [], []]
+    assert state.execute("SELECT * FROM quality_orders ORDER BY order_id").fetchall() == [
+        ("o-1", "EUR", 10.0),
+        ("o-2", "EUR", 7.0),
+    ]
+    assert codes(stage, refund("r", order_id="o-1", total=20.0), state=state) == [
+        ["refund_exceeds_order"]
     ]
 
 
