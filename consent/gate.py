@@ -14,6 +14,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from itertools import islice
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import duckdb
@@ -23,19 +24,24 @@ from consent.erasure import ERASED, erased_before
 from consent.erasure import SCHEMA_SQL as ERASURE_SCHEMA_SQL
 from consent.policy import PurposePolicy
 from identity.normalise import Identifier
+from pipelines.stored_keys import StoredKeys
 
 ALLOWED = "allowed"
 WITHHELD = "withheld"
 CONSENT_RECORDED = "consent_recorded"
 
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS consent_state (
-    id_type VARCHAR, id_value VARCHAR, purpose VARCHAR,
+# One row per (id_type, id_value, purpose). The gate alone writes the table, and it writes a
+# value's rows whole from its own copy, which holds one record per key: the uniqueness is
+# the gate's, not an index's. A primary key's index cost more than the rows themselves: a
+# batch restates ~40% of the rows (carried preferences renew their time and event key), and
+# deleting and inserting 7,600 of them cost ~37 ms with the index (delete 5.5, insert 16,
+# commit 15) against ~8 ms without (DuckDB 2.0); no reader looks a row up by its key.
+_COLUMNS = """
+    id_type VARCHAR NOT NULL, id_value VARCHAR NOT NULL, purpose VARCHAR NOT NULL,
     status VARCHAR, ts TIMESTAMPTZ, source VARCHAR, policy_version VARCHAR,
-    jurisdiction VARCHAR, event_key VARCHAR,
-    PRIMARY KEY (id_type, id_value, purpose)
-);
+    jurisdiction VARCHAR, event_key VARCHAR
 """
+SCHEMA_SQL = f"CREATE TABLE IF NOT EXISTS consent_state ({_COLUMNS});"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -68,6 +74,10 @@ class ConsentRecord(NamedTuple):
     policy_version: str | None
     jurisdiction: str | None
     event_key: str
+
+
+# The getter of each field of a tuple, by position.
+_FIELD = [itemgetter(i) for i in range(len(ConsentRecord._fields))]
 
 
 class GateDecision(NamedTuple):
@@ -141,6 +151,27 @@ def _carried_statements(prefs: tuple[tuple[str, bool], ...]) -> tuple[dict[str, 
     )
 
 
+def _drop_key(conn: duckdb.DuckDBPyConnection) -> None:
+    """Rewrite, once, a consent state created with a primary key (an index cannot be
+    dropped from a table in DuckDB): the same rows, in one transaction."""
+    if not conn.execute(
+        "SELECT 1 FROM duckdb_constraints() WHERE table_name = 'consent_state' "
+        "AND database_name = current_database() AND schema_name = current_schema() "
+        "AND constraint_type = 'PRIMARY KEY'"
+    ).fetchall():
+        return
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        conn.execute(f"CREATE TABLE _consent_state_unkeyed ({_COLUMNS})")
+        conn.execute("INSERT INTO _consent_state_unkeyed SELECT * FROM consent_state")
+        conn.execute("DROP TABLE consent_state")
+        conn.execute("ALTER TABLE _consent_state_unkeyed RENAME TO consent_state")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 class ConsentGate:
     """Consent state in DuckDB plus the decision rule; decides a whole batch at once.
 
@@ -169,7 +200,14 @@ class ConsentGate:
         self._keys_of: dict[str, list[tuple[Identifier, str]]] = {}
         # Whether `erased_subjects` is known to be empty (None: not known).
         self._none_erased: bool | None = None
+        # The hashes of the identifier values `consent_state` may hold: a value whose hash
+        # is not held has no rows, and is not looked for (a new subject's, most of those a
+        # batch does not keep: each look was a scan of the table's values, ~20 ms for 1,100
+        # values at 300,000 persons). The kept values that certainly have no rows yet.
+        self._stored = StoredKeys(conn, "consent_state", "id_value")
+        self._unstored: set[str] = set()
         conn.execute(SCHEMA_SQL)
+        _drop_key(conn)
         conn.execute(ERASURE_SCHEMA_SQL)
 
     def forget(self) -> None:
@@ -178,25 +216,22 @@ class ConsentGate:
         self._state.clear()
         self._keys_of.clear()
         self._none_erased = None
+        # The stored values' hashes stay: a rollback or an erasure only takes rows away, so
+        # they still hold every stored value (a value they hold without rows is looked for
+        # and found to have none).
+        self._unstored.clear()
 
     def _load(self, values: set[str]) -> None:
         """Keep the stored consent of `values` (all their rows, whatever the identifier type)."""
         if not values:
             return
-        self.conn.register("_gate_ids", pa.table({"id_value": list(values)}))
-        try:
-            # Matched on the value alone: the whole table is scanned either way, and hashing
-            # one column of each row instead of two, with no join output to build, cost two
-            # thirds as much (DuckDB 2.0, 982,000 rows). The time as epoch microseconds:
-            # DuckDB's own TIMESTAMPTZ conversion (pytz per row) cost half again as much as
-            # building the datetime here.
-            rows = self.conn.execute(
-                """SELECT s.id_type, s.id_value, s.purpose, s.status, epoch_us(s.ts), s.source,
-                          s.policy_version, s.jurisdiction, s.event_key
-                   FROM consent_state s WHERE s.id_value IN (SELECT id_value FROM _gate_ids)"""
-            ).fetchall()
-        finally:
-            self.conn.unregister("_gate_ids")
+        wanted = pa.table({"id_value": list(values)})
+        maybe = self._stored.maybe_stored(wanted)
+        rows: list[tuple] = []
+        if maybe:
+            if len(maybe) < len(values):
+                wanted = pa.table({"id_value": maybe})
+            rows = self._read(wanted)
         state, keys_of = self._state, self._keys_of
         for value in values:
             keys_of[value] = []
@@ -210,6 +245,24 @@ class ConsentGate:
                 ts = times[r[4]] = _EPOCH + timedelta(microseconds=r[4])
             state[key] = ConsentRecord(r[2], r[3], ts, r[5], r[6], r[7], r[8])
             keys_of[r[1]].append(key)
+        self._unstored.update(value for value in values if not keys_of[value])
+
+    def _read(self, wanted: pa.Table) -> list[tuple]:
+        """The stored rows of the values in `wanted` (its one column, `id_value`)."""
+        self.conn.register("_gate_ids", wanted)
+        try:
+            # Matched on the value alone: the whole table is scanned either way, and hashing
+            # one column of each row instead of two, with no join output to build, cost two
+            # thirds as much (DuckDB 2.0, 982,000 rows). The time as epoch microseconds:
+            # DuckDB's own TIMESTAMPTZ conversion (pytz per row) cost half again as much as
+            # building the datetime here.
+            return self.conn.execute(
+                """SELECT s.id_type, s.id_value, s.purpose, s.status, epoch_us(s.ts), s.source,
+                          s.policy_version, s.jurisdiction, s.event_key
+                   FROM consent_state s WHERE s.id_value IN (SELECT id_value FROM _gate_ids)"""
+            ).fetchall()
+        finally:
+            self.conn.unregister("_gate_ids")
 
     def _any_erased(self) -> bool:
         if self._none_erased is None:
@@ -341,22 +394,30 @@ class ConsentGate:
                 )
                 defaults[(country, purpose)] = decision
             decisions.append(decision)
-        self._store(changed)
-        self.last_changed = {identifier for identifier, _ in changed}
+        # A batch's keys repeat its identifiers (a purpose each): the set is built once.
+        identifiers = {identifier for identifier, _ in changed}
+        self._store(identifiers)
+        self.last_changed = identifiers
         return decisions
 
-    def _store(self, changed: dict[tuple[Identifier, str], ConsentRecord]) -> None:
-        """Write the rows of the values `changed` touched: all of them deleted by value, then
-        inserted from the kept state. Then drop the values longest unused past the bound."""
-        keys_of, state = self._keys_of, self._state
+    def _store(self, changed: set[Identifier]) -> None:
+        """Write the rows of the values of the identifiers whose consent changed: all of them
+        deleted by value, then inserted from the kept state. Then drop the values longest
+        unused past the bound."""
+        keys_of, state, unstored = self._keys_of, self._state, self._unstored
         if changed:
-            values = {identifier.value for identifier, _ in changed}
+            values = {identifier.value for identifier in changed}
+            new = values & unstored
             keys = [key for value in values for key in keys_of[value]]
-            # Columns by transposing the tuples (identifiers, records) in C, not row by row: a
+            # Columns by an item getter mapped over the tuples (identifiers, records), in C: a
             # ConsentRecord's fields are `_STATE_SCHEMA`'s after the identifier, in its order.
-            id_types, id_values = zip(*(identifier for identifier, _ in keys), strict=True)
-            columns = [id_types, id_values, *zip(*map(state.__getitem__, keys), strict=True)]
-            table = pa.table([list(column) for column in columns], schema=_STATE_SCHEMA)
+            # (Transposing them with `zip(*rows)` made an iterator per row: 2-5x the time in a
+            # large heap, where the allocations set off the garbage collector.)
+            identifiers = [identifier for identifier, _ in keys]
+            records = list(map(state.__getitem__, keys))
+            columns = [list(map(_FIELD[i], identifiers)) for i in range(2)]
+            columns += [list(map(_FIELD[i], records)) for i in range(len(ConsentRecord._fields))]
+            table = pa.table(columns, schema=_STATE_SCHEMA)
             self.conn.register("_gate_changed", table)
             try:
                 # Every row of a touched value, by the value alone: one column hashed per
@@ -364,16 +425,23 @@ class ConsentGate:
                 # a load had read needed that load (a scan with every column). The rows of the
                 # value left unchanged are inserted again as they were. INSERT OR REPLACE over
                 # rows that mostly exist cost ten times a delete and insert (DuckDB 2.0).
-                self.conn.execute(
-                    "DELETE FROM consent_state WHERE id_value IN (SELECT id_value FROM _gate_changed)"
-                )
+                # A batch of new subjects alone deletes nothing (the delete scans the table).
+                if len(new) < len(values):
+                    self.conn.execute(
+                        "DELETE FROM consent_state "
+                        "WHERE id_value IN (SELECT id_value FROM _gate_changed)"
+                    )
                 self.conn.execute("INSERT INTO consent_state SELECT * FROM _gate_changed")
             finally:
                 self.conn.unregister("_gate_changed")
+            if new:
+                self._stored.hold(pa.table({"id_value": list(new)}))
+                unstored.difference_update(new)
             for value in values:  # used last: kept longest
                 keys_of[value] = keys_of.pop(value)
         excess = len(keys_of) - self.kept_values
         if excess > 0:
             for value in list(islice(keys_of, excess)):
+                unstored.discard(value)
                 for key in keys_of.pop(value):
                     del state[key]

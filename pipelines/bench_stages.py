@@ -332,6 +332,8 @@ def run_stages(
         getattr(pipeline.identity, "index", None)
         if getattr(pipeline, "stored_keys", None) is not None:
             pipeline.stored_keys.holds("")
+        if getattr(pipeline.gate, "_stored", None) is not None:  # the consent gate's values
+            pipeline.gate._stored.holds("")
     outcomes_sql = "SELECT outcome, count(*) FROM outcomes GROUP BY 1"
     warm_outcomes = Counter(dict(pipeline.conn.execute(outcomes_sql).fetchall()))
     clock = SpanClock()

@@ -79,6 +79,17 @@ class StoredKeys:
             return
         self._fold(self._hashes_of(relation))
 
+    def hold(self, keys: pa.Table) -> None:
+        """Hold the keys of `keys` (an Arrow table with the column), just inserted into the
+        table and not held before (a no-op until loaded: loading reads them from the table)."""
+        if self._hashes is None:
+            return
+        _stored_keys_batch = keys  # read by the statement below
+        found = self.conn.execute(
+            f'SELECT hash("{self.column}") AS h FROM _stored_keys_batch'
+        ).fetchnumpy()
+        self._fold(np.sort(np.asarray(found["h"], dtype=np.uint64)))
+
     def insert(self, rows: pa.Table) -> None:
         """Insert `rows` (an Arrow table, its columns by name) into the table and hold their
         keys: the insert returns their hashes, where `add` reads the rows again (~0.4 ms a

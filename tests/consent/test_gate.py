@@ -1,5 +1,6 @@
 from datetime import UTC, datetime, timedelta
 
+import duckdb
 import orjson
 import pytest
 
@@ -142,6 +143,60 @@ def test_kept_consent_is_bounded_and_decides_as_the_stored_state():
     assert [(d.decision, d.consent_ref) for d in decisions] == [
         (ALLOWED, f"e{n}") for n in range(5)
     ]
+
+
+def test_restated_consent_keeps_one_row_per_key_as_values_are_dropped_and_read_again():
+    # No index guards the key: the gate writes each value's rows whole from one record per key.
+    g = ConsentGate(open_state(":memory:"), load_policy(), kept_values=1)
+    both = [A, B, Identifier("user_id", "a1")]  # "a1" under two types: two values' keys
+    for hour in range(1, 7):
+        prefs = {"analytics": hour % 2 == 0, "marketing": True}
+        ids = both if hour % 3 else [A]
+        g.decide([(*page(f"e{hour}", hour, prefs=prefs)[:4], ids)])
+        g.decide([(*page(f"x{hour}", hour, prefs={"support": True})[:4], [B])])  # drops a1
+    rows = g.conn.execute(
+        "SELECT id_type, id_value, purpose, status, event_key FROM consent_state ORDER BY ALL"
+    ).fetchall()
+    assert rows == [
+        ("anonymous_id", "a1", "analytics", "granted", "e6"),
+        ("anonymous_id", "a1", "marketing", "granted", "e6"),
+        ("user_id", "a1", "analytics", "denied", "e5"),
+        ("user_id", "a1", "marketing", "granted", "e5"),
+        ("user_id", "u1", "analytics", "denied", "e5"),
+        ("user_id", "u1", "marketing", "granted", "e5"),
+        ("user_id", "u1", "support", "granted", "x6"),
+    ]
+
+
+def test_a_consent_state_stored_with_a_primary_key_is_rewritten_once_without_it(tmp_path):
+    path = str(tmp_path / "state.duckdb")
+    conn = duckdb.connect(path)
+    conn.execute(
+        """CREATE TABLE consent_state (
+            id_type VARCHAR, id_value VARCHAR, purpose VARCHAR,
+            status VARCHAR, ts TIMESTAMPTZ, source VARCHAR, policy_version VARCHAR,
+            jurisdiction VARCHAR, event_key VARCHAR, PRIMARY KEY (id_type, id_value, purpose))"""
+    )
+    conn.execute(
+        "INSERT INTO consent_state VALUES ('anonymous_id', 'a1', 'analytics', 'denied', "
+        "'2026-10-01 01:00:00+00', 'CMP', 'v1', 'EU', 'c1')"
+    )
+    stored = conn.execute("SELECT * FROM consent_state").fetchall()
+    keys = (
+        "SELECT count(*) FROM duckdb_constraints() "
+        "WHERE table_name = 'consent_state' AND constraint_type = 'PRIMARY KEY'"
+    )
+    g = ConsentGate(conn, load_policy())
+    assert conn.execute(keys).fetchone() == (0,)
+    assert conn.execute("SELECT * FROM consent_state").fetchall() == stored
+    decision = g.decide([page("e1", 2)])[0]  # decided by the rewritten table's row
+    assert (decision.decision, decision.basis, decision.consent_ref) == (
+        WITHHELD,
+        "stored-consent",
+        "c1",
+    )
+    ConsentGate(conn, load_policy())  # opened again: nothing to rewrite
+    assert conn.execute("SELECT count(*) FROM consent_state").fetchone() == (1,)
 
 
 PAST = datetime(2026, 10, 1, tzinfo=UTC)

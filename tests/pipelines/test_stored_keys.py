@@ -50,6 +50,21 @@ def test_keys_added_after_loading_are_held_before_and_after_the_fold():
     assert stored.maybe_stored(batch) == probe[:-2]
 
 
+def test_keys_held_from_an_arrow_table_are_found_and_others_are_not():
+    conn = duckdb.connect()
+    conn.execute("CREATE TABLE outcomes (event_key VARCHAR)")
+    stored = StoredKeys(conn, "outcomes", "event_key")
+    stored.hold(pa.table({"event_key": ["early"]}))  # not loaded yet: loading reads the table
+    conn.execute("INSERT INTO outcomes VALUES ('early')")
+    assert stored.maybe_stored(pa.table({"event_key": ["early", "late"]})) == ["early"]
+    conn.execute("INSERT INTO outcomes VALUES ('late')")
+    stored.hold(pa.table({"event_key": ["late"]}))
+    assert stored.maybe_stored(pa.table({"event_key": ["late", "x", "early"]})) == [
+        "late",
+        "early",
+    ]
+
+
 @pytest.mark.parametrize("index_lookups", [1_000, 2], ids=["by-key", "joined"])
 def test_duplicates_are_found_in_later_batches_and_after_a_restart(
     tmp_path, make_event, monkeypatch, index_lookups
