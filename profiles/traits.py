@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import cache, cached_property
+from operator import neg
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -579,14 +580,11 @@ def _reader(spec: TraitSpec, buckets: _Buckets | None = None) -> Callable[[Total
     def ranked(row: Totals | None) -> Any:
         if not row:
             return []
-        counted = sorted(zip(row.keys or [], row.counts or [], strict=True), key=_by_count)
-        return [bucket for bucket, _ in counted[:k]]
+        # (-events, bucket) pairs: ordered by tuples, without a key function per bucket.
+        counted = sorted(zip(map(neg, row.counts or []), row.keys or [], strict=True))
+        return [bucket for _, bucket in counted[:k]]
 
     return ranked
-
-
-def _by_count(bucket: tuple[str, int]) -> tuple[int, str]:
-    return -bucket[1], bucket[0]
 
 
 class RollupPlan(NamedTuple):
