@@ -763,7 +763,9 @@ class ProfileBuilder:
                 views.setdefault((person, scope), []).append((purpose, jurisdiction))
         # Views of a person that allow the same groups add up the same rows (consent
         # mostly agrees across purposes): each set is rolled up once, for its least scope.
-        sets = {view: (view[0], tuple(sorted(members))) for view, members in views.items()}
+        # A view's classes come in the order of its person's classes above: the same set is
+        # the same tuple, unsorted.
+        sets = {view: (view[0], tuple(members)) for view, members in views.items()}
         least: dict[tuple[str, tuple], str] = {}
         for (_, scope), key in sets.items():
             if key not in least or scope < least[key]:

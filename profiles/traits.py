@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import cache, cached_property
+from operator import neg
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -539,18 +540,39 @@ _PLAIN_READERS: dict[str, Callable[[Totals | None], Any]] = {
 }
 
 
-def _reader(spec: TraitSpec) -> Callable[[Totals | None], Any]:
-    """How one non-windowed trait's value follows from its Totals (`rollup`)."""
+class _Buckets:
+    """One trait's amount buckets as (sign, group, events, amount), in bucket order, parsed
+    once per Totals: a sum and a mean read through the same trait's rows share the parse
+    (the sort and the splits were most of their cost). Keeps the last Totals parsed."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: tuple[Totals | None, list[tuple[str, str, int, Decimal]]] = (None, [])
+
+    def of(self, row: Totals) -> list[tuple[str, str, int, Decimal]]:
+        seen, parsed = self.last  # one read: a pair set at once
+        if seen is not row:
+            buckets = zip(row.keys or [], row.counts or [], row.amounts or [], strict=True)
+            parsed = []
+            for bucket, n, amount in sorted(buckets, key=_first_of):
+                sign, group = bucket.split("|", 2)[:2]
+                parsed.append((sign, group, n, amount))
+            self.last = (row, parsed)
+        return parsed
+
+
+def _reader(spec: TraitSpec, buckets: _Buckets | None = None) -> Callable[[Totals | None], Any]:
+    """How one non-windowed trait's value follows from its Totals (`rollup`); `buckets`:
+    the parse of its source's amount buckets, shared by the sums and means reading it."""
     plain = _PLAIN_READERS.get(spec.op)
     if plain is not None:
         return plain
     if spec.op in ("sum", "mean"):
+        parse = (buckets or _Buckets()).of
 
         def summed(row: Totals | None) -> Any:
-            if not row:
-                return _sum_or_mean(spec, [])
-            buckets = zip(row.keys or [], row.counts or [], row.amounts or [], strict=True)
-            return _sum_or_mean(spec, sorted(buckets, key=_first_of))
+            return _sum_or_mean(spec, parse(row) if row else [])
 
         return summed
     k = spec.k  # top
@@ -558,14 +580,11 @@ def _reader(spec: TraitSpec) -> Callable[[Totals | None], Any]:
     def ranked(row: Totals | None) -> Any:
         if not row:
             return []
-        counted = sorted(zip(row.keys or [], row.counts or [], strict=True), key=_by_count)
-        return [bucket for bucket, _ in counted[:k]]
+        # (-events, bucket) pairs: ordered by tuples, without a key function per bucket.
+        counted = sorted(zip(map(neg, row.counts or []), row.keys or [], strict=True))
+        return [bucket for _, bucket in counted[:k]]
 
     return ranked
-
-
-def _by_count(bucket: tuple[str, int]) -> tuple[int, str]:
-    return -bucket[1], bucket[0]
 
 
 class RollupPlan(NamedTuple):
@@ -582,12 +601,15 @@ def rollup_plan(catalog: TraitCatalog, read_through: dict[str, str] | None = Non
     if read_through is None:
         read_through = catalog.window_twins
     computed, windowed = [], []
+    parses: dict[str, _Buckets] = {}
     for spec in catalog.computed:
         source = read_through.get(spec.name, spec.name)
         if spec.window_days:
             windowed.append((spec.name, source))
         elif spec.op != "days_since":
-            computed.append((spec.name, source, _reader(spec)))
+            computed.append(
+                (spec.name, source, _reader(spec, parses.setdefault(source, _Buckets())))
+            )
     return RollupPlan(tuple(computed), tuple(windowed))
 
 
@@ -616,20 +638,23 @@ def rollup(
     return computed, windows
 
 
-def _sum_or_mean(spec: TraitSpec, rows: Iterable[tuple[str, int, Decimal]]) -> dict[str, float]:
+def _sum_or_mean(
+    spec: TraitSpec, rows: Iterable[tuple[str, str, int, Decimal]]
+) -> dict[str, float]:
     """Per group: each distinct key once (at the mean of its repeats), minus subtractions.
 
-    In: (bucket, events, amount) per bucket, in bucket order."""
+    In: (sign, group, events, amount) per bucket, in bucket order (`_Buckets`)."""
     totals: dict[str, Decimal] = {}
     counts: dict[str, int] = {}
-    for bucket, n, amount in rows:
-        sign, group, *_ = bucket.split("|")
+    distinct = bool(spec.distinct_by)
+    subtracts = spec.op == "sum"  # a mean read through a sum's rows leaves its subtractions
+    zero = Decimal(0)
+    for sign, group, n, amount in rows:
         if sign == "+":
-            each = amount / n if spec.distinct_by else amount
-            totals[group] = totals.get(group, Decimal(0)) + each
+            totals[group] = totals.get(group, zero) + (amount / n if distinct else amount)
             counts[group] = counts.get(group, 0) + 1
-        elif spec.op == "sum":  # a mean read through a sum's rows leaves its subtractions
-            totals[group] = totals.get(group, Decimal(0)) - amount
+        elif subtracts:
+            totals[group] = totals.get(group, zero) - amount
     if spec.op == "mean":
         return {g: _money(totals[g] / counts[g]) for g in sorted(counts)}
     return {g: _money(totals[g]) for g in sorted(totals)}
