@@ -285,7 +285,8 @@ class AllowedGroups(NamedTuple):
     person's groups of a purpose and jurisdiction, which a view allows all or none of;
     `shared`: the view whose roll-up it shares (the least scope allowing the same groups);
     `view_of`: the shared views by number; `shown`: each shared view's identifiers by type;
-    `identifiers`: each person's identifiers by type, whatever the view."""
+    `identifiers`: each person's identifiers by type, whatever the view; `owners`: the
+    person of each of their identity records."""
 
     views: dict[tuple[str, str], list[tuple[str, str]]]
     records: dict[tuple[str, str, str], list[str]]
@@ -293,6 +294,7 @@ class AllowedGroups(NamedTuple):
     view_of: dict[int, tuple[str, str]]
     shown: dict[tuple[str, str], dict[str, list[str]]]
     identifiers: dict[str, dict[str, list[str]]]
+    owners: dict[str, str]
 
     def groups(self, view: tuple[str, str]) -> list[tuple[str, str, str]]:
         """A view's allowed groups: (record, ingestion purpose, jurisdiction)."""
@@ -302,6 +304,10 @@ class AllowedGroups(NamedTuple):
             for purpose, jurisdiction in self.views[view]
             for record in self.records[(person, purpose, jurisdiction)]
         ]
+
+
+# The identifier types in name order, each with its position in `STRONG_FIELDS`.
+_TYPE_ORDER = sorted((id_type, position) for position, id_type in enumerate(STRONG_FIELDS))
 
 
 def _sorted_ids(by_type: dict[str, set[str]]) -> dict[str, list[str]]:
@@ -320,9 +326,10 @@ class ProfileBuilder:
     ) -> None:
         self.conn = conn
         self.policy = policy
-        # Persons -> their identity records and strong identifiers (an Arrow table), or None:
-        # the identity resolver's in-memory index, set by the pipeline; else `id_records`.
-        self.records_of: Callable[[list[str]], pa.Table | None] = lambda _persons: None
+        # Persons -> their identity records, rows of (person, record, then the strong
+        # identifiers' values in `STRONG_FIELDS` order), or None: the identity resolver's
+        # in-memory index, set by the pipeline; else `id_records`.
+        self.records_of: Callable[[list[str]], list[tuple] | None] = lambda _persons: None
         # Persons -> those merged into each (sorted; only persons with some), or None: the
         # identity resolver's in-memory index, set by the pipeline; else `id_persons`.
         self.merged_into: Callable[[list[str]], dict[str, list[str]] | None] = lambda _p: None
@@ -667,14 +674,14 @@ class ProfileBuilder:
         try:
             return self._build(affected)
         finally:
-            for name in ("_affected", "_person_rows", "_affected_records", "_ag_shared"):
+            for name in ("_affected", "_person_rows", "_ag_shared"):
                 self.conn.unregister(name)
 
     def _allowed_groups(self, affected: list[str]) -> AllowedGroups:
         """The affected persons' views and what each allows (`AllowedGroups`). Registered
         until `build` returns (Arrow): `_person_rows`, the affected persons' accumulator
-        rows; `_affected_records`, their identity records; `_ag_shared`, the groups of each
-        view whose roll-up others share, each such view numbered (`view`), with its horizon.
+        rows; `_ag_shared`, the groups of each view whose roll-up others share, each such
+        view numbered (`view`), with its horizon.
 
         A group is (identity record, ingestion purpose, jurisdiction). It belongs in the view
         for purpose P when the person currently consents to P and to the ingestion purpose:
@@ -706,24 +713,52 @@ class ProfileBuilder:
         held = self.records_of(affected)
         if held is None:
             # `id_records` is a view that works out every record's current person: read once.
-            held = self.conn.sql(
+            held = q(
                 f"""SELECT person_id, record_id, {", ".join(STRONG_FIELDS)} FROM id_records
                 WHERE person_id IN (SELECT person_id FROM _affected)"""
-            ).to_arrow_table()
-        self.conn.register("_affected_records", held)
+            ).fetchall()
+        # Each record's person (as the store has it now) and identifiers, and each person's
+        # identifiers by type: every identifier of its records, which index the profile.
+        owner: dict[str, str] = {}
+        values_of: dict[str, tuple] = {}
+        records_of: dict[str, list[str]] = {}
+        for person, record, *values in held:
+            owner[record] = person
+            values_of[record] = values
+            records_of.setdefault(person, []).append(record)
+        identifiers: dict[str, dict[str, list[str]]] = {}
+        for person, records in records_of.items():
+            # A column of values per type, a set each: no Python loop per value.
+            columns = list(zip(*(values_of[record] for record in records), strict=True))
+            ids = {}
+            for id_type, position in _TYPE_ORDER:
+                found = set(columns[position])
+                found.discard(None)
+                if found:
+                    ids[id_type] = sorted(found)
+            identifiers[person] = ids
+        whole = {person: frozenset(records) for person, records in records_of.items()}
         # A person's consent per purpose: their identifiers' latest statement; of equally
         # recent ones, a refusal (as the gate decides an event).
+        ids_table = [
+            (person, id_type, value)
+            for person, by_type in identifiers.items()
+            for id_type, values in by_type.items()
+            for value in values
+        ]
+        _affected_ids = pa.table(  # read by the query below, by its name
+            [pa.array(column, pa.string()) for column in zip(*ids_table, strict=True)]
+            if ids_table
+            else [pa.array([], pa.string())] * 3,
+            names=["person_id", "id_type", "id_value"],
+        )
         latest = {
             (person, purpose): status
             for person, purpose, status in q(
-                f"""WITH ids AS (
-                    SELECT DISTINCT person_id, id_type, id_value FROM (
-                        UNPIVOT _affected_records ON {", ".join(STRONG_FIELDS)}
-                        INTO NAME id_type VALUE id_value)
-                )
-                SELECT i.person_id, s.purpose,
-                       arg_max(s.status, (s.ts, s.status <> 'granted'))
-                FROM ids i JOIN consent_state s USING (id_type, id_value) GROUP BY ALL"""
+                """SELECT i.person_id, s.purpose,
+                          arg_max(s.status, (s.ts, s.status <> 'granted'))
+                   FROM _affected_ids i JOIN consent_state s USING (id_type, id_value)
+                   GROUP BY ALL"""
             ).fetchall()
         }
         defaults = self._default_of
@@ -771,15 +806,6 @@ class ProfileBuilder:
             if key not in least or scope < least[key]:
                 least[key] = scope
         shared = {view: least[key] for view, key in sets.items()}
-        # Identifiers by record, and the records' persons (as the store has them now).
-        columns = held.to_pydict()
-        owner = dict(zip(columns["record_id"], columns["person_id"], strict=True))
-        ids_of = {
-            record: [(t, v) for t, v in zip(STRONG_FIELDS, values, strict=True) if v is not None]
-            for record, *values in zip(
-                columns["record_id"], *(columns[t] for t in STRONG_FIELDS), strict=True
-            )
-        }
         view_of: dict[int, tuple[str, str]] = {}
         # `_ag_shared`'s columns, a row per group of each shared view.
         scope_col: list[str] = []
@@ -801,11 +827,19 @@ class ProfileBuilder:
                     holder = owner.get(record)
                     if holder is not None:
                         by_type = found.setdefault(holder, {})
-                        for id_type, value in ids_of[record]:
-                            by_type.setdefault(id_type, set()).add(value)
+                        for id_type, value in zip(STRONG_FIELDS, values_of[record], strict=True):
+                            if value is not None:
+                                by_type.setdefault(id_type, set()).add(value)
                 known = {holder: _sorted_ids(by_type) for holder, by_type in found.items()}
                 by_records[records] = known
             return known
+
+        def shown_by_holder(person: str, records: frozenset[str]) -> dict[str, dict]:
+            """`identifiers_of(records)`, of a view of `person`: the person's own identifiers
+            when the view holds every one of its records (and so only those)."""
+            if whole.get(person) == records:
+                return {person: identifiers[person]}
+            return identifiers_of(records)
 
         shown: dict[tuple[str, str], dict[str, list[str]]] = {}
         for number, view in enumerate(sorted(v for v, of in shared.items() if of == v[1]), 1):
@@ -826,7 +860,7 @@ class ProfileBuilder:
                 horizon_col += [horizon] * n
             records = frozenset(chain.from_iterable(records for _, _, records in members))
             # A view shows the identifiers of the records that contributed to it.
-            for holder, ids in identifiers_of(records).items():
+            for holder, ids in shown_by_holder(person, records).items():
                 known = shown.get((holder, scope))
                 if known is not None:  # records of one holder in two persons' views
                     ids = {
@@ -857,15 +891,8 @@ class ProfileBuilder:
                 ],
             ),
         )
-        # All identifiers index the profile: every identifier of its records.
-        records_of: dict[str, set[str]] = {}
-        for record, person in owner.items():
-            records_of.setdefault(person, set()).add(record)
-        identifiers = {
-            person: dict(identifiers_of(frozenset(records)).get(person, {}))
-            for person, records in records_of.items()
-        }
-        return AllowedGroups(views, records_in, shared, view_of, shown, identifiers)
+        indexed = {person: dict(ids) for person, ids in identifiers.items()}
+        return AllowedGroups(views, records_in, shared, view_of, shown, indexed, owner)
 
     def _stated(
         self, by_name: dict[str, tuple[datetime, str, str, str | None, list[str] | None]]
@@ -890,13 +917,20 @@ class ProfileBuilder:
             traits[name] = {"value": value, "ts": ts.isoformat() + "+00:00", "event_key": event_key}
         return traits
 
-    def _merged_from(self, affected: list[str]) -> dict[str, list[str]]:
+    def _merged_from(self, affected: list[str], owners: dict[str, str]) -> dict[str, list[str]]:
         """Each affected person's merged-in persons, sorted: the persons founded by a record
-        now in this profile (`_affected_records`), other than itself. From the identity
-        index when it has the founders: `id_persons` read whole grows with the store."""
+        now in this profile (`owners`: record -> person), other than itself. From the
+        identity index when it has the founders: `id_persons` read whole grows with the
+        store."""
         merged = self.merged_into(affected)
         if merged is not None:
             return merged
+        _affected_records = pa.table(  # read by the query below, by its name
+            {
+                "record_id": pa.array(list(owners), pa.string()),
+                "person_id": pa.array(list(owners.values()), pa.string()),
+            }
+        )
         return dict(
             self.conn.execute(
                 """SELECT r.person_id, list(DISTINCT p.person_id ORDER BY p.person_id)
@@ -907,7 +941,7 @@ class ProfileBuilder:
 
     def _build(self, affected: list[str]) -> dict[str, dict[str, Any]]:
         q = self.conn.execute
-        views, _, shared, view_of, shown, indexed = self._allowed_groups(affected)
+        views, _, shared, view_of, shown, indexed, owners = self._allowed_groups(affected)
         # The persons with a profile are those with facts: every fact adds a `SEEN` row to
         # its group (and erasures, merges and splits move or delete facts and accumulator
         # rows alike), so each has its subject access view, from the rows already read.
@@ -966,7 +1000,7 @@ class ProfileBuilder:
                 "computed": computed,
                 "windows": windows,
             }
-        for person, merged in self._merged_from(affected).items():
+        for person, merged in self._merged_from(affected, owners).items():
             if person in profiles:
                 profiles[person]["merged_from"] = merged
         for person, version in q(
