@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from consent.erasure import ERASED, erased_before
 from consent.erasure import SCHEMA_SQL as ERASURE_SCHEMA_SQL
+from consent.ledger import rewrite_table
 from consent.policy import PurposePolicy
 from identity.normalise import Identifier
 from pipelines.stored_keys import StoredKeys
@@ -160,16 +161,7 @@ def _drop_key(conn: duckdb.DuckDBPyConnection) -> None:
         "AND constraint_type = 'PRIMARY KEY'"
     ).fetchall():
         return
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        conn.execute(f"CREATE TABLE _consent_state_unkeyed ({_COLUMNS})")
-        conn.execute("INSERT INTO _consent_state_unkeyed SELECT * FROM consent_state")
-        conn.execute("DROP TABLE consent_state")
-        conn.execute("ALTER TABLE _consent_state_unkeyed RENAME TO consent_state")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    rewrite_table(conn, "consent_state", _COLUMNS)
 
 
 class ConsentGate:

@@ -170,12 +170,23 @@ def _compress_entries(conn: duckdb.DuckDBPyConnection) -> None:
     ).fetchall()
     if "USING COMPRESSION ZSTD" in sql.upper():
         return
+    rewrite_table(conn, "lineage", _COLUMNS, order_by="seq")
+
+
+def rewrite_table(
+    conn: duckdb.DuckDBPyConnection, table: str, columns: str, order_by: str = ""
+) -> None:
+    """Recreate `table` with the definition `columns` and the same rows (in `order_by`
+    order, if given), in one transaction: how a stored table takes a definition DuckDB
+    cannot alter in place (a column's compression, a dropped primary key)."""
+    staged = f"_{table}_rewritten"
+    order = f" ORDER BY {order_by}" if order_by else ""
     conn.execute("BEGIN TRANSACTION")
     try:
-        conn.execute(f"CREATE TABLE _lineage_zstd ({_COLUMNS})")
-        conn.execute("INSERT INTO _lineage_zstd SELECT * FROM lineage ORDER BY seq")
-        conn.execute("DROP TABLE lineage")
-        conn.execute("ALTER TABLE _lineage_zstd RENAME TO lineage")
+        conn.execute(f"CREATE TABLE {staged} ({columns})")
+        conn.execute(f"INSERT INTO {staged} SELECT * FROM {table}{order}")
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"ALTER TABLE {staged} RENAME TO {table}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
