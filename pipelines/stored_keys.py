@@ -38,6 +38,14 @@ class StoredKeys:
         found = self.conn.execute(f'SELECT hash("{self.column}") AS h FROM "{relation}"')
         return np.sort(np.asarray(found.fetchnumpy()["h"], dtype=np.uint64))
 
+    def _hashes_in(self, keys: pa.Table) -> np.ndarray:
+        """The hashes of the keys of `keys` (an Arrow table with the column), in its order."""
+        # DuckDB reads the local table by its name (a replacement scan): no register and
+        # unregister, ~0.4 ms a statement.
+        _stored_keys_batch = keys  # read by the statement below
+        found = self.conn.execute(f'SELECT hash("{self.column}") AS h FROM _stored_keys_batch')
+        return np.asarray(found.fetchnumpy()["h"], dtype=np.uint64)
+
     def _loaded(self) -> np.ndarray:
         if self._hashes is None:
             self._hashes = self._hashes_of(self.table)
@@ -47,13 +55,7 @@ class StoredKeys:
     def maybe_stored(self, keys: pa.Table) -> list[str]:
         """The keys of `keys` (an Arrow table with the same column) whose hash is held: a
         superset of those the table holds."""
-        # DuckDB reads the local table by its name (a replacement scan): no register and
-        # unregister, ~0.4 ms a statement.
-        _stored_keys_batch = keys  # read by the statement below
-        found = self.conn.execute(
-            f'SELECT hash("{self.column}") AS h FROM _stored_keys_batch'
-        ).fetchnumpy()
-        held = self._held(np.asarray(found["h"], dtype=np.uint64))
+        held = self._held(self._hashes_in(keys))
         if not held.any():  # a stream of new events: no key converted back from DuckDB
             return []
         return keys.column(self.column).filter(pa.array(held)).to_pylist()
@@ -72,27 +74,16 @@ class StoredKeys:
                 held |= hashes[at] == wanted
         return held
 
-    def add(self, relation: str) -> None:
-        """Hold the keys of `relation`, just inserted into the table (a no-op until loaded:
-        loading reads them from the table)."""
-        if self._hashes is None:
-            return
-        self._fold(self._hashes_of(relation))
-
     def hold(self, keys: pa.Table) -> None:
         """Hold the keys of `keys` (an Arrow table with the column), just inserted into the
         table and not held before (a no-op until loaded: loading reads them from the table)."""
         if self._hashes is None:
             return
-        _stored_keys_batch = keys  # read by the statement below
-        found = self.conn.execute(
-            f'SELECT hash("{self.column}") AS h FROM _stored_keys_batch'
-        ).fetchnumpy()
-        self._fold(np.sort(np.asarray(found["h"], dtype=np.uint64)))
+        self._fold(np.sort(self._hashes_in(keys)))
 
     def insert(self, rows: pa.Table) -> None:
         """Insert `rows` (an Arrow table, its columns by name) into the table and hold their
-        keys: the insert returns their hashes, where `add` reads the rows again (~0.4 ms a
+        keys: the insert returns their hashes, where `hold` reads the rows again (~0.4 ms a
         batch of 1,000)."""
         _stored_keys_rows = rows  # read by the statement below (a replacement scan)
         inserted = self.conn.execute(

@@ -10,15 +10,10 @@ from pipelines.pipeline import Pipeline, SourceRecord
 from pipelines.stored_keys import StoredKeys
 
 
-def _table(conn, name, keys):
-    conn.register(name, pa.table({"event_key": keys}))
-
-
 def _insert(conn, stored, keys):
-    _table(conn, "_new", keys)
+    _new = pa.table({"event_key": keys})
     conn.execute("INSERT INTO outcomes SELECT * FROM _new")
-    stored.add("_new")
-    conn.unregister("_new")
+    stored.hold(_new)
 
 
 def test_stored_keys_are_found_and_new_ones_are_not():
