@@ -914,7 +914,7 @@ class IdentityResolver:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def record_rows_of_persons(self, persons: list[str]) -> list[tuple] | None:
+    def records_of_persons(self, persons: list[str]) -> list[tuple] | None:
         """The identity records of `persons` now as rows (person_id, record_id, then the
         STRONG_FIELDS' values), from the in-memory index: what selecting them from
         `id_records` gives, without reading the store. None while the index is not loaded
@@ -929,18 +929,6 @@ class IdentityResolver:
             for person in persons
             for record in members.get(person, ())
         ]
-
-    def records_of_persons(self, persons: list[str]) -> pa.Table | None:
-        """`record_rows_of_persons` as a table (columns person_id, record_id, then
-        STRONG_FIELDS)."""
-        rows = self.record_rows_of_persons(persons)
-        if rows is None:
-            return None
-        names = ["person_id", "record_id", *STRONG_FIELDS]
-        return pa.table(
-            [pa.array([row[i] for row in rows], pa.string()) for i in range(len(names))],
-            names=names,
-        )
 
     def merged_into(self, persons: list[str]) -> dict[str, list[str]] | None:
         """Those of `persons` others merged into, each with the persons founded by one of

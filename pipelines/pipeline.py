@@ -278,7 +278,7 @@ class Pipeline:
         self.gate = ConsentGate(self.conn, self.policy)
         self.identity = IdentityResolver(self.conn, identity_model)
         self.builder = ProfileBuilder(self.conn, self.policy)
-        self.builder.records_of = self.identity.record_rows_of_persons
+        self.builder.records_of = self.identity.records_of_persons
         self.builder.merged_into = self.identity.merged_into
         self.segments = SegmentMembership(
             self.conn,
