@@ -205,10 +205,7 @@ def view_reads(
     if view is None:
         return None
     stored = view.get("traits") or {}
-    if names is None:
-        computed = at_read(catalog, view.get("computed") or {}, view.get("windows") or {}, now)
-        return {name: t.get("value") for name, t in stored.items()}, computed
-    stated, wanted = names
+    stated, wanted = names if names is not None else (stored, None)
     computed = at_read(catalog, view.get("computed") or {}, view.get("windows") or {}, now, wanted)
     return {name: stored[name].get("value") for name in stated if name in stored}, computed
 
