@@ -52,6 +52,16 @@ def _run(max_events: int, scenario, within: float = 0.2) -> list[list[int]]:
     return batches
 
 
+async def _five_while_the_first_runs(agent, started):
+    """Event 0, then events 1-5 while the batch [0] runs, time left for the stream to take
+    what it can of them meanwhile."""
+    await agent.put(0, wait=False)
+    await started.wait()  # batch [0] is running
+    for value in range(1, 6):
+        await agent.put(value, wait=False)
+    await asyncio.sleep(0.1)
+
+
 def test_every_event_once_in_order_and_no_batch_above_the_size():
     async def scenario(agent, started, release):
         release.set()
@@ -66,11 +76,7 @@ def test_every_event_once_in_order_and_no_batch_above_the_size():
 
 def test_events_arriving_while_a_batch_runs_are_the_next_batch_up_to_its_size():
     async def scenario(agent, started, release):
-        await agent.put(0, wait=False)
-        await started.wait()  # batch [0] is running
-        for value in range(1, 6):
-            await agent.put(value, wait=False)
-        await asyncio.sleep(0.1)  # let the stream take what it can meanwhile
+        await _five_while_the_first_runs(agent, started)
 
     scenario.total = 6
     batches = _run(3, scenario)
@@ -80,11 +86,7 @@ def test_events_arriving_while_a_batch_runs_are_the_next_batch_up_to_its_size():
 
 def test_a_batch_is_what_arrived_meanwhile_without_waiting_out_its_time_limit():
     async def scenario(agent, started, release):
-        await agent.put(0, wait=False)
-        await started.wait()
-        for value in range(1, 6):
-            await agent.put(value, wait=False)
-        await asyncio.sleep(0.1)
+        await _five_while_the_first_runs(agent, started)
 
     scenario.total = 6
     # A batch may take up to an hour to fill, yet nothing more is coming: it is cut now
@@ -94,11 +96,7 @@ def test_a_batch_is_what_arrived_meanwhile_without_waiting_out_its_time_limit():
 
 def test_what_arrived_while_a_batch_ran_is_cut_at_once_though_more_keeps_coming():
     async def scenario(agent, started, release):
-        await agent.put(0, wait=False)
-        await started.wait()  # batch [0] is running
-        for value in range(1, 6):
-            await agent.put(value, wait=False)
-        await asyncio.sleep(0.1)  # taken into the next batch meanwhile
+        await _five_while_the_first_runs(agent, started)
 
         async def trickle():  # an event every millisecond: arrivals never pause 5 ms
             for value in range(6, 106):
