@@ -15,7 +15,7 @@ withdrawal republishes the profile without the withdrawn data.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from itertools import chain
 from typing import Any, NamedTuple
@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import duckdb
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from consent.gate import event_country
 from consent.policy import PurposePolicy
@@ -235,6 +236,8 @@ _TRAITS = pa.schema(
     ]
 )
 CENT = Decimal("0.01")
+# Day 0 of Arrow's `date32` (days since the Unix epoch).
+_EPOCH_DAY = date(1970, 1, 1)
 # The view of everything held about a person (GDPR art. 15 access), readable by admins only.
 SUBJECT_ACCESS = "subject_access"
 
@@ -700,16 +703,20 @@ class ProfileBuilder:
         # have them set to NULL in the same pass: one scan of both tables, where two (one
         # without value and key, one for latest traits) cost 1.5x as much for 10,000
         # stored persons of a 300,000-person store.
-        person_rows = self.conn.sql(
-            """SELECT * REPLACE (
+        person_rows = (
+            self.conn.sql(
+                """SELECT * REPLACE (
                    CASE WHEN list_contains($values, trait) THEN value END AS value,
                    CASE WHEN list_contains($values, trait) THEN last_key END AS last_key)
                FROM trait_rows
                WHERE person_id IN (SELECT person_id FROM _affected)
                  AND NOT list_contains($twins, trait)""",
-            params={"twins": self._twins, "values": self._rolled_columns["values"]},
-        ).to_arrow_reader()
-        self.conn.register("_person_rows", person_rows.read_all())
+                params={"twins": self._twins, "values": self._rolled_columns["values"]},
+            )
+            .to_arrow_reader()
+            .read_all()
+        )
+        self.conn.register("_person_rows", person_rows)
         held = self.records_of(affected)
         if held is None:
             # `id_records` is a view that works out every record's current person: read once.
@@ -774,16 +781,27 @@ class ProfileBuilder:
         # day of their last event less the longest window. A view allows or refuses all of
         # one person's groups of a purpose and jurisdiction, so the views are worked out
         # per such class of groups, not per group.
-        classes = q(
-            """WITH g AS (
-                   SELECT person_id, record_id, purpose, jurisdiction, max(last_ts) AS last_ts
-                   FROM _person_rows WHERE trait = ? AND bucket = '' GROUP BY ALL
-               )
-               SELECT person_id, purpose, jurisdiction, list(record_id),
-                      strftime(timezone('UTC', max(last_ts))::DATE - ?, '%Y-%m-%d')
-               FROM g GROUP BY ALL""",
-            [SEEN, self.traits.max_window],
-        ).fetchall()
+        # Grouped in Arrow over the rows already read (each group's `SEEN` rows: one per
+        # group folded, more while deltas are not): a DuckDB query over the registered
+        # table, two GROUP BYs and a list per class turned into Python, cost 1.6x as much.
+        seen = person_rows.filter(
+            pc.and_(pc.equal(person_rows["trait"], SEEN), pc.equal(person_rows["bucket"], ""))
+        )
+        grouped = seen.group_by(["person_id", "purpose", "jurisdiction"], use_threads=False)
+        found = grouped.aggregate([("record_id", "distinct"), ("last_ts", "max")])
+        window = self.traits.max_window
+        horizons = [
+            None if day is None else (_EPOCH_DAY + timedelta(days=day - window)).isoformat()
+            for day in pc.cast(found["last_ts_max"], pa.date32()).cast(pa.int32()).to_pylist()
+        ]
+        classes = zip(
+            found["person_id"].to_pylist(),
+            found["purpose"].to_pylist(),
+            found["jurisdiction"].to_pylist(),
+            found["record_id_distinct"].to_pylist(),
+            horizons,
+            strict=True,
+        )
         views: dict[tuple[str, str], list[tuple[str, str]]] = {}
         records_in: dict[tuple[str, str, str], list[str]] = {}
         horizon_of: dict[tuple[str, str, str], str | None] = {}
