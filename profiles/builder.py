@@ -360,6 +360,8 @@ class ProfileBuilder:
             for p in policy.purposes
         }
         self._scopes = list(self.policy.purposes)
+        # Every view's scope in order: the least of views allowing the same groups first.
+        self._view_scopes = sorted({SUBJECT_ACCESS, *self._scopes})
         strategies = self.traits.strategies
         self._identify_params = {
             "named": sorted(strategies),
@@ -759,20 +761,19 @@ class ProfileBuilder:
             else [pa.array([], pa.string())] * 3,
             names=["person_id", "id_type", "id_value"],
         )
-        latest = {
-            (person, purpose): status
-            for person, purpose, status in q(
-                """SELECT i.person_id, s.purpose,
-                          arg_max(s.status, (s.ts, s.status <> 'granted'))
-                   FROM _affected_ids i JOIN consent_state s USING (id_type, id_value)
-                   GROUP BY ALL"""
-            ).fetchall()
-        }
+        stated: dict[str, dict[str, str]] = {}
+        for person, purpose, status in q(
+            """SELECT i.person_id, s.purpose,
+                      arg_max(s.status, (s.ts, s.status <> 'granted'))
+               FROM _affected_ids i JOIN consent_state s USING (id_type, id_value)
+               GROUP BY ALL"""
+        ).fetchall():
+            stated.setdefault(person, {})[purpose] = status
         defaults = self._default_of
         scopes = self._scopes
 
-        def granted(person: str, purpose: str, jurisdiction: str) -> bool:
-            status = latest.get((person, purpose))
+        def granted(own: dict[str, str], purpose: str, jurisdiction: str) -> bool:
+            status = own.get(purpose)
             if status is None:
                 status = defaults.get((jurisdiction, purpose))
             return status == "granted"
@@ -802,28 +803,14 @@ class ProfileBuilder:
             horizons,
             strict=True,
         )
-        views: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        # Each person's classes, in the order found: (purpose, jurisdiction), records, horizon.
+        by_person: dict[str, list[tuple[tuple[str, str], list[str], str | None]]] = {}
         records_in: dict[tuple[str, str, str], list[str]] = {}
-        horizon_of: dict[tuple[str, str, str], str | None] = {}
         for person, purpose, jurisdiction, records, horizon in classes:
             records_in[(person, purpose, jurisdiction)] = records
-            horizon_of[(person, purpose, jurisdiction)] = horizon
-            # What is held, consent aside: a subject access request's view.
-            into = [SUBJECT_ACCESS]
-            if purpose == "" or granted(person, purpose, jurisdiction):
-                into += [s for s in scopes if granted(person, s, jurisdiction)]
-            for scope in into:
-                views.setdefault((person, scope), []).append((purpose, jurisdiction))
-        # Views of a person that allow the same groups add up the same rows (consent
-        # mostly agrees across purposes): each set is rolled up once, for its least scope.
-        # A view's classes come in the order of its person's classes above: the same set is
-        # the same tuple, unsorted.
-        sets = {view: (view[0], tuple(members)) for view, members in views.items()}
-        least: dict[tuple[str, tuple], str] = {}
-        for (_, scope), key in sets.items():
-            if key not in least or scope < least[key]:
-                least[key] = scope
-        shared = {view: least[key] for view, key in sets.items()}
+            by_person.setdefault(person, []).append(((purpose, jurisdiction), records, horizon))
+        views: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        shared: dict[tuple[str, str], str] = {}
         view_of: dict[int, tuple[str, str]] = {}
         # `_ag_shared`'s columns, a row per group of each shared view.
         scope_col: list[str] = []
@@ -860,32 +847,68 @@ class ProfileBuilder:
             return identifiers_of(records)
 
         shown: dict[tuple[str, str], dict[str, list[str]]] = {}
-        for number, view in enumerate(sorted(v for v, of in shared.items() if of == v[1]), 1):
-            view_of[number] = view
-            person, scope = view
-            members = [(purpose, j, records_in[(person, purpose, j)]) for purpose, j in views[view]]
-            # Windows keep the days after the view's last event less the longest window.
-            horizons = [horizon_of[(person, purpose, j)] for purpose, j, _ in members]
-            horizon = max((h for h in horizons if h is not None), default="")
-            for purpose, jurisdiction, records in members:
-                n = len(records)
-                scope_col += [scope] * n
-                person_col += [person] * n
-                record_col += records
-                purpose_col += [purpose] * n
-                jurisdiction_col += [jurisdiction] * n
-                number_col += [number] * n
-                horizon_col += [horizon] * n
-            records = frozenset(chain.from_iterable(records for _, _, records in members))
-            # A view shows the identifiers of the records that contributed to it.
-            for holder, ids in shown_by_holder(person, records).items():
-                known = shown.get((holder, scope))
-                if known is not None:  # records of one holder in two persons' views
-                    ids = {
-                        t: sorted({*known.get(t, ()), *ids.get(t, ())})
-                        for t in sorted({*known, *ids})
-                    }
-                shown[(holder, scope)] = ids
+        view_scopes = self._view_scopes
+        number = 0
+        # Worked out a person at a time, over the positions of its classes. A view allows
+        # or refuses all of one class. Views of a person that allow the same classes add
+        # up the same rows (consent mostly agrees across purposes): each set is rolled up
+        # once, for its least scope (the scopes go in order); the shared views are
+        # numbered in (person, scope) order.
+        for person in sorted(by_person):
+            mine = by_person[person]
+            own = stated.get(person, {})
+            # What is held, consent aside: a subject access request's view.
+            members: dict[str, list[int]] = {SUBJECT_ACCESS: list(range(len(mine)))}
+            granted_in: dict[str, list[str]] = {}  # the scopes granted, per jurisdiction
+            for i, ((purpose, jurisdiction), _, _) in enumerate(mine):
+                if purpose == "" or granted(own, purpose, jurisdiction):
+                    into = granted_in.get(jurisdiction)
+                    if into is None:
+                        into = granted_in[jurisdiction] = [
+                            s for s in scopes if granted(own, s, jurisdiction)
+                        ]
+                    for scope in into:
+                        members.setdefault(scope, []).append(i)
+            least: dict[tuple[int, ...], str] = {}
+            for scope in view_scopes:
+                allowed = members.get(scope)
+                if not allowed:
+                    continue
+                views[(person, scope)] = [mine[i][0] for i in allowed]
+                key = tuple(allowed)
+                of = least.get(key)
+                if of is not None:
+                    shared[(person, scope)] = of
+                    continue
+                least[key] = shared[(person, scope)] = scope
+                number += 1
+                view_of[number] = (person, scope)
+                # Windows keep the days after the view's last event less the longest window.
+                horizon = ""
+                total = 0
+                for i in allowed:
+                    (purpose, jurisdiction), records, last = mine[i]
+                    n = len(records)
+                    total += n
+                    record_col += records
+                    purpose_col += [purpose] * n
+                    jurisdiction_col += [jurisdiction] * n
+                    if last is not None and last > horizon:
+                        horizon = last
+                scope_col += [scope] * total
+                person_col += [person] * total
+                number_col += [number] * total
+                horizon_col += [horizon] * total
+                records = frozenset(chain.from_iterable(mine[i][1] for i in allowed))
+                # A view shows the identifiers of the records that contributed to it.
+                for holder, ids in shown_by_holder(person, records).items():
+                    known = shown.get((holder, scope))
+                    if known is not None:  # records of one holder in two persons' views
+                        ids = {
+                            t: sorted({*known.get(t, ()), *ids.get(t, ())})
+                            for t in sorted({*known, *ids})
+                        }
+                    shown[(holder, scope)] = ids
         self.conn.register(
             "_ag_shared",
             pa.table(
