@@ -311,6 +311,8 @@ class AllowedGroups(NamedTuple):
 
 # The identifier types in name order, each with its position in `STRONG_FIELDS`.
 _TYPE_ORDER = sorted((id_type, position) for position, id_type in enumerate(STRONG_FIELDS))
+# The same, each with its column in a row of the identity index (person, record, values).
+_ROW_TYPE_ORDER = [(id_type, position + 2) for id_type, position in _TYPE_ORDER]
 
 
 def _sorted_ids(by_type: dict[str, set[str]]) -> dict[str, list[str]]:
@@ -728,19 +730,27 @@ class ProfileBuilder:
             ).fetchall()
         # Each record's person (as the store has it now) and identifiers, and each person's
         # identifiers by type: every identifier of its records, which index the profile.
+        # Each record's row is kept whole (its values from the third column): unpacking
+        # the values of each row into a list of their own cost four times the loop.
         owner: dict[str, str] = {}
-        values_of: dict[str, tuple] = {}
+        row_of: dict[str, tuple] = {}
         records_of: dict[str, list[str]] = {}
-        for person, record, *values in held:
+        for row in held:
+            person = row[0]
+            record = row[1]
             owner[record] = person
-            values_of[record] = values
-            records_of.setdefault(person, []).append(record)
+            row_of[record] = row
+            listed = records_of.get(person)
+            if listed is None:
+                records_of[person] = [record]
+            else:
+                listed.append(record)
         identifiers: dict[str, dict[str, list[str]]] = {}
         for person, records in records_of.items():
             # A column of values per type, a set each: no Python loop per value.
-            columns = list(zip(*(values_of[record] for record in records), strict=True))
+            columns = list(zip(*[row_of[record] for record in records], strict=True))
             ids = {}
-            for id_type, position in _TYPE_ORDER:
+            for id_type, position in _ROW_TYPE_ORDER:
                 found = set(columns[position])
                 found.discard(None)
                 if found:
@@ -832,7 +842,8 @@ class ProfileBuilder:
                     holder = owner.get(record)
                     if holder is not None:
                         by_type = found.setdefault(holder, {})
-                        for id_type, value in zip(STRONG_FIELDS, values_of[record], strict=True):
+                        values = row_of[record][2:]
+                        for id_type, value in zip(STRONG_FIELDS, values, strict=True):
                             if value is not None:
                                 by_type.setdefault(id_type, set()).add(value)
                 known = {holder: _sorted_ids(by_type) for holder, by_type in found.items()}
