@@ -746,6 +746,10 @@ class ProfileBuilder:
             else:
                 listed.append(record)
         identifiers: dict[str, dict[str, list[str]]] = {}
+        # The same as rows (person, type, value), a column each, for the consent query.
+        id_persons: list[str] = []
+        id_types: list[str] = []
+        id_values: list[str] = []
         for person, records in records_of.items():
             # A column of values per type, a set each: no Python loop per value.
             columns = list(zip(*[row_of[record] for record in records], strict=True))
@@ -754,21 +758,16 @@ class ProfileBuilder:
                 found = set(columns[position])
                 found.discard(None)
                 if found:
-                    ids[id_type] = sorted(found)
+                    ids[id_type] = values = sorted(found)
+                    id_persons += [person] * len(values)
+                    id_types += [id_type] * len(values)
+                    id_values += values
             identifiers[person] = ids
         whole = {person: frozenset(records) for person, records in records_of.items()}
         # A person's consent per purpose: their identifiers' latest statement; of equally
         # recent ones, a refusal (as the gate decides an event).
-        ids_table = [
-            (person, id_type, value)
-            for person, by_type in identifiers.items()
-            for id_type, values in by_type.items()
-            for value in values
-        ]
         _affected_ids = pa.table(  # read by the query below, by its name
-            [pa.array(column, pa.string()) for column in zip(*ids_table, strict=True)]
-            if ids_table
-            else [pa.array([], pa.string())] * 3,
+            [pa.array(column, pa.string()) for column in (id_persons, id_types, id_values)],
             names=["person_id", "id_type", "id_value"],
         )
         stated: dict[str, dict[str, str]] = {}
