@@ -164,20 +164,29 @@ def _iso_utc(ts: str) -> str:
 # list values to Python objects cost three times as much. A windowed trait's bucket starts
 # with its event's UTC day, always ten characters (`date.isoformat`, `accumulate`), then
 # `|` and a value or nothing: its first ten characters, where `split_part` on `|` cost 8%
-# of the statement.
+# of the statement. Buckets are summed in two parts: the traits that read nothing but
+# their events' count (most of the buckets: sessions, days, categories, orders) without
+# the other aggregates, whose states every group carried (0.85x the statement).
 _ROLLUP = f"""
-WITH buckets AS (
-    SELECT a.view, s.trait, s.bucket, sum(s.n)::BIGINT AS n,
-           CASE WHEN list_contains($windowed, s.trait) THEN left(s.bucket, 10) END AS day,
-           sum(s.amount) FILTER (WHERE list_contains($amounts, s.trait)) AS amount,
-           min(s.first_ts) FILTER (WHERE list_contains($firsts, s.trait)) AS first_ts,
-           max(s.last_ts) FILTER (WHERE list_contains($lasts, s.trait)) AS last_ts,
-           arg_max(s.value, (s.last_ts, s.last_key))
-               FILTER (WHERE list_contains($values, s.trait)) AS value
+WITH joined AS MATERIALIZED (
+    SELECT a.view, s.trait, s.bucket, s.n, s.amount, s.first_ts, s.last_ts, s.value, s.last_key
     FROM _person_rows s JOIN _ag_shared a USING (record_id, purpose, jurisdiction)
     WHERE (s.trait <> '{SEEN}' OR $read_seen)  -- the groups' own rows, for `SEEN`'s twins
       AND (NOT list_contains($windowed, s.trait) OR left(s.bucket, 10) > a.horizon)
-    GROUP BY a.view, s.trait, s.bucket  -- `day` follows from these
+), buckets AS (
+    SELECT view, trait, bucket, sum(n)::BIGINT AS n,
+           CASE WHEN list_contains($windowed, trait) THEN left(bucket, 10) END AS day
+    FROM joined WHERE NOT list_contains($rich, trait)
+    GROUP BY view, trait, bucket  -- `day` follows from these
+    UNION ALL BY NAME
+    SELECT view, trait, bucket, sum(n)::BIGINT AS n,
+           CASE WHEN list_contains($windowed, trait) THEN left(bucket, 10) END AS day,
+           sum(amount) FILTER (WHERE list_contains($amounts, trait)) AS amount,
+           min(first_ts) FILTER (WHERE list_contains($firsts, trait)) AS first_ts,
+           max(last_ts) FILTER (WHERE list_contains($lasts, trait)) AS last_ts,
+           arg_max(value, (last_ts, last_key)) FILTER (WHERE list_contains($values, trait)) AS value
+    FROM joined WHERE list_contains($rich, trait)
+    GROUP BY view, trait, bucket
 ), days AS (
     SELECT view, trait, day,
            sum(CASE WHEN list_contains($day_sums, trait) THEN n ELSE 1 END)::BIGINT AS n
@@ -370,6 +379,9 @@ class ProfileBuilder:
         self._twins = sorted(self._read_through)
         self._rolled_columns["read_seen"] = SEEN in self._read_through.values()
         self._rollup_params = {k: v for k, v in self._rolled_columns.items() if k != "max_window"}
+        # The traits whose buckets sum more than their events (`_ROLLUP`'s second part).
+        rich = ("amounts", "firsts", "lasts", "values")
+        self._rollup_params["rich"] = sorted({t for k in rich for t in self._rolled_columns[k]})
         self._rollup_plan = rollup_plan(self.traits, self._read_through)
         # What silence means, per jurisdiction and purpose: the fallback of every view (a
         # jurisdiction the policy does not name has none: denied).
