@@ -929,17 +929,24 @@ class ProfileBuilder:
         return AllowedGroups(views, records_in, shared, view_of, shown, indexed, owner)
 
     def _stated(
-        self, by_name: dict[str, tuple[str, str, str, str | None, list[str] | None]]
-    ) -> dict[str, dict[str, Any]]:
-        """A view's identify traits from `_IDENTIFY`'s rows, by name: (ISO time with its UTC
-        offset and event key of the latest, its JSON value, the first JSON value where the strategy is
-        `first`, every JSON value in (ts, event key) order where it merges them all).
-        Values are parsed only where the strategy reads them."""
-        traits = {}
-        strategy_of = self.traits.strategy
+        self, rows: list[tuple[str, str, str, str, str, str, str | None, list[str] | None]]
+    ) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
+        """Each view's identify traits by name, from `_IDENTIFY`'s rows: (person, scope, name,
+        ISO time with its UTC offset and event key of the latest, its JSON value, the first
+        JSON value where the strategy is `first`, every JSON value in (ts, event key) order
+        where it merges them all), in (person, scope, name) order. Values are parsed only
+        where the strategy reads them; one pass, the rows not grouped per view first."""
+        stated: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        strategies = self.traits.strategies
+        default = self.traits.default_strategy
         loads = orjson.loads
-        for name, (ts, event_key, last, first, merged) in by_name.items():
-            strategy = strategy_of(name)
+        view: tuple[str, str] | None = None
+        traits: dict[str, dict[str, Any]] = {}
+        for person, scope, name, ts, event_key, last, first, merged in rows:
+            if view != (person, scope):
+                view = (person, scope)
+                traits = stated.setdefault(view, {})
+            strategy = strategies.get(name, default)
             if strategy == "latest":
                 value = loads(last)
             elif strategy == "first":
@@ -949,7 +956,7 @@ class ProfileBuilder:
                     strategy, [(ts, event_key, loads(v)) for v in merged or ()], ordered=True
                 )
             traits[name] = {"value": value, "ts": ts, "event_key": event_key}
-        return traits
+        return stated
 
     def _merged_from(self, affected: list[str], owners: dict[str, str]) -> dict[str, list[str]]:
         """Each affected person's merged-in persons, sorted: the persons founded by a record
@@ -1006,9 +1013,7 @@ class ProfileBuilder:
                 if amounts is None
                 else [a if a is None else Decimal(a) for a in loads(amounts)],
             )
-        stated: dict[tuple[str, str], dict[str, tuple]] = {}
-        for person, view, name, *row in q(_IDENTIFY, self._identify_params).fetchall():
-            stated.setdefault((person, view), {})[name] = row
+        stated = self._stated(q(_IDENTIFY, self._identify_params).fetchall())
         for person, ids in indexed.items():
             if person in profiles:
                 profiles[person]["identifiers"] = ids
@@ -1023,7 +1028,7 @@ class ProfileBuilder:
                 computed, windows = rollup(self.traits, totals.get((person, of), {}), plan)
                 rolled[(person, of)] = (
                     shown.get((person, of), {}),
-                    self._stated(stated.get((person, of), {})),
+                    stated.get((person, of), {}),
                     computed,
                     windows,
                 )
