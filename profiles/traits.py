@@ -448,8 +448,9 @@ class Totals(NamedTuple):
     """One trait of one view, summed by SQL over the view's allowed accumulator rows.
 
     n: the events counted; buckets: how many distinct buckets; first_ts / last_ts: the
-    earliest and latest event time, naive UTC (DuckDB turns a TIMESTAMPTZ into an aware
-    datetime through a per-value time-zone lookup); value: the latest value (JSON). keys, counts, amounts:
+    earliest and latest event time as the profile shows it, ISO text with its UTC offset
+    (formatted by SQL, `ProfileBuilder`); value: the latest value (JSON). keys, counts,
+    amounts:
     per bucket (sum, mean, top, open_count), or per UTC day after the view's window
     horizon (windowed traits; a count sums events, a distinct count counts buckets), in
     no particular order. Columns a trait's op does not read are None (`rolled_columns`).
@@ -457,8 +458,8 @@ class Totals(NamedTuple):
 
     n: int | None
     buckets: int | None
-    first_ts: datetime | None
-    last_ts: datetime | None
+    first_ts: str | None
+    last_ts: str | None
     value: str | None
     keys: list[str] | None
     counts: list[int] | None
@@ -505,13 +506,11 @@ def _read_distinct(row: Totals | None) -> Any:
 
 
 def _read_first(row: Totals | None) -> Any:
-    stamp = row.first_ts if row else None
-    return stamp.isoformat() + "+00:00" if stamp else None
+    return row.first_ts if row else None
 
 
 def _read_last(row: Totals | None) -> Any:
-    stamp = row.last_ts if row else None
-    return stamp.isoformat() + "+00:00" if stamp else None
+    return row.last_ts if row else None
 
 
 def _read_latest(row: Totals | None) -> Any:

@@ -8,16 +8,18 @@ the stored (trait, bucket) rows its allowed groups add up, and the two must agre
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import duckdb
 import orjson
 import pyarrow as pa
 import pytest
 
 from pipelines.pipeline import Pipeline, SourceRecord
 from pipelines.topics import route
+from profiles.builder import _iso_utc
 from profiles.traits import SEEN, TraitCatalog
 from synthetic.events import generate
 
@@ -196,3 +198,22 @@ def test_the_stream_reaches_every_op_the_horizon_and_views_that_differ(rebuilt):
     assert differing, "every person's views rolled up the same rows"
     shared = allowed.shared
     assert len({(person, of) for (person, _), of in shared.items()}) < len(shared)
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        datetime(2026, 10, 2, 3, 4, 5, tzinfo=UTC),
+        datetime(2026, 10, 2, 3, 4, 5, 120, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=5))),
+    ],
+)
+def test_times_formatted_in_sql_as_python_does(stamp: datetime) -> None:
+    """The roll-up's and identify traits' times, formatted by DuckDB (`_iso_utc`), read as
+    Python's `isoformat` of the naive UTC time with "+00:00", whatever the session's zone."""
+    conn = duckdb.connect()
+    conn.execute("SET TimeZone = 'Europe/Berlin'")
+    sql = f"SELECT {_iso_utc('x')} FROM (SELECT ?::TIMESTAMPTZ AS x)"
+    (got,) = conn.execute(sql, [stamp]).fetchone()
+    assert got == stamp.astimezone(UTC).replace(tzinfo=None).isoformat() + "+00:00"
