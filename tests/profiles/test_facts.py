@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import duckdb
+import pytest
 
 from consent.policy import load_policy
 from profiles.builder import ProfileBuilder, fact_fields
@@ -67,7 +68,7 @@ def _state(builder: ProfileBuilder) -> tuple:
 
 def test_a_fact_holds_its_events_fields_and_its_time_in_utc():
     builder = _builder()
-    assert builder.add(_events()) == {"p1", "p2"}
+    assert builder.add(_events(), fresh=True) == {"p1", "p2"}
     facts = {row[0]: row for row in builder.conn.execute("SELECT * FROM facts").fetchall()}
     assert facts["e2"][6] == Decimal("20.00") and facts["e2"][5] == "o1"
     assert facts["e4"][8:10] == ("t1", 4)
@@ -81,10 +82,17 @@ def test_a_fact_holds_its_events_fields_and_its_time_in_utc():
 
 def test_events_added_again_add_nothing_and_a_mix_adds_only_the_new():
     once = _builder()
-    once.add(_events())
+    once.add(_events(), fresh=True)
     again = _builder()
     again.add(_events()[:2])
     again.add(_events())  # the first two recorded before
     again.add(_events())
     assert _state(again) == _state(once)
     assert len(_state(once)[2]) > 5
+
+
+def test_a_fresh_batch_holding_a_recorded_event_fails_rather_than_count_it_twice():
+    builder = _builder()
+    builder.add(_events()[:1], fresh=True)
+    with pytest.raises(duckdb.ConstraintException):
+        builder.add(_events(), fresh=True)
