@@ -559,7 +559,10 @@ class Pipeline:
                     i.record_id,
                 )
                 for i in linked
-            ]  # type: ignore[misc]
+            ],  # type: ignore[misc]
+            # None recorded: only events without an outcome come this far (`_classify`),
+            # and a fact is written in the transaction of its event's outcome.
+            fresh=True,
         )
         command_items, decided = self._apply_commands(commands, report)
         erasures = self.privacy.erase(requests, key_of=_hash, known=self._known)

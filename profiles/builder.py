@@ -254,18 +254,9 @@ _FACTS = pa.schema(
         ("jurisdiction", pa.string()),
     ]
 )
-_TRAITS = pa.schema(
-    [
-        ("event_key", pa.string()),
-        ("person_id", pa.string()),
-        ("record_id", pa.string()),
-        ("name", pa.string()),
-        ("value", pa.string()),
-        ("ts", pa.timestamp("us", tz="UTC")),
-        ("purpose", pa.string()),
-        ("jurisdiction", pa.string()),
-    ]
-)
+_TS = pa.timestamp("us", tz="UTC")
+# A trait_facts row's columns taken from its event's fact (`ProfileBuilder.add`).
+_TRAIT_EVENT_COLUMNS = ["event_key", "person_id", "record_id", "ts", "purpose", "jurisdiction"]
 CENT = Decimal("0.01")
 # Day 0 of Arrow's `date32` (days since the Unix epoch).
 _EPOCH_DAY = date(1970, 1, 1)
@@ -277,28 +268,37 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def fact_of(
-    event_key: str, person_id: str, kind: str, event: dict[str, Any], ts: datetime, record_id: str
-) -> dict:
-    """The fact row one applied event contributes (amounts exact, to the cent)."""
+# The event kinds whose contracts type a fact's own fields (`fact_fields`).
+_ORDER_KINDS = frozenset({"order_completed", "order_refunded"})
+_TICKET_KINDS = frozenset({"ticket_opened", "ticket_closed", "csat_submitted"})
+_FIELD_KINDS = _ORDER_KINDS | _TICKET_KINDS
+_NO_FIELDS = (None, None, None, None, None)
+
+
+def fact_fields(kind: str, event: dict[str, Any]) -> tuple[Any, Decimal | None, Any, Any, Any]:
+    """The fields of its own a fact of an applied event has: order id, amount (exact, to
+    the cent), currency, ticket id and score; None where its kind has none."""
+    if kind not in _FIELD_KINDS:
+        return None, None, None, None, None
     props = _dict(event.get("properties"))
     # Only kinds whose contract types these fields read them: a page's free-form
     # properties may hold an "order_id" that is a number (found by the stream fuzz test).
-    order = kind in ("order_completed", "order_refunded")
-    ticket = kind in ("ticket_opened", "ticket_closed", "csat_submitted")
-    amount = props.get("total") if order else None
-    return {
-        "event_key": event_key,
-        "person_id": person_id,
-        "record_id": record_id,
-        "kind": kind,
-        "ts": ts,
-        "order_id": props.get("order_id") if order else None,
-        "amount": Decimal(str(amount)).quantize(CENT) if amount is not None else None,
-        "currency": props.get("currency") if order else None,
-        "ticket_id": props.get("ticket_id") if ticket else None,
-        "score": props.get("score") if kind == "csat_submitted" else None,
-    }
+    if kind in _ORDER_KINDS:
+        amount = props.get("total")
+        return (
+            props.get("order_id"),
+            Decimal(str(amount)).quantize(CENT) if amount is not None else None,
+            props.get("currency"),
+            None,
+            None,
+        )
+    return (
+        None,
+        None,
+        None,
+        props.get("ticket_id"),
+        props.get("score") if kind == "csat_submitted" else None,
+    )
 
 
 def traits_of(event: dict[str, Any]) -> dict[str, Any]:
@@ -507,105 +507,159 @@ class ProfileBuilder:
         ((rows,),) = self.conn.execute(f"SELECT count(*) FROM {table}").fetchall()
         return rows
 
-    def _insert(self, table: str, rows: list[dict[str, Any]], schema: pa.Schema) -> set[str]:
-        """Insert rows not already there; out: the event keys that were new."""
-        if not rows:
+    def _insert(self, table: str, rows: pa.Table, fresh: bool = False) -> set[str] | None:
+        """Insert rows not already there; out: the event keys that were new. With `fresh`
+        the rows are known not to be there: inserted without a look-up of each key first
+        (`INSERT OR IGNORE`, which with its returned keys cost 2-4x the plain insert, more
+        as the table grows), out: None (all new); a key there after all fails the insert."""
+        if not rows.num_rows:
             return set()
-        self.conn.register("_builder_rows", pa.Table.from_pylist(rows, schema=schema))
-        try:
-            return {
-                key
-                for (key,) in self.conn.execute(
-                    f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _builder_rows "
-                    "RETURNING event_key"
-                ).fetchall()
-            }
-        finally:
-            self.conn.unregister("_builder_rows")
+        _builder_rows = rows  # read by its name (a replacement scan)
+        if fresh:
+            self.conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _builder_rows")
+            return None
+        return {
+            key
+            for (key,) in self.conn.execute(
+                f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _builder_rows "
+                "RETURNING event_key"
+            ).fetchall()
+        }
 
-    def add(self, applied: list[tuple[str, str, str, dict[str, Any], datetime, str]]) -> set[str]:
+    def add(
+        self,
+        applied: list[tuple[str, str, str, dict[str, Any], datetime, str]],
+        fresh: bool = False,
+    ) -> set[str]:
         """Record applied events as facts and add them to their computed-trait accumulators.
 
-        In: (event_key, person_id, kind, event, ts, identity record id) per event. Out: the
-        persons whose profiles changed. An event already recorded adds nothing again.
+        In: (event_key, person_id, kind, event, ts, identity record id) per event, keys
+        distinct. Out: the persons whose profiles changed. An event already recorded adds
+        nothing again; `fresh`: the caller knows none is recorded (an event's fact is
+        written with its outcome, and only events without one come), so no key is looked
+        up (an event recorded after all fails the batch instead of counting twice).
         """
-        facts, traits = [], []
-        for event_key, person_id, kind, event, stated_ts, record_id in applied:
-            # The same instant with datetime.UTC itself: pyarrow converts datetimes of any
-            # other tzinfo object (the contract's own UTC included) ~60x slower.
-            ts = stated_ts.astimezone(UTC)
-            fact = fact_of(event_key, person_id, kind, event, ts, record_id)
-            fact["purpose"] = self.policy.purpose_for(kind)
-            fact["jurisdiction"] = self.policy.jurisdiction_of(event_country(event))
-            facts.append(fact)
-            for name, value in traits_of(event).items():
-                traits.append(
-                    {
-                        "event_key": event_key,
-                        "person_id": person_id,
-                        "record_id": record_id,
-                        "name": str(name)[:128],
-                        "value": orjson.dumps(value).decode(),
-                        "ts": ts,
-                        "purpose": fact["purpose"],
-                        "jurisdiction": fact["jurisdiction"],
-                    }
-                )
-        new = self._insert("facts", facts, _FACTS)
-        self._accumulate(
+        if not applied:
+            return set()
+        # Built as columns, a list per field: a dict per event turned into Arrow by
+        # `from_pylist` cost more than the statements that insert them.
+        keys, persons, kinds, events, stated, records = map(list, zip(*applied, strict=True))
+        # The same instant with datetime.UTC itself: pyarrow converts datetimes of any
+        # other tzinfo object (the contract's own UTC included) ~60x slower.
+        stamps = [ts.astimezone(UTC) for ts in stated]
+        purpose_of = {kind: self.policy.purpose_for(kind) for kind in set(kinds)}
+        countries = [event_country(event) for event in events]
+        jurisdiction_of = {c: self.policy.jurisdiction_of(c) for c in set(countries)}
+        own = [
+            fact_fields(kind, event) if kind in _FIELD_KINDS else _NO_FIELDS
+            for kind, event in zip(kinds, events, strict=True)
+        ]
+        order_ids, amounts, currencies, tickets, scores = zip(*own, strict=True)
+        facts = pa.Table.from_arrays(
             [
-                (fact, event)
-                for fact, (*_, event, _ts, _record_id) in zip(facts, applied, strict=True)
-                if fact["event_key"] in new
-            ]
+                pa.array(keys, pa.string()),
+                pa.array(persons, pa.string()),
+                pa.array(records, pa.string()),
+                pa.array(kinds, pa.string()),
+                pa.array(stamps, _TS),
+                pa.array(order_ids, pa.string()),
+                pa.array(amounts, pa.decimal128(18, 2)),
+                pa.array(currencies, pa.string()),
+                pa.array(tickets, pa.string()),
+                pa.array(scores, pa.int32()),
+                pa.array([purpose_of[kind] for kind in kinds], pa.string()),
+                pa.array([jurisdiction_of[c] for c in countries], pa.string()),
+            ],
+            schema=_FACTS,
         )
-        self._insert("trait_facts", traits, _TRAITS)
-        return {person for _, person, *_ in applied}
+        new = self._insert("facts", facts, fresh)
+        if new is None or len(new) == len(keys):
+            self._accumulate(facts, kinds, events, stamps)
+        elif new:  # some recorded before (a replay): only the others add to accumulators
+            unseen = [i for i, key in enumerate(keys) if key in new]
+            self._accumulate(
+                facts.take(pa.array(unseen, pa.int32())),
+                [kinds[i] for i in unseen],
+                [events[i] for i in unseen],
+                [stamps[i] for i in unseen],
+            )
+        of_event: list[int] = []  # each stated trait's event, by position in `applied`
+        names: list[str] = []
+        values: list[str] = []
+        cut = False  # a name cut to 128 characters, which may meet another in its event
+        for number, event in enumerate(events):
+            for name, value in traits_of(event).items():
+                of_event.append(number)
+                name = str(name)
+                if len(name) > 128:
+                    name, cut = name[:128], True
+                names.append(name)
+                values.append(orjson.dumps(value).decode())
+        if of_event:
+            by_trait = facts.select(_TRAIT_EVENT_COLUMNS).take(pa.array(of_event, pa.int32()))
+            self._insert(
+                "trait_facts",
+                by_trait.append_column("name", pa.array(names, pa.string())).append_column(
+                    "value", pa.array(values, pa.string())
+                ),
+                fresh and not cut,
+            )
+        return set(persons)
 
-    def _accumulate(self, events: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    def _accumulate(
+        self,
+        facts: pa.Table,
+        kinds: list[str],
+        events: list[dict[str, Any]],
+        stamps: list[datetime],
+    ) -> None:
         """Add events to the accumulator rows they touch: one append per batch.
 
-        Python lists each event's (trait, bucket, amount, value) rows; DuckDB sums them per
-        key and appends the sums to `trait_deltas` (summing Python tuples cost more).
+        In: the events' facts (as inserted) and, in the same order, their kinds, events and
+        UTC times. Python lists the batch's (trait, bucket, amount, value) rows as
+        columns (`accumulate`); DuckDB sums them per key and appends the sums to
+        `trait_deltas` (summing Python tuples cost more).
         """
-        rows: list[tuple[str, str, Decimal | None, Any]] = []
-        event_of: list[int] = []  # each row's event, by position in `events`
-        for number, (fact, event) in enumerate(events):
-            added = accumulate(
-                self.traits, fact["kind"], event, fact["ts"], fact["event_key"], self._unwritten
-            )
-            rows += added
-            event_of += [number] * len(added)
-        if not rows:
+        rows = accumulate(self.traits, kinds, events, stamps, self._unwritten)
+        if not rows.events:
             return
-        traits, buckets, amounts, values = zip(*rows, strict=True)
-        facts = [fact for fact, _ in events]
-        latest = [0] * len(facts)
-        for rank, number in enumerate(
-            sorted(range(len(facts)), key=lambda i: (facts[i]["ts"], facts[i]["event_key"]))
-        ):
-            latest[number] = rank
-        trait_events = pa.table(
-            {
-                "event": pa.array(range(len(facts)), pa.int32()),
-                "latest": pa.array(latest, pa.int32()),
-                "person_id": [f["person_id"] for f in facts],
-                "record_id": [f["record_id"] for f in facts],
-                "purpose": [f["purpose"] or "" for f in facts],
-                "jurisdiction": [f["jurisdiction"] or "" for f in facts],
-                "ts": pa.array([f["ts"] for f in facts], pa.timestamp("us", tz="UTC")),
-                "event_key": [f["event_key"] for f in facts],
-            }
+        # Each event's rank by (time, key); a permutation's own sort order is its inverse.
+        by_time = pc.sort_indices(
+            facts, sort_keys=[("ts", "ascending"), ("event_key", "ascending")]
         )
-        by_row = trait_events.take(pa.array(event_of, pa.int32()))
+        latest = pc.sort_indices(by_time).cast(pa.int32())
+        trait_events = pa.Table.from_arrays(
+            [
+                pa.array(range(facts.num_rows), pa.int32()),
+                latest,
+                facts["person_id"],
+                facts["record_id"],
+                pc.fill_null(facts["purpose"], ""),
+                facts["jurisdiction"],
+                facts["ts"],
+                facts["event_key"],
+            ],
+            names=[
+                "event",
+                "latest",
+                "person_id",
+                "record_id",
+                "purpose",
+                "jurisdiction",
+                "ts",
+                "event_key",
+            ],
+        )
+        by_row = trait_events.take(pa.array(rows.events, pa.int32()))
         _trait_rows = pa.Table.from_arrays(  # read by `_STATE_APPEND`, by its name
             [
                 *by_row.columns,
-                pa.array(traits, pa.string()),
-                pa.array(buckets, pa.string()),
-                pa.array(amounts, pa.decimal128(18, 2)),
+                pa.array(rows.traits, pa.string()),
+                pa.array(rows.buckets, pa.string()),
+                pa.array(rows.amounts, pa.decimal128(18, 2)),
                 pa.array(
-                    [None if v is None else orjson.dumps(v).decode() for v in values], pa.string()
+                    [None if v is None else orjson.dumps(v).decode() for v in rows.values],
+                    pa.string(),
                 ),
             ],
             names=[*by_row.column_names, "trait", "bucket", "amount", "value"],

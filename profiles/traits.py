@@ -385,7 +385,15 @@ def field_values(event: dict[str, Any], path: str, ts: datetime) -> list[Any]:
         device = event.get("anonymousId") or event.get("userId") or ""
         return [f"{device}@{int(ts.timestamp()) // SESSION_SLOT_S}"]
     props = event.get("properties")
-    values = list(_dig(props if isinstance(props, dict) else {}, _steps(path)))
+    if not isinstance(props, dict):
+        return []
+    steps = _steps(path)
+    if len(steps) == 1 and not path.endswith("[]"):  # a property of its own (most paths)
+        value = props.get(path)
+        if isinstance(value, str | int | float) and not isinstance(value, bool) and value != "":
+            return [value]
+        return []
+    values = list(_dig(props, steps))
     return [v for v in values if isinstance(v, str | int | float) and not isinstance(v, bool)]
 
 
@@ -403,41 +411,93 @@ def _first(event: dict[str, Any], path: str | None, ts: datetime) -> str:
     return str(values[0]) if values else ""
 
 
+class AccumulatorRows(NamedTuple):
+    """The accumulator rows a batch of events adds to, as columns: each row's event (its
+    position in the batch), trait, bucket, amount and latest value."""
+
+    events: list[int]
+    traits: list[str]
+    buckets: list[str]
+    amounts: list[Decimal | None]
+    values: list[Any]
+
+
 def accumulate(
     catalog: TraitCatalog,
-    kind: str,
-    event: dict[str, Any],
-    ts: datetime,
-    event_key: str,
+    kinds: list[str],
+    events: list[dict[str, Any]],
+    stamps: list[datetime],
     unwritten: frozenset[str] = frozenset(),
-) -> list[tuple[str, str, Decimal | None, Any]]:
-    """The (trait, bucket, amount, latest value) rows one applied event adds to, but those
-    of `unwritten` traits (read through another trait's rows)."""
-    plan = catalog.plan_for(kind, unwritten)
-    day = ts.astimezone(UTC).date().isoformat() if plan.daily else ""
-    rows = [(name, day if daily else "", None, None) for name, daily in plan.fixed]
-    for names, spec, side in plan.steps:
-        if side in ("+", "-"):
-            amount = _amount(next(iter(field_values(event, spec.fields[0], ts)), None))
-            if amount is None:
-                continue
-            group = _first(event, spec.group_by, ts)
-            bucket = (
-                f"+|{group}|{_first(event, spec.distinct_by, ts)}" if side == "+" else f"-|{group}"
-            )
-            rows += [(name, bucket, amount, None) for name in names]
-        elif side:  # open_count: a key opened or closed
-            for value in field_values(event, spec.fields[0], ts):
-                rows += [(name, f"{side}|{value}", None, None) for name in names]
-        elif spec.op == "latest":
-            values = field_values(event, spec.fields[0], ts)
-            if values:
-                rows += [(name, "", None, values[0]) for name in names]
-        else:  # distinct_count, top: one row per value
-            values = {str(v) for path in spec.fields for v in field_values(event, path, ts)}
-            for value in values:
-                bucket = f"{day}|{value}" if spec.window_days else value
-                rows += [(name, bucket, None, None) for name in names]
+) -> AccumulatorRows:
+    """The (trait, bucket, amount, latest value) rows a batch of applied events adds to, but
+    those of `unwritten` traits (read through another trait's rows). In: each event's kind,
+    event and time, in the same order. Rows come per kind, then per event: their order
+    carries no meaning."""
+    by_kind: dict[str, list[int]] = {}
+    for number, kind in enumerate(kinds):
+        by_kind.setdefault(kind, []).append(number)
+    rows = AccumulatorRows([], [], [], [], [])
+    of_event, traits, buckets, amounts, values = rows
+    for kind, numbers in by_kind.items():
+        plan = catalog.plan_for(kind, unwritten)
+        days = [stamps[i].astimezone(UTC).date().isoformat() for i in numbers] if plan.daily else []
+        # Rows every event of the kind adds (bucket '' or its day): a column at a time.
+        unset = [None] * len(numbers)
+        for name, daily in plan.fixed:
+            of_event += numbers
+            traits += [name] * len(numbers)
+            buckets += days if daily else [""] * len(numbers)
+            amounts += unset
+            values += unset
+        for names, spec, side in plan.steps:
+            # The step's rows for one of its traits, then repeated for each of them.
+            step: list[int] = []  # each row's event
+            keyed: list[str] = []  # each row's bucket
+            summed: list[Decimal | None] = []
+            latest: list[Any] = []
+            if side in ("+", "-"):
+                for number in numbers:
+                    event, ts = events[number], stamps[number]
+                    amount = _amount(next(iter(field_values(event, spec.fields[0], ts)), None))
+                    if amount is None:
+                        continue
+                    group = _first(event, spec.group_by, ts)
+                    step.append(number)
+                    keyed.append(
+                        f"+|{group}|{_first(event, spec.distinct_by, ts)}"
+                        if side == "+"
+                        else f"-|{group}"
+                    )
+                    summed.append(amount)
+            elif side:  # open_count: a key opened or closed
+                for number in numbers:
+                    for value in field_values(events[number], spec.fields[0], stamps[number]):
+                        step.append(number)
+                        keyed.append(f"{side}|{value}")
+            elif spec.op == "latest":
+                for number in numbers:
+                    found = field_values(events[number], spec.fields[0], stamps[number])
+                    if found:
+                        step.append(number)
+                        latest.append(found[0])
+                keyed = [""] * len(step)
+            else:  # distinct_count, top: one row per value, per day when windowed
+                for position, number in enumerate(numbers):
+                    event, ts = events[number], stamps[number]
+                    found = {str(v) for path in spec.fields for v in field_values(event, path, ts)}
+                    step += [number] * len(found)
+                    if spec.window_days:
+                        day = days[position]
+                        keyed += [f"{day}|{value}" for value in found]
+                    else:
+                        keyed += found
+            unset = [None] * len(step)
+            for name in names:
+                of_event += step
+                traits += [name] * len(step)
+                buckets += keyed
+                amounts += summed or unset
+                values += latest or unset
     return rows
 
 
