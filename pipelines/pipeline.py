@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,12 @@ def _dead_letter(
             ("tessera.payload_hash", payload_hash.encode()),
         ),
     )
+
+
+# An identifier's published hash, kept across batches: a stream repeats its persons'
+# identifiers batch after batch (20,000 events at batch 1,000: 16,982 hashed a batch at a
+# time, 2,223 distinct), and each was a sha256 and its hex digest.
+_subject_hash = lru_cache(maxsize=65536)(identifier_hash)
 
 
 def _attribute_names(event: dict[str, Any]) -> list[str]:
@@ -588,8 +595,7 @@ class Pipeline:
         items += command_items + [
             _Item(r.record, r.contract, r.payload_hash, r.key, r.decision) for r in erasures.items
         ]
-        hashes: dict = {}  # identifier -> its hash: a batch repeats its persons' identifiers
-        entries = self.ledger.append([self._lineage_entry(i, hashes) for i in valid])
+        entries = self.ledger.append([self._lineage_entry(i) for i in valid])
         entries += self.privacy.certify(self.ledger)
         self._record_outcomes(items, report)
         self._record_offsets(batch)
@@ -676,7 +682,7 @@ class Pipeline:
         positions = [(i.record.topic, i.record.partition, i.record.offset) for i in items]
         return batch_quality_record(positions, rejected, verdict)
 
-    def _lineage_entry(self, item: _Item, hashes: dict) -> dict[str, Any]:
+    def _lineage_entry(self, item: _Item) -> dict[str, Any]:
         assert item.decision is not None
         decision, purpose, basis, consent_ref, jurisdiction = item.decision
         contract, record = item.contract, item.record
@@ -700,10 +706,7 @@ class Pipeline:
             "person_id": item.person_id,
             # Audits follow the record to the person it belongs to now (after a split).
             "record_id": item.record_id,
-            "subjects": [
-                hashes.get(i) or hashes.setdefault(i, identifier_hash(i))
-                for i in contract.identifiers
-            ],
+            "subjects": [_subject_hash(i) for i in contract.identifiers],
             "fields_masked": [],
             # For audits: the consent the event states, and the names (never the values) of
             # the attributes it states about its person.
