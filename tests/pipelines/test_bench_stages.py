@@ -123,13 +123,13 @@ def test_a_run_collects_as_the_worker_does_and_puts_the_collector_back(tmp_path,
     write_dataset(events, None, persons=4, events=60, seed=7, end=END)
     before = gc.get_threshold()
     seen: list[tuple[tuple[int, int, int], int]] = []
-    feed = bench.feed
+    feed = bench.feed_records
 
     def watched(*args, **kwargs):
         seen.append((gc.get_threshold(), gc.get_freeze_count()))
         return feed(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "feed", watched)
+    monkeypatch.setattr(bench, "feed_records", watched)
     run_stages(events, 30, tmp_path / "state.duckdb", None)
     ((threshold, frozen),) = seen
     # While timed: the worker's young threshold, and the set-up pipeline frozen.
