@@ -87,18 +87,9 @@ def stage_throughput(
     return len(lines) / elapsed
 
 
-def source_records(lines: Sequence[bytes], first: int = 0) -> list[SourceRecord]:
-    """`lines` as consumed records on their routed topics (offsets from `first`)."""
-    return [SourceRecord(route(raw)[0], 0, first + i, raw) for i, raw in enumerate(lines)]
-
-
 def feed(pipeline: Pipeline, lines: Sequence[bytes], batch_size: int, first: int = 0) -> float:
     """Run `lines` through the stages in batches (offsets from `first`); returns seconds."""
-    return feed_records(pipeline, source_records(lines, first), batch_size)
-
-
-def feed_records(pipeline: Pipeline, records: Sequence[SourceRecord], batch_size: int) -> float:
-    """Run `records` through the stages in batches; returns seconds."""
+    records = [SourceRecord(route(raw)[0], 0, first + i, raw) for i, raw in enumerate(lines)]
     started = time.perf_counter()
     for start in range(0, len(records), batch_size):
         pipeline.process(records[start : start + batch_size], lambda _outputs: None)

@@ -25,10 +25,11 @@ copy of it, so a rerun of unchanged code skips the fill (~10+ minutes at 300k pe
 Each run is its own process (the code under test is chosen by PYTHONPATH), and the
 first batch, which warms caches and imports, is timed like the others. Once its pipeline
 is built, a run sets the garbage collector as the worker does once set up (`tune_collector`
-in pipelines/faust_engine.py), so the collections it counts are the ones the worker pays. A checkpoint after
-the last batch is timed too: a worker pays one per `CHECKPOINT_WAL` of WAL for what its
-batches wrote, and a run of a few batches leaves the last of them unpaid (a checkpoint
-reached mid-run counts in the commit that triggered it).
+in pipelines/faust_engine.py), so the collections it counts are the ones the worker pays,
+and builds the consumed records before the clock, as a worker's event loop builds them.
+A checkpoint after the last batch is timed too: a worker pays one per `CHECKPOINT_WAL` of
+WAL for what its batches wrote, and a run of a few batches leaves the last of them unpaid
+(a checkpoint reached mid-run counts in the commit that triggered it).
 """
 
 from __future__ import annotations
@@ -323,6 +324,15 @@ def _worker_collector() -> Callable[[], None]:
     return restore
 
 
+def _feed_records(pipeline: Any, records: list[Any], batch_size: int) -> float:
+    """`pipelines.bench.feed` over records built beforehand (here, so that a baseline's
+    checkout is fed the same way); returns seconds."""
+    started = time.perf_counter()
+    for start in range(0, len(records), batch_size):
+        pipeline.process(records[start : start + batch_size], lambda _outputs: None)
+    return time.perf_counter() - started
+
+
 def run_stages(
     events_file: Path,
     batch_size: int,
@@ -338,9 +348,9 @@ def run_stages(
     cached state file), the run starts from a copy of the state those events leave
     (`warm_state`), its events take the offsets after them, and what a restart loads once
     is loaded before the clock."""
-    from pipelines import bench
-    from pipelines.pipeline import Pipeline
+    from pipelines.pipeline import Pipeline, SourceRecord
     from pipelines.produce import read_lines
+    from pipelines.topics import route
 
     lines = list(read_lines(events_file))
     for stale in (state, state.with_name(state.name + ".wal")):
@@ -361,7 +371,7 @@ def run_stages(
             pipeline.gate._stored.holds("")
     # The consumed records, built before the clock: in a worker the event loop builds them
     # as events arrive, not the stage thread (routing parses each event, ~2.6 us).
-    records = bench.source_records(lines, first) if hasattr(bench, "source_records") else None
+    records = [SourceRecord(route(raw)[0], 0, first + i, raw) for i, raw in enumerate(lines)]
     # The collector as a set-up worker has it: what exists frozen, young collections every
     # 100,000 net allocations (restored when the run ends).
     restore_collector = _worker_collector()
@@ -387,10 +397,7 @@ def run_stages(
     _reset_peak_rss()
     rss_start = _peak_rss_mb()
     cpu0 = time.process_time()
-    if records is not None:
-        wall = bench.feed_records(pipeline, records, batch_size)
-    else:  # a checkout before source_records: built on the clock
-        wall = bench.feed(pipeline, lines, batch_size, first=first)
+    wall = _feed_records(pipeline, records, batch_size)
     # The batches' share of checkpoints: DuckDB writes a batch's rows into the database
     # file (compressed) at the first checkpoint after its commit, once per CHECKPOINT_WAL
     # of WAL; the last batches' would otherwise fall to the close, untimed.

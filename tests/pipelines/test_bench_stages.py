@@ -116,20 +116,20 @@ def test_a_batch_runs_without_cyclic_collection_and_restores_it(tmp_path, make_e
 
 
 def test_a_run_collects_as_the_worker_does_and_puts_the_collector_back(tmp_path, monkeypatch):
-    import pipelines.bench as bench
+    import pipelines.bench_stages as bench_stages
     from pipelines.faust_engine import YOUNG_COLLECTION_EVERY
 
     events = tmp_path / "events.jsonl"
     write_dataset(events, None, persons=4, events=60, seed=7, end=END)
     before = gc.get_threshold()
     seen: list[tuple[tuple[int, int, int], int]] = []
-    feed = bench.feed_records
+    feed = bench_stages._feed_records
 
     def watched(*args, **kwargs):
         seen.append((gc.get_threshold(), gc.get_freeze_count()))
         return feed(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "feed_records", watched)
+    monkeypatch.setattr(bench_stages, "_feed_records", watched)
     run_stages(events, 30, tmp_path / "state.duckdb", None)
     ((threshold, frozen),) = seen
     # While timed: the worker's young threshold, and the set-up pipeline frozen.
