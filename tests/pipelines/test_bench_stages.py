@@ -115,6 +115,28 @@ def test_a_batch_runs_without_cyclic_collection_and_restores_it(tmp_path, make_e
     pipeline.close()
 
 
+def test_a_run_collects_as_the_worker_does_and_puts_the_collector_back(tmp_path, monkeypatch):
+    import pipelines.bench_stages as bench_stages
+    from pipelines.faust_engine import YOUNG_COLLECTION_EVERY
+
+    events = tmp_path / "events.jsonl"
+    write_dataset(events, None, persons=4, events=60, seed=7, end=END)
+    before = gc.get_threshold()
+    seen: list[tuple[tuple[int, int, int], int]] = []
+    feed = bench_stages._feed_records
+
+    def watched(*args, **kwargs):
+        seen.append((gc.get_threshold(), gc.get_freeze_count()))
+        return feed(*args, **kwargs)
+
+    monkeypatch.setattr(bench_stages, "_feed_records", watched)
+    run_stages(events, 30, tmp_path / "state.duckdb", None)
+    ((threshold, frozen),) = seen
+    # While timed: the worker's young threshold, and the set-up pipeline frozen.
+    assert threshold[0] == YOUNG_COLLECTION_EVERY != before[0] and frozen > 0
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
 def test_outputs_compare_equal_runs_and_name_the_first_difference(tmp_path):
     events = tmp_path / "events.jsonl"
     write_dataset(events, None, persons=6, events=120, seed=7, end=END)
