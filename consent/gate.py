@@ -273,7 +273,10 @@ class ConsentGate:
         keys_of = self._keys_of
         self._load({i.value for item in items for i in item[4]}.difference(keys_of))
         state = self._state
-        changed: dict[tuple[Identifier, str], ConsentRecord] = {}
+        # The identifiers of the keys a statement changed, repeats and all: the set is built
+        # once, after the batch (a list append per key, not another hash of the key).
+        changed: list[Identifier] = []
+        touched = changed.append
 
         get = state.get
 
@@ -288,7 +291,8 @@ class ConsentGate:
                     keys_of[identifier.value].append(key)
                 elif ts < current.ts or (ts == current.ts and current.status == status):
                     continue
-                state[key] = changed[key] = record
+                state[key] = record
+                touched(identifier)
 
         decisions: list[GateDecision] = []
         purpose_of = self.policy.event_purposes.get
@@ -383,8 +387,7 @@ class ConsentGate:
                 )
                 defaults[(country, purpose)] = decision
             decisions.append(decision)
-        # A batch's keys repeat its identifiers (a purpose each): the set is built once.
-        identifiers = {identifier for identifier, _ in changed}
+        identifiers = set(changed)
         self._store(identifiers)
         self.last_changed = identifiers
         return decisions
