@@ -241,20 +241,17 @@ class ConsentGate:
 
     def _read(self, wanted: pa.Table) -> list[tuple]:
         """The stored rows of the values in `wanted` (its one column, `id_value`)."""
-        self.conn.register("_gate_ids", wanted)
-        try:
-            # Matched on the value alone: the whole table is scanned either way, and hashing
-            # one column of each row instead of two, with no join output to build, cost two
-            # thirds as much (DuckDB 2.0, 982,000 rows). The time as epoch microseconds:
-            # DuckDB's own TIMESTAMPTZ conversion (pytz per row) cost half again as much as
-            # building the datetime here.
-            return self.conn.execute(
-                """SELECT s.id_type, s.id_value, s.purpose, s.status, epoch_us(s.ts), s.source,
-                          s.policy_version, s.jurisdiction, s.event_key
-                   FROM consent_state s WHERE s.id_value IN (SELECT id_value FROM _gate_ids)"""
-            ).fetchall()
-        finally:
-            self.conn.unregister("_gate_ids")
+        _gate_ids = wanted  # read by its local name (a replacement scan): no register
+        # Matched on the value alone: the whole table is scanned either way, and hashing
+        # one column of each row instead of two, with no join output to build, cost two
+        # thirds as much (DuckDB 2.0, 982,000 rows). The time as epoch microseconds:
+        # DuckDB's own TIMESTAMPTZ conversion (pytz per row) cost half again as much as
+        # building the datetime here.
+        return self.conn.execute(
+            """SELECT s.id_type, s.id_value, s.purpose, s.status, epoch_us(s.ts), s.source,
+                      s.policy_version, s.jurisdiction, s.event_key
+               FROM consent_state s WHERE s.id_value IN (SELECT id_value FROM _gate_ids)"""
+        ).fetchall()
 
     def _any_erased(self) -> bool:
         if self._none_erased is None:
@@ -276,7 +273,10 @@ class ConsentGate:
         keys_of = self._keys_of
         self._load({i.value for item in items for i in item[4]}.difference(keys_of))
         state = self._state
-        changed: dict[tuple[Identifier, str], ConsentRecord] = {}
+        # The identifiers of the keys a statement changed, repeats and all: the set is built
+        # once, after the batch (a list append per key, not another hash of the key).
+        changed: list[Identifier] = []
+        touched = changed.append
 
         get = state.get
 
@@ -291,7 +291,8 @@ class ConsentGate:
                     keys_of[identifier.value].append(key)
                 elif ts < current.ts or (ts == current.ts and current.status == status):
                     continue
-                state[key] = changed[key] = record
+                state[key] = record
+                touched(identifier)
 
         decisions: list[GateDecision] = []
         purpose_of = self.policy.event_purposes.get
@@ -386,8 +387,7 @@ class ConsentGate:
                 )
                 defaults[(country, purpose)] = decision
             decisions.append(decision)
-        # A batch's keys repeat its identifiers (a purpose each): the set is built once.
-        identifiers = {identifier for identifier, _ in changed}
+        identifiers = set(changed)
         self._store(identifiers)
         self.last_changed = identifiers
         return decisions
@@ -409,23 +409,22 @@ class ConsentGate:
             records = list(map(state.__getitem__, keys))
             columns = [list(map(_FIELD[i], identifiers)) for i in range(2)]
             columns += [list(map(_FIELD[i], records)) for i in range(len(ConsentRecord._fields))]
-            table = pa.table(columns, schema=_STATE_SCHEMA)
-            self.conn.register("_gate_changed", table)
-            try:
-                # Every row of a touched value, by the value alone: one column hashed per
-                # stored row, where the whole key cost twice that, and deleting by the rowids
-                # a load had read needed that load (a scan with every column). The rows of the
-                # value left unchanged are inserted again as they were. INSERT OR REPLACE over
-                # rows that mostly exist cost ten times a delete and insert (DuckDB 2.0).
-                # A batch of new subjects alone deletes nothing (the delete scans the table).
-                if len(new) < len(values):
-                    self.conn.execute(
-                        "DELETE FROM consent_state "
-                        "WHERE id_value IN (SELECT id_value FROM _gate_changed)"
-                    )
-                self.conn.execute("INSERT INTO consent_state SELECT * FROM _gate_changed")
-            finally:
-                self.conn.unregister("_gate_changed")
+            # Read by its local name (a replacement scan): no register and unregister.
+            _gate_changed = pa.table(columns, schema=_STATE_SCHEMA)
+            # Every row of a touched value, by the value alone: one column hashed per stored
+            # row, where the whole key cost twice that, and deleting by the rowids a load had
+            # read needed that load (a scan with every column). The rows of the value left
+            # unchanged are inserted again as they were. INSERT OR REPLACE over rows that
+            # mostly exist cost ten times a delete and insert (DuckDB 2.0). A batch of new
+            # subjects alone deletes nothing (the delete scans the table). Both statements
+            # go to DuckDB in one call.
+            insert = "INSERT INTO consent_state SELECT * FROM _gate_changed"
+            if len(new) < len(values):
+                insert = (
+                    "DELETE FROM consent_state "
+                    "WHERE id_value IN (SELECT id_value FROM _gate_changed);\n" + insert
+                )
+            self.conn.execute(insert)
             if new:
                 self._stored.hold(pa.table({"id_value": list(new)}))
                 unstored.difference_update(new)
