@@ -888,9 +888,12 @@ class ProfileBuilder:
         grouped = seen.group_by(["person_id", "purpose", "jurisdiction"], use_threads=False)
         found = grouped.aggregate([("record_id", "distinct"), ("last_ts", "max")])
         window = self.traits.max_window
+        # The UTC day, whatever zone the connection gives its times: Arrow casts a zoned
+        # time to the day of its own zone.
+        last_days = found["last_ts_max"].cast(_TS).cast(pa.date32()).cast(pa.int32())
         horizons = [
             None if day is None else (_EPOCH_DAY + timedelta(days=day - window)).isoformat()
-            for day in pc.cast(found["last_ts_max"], pa.date32()).cast(pa.int32()).to_pylist()
+            for day in last_days.to_pylist()
         ]
         classes = zip(
             found["person_id"].to_pylist(),

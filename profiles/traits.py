@@ -772,10 +772,11 @@ def at_read(
 
 
 def merge_identify_trait(
-    strategy: str, values: list[tuple[datetime, str, Any]], ordered: bool = False
+    strategy: str, values: list[tuple[datetime | str, str, Any]], ordered: bool = False
 ) -> Any:
     """One identify trait's value from its events' (ts, event key, value), by strategy;
-    `ordered` says they already come in (ts, event key) order."""
+    `ordered` says they already come in (ts, event key) order, and then the times are not
+    read (the builder passes its rows' ISO text)."""
     if not ordered:
         values = sorted(values, key=lambda v: (v[0], v[1]))
     if strategy == "first":
