@@ -122,3 +122,45 @@ def test_a_count_of_every_event_added_later_counts_only_what_came_after(
         for name in ("event_count", "all_events")
     }
     assert counted == {"event_count": 120, "all_events": 80}
+
+
+def test_rows_of_a_trait_gone_from_the_catalog_change_no_profile(
+    run, make_event, tmp_path, monkeypatch
+):
+    """Accumulator rows of a trait the catalog no longer has stay stored (the roll-up reads
+    traits by their number in the catalog, none for such rows): the profiles built are
+    those of a state that never had the trait."""
+    batches = _batches(make_event)
+    path = tmp_path / "traits.yaml"
+    text = traits.TRAITS_PATH.read_text()
+    path.write_text(
+        text.replace(
+            "\ncomputed:\n",
+            "\ncomputed:\n  screen_count: {op: count, kinds: [screen]}\n",
+            1,
+        )
+    )
+    with monkeypatch.context() as patched:
+        patched.setattr(traits, "TRAITS_PATH", path)
+        run.pipeline.close()
+        run.pipeline = Pipeline(tmp_path / "state.duckdb")  # stored with the extra trait
+        for batch in batches[:3]:
+            run.feed(*batch)
+        run.pipeline.close()
+    run.pipeline = Pipeline(tmp_path / "state.duckdb")  # the packaged catalog again
+    for batch in batches[3:]:
+        run.feed(*batch)
+    ((gone,),) = run.pipeline.conn.execute(
+        "SELECT count(*) FROM trait_rows WHERE trait = 'screen_count'"
+    ).fetchall()
+    assert gone > 0
+    restarted = _views(run.pipeline)
+
+    never_run = type(run)(tmp_path / "never.duckdb")  # every event under the packaged catalog
+    try:
+        for batch in batches:
+            never_run.feed(*batch)
+        never = _views(never_run.pipeline)
+    finally:
+        never_run.pipeline.close()
+    assert len(never) == 4 and restarted == never
