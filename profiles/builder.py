@@ -809,10 +809,13 @@ class ProfileBuilder:
         # record's rows). Only latest traits keep a row's value and key; the other rows
         # have them set to NULL in the same pass: one scan of both tables, where two (one
         # without value and key, one for latest traits) cost 1.5x as much for 10,000
-        # stored persons of a 300,000-person store.
+        # stored persons of a 300,000-person store. Only `SEEN` rows keep their person
+        # (the classes read it, the roll-up reads none), and the trait comes as its number
+        # (`_trait_names`).
         person_rows = (
             self.conn.sql(
-                """SELECT * REPLACE (
+                f"""SELECT * REPLACE (
+                   CASE WHEN trait = '{SEEN}' THEN person_id END AS person_id,
                    coalesce(list_position($names, trait), 0)::USMALLINT AS trait,
                    CASE WHEN list_contains($values, trait) THEN value END AS value,
                    CASE WHEN list_contains($values, trait) THEN last_key END AS last_key)
