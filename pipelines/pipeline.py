@@ -13,8 +13,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -227,6 +228,22 @@ def _collector_paused() -> Iterator[None]:
 _POSITION = attrgetter("topic", "partition", "offset")
 
 
+STATE_THREADS_ENV = "TESSERA_STATE_THREADS"
+DEFAULT_STATE_THREADS = 1
+
+
+def state_threads(env: Mapping[str, str] | None = None) -> int:
+    """DuckDB's worker threads on a state connection: `TESSERA_STATE_THREADS` (in `env`,
+    default os.environ), else DEFAULT_STATE_THREADS; raises ValueError unless a count >= 1."""
+    env = os.environ if env is None else env
+    raw = env.get(STATE_THREADS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STATE_THREADS
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise ValueError(f"{STATE_THREADS_ENV}={raw!r} is not a thread count of 1 or more")
+    return int(raw)
+
+
 def open_state(path: Path | str, memory: StateMemory | None = None) -> duckdb.DuckDBPyConnection:
     """Open (creating if needed) a DuckDB state file with the session settings stages rely on;
     `memory` bounds DuckDB's memory (default: `StateMemory.from_env()`)."""
@@ -247,7 +264,16 @@ def open_state(path: Path | str, memory: StateMemory | None = None) -> duckdb.Du
     # handing their work to a second thread cost more CPU than it saved. Measured with
     # `bench_stages` runs alternating one and two threads: 0.91x the CPU-seconds on an
     # empty store (batches of 1,000 and of 10,000), 0.95x on a store of 300,000 persons.
-    conn.execute("SET threads = 1")
+    # Nor does a second thread shorten a batch on the clock, with a core to spare: over the
+    # same 100,000 events in batches of 5,000, one process alternating the settings (load
+    # 1.3-1.9 on 2 cores), two threads cost 1.10x the process's CPU, took 3% off the stage
+    # thread's own and made the batches 1.06x slower; two only around the rebuild (`SET
+    # threads` costs ~0.4 ms a pair), 1.06x the CPU and the same wall. At batches of 1,000,
+    # 1.11x and 1.19x the CPU, both slower. Live at 5,000 events/s (`bench_live`, six
+    # pairs on a machine shared with other work), two threads: p99 6.43 s against 6.05 s
+    # (medians), the same drain, 1.02x the worker's CPU per event (BENCHMARKS, *DuckDB's
+    # threads on the state*). `TESSERA_STATE_THREADS` sets the count.
+    conn.execute(f"SET threads = {state_threads()}")
     # Most of a checkpoint at 300,000 persons is DuckDB merging part-filled row groups (its
     # vacuum; appends after a checkpoint start a row group of their own): lineage's 49k new
     # rows made it rewrite 339k. Without merging (`max_vacuum_tasks = 0`) the checkpoint of

@@ -1,11 +1,12 @@
-"""DuckDB's memory bound on the stage owner's state: applied, configurable, spilling beside it."""
+"""DuckDB's settings on the stage owner's state: its memory bound (applied, configurable,
+spilling beside it) and its thread count."""
 
 from __future__ import annotations
 
 import duckdb
 import pytest
 
-from pipelines.pipeline import Pipeline, open_state
+from pipelines.pipeline import STATE_THREADS_ENV, Pipeline, open_state, state_threads
 from pipelines.state_memory import (
     DEFAULT_MEMORY_LIMIT,
     MEMORY_LIMIT_ENV,
@@ -96,3 +97,21 @@ def test_past_the_limit_a_query_spills_beside_the_state_and_still_answers(tmp_pa
     # Without the limit nothing here would spill, and the directory would not exist.
     assert temp.is_dir() and any(temp.iterdir())
     conn.close()
+
+
+def test_the_state_runs_on_one_thread_unless_the_environment_names_more(tmp_path, monkeypatch):
+    monkeypatch.delenv(STATE_THREADS_ENV, raising=False)
+    conn = open_state(":memory:")
+    assert str(_setting(conn, "threads")) == "1"
+    conn.close()
+    monkeypatch.setenv(STATE_THREADS_ENV, "2")
+    pipeline = Pipeline(tmp_path / "state.duckdb", quality=False)
+    assert str(_setting(pipeline.conn, "threads")) == "2"
+    pipeline.close()
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "two", "1.5", "2; DROP TABLE outcomes"])
+def test_a_thread_count_that_is_not_one_or_more_is_refused_with_the_variable_named(count):
+    with pytest.raises(ValueError, match=STATE_THREADS_ENV):
+        state_threads({STATE_THREADS_ENV: count})
+    assert state_threads({}) == 1
