@@ -79,13 +79,7 @@ def test_a_twin_added_later_holds_the_whole_history(
         run.feed(*batch)
     restarted = _views(run.pipeline)
 
-    rebuilt_run = type(run)(tmp_path / "rebuilt.duckdb")  # every event under the new catalog
-    try:
-        for batch in batches:
-            rebuilt_run.feed(*batch)
-        rebuilt = _views(rebuilt_run.pipeline)
-    finally:
-        rebuilt_run.pipeline.close()
+    rebuilt = _views_of_one_run(run, tmp_path / "rebuilt.duckdb", batches)  # the new catalog
 
     assert set(restarted) == set(rebuilt) and len(rebuilt) == 4
     total = {
@@ -96,6 +90,17 @@ def test_a_twin_added_later_holds_the_whole_history(
     assert total["sessions_1d"] > 0
     for person, views in rebuilt.items():
         assert restarted[person] == views, person
+
+
+def _views_of_one_run(run, path, batches: list[list[dict]]) -> dict[str, dict]:
+    """`_views` of a fresh state at `path` that took every batch under the current catalog."""
+    fresh = type(run)(path)
+    try:
+        for batch in batches:
+            fresh.feed(*batch)
+        return _views(fresh.pipeline)
+    finally:
+        fresh.pipeline.close()
 
 
 def test_a_count_of_every_event_added_later_counts_only_what_came_after(
@@ -156,11 +161,5 @@ def test_rows_of_a_trait_gone_from_the_catalog_change_no_profile(
     assert gone > 0
     restarted = _views(run.pipeline)
 
-    never_run = type(run)(tmp_path / "never.duckdb")  # every event under the packaged catalog
-    try:
-        for batch in batches:
-            never_run.feed(*batch)
-        never = _views(never_run.pipeline)
-    finally:
-        never_run.pipeline.close()
+    never = _views_of_one_run(run, tmp_path / "never.duckdb", batches)  # the packaged catalog
     assert len(never) == 4 and restarted == never
