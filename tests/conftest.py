@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,18 @@ class PipelineRun:
             for e in events
         ]
         return self.pipeline.process(batch, self.outputs.extend)
+
+    @classmethod
+    @contextmanager
+    def of_batches(cls, path: Path, batches: list[list[dict[str, Any]]]) -> Iterator[Pipeline]:
+        """The pipeline of a fresh run at `path` that took every batch; closed on exit."""
+        fresh = cls(path)
+        try:
+            for batch in batches:
+                fresh.feed(*batch)
+            yield fresh.pipeline
+        finally:
+            fresh.pipeline.close()
 
     def on(self, topic: str) -> list[OutRecord]:
         return [o for o in self.outputs if o.topic == topic]

@@ -79,7 +79,8 @@ def test_a_twin_added_later_holds_the_whole_history(
         run.feed(*batch)
     restarted = _views(run.pipeline)
 
-    rebuilt = _views_of_one_run(run, tmp_path / "rebuilt.duckdb", batches)  # the new catalog
+    with type(run).of_batches(tmp_path / "rebuilt.duckdb", batches) as rebuilt_pipeline:
+        rebuilt = _views(rebuilt_pipeline)  # every event under the new catalog
 
     assert set(restarted) == set(rebuilt) and len(rebuilt) == 4
     total = {
@@ -90,17 +91,6 @@ def test_a_twin_added_later_holds_the_whole_history(
     assert total["sessions_1d"] > 0
     for person, views in rebuilt.items():
         assert restarted[person] == views, person
-
-
-def _views_of_one_run(run, path, batches: list[list[dict]]) -> dict[str, dict]:
-    """`_views` of a fresh state at `path` that took every batch under the current catalog."""
-    fresh = type(run)(path)
-    try:
-        for batch in batches:
-            fresh.feed(*batch)
-        return _views(fresh.pipeline)
-    finally:
-        fresh.pipeline.close()
 
 
 def test_a_count_of_every_event_added_later_counts_only_what_came_after(
@@ -161,5 +151,6 @@ def test_rows_of_a_trait_gone_from_the_catalog_change_no_profile(
     assert gone > 0
     restarted = _views(run.pipeline)
 
-    never = _views_of_one_run(run, tmp_path / "never.duckdb", batches)  # the packaged catalog
+    with type(run).of_batches(tmp_path / "never.duckdb", batches) as never_pipeline:
+        never = _views(never_pipeline)  # every event under the packaged catalog
     assert len(never) == 4 and restarted == never

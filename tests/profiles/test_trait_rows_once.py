@@ -71,13 +71,8 @@ def _views(pipeline: Pipeline) -> dict[str, dict]:
 
 
 def _rebuilt(run, batches, path: Path) -> dict[str, dict]:
-    rebuilt = type(run)(path)  # every event, in one state, under the current catalog
-    try:
-        for batch in batches:
-            rebuilt.feed(*batch)
-        return _views(rebuilt.pipeline)
-    finally:
-        rebuilt.pipeline.close()
+    with type(run).of_batches(path, batches) as pipeline:  # every event, under the catalog now
+        return _views(pipeline)
 
 
 def _traits_held(pipeline: Pipeline) -> set[str]:
