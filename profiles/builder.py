@@ -282,7 +282,7 @@ def fact_fields(kind: str, event: dict[str, Any]) -> tuple[Any, Decimal | None, 
     """The fields of its own a fact of an applied event has: order id, amount (exact, to
     the cent), currency, ticket id and score; None where its kind has none."""
     if kind not in _FIELD_KINDS:
-        return None, None, None, None, None
+        return _NO_FIELDS
     props = _dict(event.get("properties"))
     # Only kinds whose contract types these fields read them: a page's free-form
     # properties may hold an "order_id" that is a number (found by the stream fuzz test).
@@ -385,11 +385,6 @@ class ProfileBuilder:
         self._unwritten = frozenset(self._read_through)
         self._rolled_columns = rolled_columns(self.traits, self._read_through)
         self._twins = sorted(self._read_through)
-        self._rolled_columns["read_seen"] = SEEN in self._read_through.values()
-        self._rollup_params = {k: v for k, v in self._rolled_columns.items() if k != "max_window"}
-        # The traits whose buckets sum more than their events (`_ROLLUP`'s second part).
-        rich = ("amounts", "firsts", "lasts", "values")
-        self._rollup_params["rich"] = sorted({t for k in rich for t in self._rolled_columns[k]})
         # The accumulator rows' traits, numbered (`_allowed_groups` reads each row's trait as
         # its number, 1 on, 0 for a trait the catalog no longer has): `_ROLLUP` groups and
         # compares integers, not names. `_trait_names[number]` is the name (None for 0).
@@ -397,11 +392,15 @@ class ProfileBuilder:
         self._trait_names: list[str | None] = [None, *names]
         number = {name: position for position, name in enumerate(self._trait_names)}
         self._seen_number = number[SEEN]
-        self._rollup_params = {
-            k: v if isinstance(v, bool) else [number[name] for name in v]
-            for k, v in self._rollup_params.items()
+        traits_read = {k: v for k, v in self._rolled_columns.items() if k != "max_window"}
+        # The traits whose buckets sum more than their events (`_ROLLUP`'s second part).
+        rich = ("amounts", "firsts", "lasts", "values")
+        traits_read["rich"] = sorted({t for k in rich for t in traits_read[k]})
+        self._rollup_params: dict[str, Any] = {
+            **{k: [number[name] for name in v] for k, v in traits_read.items()},
+            "read_seen": SEEN in self._read_through.values(),
+            "seen": self._seen_number,
         }
-        self._rollup_params["seen"] = self._seen_number
         self._rollup_plan = rollup_plan(self.traits, self._read_through)
         # What silence means, per jurisdiction and purpose: the fallback of every view (a
         # jurisdiction the policy does not name has none: denied).
@@ -565,10 +564,7 @@ class ProfileBuilder:
         purpose_of = {kind: self.policy.purpose_for(kind) for kind in set(kinds)}
         countries = [event_country(event) for event in events]
         jurisdiction_of = {c: self.policy.jurisdiction_of(c) for c in set(countries)}
-        own = [
-            fact_fields(kind, event) if kind in _FIELD_KINDS else _NO_FIELDS
-            for kind, event in zip(kinds, events, strict=True)
-        ]
+        own = [fact_fields(kind, event) for kind, event in zip(kinds, events, strict=True)]
         order_ids, amounts, currencies, tickets, scores = zip(*own, strict=True)
         facts = pa.Table.from_arrays(
             [
